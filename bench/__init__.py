@@ -1,0 +1,24 @@
+"""elbo-bench: which way of training a DDPM is best, by which measure.
+
+The public API: schedules, the exact bound and its estimator, datasets, networks.
+"""
+
+from bench.data import DATASETS, load_dataset
+from bench.errors import BenchError
+from bench.evaluate import BoundResult, EstimateResult, bits_per_dim, estimate_bits_per_dim
+from bench.schedule import Schedule
+from bench.unet import NETWORK_PRESETS, UNet, build_network
+
+__all__ = [
+    "DATASETS",
+    "NETWORK_PRESETS",
+    "BenchError",
+    "BoundResult",
+    "EstimateResult",
+    "Schedule",
+    "UNet",
+    "bits_per_dim",
+    "build_network",
+    "estimate_bits_per_dim",
+    "load_dataset",
+]

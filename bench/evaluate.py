@@ -1,0 +1,243 @@
+"""The variational bound in bits/dim: exactly (every t), or estimated with K network calls per image.
+
+One evaluator for every variant: it goes through ``variant.p_mean_variance`` (the reverse process
+the variant defines) and :func:`bench.variant.vb_term_nats`, so numbers are comparable across
+variants. The network output is cast to float64 before the bound's terms are formed; x̂_0 is not
+clipped (the bound is that of the model as trained).
+
+Noise is a function of (seed, image index, t) alone, so results do not depend on the batch size or
+on how (image, t) pairs are grouped into batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bench.errors import BenchError
+from bench.gaussian import bits_per_dim_from_nats, to_data_scale
+from bench.schedule import Schedule
+from bench.variant import Variant, prior_nats, vb_term_nats
+
+
+@dataclass
+class BoundResult:
+    """The exact bound per image, in bits/dim. ``total = prior + vb + decoder``.
+
+    ``vb`` is Σ_{t≥2} L_{t−1}; ``per_t`` [T] is the mean of L_t over the images (index 0 is the
+    decoder L_0, index i ≥ 1 is the KL term at paper time t = i + 1).
+    """
+
+    total: torch.Tensor  # [N] float64, bits/dim
+    prior: torch.Tensor  # [N]
+    vb: torch.Tensor  # [N]
+    decoder: torch.Tensor  # [N]
+    per_t: torch.Tensor  # [T]
+    method: str = "exact"
+
+    def summary(self) -> dict[str, float]:
+        """Means over the images, keyed by the metric names the suite logs."""
+        return {
+            "bpd": self.total.mean().item(),
+            "bpd/prior": self.prior.mean().item(),
+            "bpd/vb": self.vb.mean().item(),
+            "bpd/decoder": self.decoder.mean().item(),
+        }
+
+
+@dataclass
+class EstimateResult(BoundResult):
+    """An unbiased estimate of the bound per image with its Monte Carlo standard error.
+
+    ``stderr`` is the standard error of ``total.mean()`` as an estimate of the exact bound on these
+    images (from two independent stratified replicates per image). ``stderr_images`` is
+    ``total.std() / √N``: it adds the spread between images, for comparing models on the data law.
+    """
+
+    stderr: float = math.nan
+    stderr_images: float = math.nan
+    calls_per_image: int = 0
+    per_t: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def summary(self) -> dict[str, float]:
+        return {**super().summary(), "bpd_stderr": self.stderr}
+
+
+# --------------------------------------------------------------------- helpers
+def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise BenchError(f"images must be a uint8 tensor [N, C, H, W] with pixels 0..255, got {got}")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise BenchError(f"images must have shape [N, C, H, W] with N >= 1, got {list(images.shape)}")
+    if not isinstance(sched, Schedule):
+        raise BenchError(f"sched must be a bench.Schedule, got {type(sched).__name__}")
+    if batch_size < 1:
+        raise BenchError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (independent streams for distinct keys)."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _bound_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+@torch.no_grad()
+def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+    """L_t in nats per (image, t) pair, summed over dims: [B] (float64 where the device has it)."""
+    x_t = sched.q_sample(x0, t, noise)
+    out = model(x_t, t)
+    dtype = _bound_dtype(x0.device)
+    x0d, x_td = x0.to(dtype), x_t.to(dtype)
+    step = variant.p_mean_variance(out.to(dtype), sched, x_td, t)
+    return vb_term_nats(step, sched, x0d, x_td, t)
+
+
+def _prior_bits(sched: Schedule, images: torch.Tensor) -> torch.Tensor:
+    x0 = to_data_scale(images).to(torch.float64)
+    return bits_per_dim_from_nats(prior_nats(sched, x0), x0[0].numel())
+
+
+# --------------------------------------------------------------------- exact
+def bits_per_dim(
+    model,
+    variant: Variant,
+    sched: Schedule,
+    images: torch.Tensor,
+    batch_size: int = 512,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> BoundResult:
+    """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
+
+    ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``batch_size`` at a time
+    (image-major order), each with its own noise, drawn from a stream keyed by (seed, image).
+    ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
+    """
+    _check_inputs(images, sched, batch_size)
+    device = torch.device(device) if device is not None else _model_device(model)
+    N, T = images.shape[0], sched.T
+    D = images[0].numel()
+    nats = torch.zeros(N * T, dtype=torch.float64)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    noise_image, noise_cache = -1, None
+    try:
+        for start in tqdm(range(0, N * T, batch_size), desc="exact bits/dim", unit="batch", disable=not progress):
+            pairs = torch.arange(start, min(start + batch_size, N * T))
+            idx, t = pairs // T, pairs % T
+            noise = torch.empty(len(pairs), *images.shape[1:])
+            for i in idx.unique().tolist():  # each image's noise [T, C, H, W], drawn once
+                if i != noise_image:
+                    noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=_generator(seed, i))
+                rows = idx == i
+                noise[rows] = noise_cache[t[rows]]
+            x0 = to_data_scale(images[idx]).to(device)
+            nats[start : start + len(pairs)] = _terms(
+                model, variant, sched, x0, t.to(device), noise.to(device)
+            ).cpu().to(torch.float64)
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    bits = bits_per_dim_from_nats(nats.view(N, T), D)
+    prior = _prior_bits(sched, images)
+    decoder, vb = bits[:, 0], bits[:, 1:].sum(dim=1)
+    return BoundResult(total=prior + vb + decoder, prior=prior, vb=vb, decoder=decoder, per_t=bits.mean(dim=0))
+
+
+# --------------------------------------------------------------------- estimated
+def strata_edges(T: int, strata: int) -> torch.Tensor:
+    """Boundaries of ``strata`` contiguous groups of the indices 1..T−1 (paper t = 2..T), denser at
+    small t, where L_t changes fastest; every group non-empty. Returns long [strata + 1]."""
+    if not 1 <= strata <= T - 1:
+        raise BenchError(f"the estimator needs 1 <= strata <= T - 1 = {T - 1}, got {strata}")
+    edges = [1]
+    for k in range(1, strata):
+        quad = 1 + round((T - 1) * (k / strata) ** 2)
+        edges.append(min(max(quad, edges[-1] + 1), T - (strata - k)))  # keep every stratum non-empty
+    edges.append(T)
+    return torch.tensor(edges)
+
+
+def estimate_bits_per_dim(
+    model,
+    variant: Variant,
+    sched: Schedule,
+    images: torch.Tensor,
+    calls_per_image: int = 33,
+    batch_size: int = 512,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> EstimateResult:
+    """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
+
+    One call evaluates the decoder L_0 exactly; the other K − 1 form two independent stratified
+    replicates of Σ_{t≥2} L_{t−1}, each drawing one t uniformly within each of S = (K − 1) // 2
+    strata (:func:`strata_edges`) and weighting it by the stratum's size. The per-image estimate is
+    the replicates' mean, and their difference gives the Monte Carlo standard error.
+    """
+    _check_inputs(images, sched, batch_size)
+    S = (calls_per_image - 1) // 2
+    if S < 1:
+        raise BenchError(f"calls_per_image must be >= 3 (one decoder call, two stratified replicates), got {calls_per_image}")
+    edges = strata_edges(sched.T, S)
+    sizes = (edges[1:] - edges[:-1]).to(torch.float64)
+    device = torch.device(device) if device is not None else _model_device(model)
+    N, K = images.shape[0], 1 + 2 * S
+    D = images[0].numel()
+    # Per image: t for the decoder, then replicate A's S strata, then replicate B's.
+    ts = torch.empty(N, K, dtype=torch.long)
+    noise = torch.empty(N, K, *images.shape[1:])
+    for i in range(N):
+        g = _generator(seed, i, 1)
+        u = torch.rand(2, S, generator=g, dtype=torch.float64)
+        within = (u * sizes).floor().long().clamp(max=(sizes.long() - 1))
+        ts[i, 0] = 0
+        ts[i, 1:] = (edges[:-1] + within).reshape(-1)
+        noise[i] = torch.randn(K, *images.shape[1:], generator=g)
+    nats = torch.zeros(N * K, dtype=torch.float64)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        flat_t, flat_noise = ts.reshape(-1), noise.reshape(N * K, *images.shape[1:])
+        for start in tqdm(range(0, N * K, batch_size), desc="estimated bits/dim", unit="batch", disable=not progress):
+            sl = slice(start, min(start + batch_size, N * K))
+            idx = torch.arange(sl.start, sl.stop) // K
+            x0 = to_data_scale(images[idx]).to(device)
+            nats[sl] = _terms(model, variant, sched, x0, flat_t[sl].to(device), flat_noise[sl].to(device)).cpu().double()
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    bits = bits_per_dim_from_nats(nats.view(N, K), D)
+    decoder = bits[:, 0]
+    rep_a = (bits[:, 1 : 1 + S] * sizes).sum(dim=1)
+    rep_b = (bits[:, 1 + S :] * sizes).sum(dim=1)
+    vb = (rep_a + rep_b) / 2
+    prior = _prior_bits(sched, images)
+    total = prior + vb + decoder
+    # Var((A+B)/2 | x) = E[(A−B)²]/4 per image; the mean over N images divides by N².
+    stderr = math.sqrt(((rep_a - rep_b) ** 2 / 4).sum().item()) / N
+    stderr_images = (total.std().item() / math.sqrt(N)) if N > 1 else math.nan
+    return EstimateResult(
+        total=total, prior=prior, vb=vb, decoder=decoder, method="estimate",
+        stderr=stderr, stderr_images=stderr_images, calls_per_image=K,
+    )

@@ -1,0 +1,296 @@
+"""The DDPM U-Net of Ho et al. 2020, with named network presets.
+
+The architecture follows the official DDPM TensorFlow model (``diffusion_tf/models/unet.py``) and its
+PyTorch port ``pytorch_diffusion``: sinusoidal timestep embedding -> 2-layer MLP, a stack of
+GroupNorm/swish residual blocks with a projected timestep embedding, single-head self-attention at
+chosen resolutions, strided-conv downsampling, nearest+conv upsampling, and concatenated skips.
+
+Initialisation follows DDPM: every conv/linear weight uses ``variance_scaling(1.0, fan_avg,
+uniform)`` (= Xavier-uniform) with zero bias, and the layers DDPM initialises with ``scale=0`` —
+the second conv of each residual block, the attention output projection and the final conv — are
+initialised to exactly zero (DDPM uses scale 1e-10, which is zero for all practical purposes).
+A freshly built network therefore outputs zeros for every input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.errors import BenchError
+
+__all__ = ["UNetConfig", "UNet", "NETWORK_PRESETS", "build_network", "count_parameters", "timestep_embedding"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of the DDPM U-Net; the single home of the network defaults."""
+
+    ch: int = 128  # base channel count; level i has ch * ch_mult[i] channels, the time MLP has 4 * ch
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channel multiplier per resolution level (top to bottom)
+    num_res_blocks: int = 2  # residual blocks per level on the down path (the up path has one more)
+    attn_resolutions: tuple[int, ...] = (16,)  # spatial sizes (H == W) at which self-attention follows each res block
+    dropout: float = 0.1  # dropout probability inside residual blocks (before their second conv)
+    num_groups: int = 32  # GroupNorm groups; must divide ch * m for every m in ch_mult and ch itself
+
+    def __post_init__(self) -> None:
+        if self.ch <= 0 or self.num_res_blocks <= 0:
+            raise BenchError(f"UNetConfig: ch and num_res_blocks must be positive, got ch={self.ch}, "
+                             f"num_res_blocks={self.num_res_blocks}")
+        if len(self.ch_mult) == 0 or any(m <= 0 for m in self.ch_mult):
+            raise BenchError(f"UNetConfig: ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BenchError(f"UNetConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.num_groups <= 0:
+            raise BenchError(f"UNetConfig: num_groups must be positive, got {self.num_groups}")
+        # Every GroupNorm input is ch * m for some m in (1,) + ch_mult, or a sum of two such counts.
+        bad = sorted({self.ch * m for m in (1, *self.ch_mult) if (self.ch * m) % self.num_groups != 0})
+        if bad:
+            raise BenchError(f"UNetConfig: num_groups={self.num_groups} does not divide channel count(s) {bad} "
+                             f"(ch={self.ch}, ch_mult={self.ch_mult}); pick num_groups dividing ch * m for "
+                             f"every multiplier")
+
+
+NETWORK_PRESETS: dict[str, UNetConfig] = {
+    # Ho et al. 2020, CIFAR-10 (32x32): 35.7M parameters with in=out=3.
+    "ddpm-cifar10": UNetConfig(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                               dropout=0.1, num_groups=32),
+    # 8x8 single-channel digits on CPU: levels 8x8 (32 ch) and 4x4 (64 ch), attention at 4x4.
+    "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                       num_groups=8),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps, as in DDPM / tensor2tensor.
+
+    t: [B] (any numeric dtype) -> [B, dim] float32 ``[sin(t * f_0..f_{h-1}), cos(...)]`` with
+    ``f_i = exp(-log(10000) * i / (h - 1))``, ``h = dim // 2``; zero-padded when ``dim`` is odd.
+    Always computed in float32, even inside an autocast region.
+    """
+    if t.dim() != 1:
+        raise BenchError(f"timestep_embedding: t must have shape [B], got {tuple(t.shape)}")
+    half = dim // 2
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        scale = math.log(10000.0) / max(half - 1, 1)
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -scale)
+        args = t.to(torch.float32)[:, None] * freqs[None, :]
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+        if dim % 2 == 1:
+            emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-swish-conv3x3 (+ temb projection), GroupNorm-swish-dropout-conv3x3, residual add.
+
+    forward: x [B, in_ch, H, W], temb [B, temb_ch] -> [B, out_ch, H, W].
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)  # zero-initialised
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_swish(self.norm1(x)))
+        h = h + self.temb_proj(_swish(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(_swish(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, residual add. x [B, C, H, W] -> same."""
+
+    def __init__(self, ch: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, ch, eps=1e-6)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)  # zero-initialised
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        # [B, C, H, W] -> [B, HW, C]; softmax(q k^T / sqrt(C)) v, as in DDPM.
+        q, k, v = (m(h).reshape(b, c, hh * ww).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, HW, C]
+        a = a.transpose(1, 2).reshape(b, c, hh, ww)
+        return x + self.proj_out(a)
+
+
+class Downsample(nn.Module):
+    """Conv3x3 stride 2 after DDPM's asymmetric (0, 1, 0, 1) zero pad. [B, C, H, W] -> [B, C, H/2, W/2]."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv3x3. [B, C, H, W] -> [B, C, 2H, 2W]."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: res blocks, optional attention after each, optional resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.resample: nn.Module | None = None
+
+
+class UNet(nn.Module):
+    """DDPM U-Net: (x [B, in_channels, S, S] on [-1, 1], t long [B]) -> [B, out_channels, S, S].
+
+    ``t`` is the 0-based timestep index (index 0 is the paper's t = 1), fed to the sinusoidal
+    embedding unchanged, exactly as the DDPM code does.
+    """
+
+    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, image_size: int) -> None:
+        super().__init__()
+        if in_channels <= 0 or out_channels <= 0:
+            raise BenchError(f"UNet: in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        factor = 2 ** (len(config.ch_mult) - 1)
+        if image_size <= 0 or image_size % factor != 0:
+            raise BenchError(f"UNet: image_size={image_size} must be a positive multiple of {factor} "
+                             f"(2**(len(ch_mult)-1) for ch_mult={config.ch_mult})")
+        self.config = config
+        self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
+        ch, g, nrb, p = config.ch, config.num_groups, config.num_res_blocks, config.dropout
+        temb_ch = 4 * ch
+        n_levels = len(config.ch_mult)
+
+        self.temb_dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        # Down path; skip_chs records the channel count of every tensor pushed onto the skip stack.
+        res, cur = image_size, ch
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(config.ch_mult):
+            level = _Level()
+            for _ in range(nrb):
+                level.block.append(ResnetBlock(cur, ch * mult, temb_ch, p, g))
+                cur = ch * mult
+                if res in config.attn_resolutions:
+                    level.attn.append(AttnBlock(cur, g))
+                skip_chs.append(cur)
+            if i != n_levels - 1:
+                level.resample = Downsample(cur)
+                res //= 2
+                skip_chs.append(cur)
+            self.down.append(level)
+
+        self.mid_block_1 = ResnetBlock(cur, cur, temb_ch, p, g)
+        self.mid_attn_1 = AttnBlock(cur, g)
+        self.mid_block_2 = ResnetBlock(cur, cur, temb_ch, p, g)
+
+        # Up path, stored bottom level first (the order it runs in).
+        self.up = nn.ModuleList()
+        for i in reversed(range(n_levels)):
+            level = _Level()
+            for _ in range(nrb + 1):
+                level.block.append(ResnetBlock(cur + skip_chs.pop(), ch * config.ch_mult[i], temb_ch, p, g))
+                cur = ch * config.ch_mult[i]
+                if res in config.attn_resolutions:
+                    level.attn.append(AttnBlock(cur, g))
+            if i != 0:
+                level.resample = Upsample(cur)
+                res *= 2
+            self.up.append(level)
+        assert not skip_chs
+
+        self.norm_out = nn.GroupNorm(g, cur, eps=1e-6)
+        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)  # zero-initialised
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """DDPM init: Xavier-uniform weights, zero biases; zero for conv2 / attention proj_out / conv_out."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.zero_init_modules():
+            nn.init.zeros_(m.weight)
+
+    def zero_init_modules(self) -> list[nn.Module]:
+        """The layers DDPM initialises to zero (res-block conv2, attention proj_out, final conv_out)."""
+        out: list[nn.Module] = [self.conv_out]
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                out.append(m.conv2)
+            elif isinstance(m, AttnBlock):
+                out.append(m.proj_out)
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x [B, in_channels, S, S] float, t [B] long -> [B, out_channels, S, S]."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
+            raise BenchError(f"UNet: expected x of shape [B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}], got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise BenchError(f"UNet: expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
+        temb = timestep_embedding(t, self.config.ch)
+        temb = self.temb_dense[1](_swish(self.temb_dense[0](temb)))  # [B, 4ch]
+
+        hs = [self.conv_in(x)]
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(hs[-1], temb)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+                hs.append(h)
+            if level.resample is not None:
+                hs.append(level.resample(hs[-1]))
+
+        h = self.mid_block_2(self.mid_attn_1(self.mid_block_1(hs[-1], temb)), temb)
+
+        for level in self.up:
+            for j, block in enumerate(level.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+def build_network(preset: str, in_channels: int, out_channels: int, image_size: int) -> UNet:
+    """Build the U-Net for a named preset in ``NETWORK_PRESETS``; BenchError on an unknown preset."""
+    if preset not in NETWORK_PRESETS:
+        raise BenchError(f"unknown network preset {preset!r}; known presets: {', '.join(sorted(NETWORK_PRESETS))}")
+    return UNet(NETWORK_PRESETS[preset], in_channels, out_channels, image_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of trainable parameter elements."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

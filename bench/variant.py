@@ -1,0 +1,230 @@
+"""What every objective variant shares: the reverse-process parameterisations (mean and variance),
+the per-timestep bound term L_t, and the base class a variant module subclasses.
+
+A variant (one module in ``variants/``) declares its ``mean_type`` and ``var_type`` and writes its
+training loss; everything else comes from here, so the evaluator and the sampler treat all variants
+alike. Time indices are 0-based: index 0 is paper time t = 1 (the decoder term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import BenchError
+from bench.gaussian import (
+    bits_per_dim_from_nats,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    sum_flat,
+)
+from bench.schedule import Schedule
+from bench.timesteps import UniformSampler
+
+MEAN_TYPES = ("eps", "mu")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
+FIXED_VARIANCES = {"small": "fixed_small", "large": "fixed_large"}  # CLI word → var_type
+HYBRID_LAMBDA = 0.001  # iDDPM's weight of L_vlb in L_hybrid
+
+
+@dataclass
+class ReverseStep:
+    """p_θ(x_{t−1} | x_t) = N(mean, exp(log_var)), and the x̂_0 it implies; all [B, C, H, W]."""
+
+    mean: torch.Tensor
+    log_var: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+# --------------------------------------------------------------------- mean parameterisations
+def eps_mean(out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool):
+    """ε-parameterisation: x̂_0 = (x_t − √(1−ᾱ_t) ε_θ)/√ᾱ_t (optionally clipped), mean μ̃_t(x_t, x̂_0).
+
+    Without clipping this equals (x_t − β_t/√(1−ᾱ_t) ε_θ)/√α_t.
+    """
+    pred_x0 = sched.predict_x0_from_eps(x_t, t, out)
+    if clip_x0:
+        pred_x0 = pred_x0.clamp(-1, 1)
+    return sched.q_posterior_mean(pred_x0, x_t, t), pred_x0
+
+
+def mu_mean(out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool):
+    """μ̃-parameterisation: the network outputs μ_θ; x̂_0 inverts μ̃_t(x_t, x_0) for it."""
+    coef1 = Schedule.gather(sched.posterior_mean_coef1, t, x_t)
+    coef2 = Schedule.gather(sched.posterior_mean_coef2, t, x_t)
+    pred_x0 = (out - coef2 * x_t) / coef1
+    if clip_x0:
+        pred_x0 = pred_x0.clamp(-1, 1)
+        return sched.q_posterior_mean(pred_x0, x_t, t), pred_x0
+    return out, pred_x0
+
+
+MEANS = {"eps": eps_mean, "mu": mu_mean}
+
+
+# --------------------------------------------------------------------- variance parameterisations
+def fixed_small_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """σ_t² = β̃_t, clipped to β̃_2 at t = 1."""
+    return Schedule.gather(sched.posterior_log_variance_clipped, t, like).expand_as(like)
+
+
+def fixed_large_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """σ_t² = β_t, with β̃_2 at t = 1 for the decoder (iDDPM)."""
+    return Schedule.gather(sched.log_betas_decoder, t, like).expand_as(like)
+
+
+def learned_range_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """iDDPM: frac = (v + 1)/2, log σ_t² = frac · log β_t + (1 − frac) · log β̃_t (clipped)."""
+    frac = (v + 1) / 2
+    max_log = Schedule.gather(sched.log_betas, t, v)
+    min_log = Schedule.gather(sched.posterior_log_variance_clipped, t, v)
+    return frac * max_log + (1 - frac) * min_log
+
+
+def learned_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """DDPM's learned diagonal Σ: the network outputs log σ_t² directly."""
+    return v
+
+
+VARIANCES = {
+    "fixed_small": fixed_small_log_var,
+    "fixed_large": fixed_large_log_var,
+    "learned_range": learned_range_log_var,
+    "learned": learned_log_var,
+}
+
+
+# --------------------------------------------------------------------- the bound term L_t
+def vb_term_nats(step: ReverseStep, sched: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """L_t per example in nats, summed over dimensions: [B].
+
+    Index 0 (paper t = 1): the decoder −log p_θ(x_0 | x_1), discretised Gaussian.
+    Index ≥ 1: KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)).
+    """
+    true_mean = sched.q_posterior_mean(x0, x_t, t)
+    true_log_var = Schedule.gather(sched.posterior_log_variance_clipped, t, x_t)
+    terms = sum_flat(normal_kl(true_mean, true_log_var, step.mean, step.log_var))
+    first = (t == 0).nonzero().squeeze(1)
+    if first.numel():  # only the decoder rows, so the other rows' gradients never see its tails
+        decoder_nll = -sum_flat(discretized_gaussian_log_likelihood(x0[first], step.mean[first], step.log_var[first]))
+        terms = terms.index_put((first,), decoder_nll.to(terms.dtype))
+    return terms
+
+
+def prior_nats(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per example in nats: [B]. Not learned."""
+    ab_T = sched.alphas_cumprod[-1].item()
+    mean = ab_T**0.5 * x0
+    log_var = torch.full_like(x0, float(torch.log1p(torch.tensor(-ab_T, dtype=torch.float64))))
+    return sum_flat(normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0)))
+
+
+# --------------------------------------------------------------------- the base class
+class Variant:
+    """One way of training a DDPM. Subclasses set the class attributes and write :meth:`loss`.
+
+    ``variance`` ('small' = β̃ or 'large' = β) is accepted only by fixed-variance variants; it is
+    resolved here once, into ``var_type``, and shows in :attr:`label`.
+    """
+
+    name: ClassVar[str]  # registry key, e.g. "simple"
+    objective: ClassVar[str]  # what the loss is, one line
+    mean_type: ClassVar[str]  # 'eps' or 'mu'
+    var_type: str = "fixed_small"  # one of VAR_TYPES; fixed variants may switch small ↔ large
+    timestep_sampler: ClassVar[type[UniformSampler]] = UniformSampler
+
+    def __init__(self, variance: str | None = None):
+        if variance is not None:
+            if self.var_type not in FIXED_VARIANCES.values():
+                raise BenchError(
+                    f"variant {self.name!r} learns its variance ({self.var_type}); "
+                    "--variance small|large applies only to fixed-variance variants"
+                )
+            if variance not in FIXED_VARIANCES:
+                raise BenchError(f"variance must be one of {sorted(FIXED_VARIANCES)}, got {variance!r}")
+            self.var_type = FIXED_VARIANCES[variance]
+        if self.mean_type not in MEAN_TYPES or self.var_type not in VAR_TYPES:
+            raise BenchError(f"variant {self.name!r} declares unknown types {self.mean_type!r}/{self.var_type!r}")
+        self._mean_fn = MEANS[self.mean_type]
+        self._log_var_fn = VARIANCES[self.var_type]
+        self._sampler: UniformSampler | None = None
+
+    # ----------------------------------------------------------------- description
+    @property
+    def learns_variance(self) -> bool:
+        return self.var_type in ("learned_range", "learned")
+
+    @property
+    def label(self) -> str:
+        """The name as results show it: fixed variants carry their variance, e.g. ``simple[small]``."""
+        for word, var_type in FIXED_VARIANCES.items():
+            if self.var_type == var_type:
+                return f"{self.name}[{word}]"
+        return self.name
+
+    def out_channels(self, in_channels: int) -> int:
+        """Network output channels for C input channels: C (the mean), or 2C with a learned variance."""
+        return 2 * in_channels if self.learns_variance else in_channels
+
+    def describe(self) -> dict:
+        return {
+            "variant": self.label,
+            "variant_name": self.name,
+            "objective": self.objective,
+            "mean_type": self.mean_type,
+            "var_type": self.var_type,
+        }
+
+    # ----------------------------------------------------------------- reverse process
+    def p_mean_variance(
+        self, out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False
+    ) -> ReverseStep:
+        """Turn the network output [B, out_channels, H, W] into p_θ(x_{t−1} | x_t)."""
+        C = x_t.shape[1]
+        if out.shape[1] != self.out_channels(C):
+            raise BenchError(
+                f"variant {self.name!r} needs {self.out_channels(C)} output channels for {C} input channels, "
+                f"the network gives {out.shape[1]}"
+            )
+        mean_out, var_out = out[:, :C], out[:, C:]
+        mean, pred_x0 = self._mean_fn(mean_out, sched, x_t, t, clip_x0)
+        log_var = self._log_var_fn(var_out, sched, t, x_t)
+        return ReverseStep(mean=mean, log_var=log_var, pred_x0=pred_x0)
+
+    # ----------------------------------------------------------------- training
+    def loss(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """Per-example loss terms for a batch x_0 [B, C, H, W] on [−1, 1]: a dict of [B] tensors
+        with at least ``"loss"`` (what is minimised); the trainer logs every key."""
+        raise NotImplementedError
+
+    def sampler(self, T: int) -> UniformSampler:
+        """The timestep sampler for a T-step schedule (kept across calls: it may hold state)."""
+        if self._sampler is None or self._sampler.T != T:
+            self._sampler = self.timestep_sampler(T)
+        return self._sampler
+
+    def draw(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """Draw t (and its weight 1/(T p_t)) and ε, form x_t, run the network.
+
+        Returns (t, weight, noise, x_t, out).
+        """
+        t, weight = self.sampler(sched.T).sample(x0.shape[0], x0.device, generator)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device) if generator is not None \
+            else torch.randn_like(x0)
+        x_t = sched.q_sample(x0, t, noise)
+        return t, weight, noise, x_t, model(x_t, t)
+
+    def vb_bits(self, out: torch.Tensor, sched: Schedule, x0, x_t, t) -> torch.Tensor:
+        """L_t per example in bits/dim (mean over dimensions), the unit iDDPM trains in: [B]."""
+        step = self.p_mean_variance(out.float(), sched, x_t, t)
+        return bits_per_dim_from_nats(vb_term_nats(step, sched, x0, x_t, t), x0[0].numel())
+
+    def state_dict(self) -> dict:
+        """Training state to checkpoint (the importance sampler's history, if any)."""
+        return {"sampler": self._sampler.state_dict()} if self._sampler is not None else {}
+
+    def load_state_dict(self, state: dict, T: int) -> None:
+        if "sampler" in state:
+            self.sampler(T).load_state_dict(state["sampler"])

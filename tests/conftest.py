@@ -1,0 +1,63 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_cifar10_folder(root: Path, n_train_per_batch: int, n_test: int, seed: int = 0) -> Path:
+    """Write a small fake CIFAR-10 in the true on-disk format under ``root/cifar-10-batches-py``.
+
+    Each of ``data_batch_1..5`` (``n_train_per_batch`` images) and ``test_batch`` (``n_test``) is a
+    pickled dict with ``b"batch_label"``, ``b"labels"``, ``b"data"`` (uint8 ``[n, 3072]``, row-major
+    CHW) and ``b"filenames"``; ``batches.meta`` holds the label names.  Pixel values are random.
+    Returns the folder path.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [(f"data_batch_{i}", f"training batch {i} of 5", n_train_per_batch) for i in range(1, 6)]
+    names.append(("test_batch", "testing batch 1 of 1", n_test))
+    for fname, label, n in names:
+        batch = {
+            b"batch_label": label.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"filenames": [f"{fname}_{j:05d}.png".encode() for j in range(n)],
+        }
+        with (folder / fname).open("wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    meta = {
+        b"num_cases_per_batch": n_train_per_batch,
+        b"label_names": [
+            s.encode()
+            for s in (
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            )
+        ],
+        b"num_vis": 3072,
+    }
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+@pytest.fixture
+def cifar10_root(tmp_path: Path) -> Path:
+    """A data root holding a fake ``cifar-10-batches-py`` (5 x 4 train images, 3 test images)."""
+    root = tmp_path / "data"
+    write_cifar10_folder(root, n_train_per_batch=4, n_test=3, seed=0)
+    return root

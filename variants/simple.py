@@ -1,0 +1,16 @@
+"""L_simple: the unweighted ε-MSE of DDPM; the variance is fixed (β̃ by default, β if asked)."""
+
+from bench.gaussian import mean_flat
+from bench.variant import Variant
+
+
+class Simple(Variant):
+    name = "simple"
+    objective = "L_simple: E‖ε − ε_θ(x_t, t)‖² (mean over dims), t uniform"
+    mean_type = "eps"
+    var_type = "fixed_small"
+
+    def loss(self, model, sched, x0, generator=None):
+        t, _, noise, x_t, out = self.draw(model, sched, x0, generator)
+        mse = mean_flat((noise - out) ** 2)
+        return {"loss": mse, "mse": mse}
