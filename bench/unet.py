@@ -23,26 +23,33 @@ from torch import nn
 
 from bench.errors import BenchError
 
-__all__ = ["UNetConfig", "UNet", "NETWORK_PRESETS", "build_network", "count_parameters", "timestep_embedding"]
+__all__ = ["NETWORK_PRESETS", "UNet", "UNetConfig", "build_network", "count_parameters", "timestep_embedding"]
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of the DDPM U-Net; the single home of the network defaults."""
+    """Hyper-parameters of the DDPM U-Net; the single home of the network defaults.
+
+    The defaults are the Ho et al. 2020 CIFAR-10 network. Validation raises ``BenchError``.
+    """
 
     ch: int = 128  # base channel count; level i has ch * ch_mult[i] channels, the time MLP has 4 * ch
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channel multiplier per resolution level (top to bottom)
     num_res_blocks: int = 2  # residual blocks per level on the down path (the up path has one more)
-    attn_resolutions: tuple[int, ...] = (16,)  # spatial sizes (H == W) at which self-attention follows each res block
+    attn_resolutions: tuple[int, ...] = (16,)  # sizes (H == W) with self-attention after each res block
     dropout: float = 0.1  # dropout probability inside residual blocks (before their second conv)
     num_groups: int = 32  # GroupNorm groups; must divide ch * m for every m in ch_mult and ch itself
 
     def __post_init__(self) -> None:
         if self.ch <= 0 or self.num_res_blocks <= 0:
-            raise BenchError(f"UNetConfig: ch and num_res_blocks must be positive, got ch={self.ch}, "
-                             f"num_res_blocks={self.num_res_blocks}")
+            raise BenchError(
+                f"UNetConfig: ch and num_res_blocks must be positive, got ch={self.ch}, "
+                f"num_res_blocks={self.num_res_blocks}"
+            )
         if len(self.ch_mult) == 0 or any(m <= 0 for m in self.ch_mult):
-            raise BenchError(f"UNetConfig: ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+            raise BenchError(
+                f"UNetConfig: ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise BenchError(f"UNetConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.num_groups <= 0:
@@ -50,18 +57,21 @@ class UNetConfig:
         # Every GroupNorm input is ch * m for some m in (1,) + ch_mult, or a sum of two such counts.
         bad = sorted({self.ch * m for m in (1, *self.ch_mult) if (self.ch * m) % self.num_groups != 0})
         if bad:
-            raise BenchError(f"UNetConfig: num_groups={self.num_groups} does not divide channel count(s) {bad} "
-                             f"(ch={self.ch}, ch_mult={self.ch_mult}); pick num_groups dividing ch * m for "
-                             f"every multiplier")
+            raise BenchError(
+                f"UNetConfig: num_groups={self.num_groups} does not divide channel count(s) {bad} "
+                f"(ch={self.ch}, ch_mult={self.ch_mult}); pick one dividing ch * m for every multiplier"
+            )
 
 
 NETWORK_PRESETS: dict[str, UNetConfig] = {
-    # Ho et al. 2020, CIFAR-10 (32x32): 35.7M parameters with in=out=3.
-    "ddpm-cifar10": UNetConfig(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                               dropout=0.1, num_groups=32),
-    # 8x8 single-channel digits on CPU: levels 8x8 (32 ch) and 4x4 (64 ch), attention at 4x4.
-    "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
-                       num_groups=8),
+    # Ho et al. 2020, CIFAR-10 (32x32): 35,746,307 parameters with in=out=3. These are the defaults.
+    "ddpm-cifar10": UNetConfig(),
+    # 8x8 single-channel digits on CPU: levels 8x8 and 4x4 (32 ch each), attention at 4x4; ~285k params
+    # with in=1, out=2. Sized so a batch-128 training step runs at >= 1000 images/s on 2 CPU cores
+    # (measured ~1600-1900; see benchmarks/train_speed.py). ch=32, ch_mult=(1, 2) ran at only ~1100-1200.
+    "tiny": UNetConfig(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=8
+    ),
 }
 
 
@@ -177,11 +187,15 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, image_size: int) -> None:
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
-            raise BenchError(f"UNet: in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+            raise BenchError(
+                f"UNet: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
+            )
         factor = 2 ** (len(config.ch_mult) - 1)
         if image_size <= 0 or image_size % factor != 0:
-            raise BenchError(f"UNet: image_size={image_size} must be a positive multiple of {factor} "
-                             f"(2**(len(ch_mult)-1) for ch_mult={config.ch_mult})")
+            raise BenchError(
+                f"UNet: image_size={image_size} must be a positive multiple of {factor} "
+                f"(2**(len(ch_mult)-1) for ch_mult={config.ch_mult})"
+            )
         self.config = config
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         ch, g, nrb, p = config.ch, config.num_groups, config.num_res_blocks, config.dropout
@@ -253,9 +267,12 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, in_channels, S, S] float, t [B] long -> [B, out_channels, S, S]."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
-            raise BenchError(f"UNet: expected x of shape [B, {self.in_channels}, {self.image_size}, "
-                             f"{self.image_size}], got {tuple(x.shape)}")
+        s = self.image_size
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (s, s):
+            raise BenchError(
+                f"UNet: expected x of shape [B, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}], got {tuple(x.shape)}"
+            )
         if t.shape != (x.shape[0],):
             raise BenchError(f"UNet: expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
         temb = timestep_embedding(t, self.config.ch)
@@ -287,7 +304,8 @@ class UNet(nn.Module):
 def build_network(preset: str, in_channels: int, out_channels: int, image_size: int) -> UNet:
     """Build the U-Net for a named preset in ``NETWORK_PRESETS``; BenchError on an unknown preset."""
     if preset not in NETWORK_PRESETS:
-        raise BenchError(f"unknown network preset {preset!r}; known presets: {', '.join(sorted(NETWORK_PRESETS))}")
+        known = ", ".join(sorted(NETWORK_PRESETS))
+        raise BenchError(f"unknown network preset {preset!r}; known presets: {known}")
     return UNet(NETWORK_PRESETS[preset], in_channels, out_channels, image_size)
 
 

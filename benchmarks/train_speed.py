@@ -9,6 +9,7 @@ Example (the speed goal for the ``tiny`` preset is >= 1000 images/s on a 2-core 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -51,17 +52,25 @@ def main(argv: list[str] | None = None) -> None:
 
     for _ in range(args.warmup):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    elapsed = sum(times)
+    median = statistics.median(times)
 
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}")
     print(f"preset={args.preset} config={NETWORK_PRESETS[args.preset]}")
-    print(f"in={args.in_channels} out={args.out_channels} image_size={s} batch={b} "
-          f"params={count_parameters(model):,}")
-    print(f"{args.steps} steps in {elapsed:.3f} s: {elapsed / args.steps * 1e3:.1f} ms/step, "
-          f"{args.steps * b / elapsed:.0f} images/s")
+    print(
+        f"in={args.in_channels} out={args.out_channels} image_size={s} batch={b} "
+        f"params={count_parameters(model):,}"
+    )
+    print(
+        f"{args.steps} steps in {elapsed:.3f} s: mean {elapsed / args.steps * 1e3:.1f} ms/step, "
+        f"median {median * 1e3:.1f} ms/step"
+    )
+    print(f"images/s: {args.steps * b / elapsed:.0f} (mean), {b / median:.0f} (median step)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,6 @@ class Simple(Variant):
     var_type = "fixed_small"
 
     def loss(self, model, sched, x0, generator=None):
-        t, _, noise, x_t, out = self.draw(model, sched, x0, generator)
+        _, _, noise, _, out = self.draw(model, sched, x0, generator)
         mse = mean_flat((noise - out) ** 2)
         return {"loss": mse, "mse": mse}

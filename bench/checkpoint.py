@@ -1,0 +1,46 @@
+"""Checkpoints: written atomically (temp file + rename), read back with a clear error when damaged."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.errors import BenchError
+
+FORMAT = "elbo-bench-checkpoint-1"
+REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; anything else is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BenchError(f"checkpoint {path} is damaged or not an elbo-bench checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
+        raise BenchError(f"checkpoint {path} is not an elbo-bench checkpoint (expected format {FORMAT})")
+    return state

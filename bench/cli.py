@@ -1,0 +1,165 @@
+"""The ``bench`` command line: thin click commands that parse, validate and call one library function.
+
+Bad input ends with one line on stderr (``error: …``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import fields
+
+import click
+
+from bench.config import FINAL_EVALS, PRECISIONS, SCHEDULES, RunConfig, make_config, read_toml
+from bench.data import DATASETS
+from bench.errors import BenchError
+from bench.unet import NETWORK_PRESETS
+from variants import VARIANTS, get_variant
+
+
+class BenchGroup(click.Group):
+    """A click group whose errors are one line and a non-zero exit."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "bench", standalone_mode=False, **extra)
+        except click.UsageError as err:
+            hint = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
+            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code or 1)
+        except BenchError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=BenchGroup)
+def cli() -> None:
+    """elbo-bench: train DDPMs with different objectives and compare them by bits/dim and FID."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
+
+
+def main() -> None:
+    cli.main()
+
+
+# ------------------------------------------------------------------------- bench variants
+@cli.command("variants")
+def variants_cmd() -> None:
+    """List the objective variants with their objective, mean and variance."""
+    width = max(len(n) for n in VARIANTS)
+    for name in sorted(VARIANTS):
+        v = get_variant(name)
+        click.echo(f"{name:<{width}}  mean={v.mean_type:<3}  variance={v.var_type:<13}  {v.objective}")
+
+
+# ------------------------------------------------------------------------- bench run
+def _opt(name: str, *decls, **kw):
+    """An option that defaults to None, so the config's own default (one place) applies."""
+    return click.option(f"--{name}", *decls, default=None, show_default=False, **kw)
+
+
+RUN_OPTIONS = [
+    _opt("variant", type=click.Choice(sorted(VARIANTS)), help="Objective variant (default: simple)."),
+    _opt("dataset", type=click.Choice(sorted(DATASETS)), help="Dataset (default: digits)."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of RunConfig values."),
+    _opt("steps", type=int, help="Optimiser steps."),
+    _opt("batch-size", type=int),
+    _opt("lr", type=float, help="Peak learning rate."),
+    _opt("warmup-steps", type=int),
+    _opt("ema-decay", type=float),
+    _opt("seed", type=int),
+    _opt("schedule", type=click.Choice(SCHEDULES)),
+    _opt("T", "T", type=int, help="Diffusion steps."),
+    _opt("beta-start", type=float),
+    _opt("beta-end", type=float),
+    _opt("cosine-s", type=float),
+    _opt("variance", type=click.Choice(["small", "large"]), help="Fixed-variance variants: β̃ (small) or β (large)."),
+    _opt("network", type=click.Choice(sorted(NETWORK_PRESETS))),
+    _opt("log-every", type=int),
+    _opt("eval-every", type=int, help="Steps between estimated-bpd evaluations (0: only at the end)."),
+    _opt("eval-images", type=int),
+    _opt("final-eval", type=click.Choice(FINAL_EVALS)),
+    _opt("final-eval-images", type=int, help="Test images for the final bound (0: whole split)."),
+    _opt("fid-samples", type=int, help="Samples for FID (0: no FID)."),
+    _opt("sample-steps", type=int, help="Sampler steps (fewer than T: strided; 0: all T)."),
+    _opt("fid-weights", type=click.Path(dir_okay=False), help="Inception weights file for RGB FID."),
+    _opt("device", help="auto, cpu, cuda, cuda:N."),
+    _opt("precision", type=click.Choice(PRECISIONS)),
+    click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network."),
+    _opt("checkpoint-every", type=int),
+    _opt("experiment"),
+    _opt("run-name"),
+    _opt("tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in BENCH_HOME)."),
+    _opt("data-dir", type=click.Path(file_okay=False), help="Data root (else $BENCH_DATA_DIR)."),
+    click.option("--download", is_flag=True, default=None, help="Download a missing dataset (needs internet)."),
+    click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this checkpoint."),
+    click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
+]
+
+
+def _with(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def build_config(dataset: str, config_file: str | None, cli_values: dict) -> RunConfig:
+    """Defaults < dataset defaults < TOML file < command line."""
+    file_values = read_toml(config_file) if config_file else {}
+    dataset = cli_values.get("dataset") or file_values.get("dataset") or dataset
+    names = {f.name for f in fields(RunConfig)}
+    given = {k: v for k, v in cli_values.items() if k in names and v is not None}
+    return make_config(**{**file_values, **given, "dataset": dataset})
+
+
+@cli.command("run")
+@_with(RUN_OPTIONS)
+def run_cmd(config_file, resume, dry_run, compile_, **values) -> None:
+    """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow."""
+    from bench.train import summarize, train
+
+    values["compile"] = compile_
+    config = build_config("digits", config_file, values)
+    if dry_run:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    result = train(config, resume=resume)
+    click.echo(f"run {result.run_id}: {result.status} at step {result.step}")
+    if result.status == "FAILED":
+        click.echo(f"  the run diverged ({result.reason}); recorded in MLflow as FAILED with tags failure_reason, failure_step")
+    else:
+        click.echo(f"  {summarize(result.metrics)}")
+        click.echo(f"  checkpoint: {result.checkpoint}")
+    click.echo(f"  tracking store: {result.tracking_uri}")
+    click.echo(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}   (or: bench ui)")
+
+
+# ------------------------------------------------------------------------- bench eval
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--final-eval", "method", type=click.Choice(FINAL_EVALS), default=None, help="Exact or estimated bound.")
+@click.option("--fid-samples", type=int, default=None, help="Samples for FID (0: none).")
+@click.option("--sample-steps", type=int, default=None, help="Sampler steps (0: all T).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--log-to-run", is_flag=True, help="Log the results into the run that produced the checkpoint.")
+def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run) -> None:
+    """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID."""
+    from bench.train import evaluate_checkpoint, summarize
+
+    metrics, run_id = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device)
+    click.echo(summarize(metrics))
+    if run_id:
+        click.echo(f"logged into run {run_id}")

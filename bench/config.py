@@ -1,0 +1,184 @@
+"""The run configuration: the single home of every default.
+
+``RunConfig`` holds the generic defaults; ``DATASET_DEFAULTS`` the per-dataset ones (digits: a budget
+that finishes on 2 CPU cores; cifar10: the DDPM paper's setup). The CLI, a TOML file, Optuna
+(``dataclasses.replace``) and the tests all fill the same dataclass; MLflow logs it flattened and a
+checkpoint stores it, so a run can be reproduced from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from bench.errors import BenchError
+from bench.schedule import Schedule
+
+SCHEDULES = ("linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+FINAL_EVALS = ("exact", "estimate")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what is trained
+    variant: str = "simple"  # a name from variants.VARIANTS
+    variance: str | None = None  # 'small' (β̃) or 'large' (β) for fixed-variance variants; None = β̃
+    dataset: str = "digits"  # a name from bench.data.DATASETS
+    data_dir: str | None = None  # data root for file-backed datasets (else $BENCH_DATA_DIR)
+    download: bool = False  # allow downloading a dataset that is missing
+    network: str = "tiny"  # a preset from bench.unet.NETWORK_PRESETS
+    # noise schedule
+    schedule: str = "linear"  # 'linear' or 'cosine'
+    T: int = 1000  # diffusion steps
+    beta_start: float = 1e-4  # linear β_1
+    beta_end: float = 0.02  # linear β_T
+    cosine_s: float = 0.008  # cosine offset s
+    # optimisation
+    steps: int = 3000  # optimiser steps
+    batch_size: int = 128  # images per step
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear learning-rate warmup, steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    ema_decay: float = 0.995  # EMA of the weights, per step; evaluation and sampling use the EMA
+    hflip: bool = False  # random horizontal flips of training images
+    seed: int = 0  # seeds weights, batches, noise, evaluation and sampling
+    # evaluation and samples
+    log_every: int = 50  # steps between logged loss means
+    eval_every: int = 1000  # steps between estimated-bpd evaluations (0 = only at the end)
+    eval_images: int = 128  # test images for the training-time estimate
+    eval_calls: int = 33  # network calls per image for the estimate
+    final_eval: str = "exact"  # bound on the whole test split at the end: 'exact' or 'estimate'
+    final_eval_images: int = 0  # test images for the final bound (0 = the whole split)
+    eval_batch_size: int = 1024  # (image, t) pairs per network call in evaluation
+    fid_samples: int = 1000  # samples for FID at the end (0 = no FID)
+    sample_steps: int = 250  # sampler steps (< T = strided, iDDPM respacing; 0 = all T)
+    sample_grid: int = 64  # images in each logged sample grid
+    fid_weights: str | None = None  # Inception weights file for RGB FID (else torch hub cache / download)
+    # system
+    device: str = "auto"  # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
+    precision: str = "auto"  # 'auto' (bf16 autocast on cuda, fp32 elsewhere), 'fp32' or 'bf16'
+    compile: bool = False  # torch.compile the network
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    # tracking
+    experiment: str = "elbo-bench"  # MLflow experiment
+    run_name: str | None = None  # MLflow run name (default: variant-dataset-seed)
+    tracking_uri: str | None = None  # MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite under BENCH_HOME)
+
+    # ----------------------------------------------------------------- derived
+    def build_schedule(self) -> Schedule:
+        if self.schedule == "linear":
+            return Schedule.linear(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
+        return Schedule.cosine(T=self.T, s=self.cosine_s)
+
+    @property
+    def default_run_name(self) -> str:
+        var = f"[{self.variance}]" if self.variance else ""
+        return self.run_name or f"{self.variant}{var}-{self.dataset}-seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> RunConfig:
+        """Refuse nonsense before anything is started; returns self."""
+        from bench.data import DATASETS
+        from bench.unet import NETWORK_PRESETS
+        from variants import get_variant
+
+        get_variant(self.variant, self.variance)
+        if self.dataset not in DATASETS:
+            raise BenchError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        if self.network not in NETWORK_PRESETS:
+            raise BenchError(f"unknown network {self.network!r}; choose one of: {', '.join(sorted(NETWORK_PRESETS))}")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("final_eval", self.final_eval, FINAL_EVALS)
+        for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "final_eval_images", "fid_samples", "sample_steps", "seed"):
+            _positive_int(name, getattr(self, name), allow_zero=True)
+        if self.eval_calls < 3:
+            raise BenchError(f"eval_calls must be >= 3, got {self.eval_calls}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BenchError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise BenchError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise BenchError("grad_clip and weight_decay must be >= 0")
+        sched = self.build_schedule()  # raises on an invalid schedule
+        if self.sample_steps > sched.T:
+            raise BenchError(f"sample_steps ({self.sample_steps}) cannot exceed T ({sched.T}); use 0 for all T steps")
+        if self.sample_steps == 1:
+            raise BenchError("sample_steps must be 0 (all T) or at least 2")
+        return self
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise BenchError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+DATASET_DEFAULTS: dict[str, dict] = {
+    # Finishes training, the exact test-split bound, samples and FID in under 10 minutes on 2 CPU cores.
+    "digits": {},
+    # Ho et al. 2020, CIFAR-10: 35.7M-parameter U-Net, Adam 2e-4 with 5000 warmup steps, clip 1.0,
+    # EMA 0.9999, random flips, batch 128, 800k steps; FID on 50k samples.
+    "cifar10": {
+        "network": "ddpm-cifar10",
+        "steps": 800_000,
+        "batch_size": 128,
+        "lr": 2e-4,
+        "warmup_steps": 5000,
+        "grad_clip": 1.0,
+        "ema_decay": 0.9999,
+        "hflip": True,
+        "eval_every": 10_000,
+        "eval_images": 1000,
+        "eval_batch_size": 512,
+        "fid_samples": 50_000,
+        "sample_steps": 0,
+        "checkpoint_every": 10_000,
+    },
+}
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def read_toml(path: str | Path) -> dict:
+    """Config values from a TOML file (top-level keys are RunConfig field names)."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BenchError(f"config file {path} is not valid TOML: {err}") from None
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise BenchError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys are RunConfig fields")
+    return values
+
+
+def make_config(dataset: str = "digits", **overrides) -> RunConfig:
+    """RunConfig for ``dataset``: generic defaults, then the dataset's, then ``overrides``
+    (None values are ignored, so unset CLI options leave defaults alone)."""
+    values = {**DATASET_DEFAULTS.get(dataset, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise BenchError(f"unknown config key(s): {', '.join(unknown)}")
+    return dataclasses.replace(RunConfig(dataset=dataset), **values).validate()
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """The config as MLflow params (str values, None shown as '')."""
+    return {f"config.{k}": "" if v is None else str(v) for k, v in config.to_dict().items()}

@@ -1,0 +1,94 @@
+"""Ancestral sampling through a variant's reverse process, with all T steps or strided (iDDPM).
+
+Strided sampling keeps K of the T timesteps, S = {s_1 < … < s_K} (evenly spaced, s_K = T), and
+uses the schedule those steps define: ᾱ'_k = ᾱ_{s_k}, β'_k = 1 − ᾱ'_k/ᾱ'_{k−1}. The network is
+called with the original timestep s_k, and every variance (fixed or learned-range) is re-derived
+from the new β' and β̃', as iDDPM's respacing does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.errors import BenchError
+from bench.schedule import Schedule
+from bench.variant import Variant
+
+
+@dataclass(frozen=True)
+class Respaced:
+    """A schedule over a subset of timesteps and the original 0-based index of each of its steps."""
+
+    sched: Schedule
+    timesteps: torch.Tensor  # long [K]: original index of respaced index k
+
+
+def respace(sched: Schedule, steps: int | None) -> Respaced:
+    """Keep ``steps`` evenly spaced timesteps of ``sched`` (all of them when None or T)."""
+    T = sched.T
+    if steps is None or steps == T:
+        return Respaced(sched, torch.arange(T))
+    if not 2 <= steps <= T:
+        raise BenchError(f"sample steps must be between 2 and T = {T}, got {steps}")
+    keep = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().unique()
+    ab = sched.alphas_cumprod[keep]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    spec = {**sched.spec, "respaced_steps": steps}
+    return Respaced(Schedule(1 - ab / prev, spec), keep)
+
+
+def describe_sampler(sched: Schedule, steps: int | None) -> str:
+    """How samples were drawn, for tags: e.g. ``ancestral, 1000 of 1000 steps``."""
+    n = sched.T if steps is None else steps
+    return f"ancestral, {n} of {sched.T} steps" + (" (strided, iDDPM respacing)" if n != sched.T else "")
+
+
+@torch.no_grad()
+def sample(
+    model,
+    variant: Variant,
+    sched: Schedule,
+    n: int,
+    shape: tuple[int, int, int],
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw ``n`` images [n, C, H, W] as uint8 from p(x_T) = N(0, I) down to x_0.
+
+    Each step draws x_{t−1} ~ N(μ_θ, σ_t²) (no noise at the last step); x̂_0 is clipped to [−1, 1]
+    (``clip_x0``) as DDPM samples. Images are returned at the mean of the last step, quantised.
+    """
+    if n < 1:
+        raise BenchError(f"the number of samples must be >= 1, got {n}")
+    plan = respace(sched, steps)
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    out = []
+    try:
+        bar = tqdm(total=n * len(plan.timesteps), desc="sampling", unit="step", disable=not progress)
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x = torch.randn(b, *shape, generator=g).to(device)
+            for k in reversed(range(len(plan.timesteps))):
+                t_new = torch.full((b,), k, device=device, dtype=torch.long)
+                net_out = model(x, plan.timesteps[k].to(device).expand(b)).float()
+                step = variant.p_mean_variance(net_out, plan.sched, x, t_new, clip_x0=clip_x0)
+                if k > 0:
+                    x = step.mean + torch.exp(0.5 * step.log_var) * torch.randn(b, *shape, generator=g).to(device)
+                else:
+                    x = step.mean
+                bar.update(b)
+            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        bar.close()
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,338 @@
+"""The shared trainer: one loop for every variant, which supplies only its loss and reverse process.
+
+``train(config)`` trains, evaluates (the bound in bits/dim on the test split, samples, FID) and
+records everything in MLflow. ``evaluate_checkpoint`` runs the same final evaluation on a saved
+model. A non-finite loss ends the run FAILED with the reason and step as tags: a result, not a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench import tracking
+from bench.checkpoint import load_checkpoint, save_checkpoint
+from bench.config import RunConfig, flatten
+from bench.data import load_dataset
+from bench.errors import BenchError
+from bench.evaluate import bits_per_dim, estimate_bits_per_dim
+from bench.gaussian import to_data_scale
+from bench.plots import per_t_figure, sample_grid
+from bench.sample import describe_sampler, sample
+from bench.unet import build_network, count_parameters
+from variants import get_variant
+
+EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # FINISHED, FAILED (diverged) or KILLED (interrupted)
+    step: int
+    tracking_uri: str
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def autocast(config: RunConfig, device: torch.device):
+    """bf16 autocast for the network on GPU (or when asked); the bound's terms are formed in fp32+."""
+    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _Autocast(torch.nn.Module):
+    """Wraps a network so every call (training, evaluation, sampling) runs under the run's autocast."""
+
+    def __init__(self, net, config: RunConfig, device: torch.device):
+        super().__init__()
+        self.net, self._config, self._device = net, config, device
+
+    def forward(self, x, t):
+        with autocast(self._config, self._device):
+            return self.net(x, t).float()
+
+
+@dataclass
+class _State:
+    """Everything the loop changes, as one checkpointable unit."""
+
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    data_gen: torch.Generator
+    step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+
+
+def _checkpoint_path(run_id: str) -> Path:
+    return tracking.bench_home() / "checkpoints" / run_id / "last.pt"
+
+
+def _save(state: _State, config: RunConfig, variant, run_id: str, uri: str) -> Path:
+    return save_checkpoint(_checkpoint_path(run_id), {
+        "config": config.to_dict(), "step": state.step, "model": state.net.state_dict(),
+        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "variant": variant.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "run_id": run_id, "tracking_uri": uri, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
+    })
+
+
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        e, p = list(ema.parameters()), list(net.parameters())
+        torch._foreach_lerp_(e, p, 1.0 - decay)
+        for eb, b in zip(ema.buffers(), net.buffers()):
+            eb.copy_(b)
+
+
+def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
+    return test[: min(n, len(test))] if n else test
+
+
+def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RunResult:
+    """Train ``config`` (or continue the checkpoint ``resume``, extended to ``config.steps``)."""
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]),
+                         device=config.device, tracking_uri=ckpt["tracking_uri"])
+    config.validate()
+    device = resolve_device(config.device)
+    train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
+    test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
+    variant = get_variant(config.variant, config.variance)
+    sched = config.build_schedule()
+    C, H = train_images.shape[1], train_images.shape[2]
+
+    torch.manual_seed(config.seed)
+    net = build_network(config.network, C, variant.out_channels(C), H).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
+    state = _State(net, ema, opt, torch.Generator().manual_seed(config.seed))
+    uri = tracking.resolve_tracking_uri(config.tracking_uri)
+    client = tracking.client(uri)  # refuses an unreachable store before anything is written
+
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        variant.load_state_dict(ckpt.get("variant", {}), sched.T)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        state.data_gen.set_state(ckpt["rng"]["data"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        state.step, state.images_seen, state.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
+        run_id = ckpt["run_id"]
+        try:
+            client.get_run(run_id)
+        except Exception:
+            raise BenchError(f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it") from None
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp = tracking.experiment_id(client, config.experiment)
+        run_id = client.create_run(exp, run_name=config.default_run_name).info.run_id
+    log = tracking.RunLogger(client, run_id)
+    model = _Autocast(torch.compile(net) if config.compile else net, config, device)
+    ema_model = _Autocast(ema, config, device)
+    try:
+        if ckpt is None:
+            _log_start(log, config, variant, sched, net, train_images, device)
+        failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri,
+                        progress)
+        if failure:
+            reason, step = failure
+            log.tags({"diverged": "true", "failure_reason": reason, "failure_step": step})
+            log.end("FAILED")
+            return RunResult(run_id, "FAILED", step, uri, None, reason=reason)
+        path = _save(state, config, variant, run_id, uri)
+        metrics = final_evaluation(ema_model, variant, sched, config, train_images, test_images, device, log, state.step,
+                                   progress)
+        log.artifact(path, "checkpoints")
+        log.end("FINISHED")
+        return RunResult(run_id, "FINISHED", state.step, uri, path, metrics)
+    except KeyboardInterrupt:
+        path = _save(state, config, variant, run_id, uri)
+        log.tags({"interrupted_at_step": state.step})
+        log.end("KILLED")
+        raise
+    except BaseException as err:
+        log.tags({"failure_reason": f"{type(err).__name__}: {err}"[:500]})
+        log.end("FAILED")
+        raise
+
+
+def _log_start(log, config, variant, sched, net, train_images, device) -> None:
+    log.params({
+        **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
+        **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
+        "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
+        "code_version": tracking.git_commit(), **tracking.versions(),
+    })
+    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe()})
+    log.dict(config.to_dict(), "config.json")
+    log.dataset(train_images, config.dataset, "train")
+
+
+def _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress):
+    """Optimiser steps up to config.steps. Returns (reason, step) when the loss diverges, else None."""
+    data = train_images.to(device)
+    sums: dict[str, float] = {}
+    window_images, window_seconds, since_log = 0, 0.0, 0
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not progress)
+    while state.step < config.steps:
+        started = time.perf_counter()
+        idx = torch.randint(0, len(data), (config.batch_size,), generator=state.data_gen)
+        batch = data[idx.to(device)]
+        if config.hflip:
+            flip = (torch.rand(config.batch_size, generator=state.data_gen) < 0.5).to(device)
+            batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+        x0 = to_data_scale(batch)
+        if device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for group in state.opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        terms = variant.loss(model, sched, x0)
+        loss = terms["loss"].mean()
+        if not torch.isfinite(loss):
+            bar.close()
+            return "non-finite loss", state.step
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), config.grad_clip)
+            if not torch.isfinite(norm):
+                bar.close()
+                return "non-finite gradient norm", state.step
+        state.opt.step()
+        _update_ema(state.ema, state.net, config.ema_decay)
+        state.step += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().mean().item()
+        seconds = time.perf_counter() - started
+        state.images_seen += config.batch_size
+        state.train_seconds += seconds
+        window_images, window_seconds, since_log = window_images + config.batch_size, window_seconds + seconds, since_log + 1
+        bar.update(1)
+        if state.step % config.log_every == 0 or state.step == config.steps:
+            means = {("loss" if k == "loss" else f"loss/{k}"): v / since_log for k, v in sums.items()}
+            ips = window_images / max(window_seconds, 1e-9)
+            log.metrics({**means, "images_per_sec": ips, "lr": state.opt.param_groups[0]["lr"]}, state.step)
+            bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
+            sums, window_images, window_seconds, since_log = {}, 0, 0.0, 0
+        if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
+            subset = _eval_subset(test_images, config.eval_images)
+            est = estimate_bits_per_dim(ema_model, variant, sched, subset, config.eval_calls, config.eval_batch_size,
+                                        EVAL_SEED, device)
+            log.metrics(est.summary(), state.step)
+            log.tags({"bpd_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images)"})
+            grid = sample(ema_model, variant, sched, config.sample_grid, tuple(train_images.shape[1:]),
+                          config.sample_steps or None, config.seed, device=device)
+            log.image(sample_grid(grid), "samples", state.step)
+        if state.step % config.checkpoint_every == 0 and state.step < config.steps:
+            _save(state, config, variant, run_id, uri)
+    bar.close()
+    log.metrics({"train_seconds": state.train_seconds, "images_per_sec_overall":
+                 state.images_seen / max(state.train_seconds, 1e-9)}, state.step)
+    return None
+
+
+def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
+                     progress: bool = True) -> dict[str, float]:
+    """The bound on the test split, the per-t curve, samples and FID; logged at ``step``."""
+    subset = _eval_subset(test_images, config.final_eval_images)
+    if config.final_eval == "exact":
+        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress)
+        method = f"exact (all {sched.T} t, {len(subset)} test images)"
+    else:
+        res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size, EVAL_SEED,
+                                    device, progress)
+        method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
+    metrics = res.summary()
+    log.tags({"bpd_method": method, "bpd_split": "test", "bpd_images": len(subset)})
+    if res.per_t.numel():
+        log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
+        log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist()}, "per_t_bound.json")
+    shape = tuple(train_images.shape[1:])
+    steps = config.sample_steps or None
+    n = max(config.fid_samples, config.sample_grid)
+    images = sample(model, variant, sched, n, shape, steps, config.seed, device=device, progress=progress)
+    log.image(sample_grid(images[: config.sample_grid]), "samples", step)
+    sampler = describe_sampler(sched, steps)
+    if config.fid_samples:
+        from bench.fid import FidUnavailable, compute_fid
+
+        try:
+            fid = compute_fid(images[: config.fid_samples], config.dataset, train_images,
+                              cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights)
+            metrics.update(fid.metrics)
+            log.tags({**fid.tags, "fid_sampler": sampler})
+        except FidUnavailable as err:
+            warnings.warn(f"FID skipped: {err}", stacklevel=2)
+            log.tags({"fid_skipped": str(err)[:500], "fid_sampler": sampler})
+    log.metrics(metrics, step)
+    return metrics
+
+
+def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
+                        sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
+                        progress: bool = True) -> tuple[dict[str, float], str | None]:
+    """The final evaluation of a saved model's EMA weights; logged into its run when asked."""
+    ckpt = load_checkpoint(path)
+    overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
+                                   "device": device}.items() if v is not None}
+    config = replace(RunConfig(**ckpt["config"]), **overrides).validate()
+    dev = resolve_device(config.device)
+    train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
+    test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
+    variant = get_variant(config.variant, config.variance)
+    sched = config.build_schedule()
+    C, H = train_images.shape[1], train_images.shape[2]
+    ema = build_network(config.network, C, variant.out_channels(C), H)
+    ema.load_state_dict(ckpt["ema"])
+    model = _Autocast(ema.to(dev).eval(), config, dev)
+    if log_to_run:
+        log = tracking.RunLogger(tracking.client(ckpt["tracking_uri"]), ckpt["run_id"])
+    else:
+        log = _NoLog()
+    return final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"], progress), (
+        ckpt["run_id"] if log_to_run else None)
+
+
+class _NoLog:
+    """Stands in for RunLogger when an evaluation is only printed."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def summarize(metrics: dict[str, float]) -> str:
+    parts = [f"{k} {v:.4f}" for k, v in metrics.items() if not math.isnan(v)]
+    return ", ".join(parts)
