@@ -1,0 +1,420 @@
+"""FID, KID and precision/recall of generated images, computed through torch-fidelity.
+
+:func:`compute_fid` hands ``samples`` (input1, "generated") and ``reference`` (input2, "real") to
+``torch_fidelity.calculate_metrics`` as uint8 ``[N, C, H, W]`` datasets.  The reference features and
+FID statistics are cached by torch-fidelity under ``<cache_dir>/fidelity`` with an
+``input2_cache_name`` made of the dataset, split, size and content hash of the reference, the
+extractor name, its weights hash and the feature layer, so they are computed once.
+
+Feature extractors:
+
+* RGB data (``cifar10``): torch-fidelity's ``inception-v3-compat``, layer ``"2048"``.  Weights come
+  from ``fid_weights`` (``--fid-weights PATH``), else torch-fidelity's file in the torch hub cache
+  (``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else
+  torch-fidelity's download URL; when all fail (offline) :class:`FidUnavailable` is raised.  No
+  other network is ever substituted.  The weights file is unpickled by torch-fidelity
+  (``weights_only=False``): only pass files you trust.
+* ``digits`` (grey 8x8): a small CNN classifier trained deterministically on the digits train split
+  (labels from scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order), saved as
+  ``<cache_dir>/digits-classifier-<hash8>.pt`` (``hash8``: first 8 hex digits of the file's sha256)
+  and registered with torch-fidelity as the extractor ``digits-classifier-<hash8>``; its 64-d
+  penultimate layer (``"64"``) feeds FID, KID and precision/recall.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from torch import nn
+from threadpoolctl import threadpool_limits
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from bench.data import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
+from bench.errors import BenchError
+
+__all__ = [
+    "DIGITS_FEATURE_LAYER",
+    "INCEPTION_EXTRACTOR",
+    "INCEPTION_FEATURE_LAYER",
+    "INCEPTION_WEIGHTS_FILENAME",
+    "FidResult",
+    "FidUnavailable",
+    "compute_fid",
+    "digits_classifier_accuracy",
+    "ensure_digits_classifier",
+    "inception_weights_path",
+]
+
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+INCEPTION_FEATURE_LAYER = "2048"
+INCEPTION_WEIGHTS_FILENAME = os.path.basename(URL_INCEPTION_V3)
+DIGITS_EXTRACTOR_PREFIX = "digits-classifier"
+DIGITS_FEATURE_LAYER = "64"
+DIGITS_TRAIN_SEED = 0
+DIGITS_TRAIN_EPOCHS = 15
+DIGITS_TRAIN_BATCH = 50
+KID_MAX_SUBSET_SIZE = 1000
+PRC_NEIGHBORHOOD = 3
+FIDELITY_SUBDIR = "fidelity"
+
+_METRIC_KEYS = {
+    "frechet_inception_distance": "fid",
+    "kernel_inception_distance_mean": "kid",
+    "kernel_inception_distance_std": "kid_std",
+    "precision": "precision",
+    "recall": "recall",
+}
+
+
+class FidUnavailable(BenchError):
+    """The Inception weights FID needs are not available (offline, none given); FID is skipped."""
+
+
+@dataclass
+class FidResult:
+    """Metrics (``fid``; ``kid``, ``kid_std``, ``precision``, ``recall`` where computed) and tags."""
+
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def _sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- digits classifier
+
+
+class _DigitsNet(nn.Module):
+    """Small CNN for 8x8 grey digits: two convs, a 128-unit and a 64-unit hidden layer, 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+            nn.Linear(128, 64), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """64-d penultimate features of uint8 (or 0..255 float) images ``[B, 1, 8, 8]``."""
+        return self.body(x.to(torch.float32) / 127.5 - 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, 10]``."""
+        return self.head(self.features(x))
+
+
+def _digits_labels(split: str) -> torch.Tensor:
+    """Digit labels (int64) of a split, in the order :func:`bench.data.load_dataset` returns images."""
+    from sklearn.datasets import load_digits
+
+    target = np.asarray(load_digits().target)
+    n = target.shape[0]
+    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
+    idx = perm[: n - DIGITS_N_TEST] if split == "train" else perm[n - DIGITS_N_TEST :]
+    return torch.from_numpy(target[idx].astype(np.int64))
+
+
+def _train_digits_classifier() -> dict[str, torch.Tensor]:
+    """Train :class:`_DigitsNet` on the digits train split: fixed seed, one CPU thread, Adam."""
+    x, y = load_dataset("digits", "train"), _digits_labels("train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a fixed reduction order, so the weights (and their hash) repeat
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(DIGITS_TRAIN_SEED)
+            net = _DigitsNet()
+            opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+            gen = torch.Generator().manual_seed(DIGITS_TRAIN_SEED)
+            for _ in range(DIGITS_TRAIN_EPOCHS):
+                order = torch.randperm(x.shape[0], generator=gen)
+                for start in range(0, x.shape[0], DIGITS_TRAIN_BATCH):
+                    idx = order[start : start + DIGITS_TRAIN_BATCH]
+                    loss = F.cross_entropy(net(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def ensure_digits_classifier(cache_dir: str | Path) -> Path:
+    """Path of the cached digits classifier ``<cache_dir>/digits-classifier-<hash8>.pt``.
+
+    A file whose name matches its own sha256 is reused; otherwise the classifier is trained (a few
+    seconds) and written atomically under its hash name.
+    """
+    cache = Path(cache_dir)
+    for path in sorted(cache.glob(f"{DIGITS_EXTRACTOR_PREFIX}-*.pt")):
+        if path.stem == f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(path)[:8]}":
+            return path
+    cache.mkdir(parents=True, exist_ok=True)
+    state = _train_digits_classifier()
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(Path(tmp))[:8]}.pt"
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _load_digits_net(path: str | Path) -> _DigitsNet:
+    """A :class:`_DigitsNet` in eval mode with the weights of ``path``."""
+    net = _DigitsNet()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.requires_grad_(False).eval()
+
+
+def digits_classifier_accuracy(cache_dir: str | Path) -> float:
+    """Accuracy of the cached (or newly trained) digits classifier on the digits test split."""
+    net = _load_digits_net(ensure_digits_classifier(cache_dir))
+    x, y = load_dataset("digits", "test"), _digits_labels("test")
+    with torch.no_grad():
+        return float((net(x).argmax(dim=1) == y).to(torch.float64).mean())
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor around the digits classifier; features ``"64"`` and ``"logits"``.
+
+    Built by torch-fidelity as ``cls(name, features_list, feature_extractor_weights_path=..., ...)``;
+    takes uint8 ``[B, 1, 8, 8]`` batches.
+    """
+
+    def __init__(self, name: str, features_list: list[str], **kwargs: object) -> None:
+        super().__init__(name, features_list)
+        weights = kwargs.get("feature_extractor_weights_path")
+        if weights is None:
+            raise BenchError(f"feature extractor {name!r} needs feature_extractor_weights_path")
+        self.net = _load_digits_net(str(weights))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The requested features, in ``features_list`` order, as float32."""
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 1:
+            raise BenchError(f"digits extractor expects uint8 [B, 1, H, W], got {x.dtype} {tuple(x.shape)}")
+        feats = self.net.features(x)
+        out = {DIGITS_FEATURE_LAYER: feats, "logits": self.net.head(feats)}
+        return tuple(out[name].to(torch.float32) for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return (DIGITS_FEATURE_LAYER, "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "logits" if metric == "isc" else DIGITS_FEATURE_LAYER
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- Inception weights
+
+
+def _download_inception_weights(dest: Path) -> None:
+    """Download torch-fidelity's Inception weights to ``dest`` (where torch-fidelity itself puts them)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(dest), progress=False)
+
+
+def inception_weights_path(fid_weights: str | Path | None = None) -> Path:
+    """The Inception weights file: ``fid_weights``, else the torch hub cache, else a download.
+
+    Raises:
+        BenchError: ``fid_weights`` is given but is not a file.
+        FidUnavailable: no file in the hub cache and the download failed (e.g. offline).
+    """
+    if fid_weights is not None:
+        path = Path(fid_weights).expanduser()
+        if not path.is_file():
+            raise BenchError(f"--fid-weights {path}: no such file (expected {INCEPTION_WEIGHTS_FILENAME})")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    if not path.is_file():
+        try:
+            _download_inception_weights(path)
+        except Exception as exc:  # URLError, OSError, HTTP errors, ...: all mean "not available"
+            raise FidUnavailable(
+                f"FID skipped: torch-fidelity's Inception weights are not available ({type(exc).__name__}: "
+                f"{exc}); put {INCEPTION_WEIGHTS_FILENAME} (from {URL_INCEPTION_V3}) at {path} "
+                f"or pass --fid-weights PATH"
+            ) from exc
+    return path
+
+
+_WEIGHTS_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_hash8(path: Path) -> str:
+    """First 8 hex digits of a weights file's sha256, memoised per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _WEIGHTS_HASHES:
+        _WEIGHTS_HASHES[key] = _sha256_file(path)[:8]
+    return _WEIGHTS_HASHES[key]
+
+
+# ---------------------------------------------------------------- FID
+
+
+class _Images(Dataset):
+    """A uint8 ``[N, C, H, W]`` tensor as a torch Dataset of ``[C, H, W]`` images."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def _check_images(x: object, what: str, dataset: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``x`` on the CPU, after checking it is a uint8 ``[N >= 2, *shape]`` tensor; BenchError if not."""
+    if not isinstance(x, torch.Tensor):
+        raise BenchError(f"FID {what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise BenchError(f"FID {what} must be uint8 images 0..255, got dtype {x.dtype}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        raise BenchError(f"FID {what} for {dataset!r} must be uint8 [N, {shape}], got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise BenchError(f"FID {what} needs at least 2 images, got {x.shape[0]}")
+    return x.detach().cpu().contiguous()
+
+
+def compute_fid(
+    samples: torch.Tensor,
+    dataset: str,
+    reference: torch.Tensor,
+    *,
+    cache_dir: str | Path,
+    device: str | torch.device = "cpu",
+    fid_weights: str | Path | None = None,
+    kid: bool = True,
+    prc: bool = True,
+    batch_size: int = 256,
+    reference_split: str = "train",
+) -> FidResult:
+    """FID (plus KID and precision/recall) of ``samples`` against ``reference`` via torch-fidelity.
+
+    Args:
+        samples: generated images, uint8 ``[N, C, H, W]`` with the dataset's geometry.
+        dataset: a key of :data:`bench.data.DATASETS`; picks the extractor (see module docstring).
+        reference: real images of the same geometry (usually the train split).
+        cache_dir: where the digits classifier and torch-fidelity's cache (``fidelity/``) live.
+        device: ``"cpu"`` or a CUDA device.
+        fid_weights: Inception weights file for RGB data (``--fid-weights``).
+        kid: also compute KID (subset size ``min(1000, N_samples, N_reference)``).
+        prc: also compute precision/recall (k = 3; skipped when a set has fewer than 4 images).
+        batch_size: images per feature-extractor batch.
+        reference_split: the split ``reference`` came from, for the tag and the cache name.
+
+    Raises:
+        BenchError: bad inputs, an unknown dataset, a missing ``fid_weights`` file or a failed run.
+        FidUnavailable: RGB data, no ``fid_weights`` and the Inception weights cannot be had offline.
+    """
+    info = DATASETS.get(dataset)
+    if info is None:
+        raise BenchError(f"FID: unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    shape = (info.channels, info.image_size, info.image_size)
+    samples = _check_images(samples, "samples", dataset, shape)
+    reference = _check_images(reference, "reference", dataset, shape)
+    if batch_size < 1:
+        raise BenchError(f"FID batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        raise BenchError(f"FID device {str(dev)!r} is not usable here; use 'cpu' or an available CUDA device")
+
+    cache = Path(cache_dir)
+    if dataset == "digits":
+        weights = ensure_digits_classifier(cache)
+        hash8 = weights.stem.rsplit("-", 1)[-1]
+        extractor, layer = f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER
+        if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(extractor, DigitsFeatureExtractor)
+    elif info.channels == 3:
+        weights = inception_weights_path(fid_weights)
+        hash8 = _weights_hash8(weights)
+        extractor, layer = INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER
+    else:
+        raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({info.channels} channels)")
+
+    n1, n2 = int(samples.shape[0]), int(reference.shape[0])
+    ref_hash8 = hashlib.sha256(reference.numpy().tobytes()).hexdigest()[:8]
+    extractor_id = extractor if extractor.endswith(hash8) else f"{extractor}-{hash8}"
+    ref_cache_name = f"{dataset}-{reference_split}-n{n2}-{ref_hash8}-{extractor_id}-{layer}"
+    do_prc = prc and min(n1, n2) > PRC_NEIGHBORHOOD
+    kwargs: dict[str, object] = dict(
+        input1=_Images(samples),
+        input2=_Images(reference),
+        input2_cache_name=ref_cache_name,
+        cache_root=str(cache / FIDELITY_SUBDIR),
+        fid=True,
+        kid=kid,
+        prc=do_prc,
+        feature_extractor=extractor,
+        feature_layer_fid=layer,
+        feature_layer_kid=layer,
+        feature_layer_prc=layer,
+        feature_extractor_weights_path=str(weights),
+        kid_subset_size=min(KID_MAX_SUBSET_SIZE, n1, n2),
+        prc_neighborhood=PRC_NEIGHBORHOOD,
+        prc_batch_size=1000,
+        save_cpu_ram=True,  # no DataLoader worker processes; PRC distances in blocks
+        cuda=dev.type == "cuda",
+        batch_size=batch_size,
+        verbose=False,
+    )
+    try:
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                raw = torch_fidelity.calculate_metrics(**kwargs)
+        else:  # one BLAS thread: numpy's pool would fight torch's OpenMP pool for the same cores
+            with threadpool_limits(limits=1, user_api="blas"):
+                raw = torch_fidelity.calculate_metrics(**kwargs)
+    except BenchError:
+        raise
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise BenchError(
+            f"FID with {extractor} (weights {weights}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    metrics = {key: float(raw[k]) for k, key in _METRIC_KEYS.items() if k in raw}
+    tags = {
+        "fid_extractor": extractor,
+        "fid_weights": hash8,
+        "fid_reference": f"{dataset} {reference_split} split, {n2} images",
+        "fid_samples": str(n1),
+        "fid_feature_layer": layer,
+    }
+    return FidResult(metrics=metrics, tags=tags)
