@@ -163,3 +163,44 @@ def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run) 
     click.echo(summarize(metrics))
     if run_id:
         click.echo(f"logged into run {run_id}")
+
+
+# ------------------------------------------------------------------------- bench study
+@cli.command("study")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
+              help="Variant to tune (repeat for several: one study each). Default: simple.")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="digits", show_default=True)
+@click.option("--trials", type=int, default=20, show_default=True, help="Total trials in the study (resumed ones count).")
+@click.option("--timeout", type=float, default=None, help="Seconds per study and worker.")
+@click.option("--steps", type=int, default=500, show_default=True, help="Optimiser steps per trial.")
+@click.option("--objective", type=click.Choice(["bpd", "fid", "both"]), default="bpd", show_default=True)
+@click.option("--sampler", type=click.Choice(["tpe", "random", "gp", "nsga2"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes sharing the study.")
+@click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME).")
+@click.option("--study-name", default=None, help="Name a study, or resume one.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
+@click.option("--experiment", default="elbo-bench-studies", show_default=True)
+@click.option("--space", "space_file", default=None, help="Study TOML (path or a name in studies/).")
+@click.option("--tune-lr", is_flag=True, help="Add the learning rate to the search space.")
+@click.option("--exact-top", type=int, default=3, show_default=True, help="Best trials re-evaluated with the exact bound.")
+@click.option("--fid-samples", type=int, default=500, show_default=True, help="Samples per trial when FID is an objective.")
+@click.option("--heartbeat", type=int, default=60, show_default=True, help="Seconds between worker heartbeats.")
+@click.option("--show-space", is_flag=True, help="Print the search space and exit.")
+def study_cmd(variants, space_file, tune_lr, show_space, **values) -> None:
+    """Tune the noise schedule of one or several variants with Optuna, tracked in MLflow."""
+    from studies.space import describe_space, load_space
+    from studies.study import StudyConfig, run_study
+
+    space = load_space(space_file, tune_lr)
+    if show_space:
+        click.echo(describe_space(space))
+        return
+    sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr, **values).validate()
+    for r in run_study(sc):
+        click.echo(f"study {r.name} ({r.variant}): parent run {r.parent_run_id}; trials {r.counts}")
+        for b in r.best:
+            exact = f", exact bpd {b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else ""
+            click.echo(f"  best trial {b['trial']}: {b['values']} {b['params']}{exact}")
+        if r.default:
+            click.echo(f"  default schedule (trial {r.default['trial']}): {r.default['values']} {r.default['params']}")

@@ -24,6 +24,7 @@ Feature extractors:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
-from torch import nn
 from threadpoolctl import threadpool_limits
+from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -42,19 +43,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from bench.data import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError
-
-__all__ = [
-    "DIGITS_FEATURE_LAYER",
-    "INCEPTION_EXTRACTOR",
-    "INCEPTION_FEATURE_LAYER",
-    "INCEPTION_WEIGHTS_FILENAME",
-    "FidResult",
-    "FidUnavailable",
-    "compute_fid",
-    "digits_classifier_accuracy",
-    "ensure_digits_classifier",
-    "inception_weights_path",
-]
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
@@ -169,12 +157,14 @@ def ensure_digits_classifier(cache_dir: str | Path) -> Path:
         if path.stem == f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(path)[:8]}":
             return path
     cache.mkdir(parents=True, exist_ok=True)
-    state = _train_digits_classifier()
+    buf = io.BytesIO()  # not torch.save(path): the archive would embed the (random) temp file name
+    torch.save(_train_digits_classifier(), buf)
+    data = buf.getvalue()
+    path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{hashlib.sha256(data).hexdigest()[:8]}.pt"
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(state, tmp)
-        path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(Path(tmp))[:8]}.pt"
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -241,12 +231,6 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 # ---------------------------------------------------------------- Inception weights
 
 
-def _download_inception_weights(dest: Path) -> None:
-    """Download torch-fidelity's Inception weights to ``dest`` (where torch-fidelity itself puts them)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(dest), progress=False)
-
-
 def inception_weights_path(fid_weights: str | Path | None = None) -> Path:
     """The Inception weights file: ``fid_weights``, else the torch hub cache, else a download.
 
@@ -261,8 +245,9 @@ def inception_weights_path(fid_weights: str | Path | None = None) -> Path:
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
     if not path.is_file():
-        try:
-            _download_inception_weights(path)
+        try:  # torch-fidelity's own download, to where it would put the file itself
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)
         except Exception as exc:  # URLError, OSError, HTTP errors, ...: all mean "not available"
             raise FidUnavailable(
                 f"FID skipped: torch-fidelity's Inception weights are not available ({type(exc).__name__}: "
@@ -270,18 +255,6 @@ def inception_weights_path(fid_weights: str | Path | None = None) -> Path:
                 f"or pass --fid-weights PATH"
             ) from exc
     return path
-
-
-_WEIGHTS_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _weights_hash8(path: Path) -> str:
-    """First 8 hex digits of a weights file's sha256, memoised per (path, size, mtime)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _WEIGHTS_HASHES:
-        _WEIGHTS_HASHES[key] = _sha256_file(path)[:8]
-    return _WEIGHTS_HASHES[key]
 
 
 # ---------------------------------------------------------------- FID
@@ -365,7 +338,7 @@ def compute_fid(
             register_feature_extractor(extractor, DigitsFeatureExtractor)
     elif info.channels == 3:
         weights = inception_weights_path(fid_weights)
-        hash8 = _weights_hash8(weights)
+        hash8 = _sha256_file(weights)[:8]
         extractor, layer = INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER
     else:
         raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({info.channels} channels)")
@@ -375,27 +348,27 @@ def compute_fid(
     extractor_id = extractor if extractor.endswith(hash8) else f"{extractor}-{hash8}"
     ref_cache_name = f"{dataset}-{reference_split}-n{n2}-{ref_hash8}-{extractor_id}-{layer}"
     do_prc = prc and min(n1, n2) > PRC_NEIGHBORHOOD
-    kwargs: dict[str, object] = dict(
-        input1=_Images(samples),
-        input2=_Images(reference),
-        input2_cache_name=ref_cache_name,
-        cache_root=str(cache / FIDELITY_SUBDIR),
-        fid=True,
-        kid=kid,
-        prc=do_prc,
-        feature_extractor=extractor,
-        feature_layer_fid=layer,
-        feature_layer_kid=layer,
-        feature_layer_prc=layer,
-        feature_extractor_weights_path=str(weights),
-        kid_subset_size=min(KID_MAX_SUBSET_SIZE, n1, n2),
-        prc_neighborhood=PRC_NEIGHBORHOOD,
-        prc_batch_size=1000,
-        save_cpu_ram=True,  # no DataLoader worker processes; PRC distances in blocks
-        cuda=dev.type == "cuda",
-        batch_size=batch_size,
-        verbose=False,
-    )
+    kwargs: dict[str, object] = {
+        "input1": _Images(samples),
+        "input2": _Images(reference),
+        "input2_cache_name": ref_cache_name,
+        "cache_root": str(cache / FIDELITY_SUBDIR),
+        "fid": True,
+        "kid": kid,
+        "prc": do_prc,
+        "feature_extractor": extractor,
+        "feature_layer_fid": layer,
+        "feature_layer_kid": layer,
+        "feature_layer_prc": layer,
+        "feature_extractor_weights_path": str(weights),
+        "kid_subset_size": min(KID_MAX_SUBSET_SIZE, n1, n2),
+        "prc_neighborhood": PRC_NEIGHBORHOOD,
+        "prc_batch_size": 1000,
+        "save_cpu_ram": True,  # no DataLoader worker processes; PRC distances in blocks
+        "cuda": dev.type == "cuda",
+        "batch_size": batch_size,
+        "verbose": False,
+    }
     try:
         if dev.type == "cuda":
             with torch.cuda.device(dev):
@@ -405,7 +378,7 @@ def compute_fid(
                 raw = torch_fidelity.calculate_metrics(**kwargs)
     except BenchError:
         raise
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
         raise BenchError(
             f"FID with {extractor} (weights {weights}) failed: {type(exc).__name__}: {exc}"
         ) from exc

@@ -33,6 +33,14 @@ from variants import get_variant
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
 
 
+class StopRun(Exception):
+    """Raised by an ``on_eval`` callback to end a run early (a pruned study trial, say)."""
+
+    def __init__(self, reason: str, status: str = "KILLED"):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -115,8 +123,14 @@ def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
     return test[: min(n, len(test))] if n else test
 
 
-def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RunResult:
-    """Train ``config`` (or continue the checkpoint ``resume``, extended to ``config.steps``)."""
+def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
+          parent_run_id: str | None = None, tags: dict | None = None, on_eval=None) -> RunResult:
+    """Train ``config`` (or continue the checkpoint ``resume``, extended to ``config.steps``).
+
+    ``parent_run_id`` nests the MLflow run under another (a study); ``tags`` are added to it.
+    ``on_eval(step, metrics)`` is called after each training-time evaluation and may raise
+    :class:`StopRun` to end the run early (recorded with the reason as tag ``stop_reason``).
+    """
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]),
@@ -158,15 +172,18 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         client.update_run(run_id, status="RUNNING")
     else:
         exp = tracking.experiment_id(client, config.experiment)
-        run_id = client.create_run(exp, run_name=config.default_run_name).info.run_id
+        run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(exp, run_name=config.default_run_name, tags=run_tags).info.run_id
     log = tracking.RunLogger(client, run_id)
+    if tags:
+        log.tags(tags)
     model = _Autocast(torch.compile(net) if config.compile else net, config, device)
     ema_model = _Autocast(ema, config, device)
     try:
         if ckpt is None:
             _log_start(log, config, variant, sched, net, train_images, device)
         failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri,
-                        progress)
+                        progress, on_eval)
         if failure:
             reason, step = failure
             log.tags({"diverged": "true", "failure_reason": reason, "failure_step": step})
@@ -178,6 +195,10 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         log.artifact(path, "checkpoints")
         log.end("FINISHED")
         return RunResult(run_id, "FINISHED", state.step, uri, path, metrics)
+    except StopRun as stop:
+        log.tags({"stop_reason": stop.reason, "stop_step": state.step})
+        log.end(stop.status)
+        return RunResult(run_id, stop.status, state.step, uri, None, reason=stop.reason)
     except KeyboardInterrupt:
         path = _save(state, config, variant, run_id, uri)
         log.tags({"interrupted_at_step": state.step})
@@ -201,7 +222,8 @@ def _log_start(log, config, variant, sched, net, train_images, device) -> None:
     log.dataset(train_images, config.dataset, "train")
 
 
-def _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress):
+def _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress,
+          on_eval=None):
     """Optimiser steps up to config.steps. Returns (reason, step) when the loss diverges, else None."""
     data = train_images.to(device)
     sums: dict[str, float] = {}
@@ -256,6 +278,8 @@ def _loop(state, model, ema_model, variant, sched, config, train_images, test_im
             grid = sample(ema_model, variant, sched, config.sample_grid, tuple(train_images.shape[1:]),
                           config.sample_steps or None, config.seed, device=device)
             log.image(sample_grid(grid), "samples", state.step)
+            if on_eval is not None:
+                on_eval(state.step, est.summary())
         if state.step % config.checkpoint_every == 0 and state.step < config.steps:
             _save(state, config, variant, run_id, uri)
     bar.close()

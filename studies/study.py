@@ -1,0 +1,258 @@
+"""``bench study``: Optuna studies over the noise schedule, each trial a ``bench run`` on a reduced budget.
+
+Every trial goes through :func:`bench.train.train` (the same trainer and code path as ``bench run``),
+nested in MLflow under one parent run per study. During the study a trial's bits/dim is the unbiased
+estimator on the whole test split with the fixed evaluation seed; afterwards the best trials are
+re-evaluated with the exact bound. Optuna keeps its own SQLite file beside the MLflow store.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from dataclasses import dataclass, field, replace
+
+from bench import tracking
+from bench.config import RunConfig, make_config
+from bench.errors import BenchError
+from studies.space import Param, describe_space, load_space, suggest
+
+OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+
+
+class TrialDiverged(Exception):
+    """A trial whose training diverged: Optuna records it FAIL and the study goes on."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    variants: tuple[str, ...] = ("simple",)  # one study per variant
+    dataset: str = "digits"
+    trials: int = 20  # the study's total number of trials (finished and running), retries included
+    timeout: float | None = None  # seconds per study and worker (None: no limit)
+    steps: int = 500  # optimiser steps per trial
+    objective: str = "bpd"  # 'bpd', 'fid' or 'both' (a Pareto front)
+    sampler: str = "tpe"  # 'tpe', 'random', 'gp' or 'nsga2'
+    seed: int = 0  # seeds the sampler (worker k uses seed + k) and every trial's training
+    workers: int = 1  # worker processes sharing the study
+    storage: str | None = None  # Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME)
+    study_name: str | None = None  # resume or name the study (several variants: NAME-VARIANT)
+    tracking_uri: str | None = None  # MLflow URI
+    experiment: str = "elbo-bench-studies"  # MLflow experiment of the parent and trial runs
+    space_file: str | None = None  # study TOML (path or name in studies/)
+    tune_lr: bool = False  # add the learning rate to the space
+    exact_top: int = 3  # best trials re-evaluated with the exact bound at the end
+    fid_samples: int = 500  # samples per trial when the objective includes FID
+    heartbeat: int = 60  # seconds between a worker's heartbeats; a trial silent for 2× is failed and retried
+    run_overrides: dict = field(default_factory=dict)  # other RunConfig fields for every trial
+
+    def validate(self) -> StudyConfig:
+        if self.objective not in OBJECTIVES:
+            raise BenchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.sampler not in SAMPLERS:
+            raise BenchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        for name in ("trials", "steps", "workers", "heartbeat"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise BenchError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not self.variants:
+            raise BenchError("give at least one --variant")
+        self.base_config(self.variants[0])  # validates dataset, variants, overrides
+        for v in self.variants[1:]:
+            self.base_config(v)
+        return self
+
+    def base_config(self, variant: str) -> RunConfig:
+        uses_fid = "fid" in OBJECTIVES[self.objective]
+        return make_config(**{
+            "dataset": self.dataset, "variant": variant, "steps": self.steps, "seed": self.seed,
+            "final_eval": "estimate", "final_eval_images": 0, "fid_samples": self.fid_samples if uses_fid else 0,
+            "eval_every": max(1, self.steps // 4), "checkpoint_every": self.steps, "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri, **self.run_overrides,
+        })
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        url = f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
+        if url == tracking.resolve_tracking_uri(self.tracking_uri):
+            raise BenchError("the Optuna storage and the MLflow store must be different files")
+        return url
+
+    def name_for(self, variant: str) -> str:
+        if self.study_name and len(self.variants) == 1:
+            return self.study_name
+        base = self.study_name or f"schedule-{self.dataset}-{self.objective}"
+        return f"{base}-{variant}"
+
+
+@dataclass
+class StudyResult:
+    name: str
+    variant: str
+    parent_run_id: str
+    best: list[dict]  # the best trial (single objective) or the Pareto front: params, values, exact bpd
+    default: dict | None  # the default schedule's trial, for comparison
+    counts: dict[str, int]
+
+
+# ------------------------------------------------------------------------- Optuna plumbing
+def _storage(sc: StudyConfig):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = sc.storage_url()
+    try:
+        return RDBStorage(url, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
+        raise BenchError(f"cannot open the Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sampler(sc: StudyConfig, worker: int):
+    import optuna
+
+    seed = sc.seed + worker
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[sc.sampler]()
+
+
+def _open_study(sc: StudyConfig, name: str, worker: int = 0):
+    import optuna
+
+    directions = ["minimize"] * len(OBJECTIVES[sc.objective])
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=_storage(sc), study_name=name, load_if_exists=True, directions=directions,
+                                sampler=_sampler(sc, worker), pruner=pruner)
+    if len(study.directions) != len(directions):
+        raise BenchError(f"study {name!r} exists with {len(study.directions)} objective(s); "
+                         f"--objective {sc.objective} needs {len(directions)}: choose another --study-name")
+    return study
+
+
+def _default_point(base: RunConfig, space: dict[str, Param]) -> dict:
+    point = {}
+    for name in space:
+        if name in ("beta_start", "beta_end") and base.schedule != "linear":
+            continue
+        if name == "cosine_s" and base.schedule != "cosine":
+            continue
+        point[name] = getattr(base, name)
+    return point
+
+
+def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str):
+    import optuna
+
+    from bench.train import StopRun, train
+
+    base = sc.base_config(variant)
+    params = suggest(trial, space, base.schedule)
+    config = replace(base, **params, run_name=f"{name}/trial-{trial.number}").validate()
+    single = len(OBJECTIVES[sc.objective]) == 1
+
+    def on_eval(step: int, metrics: dict) -> None:
+        if single and sc.objective == "bpd":
+            trial.report(metrics["bpd"], step)
+            if trial.should_prune():
+                raise StopRun(f"pruned by Optuna at step {step} (estimated bpd {metrics['bpd']:.4f})")
+
+    result = train(config, progress=False, parent_run_id=parent_run_id, on_eval=on_eval,
+                   tags={"optuna.study": name, "optuna.trial": trial.number})
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    if result.status == "KILLED":
+        raise optuna.TrialPruned(result.reason)
+    if result.status == "FAILED":
+        trial.set_user_attr("failure_reason", f"{result.reason} at step {result.step}")
+        raise TrialDiverged(f"{result.reason} at step {result.step}")
+    trial.set_user_attr("checkpoint", str(result.checkpoint))
+    trial.set_user_attr("bpd_estimate", result.metrics["bpd"])
+    values = []
+    for key in OBJECTIVES[sc.objective]:
+        if key not in result.metrics:
+            trial.set_user_attr("failure_reason", f"{key} was not computed (see the run's tags)")
+            raise TrialDiverged(f"{key} was not computed for trial {trial.number}")
+        values.append(result.metrics[key])
+    return values[0] if single else tuple(values)
+
+
+def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, worker: int) -> None:
+    """One worker: take trials from the shared study until it holds ``sc.trials`` trials."""
+    import optuna
+
+    study = _open_study(sc, name, worker)
+    if len(study.trials) >= sc.trials:
+        return
+    study.optimize(
+        lambda trial: _objective(trial, sc, name, variant, space, parent_run_id),
+        n_trials=None, timeout=sc.timeout, catch=(TrialDiverged,),
+        callbacks=[optuna.study.MaxTrialsCallback(sc.trials, states=None)],
+    )
+
+
+def _worker_main(sc, name, variant, space, parent_run_id, worker) -> None:  # a spawned process's entry point
+    _work(sc, name, variant, space, parent_run_id, worker)
+
+
+# ------------------------------------------------------------------------- the study
+def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
+    """Run (or resume) one study per variant; returns their summaries."""
+    sc.validate()
+    space = load_space(sc.space_file, sc.tune_lr)
+    client = tracking.client(sc.tracking_uri)
+    results = []
+    for variant in sc.variants:
+        name = sc.name_for(variant)
+        study = _open_study(sc, name)
+        parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if parent_run_id is None:
+            exp = tracking.experiment_id(client, sc.experiment)
+            parent_run_id = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
+                                                                        "study.dataset": sc.dataset}).info.run_id
+            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+            study.set_user_attr("objective", sc.objective)
+            study.set_user_attr("space", describe_space(space))
+            tracking.RunLogger(client, parent_run_id).params({
+                "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
+                "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
+                "study.seed": sc.seed, "study.space": describe_space(space),
+                "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
+            })
+        else:
+            client.update_run(parent_run_id, status="RUNNING")
+        if not study.trials:  # the default schedule is trial 0, so the study's answer compares with it
+            study.enqueue_trial(_default_point(sc.base_config(variant), space), user_attrs={"default_schedule": True})
+        log = tracking.RunLogger(client, parent_run_id)
+        try:
+            if sc.workers == 1:
+                _work(sc, name, variant, space, parent_run_id, 0)
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id, w))
+                         for w in range(sc.workers)]
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join()
+                bad = [p.exitcode for p in procs if p.exitcode != 0]
+                if bad:
+                    raise BenchError(f"{len(bad)} study worker(s) exited with status {bad}; the study is kept in its storage")
+            study = _open_study(sc, name)
+            from studies.summary import exact_reevaluation, log_study
+
+            exact_reevaluation(study, sc, progress)
+            result = log_study(study, sc, name, variant, log)
+        except BaseException:
+            log.end("FAILED")
+            raise
+        log.end("FINISHED")
+        results.append(result)
+    return results

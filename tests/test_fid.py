@@ -1,0 +1,217 @@
+"""FID / KID / precision-recall through torch-fidelity (bench.fid); CPU only, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from torch import nn
+
+import bench.fid as fid_mod
+from bench.data import load_dataset
+from bench.errors import BenchError
+from bench.fid import (
+    INCEPTION_WEIGHTS_FILENAME,
+    FidResult,
+    FidUnavailable,
+    compute_fid,
+    digits_classifier_accuracy,
+    ensure_digits_classifier,
+    inception_weights_path,
+)
+
+ALL_KEYS = {"fid", "kid", "kid_std", "precision", "recall"}
+
+
+def _uint8(n: int, c: int, size: int, seed: int) -> torch.Tensor:
+    """Uniform random uint8 images ``[n, c, size, size]``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir holding a freshly trained digits classifier."""
+    cache = tmp_path_factory.mktemp("fid-digits")
+    ensure_digits_classifier(cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def digits_train() -> torch.Tensor:
+    return load_dataset("digits", "train")
+
+
+@pytest.fixture(scope="module")
+def digits_fids(digits_cache: Path, digits_train: torch.Tensor) -> dict[str, FidResult]:
+    """Held-out test split, uniform noise and the train split itself, each against the train split."""
+    sets = {
+        "heldout": load_dataset("digits", "test"),
+        "noise": _uint8(297, 1, 8, seed=0),
+        "self": digits_train,
+    }
+    return {k: compute_fid(v, "digits", digits_train, cache_dir=digits_cache) for k, v in sets.items()}
+
+
+def test_digits_fid_separates_heldout_noise_and_self(digits_fids: dict[str, FidResult]) -> None:
+    heldout, noise, same = (digits_fids[k].metrics for k in ("heldout", "noise", "self"))
+    for m in (heldout, noise, same):
+        assert set(m) == ALL_KEYS and all(math.isfinite(v) for v in m.values())
+    assert 0.0 < heldout["fid"] < 200.0
+    assert noise["fid"] > 10.0 * heldout["fid"]
+    assert abs(same["fid"]) < 1e-3 * heldout["fid"]
+    assert heldout["precision"] > 0.8 and heldout["recall"] > 0.8
+    assert noise["precision"] < 0.5 and noise["recall"] < 0.5
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert noise["kid"] > 10.0 * abs(heldout["kid"])
+
+
+def test_digits_tags(digits_fids: dict[str, FidResult], digits_cache: Path) -> None:
+    (clf,) = digits_cache.glob("digits-classifier-*.pt")
+    hash8 = hashlib.sha256(clf.read_bytes()).hexdigest()[:8]
+    assert clf.name == f"digits-classifier-{hash8}.pt"
+    tags = digits_fids["heldout"].tags
+    assert tags["fid_extractor"] == f"digits-classifier-{hash8}"
+    assert tags["fid_reference"] == "digits train split, 1500 images"
+    assert tags["fid_samples"] == "297" and tags["fid_feature_layer"] == "64"
+
+
+def test_digits_classifier_accuracy(digits_cache: Path) -> None:
+    assert digits_classifier_accuracy(digits_cache) > 0.9
+
+
+def test_digits_classifier_training_is_deterministic(digits_cache: Path, tmp_path: Path) -> None:
+    first = ensure_digits_classifier(digits_cache)
+    again = ensure_digits_classifier(tmp_path)  # trains anew in an empty dir
+    assert again.name == first.name and again.read_bytes() == first.read_bytes()
+
+
+def test_cache_reuses_classifier_and_reference_stats(
+    digits_cache: Path, digits_train: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clf,) = digits_cache.glob("digits-classifier-*.pt")
+    shutil.copy2(clf, tmp_path / clf.name)
+
+    def no_training() -> None:
+        raise AssertionError("the cached classifier should have been reused")
+
+    monkeypatch.setattr(fid_mod, "_train_digits_classifier", no_training)
+    seen: list[int] = []
+    forward = fid_mod.DigitsFeatureExtractor.forward
+
+    def counting_forward(self: fid_mod.DigitsFeatureExtractor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seen.append(int(x.shape[0]))
+        return forward(self, x)
+
+    monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
+    samples = load_dataset("digits", "test")[:100]
+    first = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
+    assert sum(seen) == 100 + 1500
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "fidelity").iterdir()}
+    assert any("stat-fid" in p.name for p in files) and all("digits-train-n1500" in p.name for p in files)
+    seen.clear()
+    second = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
+    assert sum(seen) == 100  # only the samples went through the network
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fidelity").iterdir()} == files
+    assert second.metrics == pytest.approx(first.metrics)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clf.name, "fidelity"])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_small_sample_counts(digits_cache: Path, digits_train: torch.Tensor, n: int) -> None:
+    res = compute_fid(load_dataset("digits", "test")[:n], "digits", digits_train, cache_dir=digits_cache)
+    assert set(res.metrics) == {"fid", "kid", "kid_std"}  # KID subset shrunk to n; PRC needs > 3
+    assert all(math.isfinite(v) for v in res.metrics.values())
+
+
+def test_only_fid(digits_cache: Path, digits_train: torch.Tensor) -> None:
+    res = compute_fid(digits_train[:50], "digits", digits_train, cache_dir=digits_cache, kid=False, prc=False)
+    assert set(res.metrics) == {"fid"} and res.metrics["fid"] > 0.0
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torch-fidelity's Inception network with random (He-normal) weights, saved as a state dict."""
+    with pytest.MonkeyPatch.context() as mp:  # build the network without loading any weights
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for mod in net.modules():
+        if isinstance(mod, nn.Conv2d):  # keep activations O(1) through the depth
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_path_with_random_weights(random_inception_weights: Path, tmp_path: Path) -> None:
+    samples, reference = _uint8(6, 3, 32, seed=1), _uint8(8, 3, 32, seed=2)
+    reference[:, 0] //= 2  # a different distribution from the samples
+    kw = {"cache_dir": tmp_path, "fid_weights": random_inception_weights}
+    res = compute_fid(samples, "cifar10", reference, **kw)
+    assert set(res.metrics) == ALL_KEYS
+    assert math.isfinite(res.metrics["fid"]) and res.metrics["fid"] > 0.0
+    assert res.tags["fid_extractor"] == "inception-v3-compat" and res.tags["fid_feature_layer"] == "2048"
+    assert res.tags["fid_samples"] == "6" and res.tags["fid_reference"] == "cifar10 train split, 8 images"
+    same = compute_fid(reference.clone(), "cifar10", reference, **kw)
+    assert abs(same.metrics["fid"]) < 1e-3 * res.metrics["fid"]
+    assert same.metrics["precision"] == 1.0 and same.metrics["recall"] == 1.0
+
+
+def test_offline_without_weights_raises_fid_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FidUnavailable, match="--fid-weights") as info:
+        compute_fid(_uint8(4, 3, 32, 0), "cifar10", _uint8(4, 3, 32, 1), cache_dir=tmp_path / "cache")
+    assert INCEPTION_WEIGHTS_FILENAME in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_weights_found_in_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("no download"))
+    cached = tmp_path / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    cached.parent.mkdir()
+    cached.write_bytes(b"weights")
+    assert inception_weights_path() == cached
+    with pytest.raises(BenchError, match="no such file") as info:
+        inception_weights_path(tmp_path / "missing.pth")
+    assert not isinstance(info.value, FidUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("samples", "dataset", "reference", "match"),
+    [
+        (_uint8(4, 1, 8, 0).float(), "digits", _uint8(4, 1, 8, 1), "dtype"),
+        (_uint8(4, 3, 8, 0), "digits", _uint8(4, 1, 8, 1), "samples"),
+        (_uint8(4, 3, 32, 0), "cifar10", _uint8(4, 1, 32, 1), "reference"),
+        (_uint8(1, 1, 8, 0), "digits", _uint8(4, 1, 8, 1), "at least 2"),
+        (_uint8(4, 1, 8, 0), "mnist", _uint8(4, 1, 8, 1), "unknown dataset"),
+    ],
+)
+def test_bad_input(
+    samples: torch.Tensor, dataset: str, reference: torch.Tensor, match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(BenchError, match=match):
+        compute_fid(samples, dataset, reference, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_weights_file_is_a_bench_error(tmp_path: Path) -> None:
+    bad = tmp_path / "not-inception.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(BenchError, match="inception-v3-compat"):
+        compute_fid(_uint8(4, 3, 32, 0), "cifar10", _uint8(4, 3, 32, 1), cache_dir=tmp_path, fid_weights=bad)

@@ -1,0 +1,469 @@
+"""End-to-end tests of ``bench run`` / ``bench eval`` / ``bench variants`` through the real CLI.
+
+Every run is tiny (T = 40, a handful of steps, 8 test images) and writes only under pytest's
+``tmp_path`` (``BENCH_HOME``); MLflow is read back from the embedded SQLite store there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cli import cli
+from bench.config import make_config
+
+BENCH = Path(sys.executable).with_name("bench")
+EXPERIMENT = "elbo-bench"
+STEPS = 6
+LOG_EVERY = 2
+EVAL_EVERY = 4
+T = 40
+TINY = [
+    "--T", str(T), "--steps", str(STEPS), "--batch-size", "16", "--log-every", str(LOG_EVERY),
+    "--eval-every", str(EVAL_EVERY), "--eval-images", "8", "--final-eval-images", "8", "--fid-samples", "0",
+    "--sample-steps", "10",
+]
+VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-mse"}
+RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\d+)$", re.M)
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+
+
+def invoke(home: Path, args: list[str], **kwargs):
+    """``bench <args>`` in-process with BENCH_HOME=home and no ambient MLflow URI."""
+    env = {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}
+    return CliRunner().invoke(cli, args, env=env, **kwargs)
+
+
+def describe(result) -> str:
+    import traceback
+
+    tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info and result.exception else ""
+    return f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-3000:]}\n{tb}"
+
+
+def run_ok(home: Path, args: list[str]) -> tuple[str, object]:
+    """Run ``bench run <args>``; expect success; return (run id, click result)."""
+    result = invoke(home, ["run", *args])
+    assert result.exit_code == 0, describe(result)
+    m = RUN_LINE.search(result.stdout)
+    assert m, describe(result)
+    return m.group(1), result
+
+
+def client(home: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+
+
+def experiment_runs(home: Path):
+    c = client(home)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+
+
+def count_run_rows(home: Path) -> int:
+    """Run rows in the embedded store (0 when no store was created)."""
+    db = home / "mlflow.db"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from runs").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def bench_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_DATA_DIR")}
+    env["BENCH_HOME"] = str(home)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny finished digits run shared by the read-only checks."""
+    home = tmp_path_factory.mktemp("tiny_home")
+    run_id, result = run_ok(home, TINY)
+    return home, run_id, result
+
+
+# ----------------------------------------------------------------------------- 1. end to end
+def test_run_end_to_end_records_everything(tiny_run):
+    from mlflow.artifacts import download_artifacts
+
+    from bench.unet import build_network, count_parameters
+
+    home, run_id, result = tiny_run
+    assert f"run {run_id}: FINISHED at step {STEPS}" in result.stdout
+    assert f"checkpoints/{run_id}/last.pt" in result.stdout
+
+    c = client(home)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [r.info.run_id for r in experiment_runs(home)] == [run_id]
+
+    p = run.data.params
+    assert p["config.variant"] == "simple"
+    assert p["config.seed"] == "0"
+    assert p["config.T"] == str(T)
+    assert p["config.steps"] == str(STEPS)
+    assert p["variant.mean_type"] == "eps"
+    assert p["variant.var_type"] == "fixed_small"
+    assert p["schedule.kind"] == "linear"
+    assert int(p["network.parameters"]) == count_parameters(build_network("tiny", 1, 1, 8)) > 0
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", p["code_version"]), p["code_version"]
+    assert p["version.torch"] == version("torch")
+
+    loss = history(c, run_id, "loss")
+    assert [s for s, _ in loss] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert len(loss) == STEPS // LOG_EVERY
+    assert all(math.isfinite(v) and v > 0 for _, v in loss)
+    # for L_simple the objective is the ε-MSE itself
+    assert [v for _, v in history(c, run_id, "loss/mse")] == pytest.approx([v for _, v in loss], rel=1e-9)
+    ips = history(c, run_id, "images_per_sec")
+    assert [s for s, _ in ips] == [s for s, _ in loss] and all(v > 0 for _, v in ips)
+
+    final = {k: dict(history(c, run_id, k))[STEPS] for k in ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder")}
+    assert all(math.isfinite(v) for v in final.values())
+    assert final["bpd"] == pytest.approx(final["bpd/prior"] + final["bpd/vb"] + final["bpd/decoder"], abs=1e-6)
+    assert f"bpd {final['bpd']:.4f}" in result.stdout
+    assert sorted(s for s, _ in history(c, run_id, "bpd")) == [EVAL_EVERY, STEPS]
+    stderr_hist = history(c, run_id, "bpd_stderr")
+    assert [s for s, _ in stderr_hist] == [EVAL_EVERY]  # the training-time estimate only
+    assert stderr_hist[0][1] > 0 and math.isfinite(stderr_hist[0][1])
+    assert run.data.tags["bpd_method"].startswith("exact"), run.data.tags["bpd_method"]
+    assert run.data.tags["bpd_method"] == f"exact (all {T} t, 8 test images)"
+
+    # artifacts
+    names = {f.path for f in c.list_artifacts(run_id)}
+    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "checkpoints", "images"} <= names
+    dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
+                                 tracking_uri=f"sqlite:///{home}/mlflow.db"))
+    logged_config = json.loads((dl / "config.json").read_text())
+    dry = invoke(home, ["run", *TINY, "--dry-run"])
+    assert dry.exit_code == 0, describe(dry)
+    assert logged_config == json.loads(dry.stdout)
+    assert make_config(**logged_config).to_dict() == logged_config  # round-trips to a RunConfig
+    per_t = json.loads((dl / "per_t_bound.json").read_text())
+    assert per_t["t"] == list(range(1, T + 1))
+    assert len(per_t["L_t_bits_per_dim"]) == T
+    # the curve is the bound's decoder + Σ L_{t-1}; adding the prior gives the total
+    assert sum(per_t["L_t_bits_per_dim"]) + final["bpd/prior"] == pytest.approx(final["bpd"], rel=1e-6)
+    assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(dl / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
+    # MLflow 3 log_image(key=, step=) writes images/<key>+step+<step>+timestamp+…(.png|+compressed.webp)
+    images = sorted(p.name for p in (dl / "images").iterdir())
+    steps_logged = {int(m.group(1)) for n in images if (m := re.match(r"samples\+step\+(\d+)\+.*\.png$", n))}
+    assert steps_logged == {EVAL_EVERY, STEPS}, images
+    assert run.data.tags.get("mlflow.loggedImages") == "True"
+
+    # the training data is recorded as a dataset input
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.name == "digits-train"
+    assert {t.key: t.value for t in inputs[0].tags}.get("mlflow.data.context") == "train"
+    assert inputs[0].dataset.digest
+
+
+# ----------------------------------------------------------------------------- 2. FID
+def _fid_importable() -> str:
+    try:
+        import bench.fid  # noqa: F401
+    except Exception as err:  # bench/fid.py is being written concurrently
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+@pytest.mark.xfail(bool(_fid_importable()), reason=f"bench.fid does not import: {_fid_importable()}", strict=False)
+def test_run_with_fid_logs_fid_and_its_provenance(tmp_path):
+    run_id, result = run_ok(tmp_path, [*TINY, "--fid-samples", "64"])
+    c = client(tmp_path)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    fid = dict(history(c, run_id, "fid"))
+    assert list(fid) == [STEPS]
+    assert math.isfinite(fid[STEPS]) and fid[STEPS] >= 0
+    assert f"fid {fid[STEPS]:.4f}" in result.stdout
+    tags = run.data.tags
+    assert tags["fid_extractor"].startswith("digits-classifier"), tags
+    assert tags["fid_samples"] == "64"
+    assert "10" in tags["fid_sampler"] and str(T) in tags["fid_sampler"], tags["fid_sampler"]
+    assert "fid_skipped" not in tags
+
+
+# ----------------------------------------------------------------------------- 3. reproducibility
+def test_same_config_and_seed_reproduce_loss_and_bpd(tiny_run, tmp_path):
+    home, first_id, _ = tiny_run
+    second_id, _ = run_ok(tmp_path, TINY)
+    a, b = client(home), client(tmp_path)
+    for key in ("loss", "bpd", "bpd/vb", "bpd_stderr"):
+        assert history(a, first_id, key) == history(b, second_id, key), key
+    # a different seed gives a different run (the comparison above can fail)
+    third_id, _ = run_ok(tmp_path, [*TINY, "--seed", "1"])
+    assert history(b, third_id, "loss")[-1] != history(a, first_id, "loss")[-1]
+
+
+# ----------------------------------------------------------------------------- 4. interrupt + resume
+def test_sigint_marks_run_killed_and_resume_continues_it(tmp_path):
+    args = [*TINY, "--steps", "400", "--checkpoint-every", "5", "--eval-every", "0"]
+    out, err = (tmp_path / "stdout.txt").open("wb"), (tmp_path / "stderr.txt").open("wb")
+    proc = subprocess.Popen([str(BENCH), "run", *args], cwd=tmp_path, env=bench_env(tmp_path), stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        found: list[Path] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list((tmp_path / "checkpoints").glob("*/last.pt"))
+            if found:
+                break
+            time.sleep(0.05)
+        assert found, f"no checkpoint appeared (exit {proc.poll()}): {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert rc == 130, stderr[-3000:]
+    assert stderr.rstrip().endswith("interrupted"), stderr[-2000:]
+
+    ckpt_path = found[0]
+    run_id = ckpt_path.parent.name
+    c = client(tmp_path)
+    run = c.get_run(run_id)
+    assert run.info.status == "KILLED"
+    stopped = int(run.data.tags["interrupted_at_step"])
+    assert 5 <= stopped < 400
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["step"] == stopped and ckpt["run_id"] == run_id
+
+    k = stopped + 3
+    result = invoke(tmp_path, ["run", "--resume", str(ckpt_path), "--steps", str(k)])
+    assert result.exit_code == 0, describe(result)
+    assert f"run {run_id}: FINISHED at step {k}" in result.stdout
+    runs = experiment_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    loss = history(c, run_id, "loss")
+    assert loss[-1][0] == k
+    assert [s for s, _ in loss] == sorted(set(s for s, _ in loss))  # no step logged twice
+    assert dict(history(c, run_id, "bpd"))[k] > 0
+    assert torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"] == k
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG bench/train.py train() (resume branch): without --steps the CLI's default steps (3000 for digits) "
+    "replaces the checkpoint's own configured steps: steps = max(3000, ckpt step)"))
+def test_resume_without_steps_continues_to_the_runs_own_target(tmp_path, monkeypatch):
+    import bench.train
+
+    seen = {}
+
+    def spy(state, model, ema_model, variant, sched, config, *rest):
+        seen["steps"] = config.steps
+        raise RuntimeError("stop: only the resolved config is under test")
+
+    run_id, _ = run_ok(tmp_path, TINY)  # configured for, and finished at, STEPS
+    ckpt = tmp_path / "checkpoints" / run_id / "last.pt"
+    monkeypatch.setattr(bench.train, "_loop", spy)
+    invoke(tmp_path, ["run", "--resume", str(ckpt)])
+    assert seen["steps"] == STEPS  # observed: 3000, the digits default of a flag that was not given
+
+
+# ----------------------------------------------------------------------------- 5. divergence
+def test_non_finite_loss_ends_the_run_failed_not_crashed(tmp_path):
+    run_id, result = run_ok(tmp_path, [*TINY, "--lr", "1e30"])
+    assert "diverged" in result.stdout
+    m = RUN_LINE.search(result.stdout)
+    assert m.group(2) == "FAILED"
+    c = client(tmp_path)
+    run = c.get_run(run_id)
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["diverged"] == "true"
+    assert "non-finite" in tags["failure_reason"]
+    assert re.fullmatch(r"\d+", tags["failure_step"]) and tags["failure_step"] == m.group(3)
+    assert 0 <= int(tags["failure_step"]) < STEPS
+    assert "bpd" not in run.data.metrics  # no evaluation of a diverged model
+    assert not list((tmp_path / "checkpoints").glob("*/last.pt"))
+
+
+# ----------------------------------------------------------------------------- 6. bench eval
+def test_eval_prints_bpd_and_logs_into_the_run(tmp_path):
+    run_id, result = run_ok(tmp_path, TINY)
+    c = client(tmp_path)
+    logged_bpd = dict(history(c, run_id, "bpd"))[STEPS]
+    ckpt = tmp_path / "checkpoints" / run_id / "last.pt"
+
+    plain = invoke(tmp_path, ["eval", str(ckpt)])
+    assert plain.exit_code == 0, describe(plain)
+    # the same exact bound on the same EMA weights, images and evaluation noise
+    assert f"bpd {logged_bpd:.4f}" in plain.stdout
+    assert "logged into run" not in plain.stdout
+    assert len(history(c, run_id, "bpd")) == 2  # nothing was logged
+
+    logged = invoke(tmp_path, ["eval", str(ckpt), "--final-eval", "estimate", "--log-to-run"])
+    assert logged.exit_code == 0, describe(logged)
+    assert f"logged into run {run_id}" in logged.stdout
+    assert re.search(r"\bbpd \d+\.\d{4}", logged.stdout) and "bpd_stderr" in logged.stdout
+    run = c.get_run(run_id)
+    assert [s for s, _ in history(c, run_id, "bpd")] == [EVAL_EVERY, STEPS, STEPS]
+    assert [s for s, _ in history(c, run_id, "bpd_stderr")] == [EVAL_EVERY, STEPS]
+    assert run.data.tags["bpd_method"].startswith("estimate")
+    assert [r.info.run_id for r in experiment_runs(tmp_path)] == [run_id]
+
+
+# ----------------------------------------------------------------------------- 7. CIFAR-10
+def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, tmp_path):
+    home = tmp_path / "home"
+    run_id, _ = run_ok(home, [
+        "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", str(T), "--steps", "2",
+        "--batch-size", "4", "--fid-samples", "0", "--final-eval-images", "2", "--eval-every", "0",
+        "--log-every", "1", "--sample-steps", "10",
+    ])
+    c = client(home)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.dataset"] == "cifar10"
+    assert run.data.params["config.network"] == "tiny"
+    assert run.data.params["config.hflip"] == "True"  # the dataset's defaults still apply
+    assert run.data.tags["bpd_method"] == f"exact (all {T} t, 2 test images)"
+    assert math.isfinite(run.data.metrics["bpd"]) and run.data.metrics["bpd"] > 0
+    assert run.inputs.dataset_inputs[0].dataset.name == "cifar10-train"
+
+
+def test_cifar10_defaults_are_the_papers(tmp_path):
+    result = invoke(tmp_path, ["run", "--dataset", "cifar10", "--dry-run"])
+    assert result.exit_code == 0, describe(result)
+    cfg = json.loads(result.stdout)
+    expected = {"dataset": "cifar10", "network": "ddpm-cifar10", "batch_size": 128, "lr": 2e-4,
+                "warmup_steps": 5000, "grad_clip": 1.0, "ema_decay": 0.9999, "hflip": True, "steps": 800_000}
+    assert {k: cfg[k] for k in expected} == expected
+    assert count_run_rows(tmp_path) == 0
+
+
+# ----------------------------------------------------------------------------- 8. bad input
+@pytest.fixture
+def bad_files(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01not a checkpoint\xff" * 16)
+    toml = tmp_path / "unknown.toml"
+    toml.write_text('lr = 1e-3\nlearning_rate = 0.5\n')
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    return {"garbage": garbage, "toml": toml, "empty": empty}
+
+
+BAD = {
+    "unknown variant": (["run", "--variant", "nope"], "nope"),
+    "unknown dataset": (["run", "--dataset", "imagenet"], "imagenet"),
+    "cifar10 missing offline": (["run", "--dataset", "cifar10", "--data-dir", "{empty}"], "cifar-10-batches-py"),
+    "corrupt checkpoint for --resume": (["run", "--resume", "{garbage}"], "checkpoint"),
+    "corrupt checkpoint for eval": (["eval", "{garbage}"], "checkpoint"),
+    "missing checkpoint for eval": (["eval", "{empty}/nothing.pt"], "does not exist"),
+    "negative steps": (["run", "--steps", "-5"], "steps"),
+    "zero lr": (["run", "--lr", "0"], "lr"),
+    "T = 1": (["run", "--T", "1"], "T"),
+    "betas reversed": (["run", "--beta-start", "0.5", "--beta-end", "0.1"], "beta"),
+    "sample steps above T": (["run", "--sample-steps", "5000"], "sample_steps"),
+    "large variance with hybrid": (["run", "--variant", "hybrid", "--variance", "large"], "hybrid"),
+    "unknown TOML key": (["run", "--config", "{toml}"], "learning_rate"),
+    "missing TOML file": (["run", "--config", "{empty}/none.toml"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_and_no_run(case, tmp_path, bad_files):
+    args, needle = BAD[case]
+    args = [a.format(**bad_files) for a in args]
+    result = invoke(tmp_path, args)
+    assert result.exit_code == 2, describe(result)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert count_run_rows(tmp_path) == 0
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unreachable_tracking_uri_fails_fast_in_a_real_process(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([str(BENCH), "run", *TINY, "--tracking-uri", "http://127.0.0.1:9"], cwd=tmp_path,
+                          env=bench_env(tmp_path), capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 30
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "127.0.0.1:9" in lines[0] and "tracking" in lines[0]
+    assert count_run_rows(tmp_path) == 0 and not (tmp_path / "checkpoints").exists()
+
+
+def test_corrupt_checkpoint_is_one_line_in_a_real_process(tmp_path, bad_files):
+    proc = subprocess.run([str(BENCH), "eval", str(bad_files["garbage"])], cwd=tmp_path, env=bench_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), proc.stderr
+    assert count_run_rows(tmp_path) == 0
+
+
+# ----------------------------------------------------------------------------- 9. precedence
+def test_dry_run_precedence_default_toml_command_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("lr = 3e-4\nsteps = 77\nvariant = \"elbo\"\n")
+    result = invoke(tmp_path, ["run", "--config", str(toml), "--steps", "11", "--dry-run"])
+    assert result.exit_code == 0, describe(result)
+    cfg = json.loads(result.stdout)
+    assert cfg["steps"] == 11  # command line beats the file
+    assert cfg["lr"] == 3e-4  # the file beats the default
+    assert cfg["variant"] == "elbo"
+    assert cfg["batch_size"] == make_config().batch_size == 128  # untouched default
+    assert tomllib.loads(toml.read_text())["steps"] == 77
+    # a dataset named in the file brings its defaults beneath the file's own values
+    toml.write_text('dataset = "cifar10"\nlr = 1e-3\n')
+    cfg = json.loads(invoke(tmp_path, ["run", "--config", str(toml), "--dry-run"]).stdout)
+    assert (cfg["dataset"], cfg["network"], cfg["lr"], cfg["warmup_steps"]) == ("cifar10", "ddpm-cifar10", 1e-3, 5000)
+    assert count_run_rows(tmp_path) == 0
+
+
+# ----------------------------------------------------------------------------- 10. variants
+def test_variants_lists_all_seven(tmp_path):
+    result = invoke(tmp_path, ["variants"])
+    assert result.exit_code == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    assert {line.split()[0] for line in lines} == VARIANT_NAMES
+    by_name = {line.split()[0]: line for line in lines}
+    assert "mean=mu" in by_name["mu-mse"] and "variance=learned_range" in by_name["hybrid"]
