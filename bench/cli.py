@@ -204,3 +204,64 @@ def study_cmd(variants, space_file, tune_lr, show_space, **values) -> None:
             click.echo(f"  best trial {b['trial']}: {b['values']} {b['params']}{exact}")
         if r.default:
             click.echo(f"  default schedule (trial {r.default['trial']}): {r.default['values']} {r.default['params']}")
+
+
+# ------------------------------------------------------------------------- bench report / grid / ui
+@cli.command("report")
+@click.option("--experiment", "experiments", multiple=True, help="MLflow experiment(s) to read (default: all).")
+@click.option("--filter", "filter_string", default=None, help="MLflow search filter, e.g. \"params.`config.T` = '1000'\".")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder (default: ./report-<name>).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
+def report_cmd(experiments, filter_string, out, tracking_uri) -> None:
+    """Compare runs: a table by variant, plots, report.html and report.md, logged to MLflow."""
+    from reports.build import build_report
+
+    rep = build_report(list(experiments) or None, filter_string, out, tracking_uri)
+    click.echo(f"report of {rep.runs} runs: {rep.html}")
+    click.echo(f"  markdown: {rep.markdown}; logged as MLflow run {rep.run_id}")
+
+
+TABLE2_VARIANTS = ("simple", "elbo", "elbo-learned-diag", "mu-elbo", "mu-mse")  # DDPM Table 2's rows
+
+
+@cli.command("grid")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
+              help=f"Variants (repeat; default DDPM Table 2's rows: {', '.join(TABLE2_VARIANTS)}).")
+@click.option("--seeds", type=int, default=2, show_default=True, help="Seeds 0..N-1 per variant.")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="digits", show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimiser steps per run.")
+@click.option("--fid-samples", type=int, default=500, show_default=True)
+@click.option("--sample-steps", type=int, default=None, help="Sampler steps (0: all T).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None)
+@click.option("--T", "T", type=int, default=None)
+@click.option("--final-eval", type=click.Choice(FINAL_EVALS), default=None)
+@click.option("--experiment", default=None, help="MLflow experiment (default: grid-<dataset>).")
+@click.option("--tracking-uri", default=None)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder.")
+def grid_cmd(variants, seeds, out, **values) -> None:
+    """Run variants × seeds with one budget, then the report: from nothing to the table."""
+    from bench.train import train
+    from reports.build import build_report
+
+    if seeds < 1:
+        raise BenchError(f"--seeds must be >= 1, got {seeds}")
+    values["experiment"] = values["experiment"] or f"grid-{values['dataset']}"
+    configs = [make_config(**{**values, "variant": v, "seed": s}) for v in (variants or TABLE2_VARIANTS)
+               for s in range(seeds)]  # every config validated before the first run starts
+    for i, config in enumerate(configs, 1):
+        click.echo(f"[{i}/{len(configs)}] {config.default_run_name}")
+        result = train(config)
+        click.echo(f"  {result.status}" + (f" ({result.reason} at step {result.step})" if result.reason else ""))
+    rep = build_report([values["experiment"]], None, out, values["tracking_uri"])
+    click.echo(f"report of {rep.runs} runs: {rep.html}")
+
+
+@cli.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--tracking-uri", default=None, help="The store to browse (default: the embedded one).")
+def ui_cmd(host, port, tracking_uri) -> None:
+    """Start the MLflow UI on the configured store; Ctrl-C stops it and everything it started."""
+    from bench.ui import serve
+
+    serve(tracking_uri, host, port)

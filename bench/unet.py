@@ -68,7 +68,8 @@ NETWORK_PRESETS: dict[str, UNetConfig] = {
     "ddpm-cifar10": UNetConfig(),
     # 8x8 single-channel digits on CPU: levels 8x8 and 4x4 (32 ch each), attention at 4x4; ~285k params
     # with in=1, out=2. Sized so a batch-128 training step runs at >= 1000 images/s on 2 CPU cores
-    # (measured ~1600-1900; see benchmarks/train_speed.py). ch=32, ch_mult=(1, 2) ran at only ~1100-1200.
+    # (measured ~1500-1900 on an idle machine; benchmarks/train_speed.py). ch=32, ch_mult=(1, 2) ran at
+    # only ~1100-1200, too close to the goal.
     "tiny": UNetConfig(
         ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=8
     ),

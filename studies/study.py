@@ -100,13 +100,17 @@ class StudyResult:
 
 # ------------------------------------------------------------------------- Optuna plumbing
 def _storage(sc: StudyConfig):
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = sc.storage_url()
     try:
-        return RDBStorage(url, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+            return RDBStorage(url, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
         raise BenchError(f"cannot open the Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
     finally:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -46,6 +47,32 @@ RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\
 def _no_ambient_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised, empty embedded MLflow store (creating the tables costs seconds on a slow disk)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store_template")
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def home(tmp_path, store_template) -> Path:
+    """BENCH_HOME with an existing (empty) embedded store, as after a first run."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    return tmp_path
 
 
 def invoke(home: Path, args: list[str], **kwargs):
@@ -101,6 +128,7 @@ def count_run_rows(home: Path) -> int:
 def bench_env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_DATA_DIR")}
     env["BENCH_HOME"] = str(home)
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -201,9 +229,9 @@ def _fid_importable() -> str:
 
 
 @pytest.mark.xfail(bool(_fid_importable()), reason=f"bench.fid does not import: {_fid_importable()}", strict=False)
-def test_run_with_fid_logs_fid_and_its_provenance(tmp_path):
-    run_id, result = run_ok(tmp_path, [*TINY, "--fid-samples", "64"])
-    c = client(tmp_path)
+def test_run_with_fid_logs_fid_and_its_provenance(home):
+    run_id, result = run_ok(home, [*TINY, "--fid-samples", "64"])
+    c = client(home)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     fid = dict(history(c, run_id, "fid"))
@@ -218,31 +246,31 @@ def test_run_with_fid_logs_fid_and_its_provenance(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 3. reproducibility
-def test_same_config_and_seed_reproduce_loss_and_bpd(tiny_run, tmp_path):
-    home, first_id, _ = tiny_run
-    second_id, _ = run_ok(tmp_path, TINY)
-    a, b = client(home), client(tmp_path)
+def test_same_config_and_seed_reproduce_loss_and_bpd(tiny_run, home):
+    first_home, first_id, _ = tiny_run  # another store, another process state (RNG already used)
+    second_id, _ = run_ok(home, TINY)
+    a, b = client(first_home), client(home)
     for key in ("loss", "bpd", "bpd/vb", "bpd_stderr"):
         assert history(a, first_id, key) == history(b, second_id, key), key
     # a different seed gives a different run (the comparison above can fail)
-    third_id, _ = run_ok(tmp_path, [*TINY, "--seed", "1"])
+    third_id, _ = run_ok(home, [*TINY, "--seed", "1"])
     assert history(b, third_id, "loss")[-1] != history(a, first_id, "loss")[-1]
 
 
 # ----------------------------------------------------------------------------- 4. interrupt + resume
-def test_sigint_marks_run_killed_and_resume_continues_it(tmp_path):
+def test_sigint_marks_run_killed_and_resume_continues_it(home):
     args = [*TINY, "--steps", "400", "--checkpoint-every", "5", "--eval-every", "0"]
-    out, err = (tmp_path / "stdout.txt").open("wb"), (tmp_path / "stderr.txt").open("wb")
-    proc = subprocess.Popen([str(BENCH), "run", *args], cwd=tmp_path, env=bench_env(tmp_path), stdout=out, stderr=err)
+    out, err = (home / "stdout.txt").open("wb"), (home / "stderr.txt").open("wb")
+    proc = subprocess.Popen([str(BENCH), "run", *args], cwd=home, env=bench_env(home), stdout=out, stderr=err)
     try:
         deadline = time.monotonic() + 60
         found: list[Path] = []
         while time.monotonic() < deadline and proc.poll() is None:
-            found = list((tmp_path / "checkpoints").glob("*/last.pt"))
+            found = list((home / "checkpoints").glob("*/last.pt"))
             if found:
                 break
             time.sleep(0.05)
-        assert found, f"no checkpoint appeared (exit {proc.poll()}): {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        assert found, f"no checkpoint appeared (exit {proc.poll()}): {(home / 'stderr.txt').read_text()[-2000:]}"
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
     finally:
@@ -251,13 +279,13 @@ def test_sigint_marks_run_killed_and_resume_continues_it(tmp_path):
             proc.wait()
         out.close()
         err.close()
-    stderr = (tmp_path / "stderr.txt").read_text()
+    stderr = (home / "stderr.txt").read_text()
     assert rc == 130, stderr[-3000:]
-    assert stderr.rstrip().endswith("interrupted"), stderr[-2000:]
+    assert "interrupted" in stderr.splitlines(), stderr[-2000:]
 
     ckpt_path = found[0]
     run_id = ckpt_path.parent.name
-    c = client(tmp_path)
+    c = client(home)
     run = c.get_run(run_id)
     assert run.info.status == "KILLED"
     stopped = int(run.data.tags["interrupted_at_step"])
@@ -266,10 +294,10 @@ def test_sigint_marks_run_killed_and_resume_continues_it(tmp_path):
     assert ckpt["step"] == stopped and ckpt["run_id"] == run_id
 
     k = stopped + 3
-    result = invoke(tmp_path, ["run", "--resume", str(ckpt_path), "--steps", str(k)])
+    result = invoke(home, ["run", "--resume", str(ckpt_path), "--steps", str(k)])
     assert result.exit_code == 0, describe(result)
     assert f"run {run_id}: FINISHED at step {k}" in result.stdout
-    runs = experiment_runs(tmp_path)
+    runs = experiment_runs(home)
     assert [r.info.run_id for r in runs] == [run_id]
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -283,7 +311,7 @@ def test_sigint_marks_run_killed_and_resume_continues_it(tmp_path):
 @pytest.mark.xfail(strict=True, reason=(
     "BUG bench/train.py train() (resume branch): without --steps the CLI's default steps (3000 for digits) "
     "replaces the checkpoint's own configured steps: steps = max(3000, ckpt step)"))
-def test_resume_without_steps_continues_to_the_runs_own_target(tmp_path, monkeypatch):
+def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch):
     import bench.train
 
     seen = {}
@@ -292,20 +320,20 @@ def test_resume_without_steps_continues_to_the_runs_own_target(tmp_path, monkeyp
         seen["steps"] = config.steps
         raise RuntimeError("stop: only the resolved config is under test")
 
-    run_id, _ = run_ok(tmp_path, TINY)  # configured for, and finished at, STEPS
-    ckpt = tmp_path / "checkpoints" / run_id / "last.pt"
+    run_id, _ = run_ok(home, TINY)  # configured for, and finished at, STEPS
+    ckpt = home / "checkpoints" / run_id / "last.pt"
     monkeypatch.setattr(bench.train, "_loop", spy)
-    invoke(tmp_path, ["run", "--resume", str(ckpt)])
+    invoke(home, ["run", "--resume", str(ckpt)])
     assert seen["steps"] == STEPS  # observed: 3000, the digits default of a flag that was not given
 
 
 # ----------------------------------------------------------------------------- 5. divergence
-def test_non_finite_loss_ends_the_run_failed_not_crashed(tmp_path):
-    run_id, result = run_ok(tmp_path, [*TINY, "--lr", "1e30"])
+def test_non_finite_loss_ends_the_run_failed_not_crashed(home):
+    run_id, result = run_ok(home, [*TINY, "--lr", "1e30"])
     assert "diverged" in result.stdout
     m = RUN_LINE.search(result.stdout)
     assert m.group(2) == "FAILED"
-    c = client(tmp_path)
+    c = client(home)
     run = c.get_run(run_id)
     assert run.info.status == "FAILED"
     tags = run.data.tags
@@ -314,24 +342,24 @@ def test_non_finite_loss_ends_the_run_failed_not_crashed(tmp_path):
     assert re.fullmatch(r"\d+", tags["failure_step"]) and tags["failure_step"] == m.group(3)
     assert 0 <= int(tags["failure_step"]) < STEPS
     assert "bpd" not in run.data.metrics  # no evaluation of a diverged model
-    assert not list((tmp_path / "checkpoints").glob("*/last.pt"))
+    assert not list((home / "checkpoints").glob("*/last.pt"))
 
 
 # ----------------------------------------------------------------------------- 6. bench eval
-def test_eval_prints_bpd_and_logs_into_the_run(tmp_path):
-    run_id, result = run_ok(tmp_path, TINY)
-    c = client(tmp_path)
+def test_eval_prints_bpd_and_logs_into_the_run(home):
+    run_id, result = run_ok(home, TINY)
+    c = client(home)
     logged_bpd = dict(history(c, run_id, "bpd"))[STEPS]
-    ckpt = tmp_path / "checkpoints" / run_id / "last.pt"
+    ckpt = home / "checkpoints" / run_id / "last.pt"
 
-    plain = invoke(tmp_path, ["eval", str(ckpt)])
+    plain = invoke(home, ["eval", str(ckpt)])
     assert plain.exit_code == 0, describe(plain)
     # the same exact bound on the same EMA weights, images and evaluation noise
     assert f"bpd {logged_bpd:.4f}" in plain.stdout
     assert "logged into run" not in plain.stdout
     assert len(history(c, run_id, "bpd")) == 2  # nothing was logged
 
-    logged = invoke(tmp_path, ["eval", str(ckpt), "--final-eval", "estimate", "--log-to-run"])
+    logged = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--log-to-run"])
     assert logged.exit_code == 0, describe(logged)
     assert f"logged into run {run_id}" in logged.stdout
     assert re.search(r"\bbpd \d+\.\d{4}", logged.stdout) and "bpd_stderr" in logged.stdout
@@ -339,12 +367,11 @@ def test_eval_prints_bpd_and_logs_into_the_run(tmp_path):
     assert [s for s, _ in history(c, run_id, "bpd")] == [EVAL_EVERY, STEPS, STEPS]
     assert [s for s, _ in history(c, run_id, "bpd_stderr")] == [EVAL_EVERY, STEPS]
     assert run.data.tags["bpd_method"].startswith("estimate")
-    assert [r.info.run_id for r in experiment_runs(tmp_path)] == [run_id]
+    assert [r.info.run_id for r in experiment_runs(home)] == [run_id]
 
 
 # ----------------------------------------------------------------------------- 7. CIFAR-10
-def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, tmp_path):
-    home = tmp_path / "home"
+def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     run_id, _ = run_ok(home, [
         "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", str(T), "--steps", "2",
         "--batch-size", "4", "--fid-samples", "0", "--final-eval-images", "2", "--eval-every", "0",

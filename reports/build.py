@@ -1,0 +1,192 @@
+"""``bench report``: MLflow runs → a comparison table, pictures, report.html (self-contained) and report.md.
+
+The report is written to a temporary folder and moved into place at the end, so a failed report
+leaves nothing half-written; it is then logged to MLflow as the artifacts of a report run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench import tracking
+from bench.errors import BenchError
+from reports import figures
+from reports.tables import comparison_table, display_table, load_runs, numeric_summary, paired_differences
+
+REPORT_EXPERIMENT = "elbo-bench-reports"
+SOURCE_PACKAGES = ("bench", "variants", "studies", "reports")
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    html: Path
+    markdown: Path
+    run_id: str
+    table: pd.DataFrame
+    runs: int
+
+
+def default_out_dir(experiments: list[str] | None) -> Path:
+    name = "-".join(experiments) if experiments else "all-experiments"
+    return Path.cwd() / f"report-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+
+
+def _check_out_dir(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    repo = Path(__file__).resolve().parent.parent
+    for pkg in SOURCE_PACKAGES:
+        if out == repo / pkg or (repo / pkg) in out.parents:
+            raise BenchError(f"--out {out} is inside the source package {pkg}/; choose a folder outside it")
+    return out
+
+
+def _study_parents(client, experiment_ids: list[str]) -> list:
+    runs = client.search_runs(experiment_ids, filter_string="tags.`optuna.study` != ''", max_results=1000)
+    return [r for r in runs if "variant" not in r.data.tags]
+
+
+def _study_material(client, parents, tmp: Path):
+    """(label, png path) pictures of each study, and the Pareto front points (bpd, fid) if any."""
+    pictures, pareto = [], []
+    for r in parents:
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        for png in ("optimization_history.png", "param_importances.png", "pareto_front.png"):
+            if png in names:
+                pictures.append((f"study {r.info.run_name}: {png[:-4].replace('_', ' ')}",
+                                 Path(client.download_artifacts(r.info.run_id, png, str(tmp)))))
+        if "study_best.json" in names:
+            best = json.loads(Path(client.download_artifacts(r.info.run_id, "study_best.json", str(tmp))).read_text())
+            pareto += [tuple(b["values"]) for b in best.get("best", []) if len(b.get("values", [])) == 2]
+    return pictures, pareto
+
+
+def build_report(experiments: list[str] | None = None, filter_string: str | None = None, out: str | Path | None = None,
+                 tracking_uri: str | None = None, log_to_mlflow: bool = True) -> Report:
+    """Read the runs, write the report folder, log it to MLflow; returns where it went."""
+    out_dir = _check_out_dir(Path(out) if out else default_out_dir(experiments))
+    client = tracking.client(tracking_uri)
+    df = load_runs(client, experiments, filter_string)
+    if df.empty:
+        raise BenchError("no training runs match (runs are those tagged with a variant); check --experiment and --filter")
+    table, pairs = comparison_table(df), paired_differences(df)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pictures = _figures(client, df, staging)
+        parents = _study_parents(client, sorted(df.experiment_id.unique()))
+        study_pictures, pareto = _study_material(client, parents, Path(tempfile.mkdtemp(dir=staging)))
+        if pareto:
+            fig = figures.bpd_vs_fid(df, pareto)
+            if fig is not None:
+                fig.savefig(staging / "bpd_vs_fid.png", dpi=110)
+        for label, src in study_pictures:
+            dst = staging / re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+            shutil.copyfile(src, dst.with_suffix(".png"))
+            pictures.append((label, dst.with_suffix(".png")))
+        table.to_csv(staging / "table.csv", index=False)
+        pairs.to_csv(staging / "paired_differences.csv", index=False)
+        df.to_csv(staging / "runs.csv", index=False)
+        (staging / "table.json").write_text(json.dumps(numeric_summary(table), indent=1, default=str))
+        meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
+                "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_html(staging / "report.html", meta, display_table(table), pairs, pictures)
+        _write_markdown(staging / "report.md", meta, display_table(table), pairs, pictures)
+        for d in staging.iterdir():
+            if d.is_dir():
+                shutil.rmtree(d)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    run_id = ""
+    if log_to_mlflow:
+        exp = tracking.experiment_id(client, REPORT_EXPERIMENT)
+        run_id = client.create_run(exp, run_name=out_dir.name, tags={
+            "report.experiments": ",".join(experiments or ["(all)"]), "report.filter": filter_string or ""}).info.run_id
+        client.log_artifacts(run_id, str(out_dir))
+        client.set_terminated(run_id, "FINISHED")
+    return Report(out_dir, out_dir / "report.html", out_dir / "report.md", run_id, table, len(df))
+
+
+def _figures(client, df: pd.DataFrame, where: Path) -> list[tuple[str, Path]]:
+    made = [
+        ("bits/dim against step (estimate during training, exact at the end)",
+         "bpd_vs_step.png", figures.metric_history(client, df, "bpd", "bits/dim", "Bits/dim against training step")),
+        ("training loss", "loss.png", figures.metric_history(client, df, "loss", "loss (variant's own objective)",
+                                                              "Loss curves", log_y=True)),
+        ("per-timestep terms of the bound", "per_t.png", figures.per_t_curves(client, df)),
+        ("bits/dim against FID", "bpd_vs_fid.png", figures.bpd_vs_fid(df)),
+        ("samples", "samples.png", figures.sample_grids(client, df)),
+    ]
+    out = []
+    for label, name, fig in made:
+        if fig is None:
+            continue
+        fig.savefig(where / name, dpi=110)
+        out.append((label, where / name))
+    return out
+
+
+def _intro(meta: dict) -> list[str]:
+    return [
+        f"Runs: {meta['runs']} from experiment(s) {', '.join(meta['experiments'])}"
+        + (f", filter `{meta['filter']}`" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
+        "Cells: mean ± std [95% t-interval of the mean] over seeds of FINISHED runs; ★ marks the lowest mean per dataset. "
+        "bits/dim is the variational bound on the test split (bpd_method says exact or estimated, how many images); "
+        "FID columns say the feature extractor, sample count and sampler. Diverged runs are counted, not averaged.",
+    ]
+
+
+def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>elbo-bench report</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left}th{background:#f2f2f2}"
+             "figure{display:inline-block;margin:1em}img{max-width:640px}</style></head><body>",
+             "<h1>elbo-bench comparison</h1>"]
+    parts += [f"<p>{html.escape(p)}</p>" for p in _intro(meta)]
+    parts += ["<h2>Comparison by variant</h2>", table.to_html(index=False, escape=True, border=0, table_id="comparison")]
+    parts.append("<h2>Paired differences (same seeds)</h2>")
+    parts.append(pairs.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, table_id="paired")
+                 if not pairs.empty else "<p>No variants share seeds on the same dataset and schedule.</p>")
+    parts.append("<h2>Figures</h2>")
+    for label, png in pictures:
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(label)}'>"
+                     f"<figcaption>{html.escape(label)}</figcaption></figure>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+
+
+def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
+    lines = ["# elbo-bench comparison", "", *_intro(meta), "", "## Comparison by variant", "",
+             _markdown_table(table), "",
+             "## Paired differences (same seeds)", ""]
+    if pairs.empty:
+        lines.append("No variants share seeds on the same dataset and schedule.")
+    else:
+        lines.append(_markdown_table(pairs))
+    lines += ["", "## Figures", ""] + [f"![{label}]({png.name})" for label, png in pictures]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(rows)
