@@ -116,7 +116,10 @@ def test_discretized_likelihood_sums_to_one_over_a_pixels_256_bins(mean, log_var
 def test_discretized_likelihood_against_direct_cdf_difference():
     grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     mean, std = 0.1, 0.2
-    cdf = lambda z: ndtr(torch.as_tensor((z - mean) / std))
+
+    def cdf(z):
+        return ndtr(torch.as_tensor((z - mean) / std))
+
     direct = cdf(grid + 1 / 255) - cdf(grid - 1 / 255)
     direct[0], direct[-1] = cdf(grid[0] + 1 / 255), 1 - cdf(grid[-1] - 1 / 255)
     got = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=grid.dtype), torch.tensor(2 * math.log(std), dtype=grid.dtype))
