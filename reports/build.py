@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from reports import figures
 from reports.tables import comparison_table, display_table, load_runs, numeric_summary, paired_differences
 
 REPORT_EXPERIMENT = "elbo-bench-reports"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report downloads many small files
 SOURCE_PACKAGES = ("bench", "variants", "studies", "reports")
 
 

@@ -28,7 +28,7 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
     if missing:
         raise BenchError(f"no MLflow experiment named {', '.join(missing)}; see `mlflow experiments search` or `bench ui`")
     ids = [e.experiment_id for e in exps]
-    filt = "tags.variant != ''" + (f" and ({filter_string})" if filter_string else "")
+    filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")  # MLflow filters: AND only, no parentheses
     try:
         runs = []
         token = None
@@ -113,13 +113,13 @@ def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["dataset", "schedule", "metric", "A", "B", "pairs", "mean A−B", "std", "ci_low", "ci_high"])
 
 
-def format_cell(mean: float, std: float, lo: float, hi: float, digits: int = 4) -> str:
-    """'mean ± std [lo, hi]', dropping what is undefined (one seed has no spread)."""
+def format_cell(mean: float, std: float, lo: float, hi: float, spec: str = ".4f") -> str:
+    """'mean ± std [lo, hi]' in format ``spec``, dropping what is undefined (one seed has no spread)."""
     if math.isnan(mean):
         return "–"
-    text = f"{mean:.{digits}f}"
+    text = f"{mean:{spec}}"
     if not math.isnan(std):
-        text += f" ± {std:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        text += f" ± {std:{spec}} [{lo:{spec}}, {hi:{spec}}]"
     return text
 
 
@@ -128,9 +128,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     out = table[list(GROUP) + ["runs", "finished", "diverged"]].copy()
-    for m, digits in (("bpd", 4), ("bpd/prior", 6), ("bpd/vb", 4), ("bpd/decoder", 4), ("fid", 2),
-                      ("train_seconds", 1), ("images_per_sec_overall", 0)):
-        cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], digits)
+    for m, spec in (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("fid", ".2f"),
+                    ("train_seconds", ".1f"), ("images_per_sec_overall", ".0f")):
+        cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], spec)
                  for _, r in table.iterrows()]
         star = table.get(f"best_{m}", pd.Series(False, index=table.index))
         out[m if m != "images_per_sec_overall" else "images/s"] = [c + (" ★" if s else "") for c, s in zip(cells, star)]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def count_run_rows(home: Path) -> int:
     db = home / "mlflow.db"
     if not db.exists():
         return 0
-    with sqlite3.connect(db) as con:
+    with closing(sqlite3.connect(db)) as con:
         try:
             return con.execute("select count(*) from runs").fetchone()[0]
         except sqlite3.OperationalError:
@@ -130,6 +131,27 @@ def bench_env(home: Path) -> dict:
     env["BENCH_HOME"] = str(home)
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def _wait_for_interrupt(proc, stderr_file: Path, timeout: float = 60) -> int:
+    """Wait for the run to stop after SIGINT.  A SIGINT that lands while the interpreter runs a
+    weakref/GC callback is swallowed ("Exception ignored in ... KeyboardInterrupt", a known weakness
+    reported separately); then the signal is sent again so this test checks the KILLED/resume path."""
+    started = time.monotonic()
+    resent = 0
+    while time.monotonic() - started < timeout:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        text = stderr_file.read_text(errors="replace")
+        if "interrupted" in text.splitlines():
+            continue  # the handler runs: checkpoint, tags, KILLED
+        swallowed = text.count("Exception ignored") > resent and "KeyboardInterrupt" in text
+        if swallowed or (resent == 0 and time.monotonic() - started > 15):
+            resent += 1
+            proc.send_signal(signal.SIGINT)
+    raise AssertionError(f"bench run did not stop within {timeout}s of SIGINT")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +294,7 @@ def test_sigint_marks_run_killed_and_resume_continues_it(home):
             time.sleep(0.05)
         assert found, f"no checkpoint appeared (exit {proc.poll()}): {(home / 'stderr.txt').read_text()[-2000:]}"
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
+        rc = _wait_for_interrupt(proc, home / "stderr.txt")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -306,6 +328,90 @@ def test_sigint_marks_run_killed_and_resume_continues_it(home):
     assert [s for s, _ in loss] == sorted(set(s for s, _ in loss))  # no step logged twice
     assert dict(history(c, run_id, "bpd"))[k] > 0
     assert torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"] == k
+
+
+# ----------------------------------------------------------------------------- 4b. exact resume
+RESUME_ARGS = [
+    "--T", str(T), "--batch-size", "16", "--log-every", "2", "--eval-every", "0", "--eval-images", "8",
+    "--final-eval-images", "8", "--fid-samples", "0", "--sample-steps", "10", "--checkpoint-every", "100",
+]
+RESUME_TO = 8
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, store_template):
+    """The reference: the same run trained straight through to RESUME_TO steps."""
+    home = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copyfile(store_template, home / "mlflow.db")
+    run_id, _ = run_ok(home, [*RESUME_ARGS, "--steps", str(RESUME_TO)])
+    state = torch.load(home / "checkpoints" / run_id / "last.pt", map_location="cpu", weights_only=True)
+    return state, client(home).get_run(run_id).data.metrics["bpd"]
+
+
+def _interrupt_then_resume(home: Path, monkeypatch, arm) -> tuple[dict, float, int]:
+    """Start a 400-step run, raise KeyboardInterrupt where ``arm`` says, resume to RESUME_TO steps."""
+    with monkeypatch.context() as m:
+        arm(m)
+        result = invoke(home, ["run", *RESUME_ARGS, "--steps", "400"])
+    assert result.exit_code == 130, describe(result)
+    assert result.stderr.splitlines()[-1] == "interrupted"
+    (ckpt,) = list((home / "checkpoints").glob("*/last.pt"))
+    c = client(home)
+    run = c.get_run(ckpt.parent.name)
+    assert run.info.status == "KILLED"
+    stopped = int(run.data.tags["interrupted_at_step"])
+    resumed = invoke(home, ["run", "--resume", str(ckpt), "--steps", str(RESUME_TO)])
+    assert resumed.exit_code == 0, describe(resumed)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["step"] == RESUME_TO
+    return state, c.get_run(ckpt.parent.name).data.metrics["bpd"], stopped
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(home, monkeypatch, uninterrupted):
+    import bench.tracking
+
+    real = bench.tracking.RunLogger.metrics
+
+    def metrics(self, values, step):
+        if step == 4 and "loss" in values:  # step 4 is complete; Ctrl-C lands while it is logged
+            raise KeyboardInterrupt
+        return real(self, values, step)
+
+    state, bpd, stopped = _interrupt_then_resume(home, monkeypatch,
+                                                 lambda m: m.setattr(bench.tracking.RunLogger, "metrics", metrics))
+    assert stopped == 4
+    assert _same_weights(state["ema"], uninterrupted[0]["ema"])
+    assert _same_weights(state["model"], uninterrupted[0]["model"])
+    assert bpd == uninterrupted[1]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG bench/train.py train() 'except KeyboardInterrupt': a Ctrl-C that lands inside a training step "
+    "checkpoints state.step = s together with the torch/data RNG states already advanced by the aborted "
+    "step s+1 (and, between opt.step() and state.step += 1, with that update applied), so the resumed run "
+    "differs from the uninterrupted one"))
+def test_resume_after_an_interrupt_inside_a_step_equals_the_uninterrupted_run(home, monkeypatch, uninterrupted):
+    from variants import get_variant
+
+    cls = type(get_variant("simple"))
+    real = cls.loss
+    calls = []
+
+    def loss(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:  # step 4's batch and noise are drawn; Ctrl-C lands before its update
+            raise KeyboardInterrupt
+        return out
+
+    state, bpd, stopped = _interrupt_then_resume(home, monkeypatch, lambda m: m.setattr(cls, "loss", loss))
+    assert stopped == 3
+    assert _same_weights(state["ema"], uninterrupted[0]["ema"])
+    assert bpd == uninterrupted[1]
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -375,7 +481,7 @@ def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     run_id, _ = run_ok(home, [
         "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", str(T), "--steps", "2",
         "--batch-size", "4", "--fid-samples", "0", "--final-eval-images", "2", "--eval-every", "0",
-        "--log-every", "1", "--sample-steps", "10",
+        "--log-every", "1", "--sample-steps", "4",
     ])
     c = client(home)
     run = c.get_run(run_id)
@@ -441,6 +547,48 @@ def test_bad_input_is_one_error_line_and_no_run(case, tmp_path, bad_files):
     assert "Traceback" not in result.stderr
     assert count_run_rows(tmp_path) == 0
     assert not (tmp_path / "checkpoints").exists()
+
+
+TOML_TYPE_ERRORS = [
+    ('steps = "10"', "steps"),
+    pytest.param('lr = "2e-4"', "lr", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG bench/config.py:106 validate(): math.isfinite(str) raises TypeError -> traceback, exit 1"))),
+    pytest.param('ema_decay = "0.9"', "ema_decay", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG bench/config.py:108 validate(): 0 <= str raises TypeError -> traceback, exit 1"))),
+    pytest.param('grad_clip = "1"', "grad_clip", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG bench/config.py:110 validate(): str < 0 raises TypeError -> traceback, exit 1"))),
+    pytest.param('hflip = "false"', "hflip", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG bench/config.py validate(): bool fields are not type-checked; the string 'false' is accepted "
+        "and is truthy, so flips are switched ON"))),
+]
+
+
+@pytest.mark.parametrize("line, needle", TOML_TYPE_ERRORS)
+def test_toml_value_of_the_wrong_type_is_one_error_line(line, needle, tmp_path):
+    toml = tmp_path / "typed.toml"
+    toml.write_text(line + "\n")
+    result = invoke(tmp_path, ["run", "--config", str(toml), "--dry-run"])
+    assert result.exit_code == 2, describe(result)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG bench/config.py validate() / bench/train.py train(): a missing --fid-weights file is only noticed "
+    "by bench/fid.py after training, the bound and sampling; the run is recorded FAILED and its bpd "
+    "metrics (computed, not yet logged) are lost"))
+def test_missing_fid_weights_is_refused_before_anything_starts(cifar10_root, home):
+    missing = home / "no-such-weights.pth"
+    result = invoke(home, [
+        "run", "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", "10",
+        "--steps", "1", "--batch-size", "4", "--final-eval-images", "1", "--eval-every", "0", "--sample-steps", "2",
+        "--fid-samples", "4", "--fid-weights", str(missing),
+    ])
+    assert result.exit_code == 2, describe(result)
+    assert count_run_rows(home) == 0, [r.data.tags.get("failure_reason") for r in experiment_runs(home)]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
 
 
 def test_unreachable_tracking_uri_fails_fast_in_a_real_process(tmp_path):

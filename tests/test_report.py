@@ -1,0 +1,190 @@
+"""Reports built from runs logged straight into a temporary MLflow store (no training), the HTML
+rendered in headless Chromium, and `bench ui` answering over HTTP."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from bench.cli import cli
+from reports.build import build_report
+
+VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A store with 3 variants × 3 seeds of fake finished runs, one diverged run, and what a run logs."""
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("fake", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    rng = np.random.default_rng(0)
+    records = []
+    for variant, mu in VARIANTS.items():
+        for seed in range(3):
+            run = client.create_run(exp, run_name=f"{variant}-{seed}")
+            rid = run.info.run_id
+            bpd = mu + rng.normal(0, 0.05)
+            fid = 20 + 10 * (mu - 2.9) + rng.normal(0, 1)
+            metrics = {"bpd": bpd, "bpd/prior": 1e-5, "bpd/vb": bpd - 1.0 - 1e-5, "bpd/decoder": 1.0, "fid": fid,
+                       "train_seconds": 60 + seed, "images_per_sec_overall": 1500 + 10 * seed}
+            now = int(time.time() * 1000)
+            history = [Metric("bpd", bpd + 1.0 / (s + 1), now, s * 100) for s in range(1, 4)]
+            history += [Metric("loss", 1.0 / (s + 1), now, s * 10) for s in range(1, 6)]
+            client.log_batch(rid, metrics=[Metric(k, v, now, 500) for k, v in metrics.items()] + history,
+                             params=[Param("config.seed", str(seed))],
+                             tags=[RunTag("variant", variant), RunTag("dataset", "digits"),
+                                   RunTag("schedule", "linear(T=1000, 0.0001..0.02)"),
+                                   RunTag("bpd_method", "exact (all 1000 t, 297 test images)"),
+                                   RunTag("fid_extractor", "digits-classifier-abcd1234"), RunTag("fid_samples", "1000"),
+                                   RunTag("fid_sampler", "ancestral, 250 of 1000 steps")])
+            client.log_dict(rid, {"t": list(range(1, 11)), "L_t_bits_per_dim": list(np.geomspace(1, 1e-3, 10))},
+                            "per_t_bound.json")
+            img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+            client.log_image(rid, img, key="samples", step=500)
+            client.set_terminated(rid, "FINISHED")
+            records.append({"variant": variant, "seed": seed, **metrics})
+    bad = client.create_run(exp, run_name="diverged")
+    client.log_batch(bad.info.run_id, params=[Param("config.seed", "0")],
+                     tags=[RunTag("variant", "elbo[small]"), RunTag("dataset", "digits"),
+                           RunTag("schedule", "linear(T=1000, 0.0001..0.02)"), RunTag("diverged", "true")])
+    client.set_terminated(bad.info.run_id, "FAILED")
+    return uri, pd.DataFrame(records), tmp_path
+
+
+def test_table_values_equal_pandas_on_the_same_records(store):
+    uri, records, tmp = store
+    rep = build_report(["fake"], None, tmp / "rep", uri)
+    table = rep.table.set_index("variant")
+    for variant, g in records.groupby("variant"):
+        row = table.loc[variant]
+        for m in ("bpd", "fid", "bpd/vb", "train_seconds"):
+            v = g[m].to_numpy()
+            half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+            assert row[f"{m} mean"] == pytest.approx(v.mean(), rel=1e-12)
+            assert row[f"{m} std"] == pytest.approx(v.std(ddof=1), rel=1e-12)
+            assert row[f"{m} ci_low"] == pytest.approx(v.mean() - half, rel=1e-12)
+            assert row[f"{m} ci_high"] == pytest.approx(v.mean() + half, rel=1e-12)
+    assert table.loc["elbo[small]", "runs"] == 4 and table.loc["elbo[small]", "diverged"] == 1
+    assert table.loc["elbo[small]", "finished"] == 3 and table.loc["simple[small]", "diverged"] == 0
+    best_bpd = records.groupby("variant").bpd.mean().idxmin()
+    assert table["best_bpd"].to_dict() == {v: v == best_bpd for v in table.index}
+    assert table.loc["hybrid", "fid_extractor"] == "digits-classifier-abcd1234"
+    # Paired differences: A − B over shared seeds.
+    pairs = pd.read_csv(rep.out_dir / "paired_differences.csv")
+    row = pairs[(pairs.A == "elbo[small]") & (pairs.B == "hybrid") & (pairs.metric == "bpd")].iloc[0]
+    a = records[records.variant == "elbo[small]"].set_index("seed").bpd
+    b = records[records.variant == "hybrid"].set_index("seed").bpd
+    assert row["mean A−B"] == pytest.approx((a - b).mean(), rel=1e-9) and row["pairs"] == 3
+    # The files, and the report logged to MLflow as a run.
+    for name in ("report.html", "report.md", "table.csv", "bpd_vs_step.png", "loss.png", "per_t.png", "bpd_vs_fid.png",
+                 "samples.png"):
+        assert (rep.out_dir / name).is_file(), name
+    md = (rep.out_dir / "report.md").read_text()
+    assert "| digits | elbo[small] |" in md and "![samples](samples.png)" in md
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(rep.run_id)}
+    assert {"report.html", "report.md", "table.csv"} <= logged
+    assert MlflowClient(uri).get_run(rep.run_id).info.status == "FINISHED"
+
+
+def test_report_cli_and_its_errors(store):
+    uri, _, tmp = store
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "r2"), "--tracking-uri", uri])
+    assert ok.exit_code == 0, ok.output
+    assert "report of 10 runs" in ok.output
+    filtered = runner.invoke(cli, ["report", "--experiment", "fake", "--filter", "tags.variant = 'hybrid'",
+                                   "--out", str(tmp / "r3"), "--tracking-uri", uri])
+    assert filtered.exit_code == 0 and "report of 3 runs" in filtered.output
+    for args, match in [(["--experiment", "nope"], "no MLflow experiment named nope"),
+                        (["--filter", "tags.variant = 'nothing'"], "no training runs match"),
+                        (["--filter", "this is not a filter"], "could not search runs"),
+                        (["--out", str(Path(__file__).resolve().parent.parent / "reports" / "x")], "inside the source package")]:
+        bad = runner.invoke(cli, ["report", "--tracking-uri", uri, *args])
+        assert bad.exit_code == 2 and match in bad.output, bad.output
+    assert not (Path(__file__).resolve().parent.parent / "reports" / "x").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => i.complete && i.naturalWidth > 0);
+  const rows = document.querySelectorAll('#comparison tbody tr').length;
+  document.body.setAttribute('data-check', JSON.stringify({imgs, rows}));
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_report_html_renders_with_table_and_every_image(store):
+    uri, _, tmp = store
+    rep = build_report(["fake"], None, tmp / "rep", uri)
+    page = tmp / "check.html"
+    page.write_text(rep.html.read_text().replace("</body>", CHECK + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp / 'chrome'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    marker = dom.split("data-check=\"", 1)[1].split("\"", 1)[0].replace("&quot;", "\"")
+    check = json.loads(marker)
+    assert check["rows"] == 3  # one row per variant, rendered
+    assert len(check["imgs"]) >= 5 and all(check["imgs"])  # every embedded image decoded
+    shot = tmp / "report.png"
+    subprocess.run([CHROMIUM, *flags, "--window-size=1400,2400", f"--screenshot={shot}", rep.html.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_ui_serves_health_and_runs_then_stops(store):
+    uri, _, tmp = store
+    port = _free_port()
+    bench = Path(sys.executable).with_name("bench")
+    proc = subprocess.Popen([str(bench), "ui", "--port", str(port), "--tracking-uri", uri], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    assert r.read().decode().strip() == "OK"
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"bench ui did not answer /health: {proc.stdout.read() if proc.poll() is not None else ''}")
+                time.sleep(0.5)
+        exp = MlflowClient(uri).get_experiment_by_name("fake").experiment_id
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp], "max_results": 100}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.loads(r.read())["runs"]
+        assert len(runs) == 10
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}" in out
+    with socket.socket() as s:  # the server and its workers are gone: nothing listens on the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections may linger in TIME_WAIT
+        s.bind(("127.0.0.1", port))
