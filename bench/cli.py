@@ -129,10 +129,20 @@ def build_config(dataset: str, config_file: str | None, cli_values: dict) -> Run
 @_with(RUN_OPTIONS)
 def run_cmd(config_file, resume, dry_run, compile_, **values) -> None:
     """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow."""
-    from bench.train import summarize, train
+    from bench.checkpoint import load_checkpoint
+    from bench.train import resume_config, summarize, train
 
     values["compile"] = compile_
-    config = build_config("digits", config_file, values)
+    if resume:
+        extra = sorted(k for k, v in values.items() if v is not None and k not in ("steps", "device"))
+        if extra or config_file:
+            given = ", ".join("--" + k.replace("_", "-") for k in extra) + (" --config" if config_file else "")
+            raise BenchError(f"--resume continues a run with its own config; only --steps and --device may be given with it "
+                             f"(got {given.strip(', ')})")
+        resume = load_checkpoint(resume)
+        config = resume_config(resume, values["steps"], values["device"]).validate()
+    else:
+        config = build_config("digits", config_file, values)
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return

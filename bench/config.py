@@ -89,6 +89,7 @@ class RunConfig:
         from bench.unet import NETWORK_PRESETS
         from variants import get_variant
 
+        _check_types(self)
         get_variant(self.variant, self.variance)
         if self.dataset not in DATASETS:
             raise BenchError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
@@ -114,7 +115,26 @@ class RunConfig:
             raise BenchError(f"sample_steps ({self.sample_steps}) cannot exceed T ({sched.T}); use 0 for all T steps")
         if self.sample_steps == 1:
             raise BenchError("sample_steps must be 0 (all T) or at least 2")
+        if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
+            raise BenchError(f"--fid-weights {self.fid_weights}: no such file")
         return self
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(config: RunConfig) -> None:
+    """Each field holds a value of its declared type (a TOML file can hold anything)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        declared = str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in declared:
+            continue
+        allowed = tuple(t for name in declared if name in _TYPES for t in _TYPES[name])
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, allowed) or (is_bool and bool not in allowed):
+            want = " or ".join(n for n in declared if n != "None") + (" (or unset)" if "None" in declared else "")
+            raise BenchError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
 def _choice(name: str, value, choices) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -84,6 +86,36 @@ class _Autocast(torch.nn.Module):
             return self.net(x, t).float()
 
 
+class _Interrupt:
+    """Ctrl-C (SIGINT) inside the step loop is deferred to the end of the current iteration, so a
+    checkpoint never holds half a step; a second Ctrl-C, or one outside the loop, interrupts at once."""
+
+    def __init__(self):
+        self.deferring = False
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.deferring and not self.requested:
+            self.requested = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """A deferred Ctrl-C, raised between steps: the state is whole and can be checkpointed."""
+
+
 @dataclass
 class _State:
     """Everything the loop changes, as one checkpointable unit."""
@@ -123,18 +155,25 @@ def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
     return test[: min(n, len(test))] if n else test
 
 
-def train(config: RunConfig, resume: str | Path | None = None, progress: bool = True,
+def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None) -> RunConfig:
+    """The config a checkpoint's run continues with: its own, with a new step target or device if given."""
+    config = RunConfig(**ckpt["config"])
+    return replace(config, steps=config.steps if steps is None else steps, device=device or config.device)
+
+
+def train(config: RunConfig, resume: str | Path | dict | None = None, progress: bool = True,
           parent_run_id: str | None = None, tags: dict | None = None, on_eval=None) -> RunResult:
-    """Train ``config`` (or continue the checkpoint ``resume``, extended to ``config.steps``).
+    """Train ``config``, or continue the checkpoint ``resume`` (a path or a loaded checkpoint) with its
+    own config, to ``config.steps`` (see :func:`resume_config`).
 
     ``parent_run_id`` nests the MLflow run under another (a study); ``tags`` are added to it.
     ``on_eval(step, metrics)`` is called after each training-time evaluation and may raise
     :class:`StopRun` to end the run early (recorded with the reason as tag ``stop_reason``).
     """
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:
-        config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]),
-                         device=config.device, tracking_uri=ckpt["tracking_uri"])
+    ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
+    if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
+        config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]), device=config.device,
+                         tracking_uri=ckpt["tracking_uri"])
     config.validate()
     device = resolve_device(config.device)
     train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
@@ -177,13 +216,15 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
     log = tracking.RunLogger(client, run_id)
     if tags:
         log.tags(tags)
+    interrupt = _Interrupt()
     model = _Autocast(torch.compile(net) if config.compile else net, config, device)
     ema_model = _Autocast(ema, config, device)
     try:
         if ckpt is None:
             _log_start(log, config, variant, sched, net, train_images, device)
-        failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri,
-                        progress, on_eval)
+        with interrupt.installed():
+            failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id,
+                            uri, progress, on_eval, interrupt)
         if failure:
             reason, step = failure
             log.tags({"diverged": "true", "failure_reason": reason, "failure_step": step})
@@ -199,9 +240,13 @@ def train(config: RunConfig, resume: str | Path | None = None, progress: bool = 
         log.tags({"stop_reason": stop.reason, "stop_step": state.step})
         log.end(stop.status)
         return RunResult(run_id, stop.status, state.step, uri, None, reason=stop.reason)
-    except KeyboardInterrupt:
-        path = _save(state, config, variant, run_id, uri)
-        log.tags({"interrupted_at_step": state.step})
+    except _Interrupted:
+        _save(state, config, variant, run_id, uri)
+        log.tags({"interrupted_at_step": state.step, "resume_from_step": state.step})
+        log.end("KILLED")
+        raise
+    except KeyboardInterrupt:  # a forced (second) Ctrl-C: the last periodic checkpoint is the one to resume
+        log.tags({"interrupted_at_step": state.step, "resume_from": "the last periodic checkpoint"})
         log.end("KILLED")
         raise
     except BaseException as err:
@@ -223,13 +268,18 @@ def _log_start(log, config, variant, sched, net, train_images, device) -> None:
 
 
 def _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress,
-          on_eval=None):
+          on_eval=None, interrupt: _Interrupt | None = None):
     """Optimiser steps up to config.steps. Returns (reason, step) when the loss diverges, else None."""
     data = train_images.to(device)
     sums: dict[str, float] = {}
     window_images, window_seconds, since_log = 0, 0.0, 0
     bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not progress)
+    interrupt = interrupt or _Interrupt()
     while state.step < config.steps:
+        if interrupt.requested:
+            bar.close()
+            raise _Interrupted
+        interrupt.deferring = True
         started = time.perf_counter()
         idx = torch.randint(0, len(data), (config.batch_size,), generator=state.data_gen)
         batch = data[idx.to(device)]
@@ -282,7 +332,10 @@ def _loop(state, model, ema_model, variant, sched, config, train_images, test_im
                 on_eval(state.step, est.summary())
         if state.step % config.checkpoint_every == 0 and state.step < config.steps:
             _save(state, config, variant, run_id, uri)
+    interrupt.deferring = False
     bar.close()
+    if interrupt.requested:
+        raise _Interrupted
     log.metrics({"train_seconds": state.train_seconds, "images_per_sec_overall":
                  state.images_seen / max(state.train_seconds, 1e-9)}, state.step)
     return None
