@@ -188,3 +188,23 @@ def test_bench_ui_serves_health_and_runs_then_stops(store):
     with socket.socket() as s:  # the server and its workers are gone: nothing listens on the port
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections may linger in TIME_WAIT
         s.bind(("127.0.0.1", port))
+
+
+def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["grid", "--variant", "simple", "--variant", "mu-mse", "--seeds", "2", "--steps", "2",
+                                      "--T", "20", "--fid-samples", "0", "--final-eval", "estimate", "--sample-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert "[4/4] mu-mse-digits-seed1" in result.output
+    out = tmp_path / "report-grid-digits"
+    table = pd.read_csv(out / "table.csv")
+    assert sorted(table.variant) == ["mu-mse[small]", "simple[small]"]
+    assert table.finished.tolist() == [2, 2] and table["bpd n"].tolist() == [2, 2]
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("grid-digits").experiment_id])
+    assert sorted(r.data.params["config.seed"] for r in runs) == ["0", "0", "1", "1"]
+    assert (out / "report.html").is_file()
+    bad = CliRunner().invoke(cli, ["grid", "--seeds", "0"])
+    assert bad.exit_code == 2 and "--seeds must be >= 1" in bad.output

@@ -1,0 +1,694 @@
+"""Tests of ``bench study`` (studies/): Optuna schedule studies nested in MLflow.
+
+Every trial is tiny (4 optimiser steps, batch 16, 8 test images for the bound, 5 network calls per
+image for the estimate, 4-image sample grids with 10 sampler steps) and everything is written under
+pytest's ``tmp_path`` (``BENCH_HOME``); Optuna and MLflow are read back from their SQLite files there.
+
+Library tests shrink trials with ``StudyConfig.run_overrides``.  The CLI has no such option and, with
+the default budget, even ``--steps 4`` takes ~9 minutes for 3 trials on 2 cores (the exact bound
+with T = 1000 on the whole test split dominates), so CLI tests shrink the *digits dataset defaults*
+instead: in-process by monkeypatching ``bench.config.DATASET_DEFAULTS["digits"]``, in subprocesses
+through a ``python -c`` wrapper that does the same before calling ``bench.cli.main``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+import bench.config as bench_config
+from bench import tracking
+from bench.cli import cli
+from bench.errors import BenchError
+from studies import study as study_mod
+from studies.space import DEFAULT_SPACE, Param, load_space, suggest
+from studies.study import StudyConfig, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"batch_size": 16, "eval_images": 8, "eval_calls": 5, "sample_grid": 4, "sample_steps": 10, "log_every": 2}
+LIB = {**TINY, "final_eval_images": 8}  # library trials keep T = 1000: the bound on 8 images is cheap
+CLI_DEFAULTS = {**TINY, "T": 40}  # the CLI forces final_eval_images = 0 (whole test split): keep T small
+STEPS = 4  # eval_every = steps // 4 = 1: estimates (and pruning checks) after steps 1, 2, 3
+EXPERIMENT = "elbo-bench-studies"
+DEFAULT_PARAMS = {"schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "T": 1000}
+WRAPPER = (  # `bench <args>` in a fresh process, with the digits defaults shrunk to CLI_DEFAULTS
+    "import json, sys; import bench.config as c; c.DATASET_DEFAULTS['digits'] = json.loads(sys.argv.pop(1)); "
+    "sys.argv[0] = 'bench'; from bench.cli import main; main()"
+)
+FINISHED_STATES = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow store (creating its tables costs seconds; concurrent first use races)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store_template")
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
+    return folder / "mlflow.db"
+
+
+def _isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
+    mp.setenv("BENCH_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("BENCH_DATA_DIR", raising=False)
+    mp.setenv("OMP_NUM_THREADS", "1")  # for spawned workers and subprocesses
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch, store_template) -> Path:
+    """BENCH_HOME = tmp_path with an empty MLflow store; nothing can land in the repository."""
+    _isolate(monkeypatch, tmp_path)
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+@pytest.fixture
+def t40_space(tmp_path) -> Path:
+    """Study file for the CLI tests: the default space with T narrowed to the (patched) default 40."""
+    path = tmp_path / "t40.toml"
+    path.write_text("[params.T]\nchoices = [40]\n")
+    return path
+
+
+def optuna_url(home: Path) -> str:
+    return f"sqlite:///{home}/optuna.db"
+
+
+def load(home: Path, name: str):
+    return optuna.load_study(study_name=name, storage=optuna_url(home))
+
+
+def mlflow_client(home: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+
+
+def tables(db: Path) -> set[str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def invoke(monkeypatch, args: list[str]):
+    """``bench <args>`` in-process, with the digits defaults shrunk to CLI_DEFAULTS."""
+    monkeypatch.setitem(bench_config.DATASET_DEFAULTS, "digits", dict(CLI_DEFAULTS))
+    return CliRunner().invoke(cli, args)
+
+
+def describe(result) -> str:
+    import traceback
+
+    tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info and result.exception else ""
+    return f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-3000:]}\n{tb}"
+
+
+def bench_process(home: Path, args: list[str], tag: str) -> subprocess.Popen:
+    """``bench <args>`` as a separate process (shrunk digits defaults); output in home/<tag>.out|err."""
+    env = {**os.environ, "BENCH_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(home / f"{tag}.out", "w") as out, open(home / f"{tag}.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-c", WRAPPER, json.dumps(CLI_DEFAULTS), *args],
+                                cwd=home, env=env, stdout=out, stderr=err, text=True)
+
+
+def process_output(home: Path, tag: str) -> str:
+    err = (home / f"{tag}.err").read_text()
+    return f"--- stdout\n{(home / f'{tag}.out').read_text()}\n--- stderr (tail)\n{err[-3000:]}"
+
+
+def precreate_stores(home: Path) -> None:
+    """The Optuna schema and the studies' MLflow experiment, as after an earlier study: creating them
+    from two processes at once races (reported separately), and the tests below are about the trials."""
+    optuna.storages.RDBStorage(optuna_url(home))
+    tracking.experiment_id(mlflow_client(home), EXPERIMENT)
+
+
+def study_config(**kw) -> StudyConfig:
+    values = {"trials": 3, "steps": STEPS, "exact_top": 1, "run_overrides": dict(LIB)} | kw
+    return StudyConfig(**values)
+
+
+def trial_runs(client, trials) -> dict:
+    return {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials}
+
+
+def ask_many(space, n=200, seed=0) -> list[dict]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append(suggest(trial, space))
+        study.tell(trial, 0.0)
+    return points
+
+
+# ----------------------------------------------------------------------------- 1. end to end (CLI)
+def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
+    res = invoke(monkeypatch, ["study", "--trials", "3", "--steps", str(STEPS), "--study-name", "e2e",
+                               "--exact-top", "1", "--space", str(t40_space)])
+    assert res.exit_code == 0, describe(res)
+
+    # Optuna: its own SQLite file, not MLflow's
+    optuna_db, mlflow_db = home / "optuna.db", home / "mlflow.db"
+    assert optuna_db.exists() and mlflow_db.exists() and optuna_db != mlflow_db
+    assert "trials" in tables(optuna_db) and "runs" not in tables(optuna_db)
+    assert "runs" in tables(mlflow_db) and "trials" not in tables(mlflow_db)
+    study = load(home, "e2e")
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[0].user_attrs.get("default_schedule") is True
+    assert trials[0].params == {**DEFAULT_PARAMS, "T": 40}  # the default schedule (T: the patched default)
+    assert not any(t.user_attrs.get("default_schedule") for t in trials[1:])
+    assert all(len(t.intermediate_values) == STEPS - 1 for t in trials)  # reported after steps 1, 2, 3
+
+    # MLflow: one parent, three nested trial runs
+    client = mlflow_client(home)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in parent.data.tags
+    assert parent.data.params["study.name"] == "e2e" and parent.data.params["study.trial_steps"] == str(STEPS)
+    runs = trial_runs(client, trials)
+    assert len({r.info.run_id for r in runs.values()}) == 3
+    for t in trials:
+        run = runs[t.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["optuna.study"] == "e2e" and run.data.tags["optuna.trial"] == str(t.number)
+        assert run.data.params["config.steps"] == str(STEPS) and run.data.params["config.T"] == "40"
+        assert run.data.params["config.final_eval"] == "estimate"
+        assert t.user_attrs["bpd_estimate"] == pytest.approx(t.value)
+
+    # the best trial, re-evaluated exactly
+    best = study.best_trial
+    assert best.value == min(t.value for t in trials)
+    assert parent.data.metrics["best_bpd"] == pytest.approx(min(t.value for t in trials))
+    assert parent.data.metrics["default_bpd"] == pytest.approx(trials[0].value)
+    assert parent.data.metrics["trials_complete"] == 3 and parent.data.metrics["trials_fail"] == 0
+    assert parent.data.params["best.trial"] == str(best.number)
+    best_params = {k.removeprefix("best."): v for k, v in parent.data.params.items()
+                   if k.startswith("best.") and k != "best.trial"}
+    assert best_params == {k: str(v) for k, v in best.params.items()}
+    exact = study.user_attrs["bpd_exact"]
+    assert set(exact) == {str(best.number)}  # --exact-top 1
+    assert parent.data.metrics["best_bpd_exact"] == pytest.approx(exact[str(best.number)])
+    assert runs[best.number].data.tags["bpd_method"].startswith("exact")
+    assert runs[best.number].data.metrics["bpd"] == pytest.approx(exact[str(best.number)])
+    for t in trials:
+        if t.number != best.number:
+            assert runs[t.number].data.tags["bpd_method"].startswith("estimate")
+
+    # the parent's artifacts
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"trials.csv", "optimization_history.png", "study_best.json"} <= artifacts
+    local = Path(client.download_artifacts(parent_id, "trials.csv", str(home)))
+    rows = list(csv.DictReader(local.open()))
+    assert [int(r["number"]) for r in rows] == [0, 1, 2] and {r["state"] for r in rows} == {"COMPLETE"}
+    summary = json.loads(Path(client.download_artifacts(parent_id, "study_best.json", str(home))).read_text())
+    assert summary["best"][0]["trial"] == best.number and summary["default"]["trial"] == 0
+    assert summary["counts"]["complete"] == 3
+
+    # what the command printed
+    assert f"study e2e (simple): parent run {parent_id}" in res.stdout
+    assert f"best trial {best.number}:" in res.stdout and "exact bpd" in res.stdout
+    assert "default schedule (trial 0)" in res.stdout
+
+
+# ----------------------------------------------------------------------------- 2. two objectives
+def test_objective_both_is_a_pareto_study_without_intermediate_reports(home):
+    [result] = run_study(study_config(trials=2, objective="both", fid_samples=16, study_name="mo"), progress=False)
+    study = load(home, "mo")
+    assert len(study.directions) == 2
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    client = mlflow_client(home)
+    runs = trial_runs(client, study.trials)
+    for t in study.trials:
+        assert len(t.values) == 2
+        assert t.intermediate_values == {}  # Trial.report is single-objective only
+        assert runs[t.number].data.metrics["fid"] == pytest.approx(t.values[1])
+        assert runs[t.number].data.params["config.fid_samples"] == "16"
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent_id)}
+    assert result.best and all(len(b["values"]) == 2 for b in result.best)
+    assert {b["trial"] for b in result.best} == {t.number for t in study.best_trials}
+
+
+# ----------------------------------------------------------------------------- 3. parallel workers
+def test_two_worker_processes_share_one_study(home):
+    run_study(study_config(trials=4, workers=2, study_name="par"), progress=False)
+    study = load(home, "par")
+    trials = study.trials
+    # MaxTrialsCallback counts every trial after each finished one: two workers may overshoot by one
+    assert 4 <= len(trials) <= 5
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert sum(bool(t.user_attrs.get("default_schedule")) for t in trials) == 1
+    client = mlflow_client(home)
+    ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(ids)) == len(trials)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    for t, run in trial_runs(client, trials).items():
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.info.status == ("FINISHED" if trials[t].state == TrialState.COMPLETE else "KILLED")
+    assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_two_cli_processes_on_one_storage_lose_and_duplicate_no_trial(home, t40_space):
+    precreate_stores(home)
+    args = ["study", "--trials", "3", "--steps", str(STEPS), "--study-name", "shared", "--storage",
+            optuna_url(home), "--space", str(t40_space), "--exact-top", "1"]
+    procs = [bench_process(home, args, tag) for tag in ("a", "b")]
+    try:
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, tag in zip(procs, ("a", "b")):
+        assert p.returncode == 0, process_output(home, tag)
+    trials = load(home, "shared").trials
+    assert 3 <= len(trials) <= 4
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    ids = [t.user_attrs.get("mlflow_run_id") for t in trials]
+    assert None not in ids and len(set(ids)) == len(ids)
+    client = mlflow_client(home)
+    for t, run in trial_runs(client, trials).items():
+        assert run.info.status == ("FINISHED" if trials[t].state == TrialState.COMPLETE else "KILLED")
+        assert run.data.tags["optuna.trial"] == str(t)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG studies/study.py run_study: creating the study's MLflow parent run "
+                   "(user attr mlflow_parent_run_id) and enqueueing the default trial are check-then-act, not atomic; "
+                   "two `bench study` processes starting on one study both create a parent (the trials are split "
+                   "between them) and both may enqueue the default schedule")
+def test_concurrent_starts_share_one_parent_run(home, monkeypatch):
+    """Two run_study calls on one study, gated so both open it before either creates the parent run
+    (what two `bench study` processes started together do; seen with real processes too)."""
+    original = study_mod._open_study
+    gate, seen = threading.Barrier(2, timeout=120), threading.local()
+
+    def gated(sc, name, worker=0):
+        study = original(sc, name, worker)
+        if not getattr(seen, "done", False):
+            seen.done = True
+            gate.wait()
+        return study
+
+    monkeypatch.setattr(study_mod, "_open_study", gated)
+    precreate_stores(home)
+    errors = []
+
+    def start():
+        try:
+            run_study(study_config(trials=3, study_name="race"), progress=False)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    study = load(home, "race")
+    client = mlflow_client(home)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    parents = [r.info.run_id for r in client.search_runs([exp])
+               if r.data.tags.get("optuna.study") == "race" and "mlflow.parentRunId" not in r.data.tags]
+    assert parents == [study.user_attrs["mlflow_parent_run_id"]]
+    assert sum(bool(t.user_attrs.get("default_schedule")) for t in study.trials) == 1
+    assert not errors, errors
+    for run in trial_runs(client, study.trials).values():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG bench/tracking.py experiment_id: get-then-create is not atomic; when "
+                   "another process creates the experiment in between (two `bench study` started together on a "
+                   "fresh store), create_experiment raises MlflowException 'already exists' and the study aborts")
+def test_experiment_created_by_another_process_in_between_is_used(home, monkeypatch):
+    client = mlflow_client(home)
+    original, calls = client.get_experiment_by_name, []
+
+    def first_look_misses(name):  # we look, then the other process creates it, then we create
+        calls.append(name)
+        if len(calls) == 1:
+            existing.append(client.create_experiment(name))
+            return None
+        return original(name)
+
+    existing = []
+    monkeypatch.setattr(client, "get_experiment_by_name", first_look_misses)
+    assert tracking.experiment_id(client, EXPERIMENT) == existing[0]
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason="BUG studies/summary.py log_study: "
+                   "df['duration'].dt.total_seconds() raises AttributeError ('Can only use .dt accessor with "
+                   "datetimelike values') when no trial has finished yet (every duration None, object column), "
+                   "e.g. a second `bench study` on a study whose --trials are all still running elsewhere")
+def test_a_study_whose_trials_all_run_elsewhere_is_summarised(home):
+    other = optuna.create_study(study_name="busy", storage=optuna_url(home))
+    other.ask()  # another worker's trial, still RUNNING
+    [result] = run_study(study_config(trials=1, study_name="busy"), progress=False)
+    assert result.counts["running"] == 1 and result.best == []
+    assert mlflow_client(home).get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- 4. pruning
+def test_a_pruned_trial_ends_its_run_killed(home):
+    sc = study_config(study_name="prune")
+    space = load_space()
+    client = mlflow_client(home)
+    parent_id = client.create_run(tracking.experiment_id(client, EXPERIMENT), run_name="prune").info.run_id
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: study_mod._objective(trial, sc, "prune", "simple", space, parent_id), n_trials=1)
+    [trial] = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1]  # pruned at the first evaluation (step 1)
+    assert "checkpoint" not in trial.user_attrs
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["stop_reason"].startswith("pruned")
+    assert run.data.tags["stop_step"] == "1"
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+
+
+# ----------------------------------------------------------------------------- 5. divergence
+def test_a_diverging_trial_fails_and_the_study_goes_on(home):
+    [result] = run_study(study_config(trials=2, study_name="div", run_overrides={**LIB, "lr": 1e30}), progress=False)
+    study = load(home, "div")
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]  # trial 1 ran after trial 0 failed
+    client = mlflow_client(home)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    for t, run in trial_runs(client, trials).items():
+        assert "non-finite" in trials[t].user_attrs["failure_reason"]
+        assert "checkpoint" not in trials[t].user_attrs
+        assert run.info.status == "FAILED"
+        assert run.data.tags["diverged"] == "true" and "non-finite" in run.data.tags["failure_reason"]
+        assert trials[t].user_attrs["failure_reason"] == f"{run.data.tags['failure_reason']} at step {run.data.tags['failure_step']}"
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_fail"] == 2 and parent.data.metrics["trials_complete"] == 0
+    assert "best_bpd" not in parent.data.metrics and not any(k.startswith("best.") for k in parent.data.params)
+    assert result.counts["fail"] == 2 and result.best == [] and result.default is None
+
+
+# ----------------------------------------------------------------------------- 6. resuming by name
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, store_template):
+    """A study run with trials=2, then resumed by name with trials=3 (the second session trains longer)."""
+    home = tmp_path_factory.mktemp("resumed")
+    shutil.copyfile(store_template, home / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, home)
+        [first] = run_study(study_config(trials=2, study_name="resume"), progress=False)
+        best_after_first = load(home, "resume").best_trial.number
+        [second] = run_study(study_config(trials=3, steps=16, study_name="resume",
+                                          run_overrides={**LIB, "warmup_steps": 1}), progress=False)
+    return {"home": home, "first": first, "second": second, "best_after_first": best_after_first,
+            "study": load(home, "resume")}
+
+
+def test_resuming_by_name_continues_the_same_study(resumed):
+    study, first, second = resumed["study"], resumed["first"], resumed["second"]
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [bool(t.user_attrs.get("default_schedule")) for t in trials] == [True, False, False]
+    assert trials[0].params == DEFAULT_PARAMS  # the default schedule under the default space
+    assert second.parent_run_id == first.parent_run_id == study.user_attrs["mlflow_parent_run_id"]
+    client = mlflow_client(resumed["home"])
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_complete"] == 3
+    for run in trial_runs(client, trials).values():
+        assert run.data.tags["mlflow.parentRunId"] == first.parent_run_id
+    assert client.get_run(trials[2].user_attrs["mlflow_run_id"]).data.params["config.steps"] == "16"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG studies/study.py _sampler: a resumed study's sampler is seeded "
+                   "with the same seed again, so the new session redraws the first session's points "
+                   "(trial 2 repeats trial 1's parameters)")
+def test_a_resumed_study_draws_new_points(resumed):
+    trials = resumed["study"].trials
+    assert trials[2].params != trials[1].params
+
+
+@pytest.mark.xfail(strict=True, reason="BUG studies/summary.py log_study: best.* params are logged through "
+                   "RunLogger.params, which skips keys the parent already has, so after a resume whose best "
+                   "trial changed the parent's best.* params still name the old best (best_bpd is new)")
+def test_a_resumed_study_updates_the_best_params(resumed):
+    study = resumed["study"]
+    if study.best_trial.number == resumed["best_after_first"]:
+        pytest.skip("the resumed session did not change the best trial")
+    parent = mlflow_client(resumed["home"]).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["best_bpd"] == pytest.approx(study.best_value)
+    assert parent.data.params["best.trial"] == str(study.best_trial.number)
+
+
+# ----------------------------------------------------------------------------- 7. heartbeat
+def _running_trial_with_params(db: Path, name: str) -> bool:
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            row = con.execute(
+                "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                "JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                "WHERE s.study_name = ? AND t.state = 'RUNNING' "
+                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id)", (name,)).fetchone()
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return False
+    return row is not None
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
+    args = ["study", "--heartbeat", "1", "--steps", "2000", "--trials", "2", "--study-name", "hb",
+            "--space", str(t40_space), "--exact-top", "1"]
+    proc = bench_process(home, args, "hb")
+    try:
+        deadline = time.monotonic() + 90
+        while not _running_trial_with_params(home / "optuna.db", "hb"):
+            assert proc.poll() is None, f"exited with {proc.returncode} before a trial ran\n" + process_output(home, "hb")
+            assert time.monotonic() < deadline, "no RUNNING trial appeared\n" + process_output(home, "hb")
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    time.sleep(3)  # > grace period (2 x heartbeat = 2 s)
+    [result] = run_study(study_config(trials=2, heartbeat=1, study_name="hb", space_file=str(t40_space),
+                                      run_overrides=dict(CLI_DEFAULTS)), progress=False)
+    trials = load(home, "hb").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    stale, retry = trials
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+        assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [0]
+    assert retry.params == stale.params == {**DEFAULT_PARAMS, "T": 40}
+    assert retry.user_attrs.get("default_schedule") is True
+    client = mlflow_client(home)
+    run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    assert result.counts["fail"] == 1 and result.counts["complete"] == 1
+
+
+# ----------------------------------------------------------------------------- 8. bad input, --show-space
+BAD_FILES = {
+    "unknown-parameter": ("[params.gamma]\nlow = 0.1\nhigh = 0.2\n", "unknown parameter 'gamma'"),
+    "low-not-below-high": ("[params.cosine_s]\nlow = 0.1\nhigh = 0.01\n", "impossible range"),
+    "low-equals-high": ("[params.T]\nlow = 100\nhigh = 100\n", "impossible range"),
+    "beta-start-above-beta-end": ("[params.beta_start]\nlow = 0.01\nhigh = 0.02\n", "beta_start's low"),
+    "log-with-zero-low": ("[params.cosine_s]\nlow = 0.0\nhigh = 0.1\nlog = true\n", "low must be > 0"),
+    "unknown-section": ("[search]\nsampler = 'tpe'\n", "unknown section(s) search"),
+    "categorical-without-choices": ("[params.schedule]\nlow = 1\nhigh = 2\n", "categorical"),
+    "unknown-schedule": ("[params.schedule]\nchoices = ['sigmoid']\n", "schedule choices"),
+    "beta-end-reaches-one": ("[params.beta_end]\nlow = 0.01\nhigh = 1.0\n", "below 1"),
+    "not-toml": ("[params.T\n", "not valid TOML"),
+}
+
+
+def _one_error_line(res) -> str:
+    assert res.exit_code not in (0, None), describe(res)
+    assert res.exception is None or isinstance(res.exception, SystemExit), describe(res)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), describe(res)
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_study_file_is_one_error_line(home, tmp_path, monkeypatch, case):
+    text, message = BAD_FILES[case]
+    path = tmp_path / f"{case}.toml"
+    path.write_text(text)
+    res = invoke(monkeypatch, ["study", "--trials", "1", "--steps", "1", "--space", str(path)])
+    assert message in _one_error_line(res)
+    assert not (home / "optuna.db").exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "trials must be an integer >= 1, got 0"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--workers", "0"], "workers must be an integer >= 1"),
+    (["--heartbeat", "0"], "heartbeat must be an integer >= 1"),
+    (["--timeout", "0"], "timeout must be > 0"),
+    (["--space", "no-such-study"], "study file no-such-study not found"),
+    (["--sampler", "grid"], "Invalid value for '--sampler'"),
+])
+def test_bad_options_are_one_error_line(home, monkeypatch, args, message):
+    res = invoke(monkeypatch, ["study", *args])
+    assert message in _one_error_line(res)
+    assert not (home / "optuna.db").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG studies/study.py StudyConfig.storage_url: only the default storage "
+                   "is checked against the MLflow store; --storage pointing at mlflow.db is opened, Optuna "
+                   "creates its tables inside MLflow's database, then fails on the alembic version")
+def test_storage_in_the_mlflow_store_is_refused(home, monkeypatch):
+    res = invoke(monkeypatch, ["study", "--trials", "1", "--steps", "1", "--storage", f"sqlite:///{home}/mlflow.db"])
+    line = _one_error_line(res)
+    assert "trials" not in tables(home / "mlflow.db")  # MLflow's store left alone
+    assert "different files" in line
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({"objective": "fid", "fid_samples": 0}, marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG studies/study.py StudyConfig.validate: --objective fid/both with --fid-samples 0 is accepted; "
+        "every trial then fails with 'fid was not computed'"))),
+    pytest.param({"exact_top": -1}, marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG studies/study.py StudyConfig.validate: exact_top is not validated; -1 silently means "
+        "'all but the worst' (ranked[:-1])"))),
+    {"trials": 0}, {"workers": 0}, {"heartbeat": 0}, {"timeout": -1.0}, {"objective": "loss"},
+    {"sampler": "cmaes"}, {"variants": ()}, {"run_overrides": {"lr": -1.0}},
+])
+def test_study_config_refuses_nonsense(kwargs):
+    with pytest.raises(BenchError):
+        StudyConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("text", [
+    "[params.warmup_steps]\nlow = -10\nhigh = -1\n",
+    "[params.ema_decay]\nlow = 0.9\nhigh = 1.5\n",
+    "[params.T]\nchoices = [0, 40]\n",
+])
+@pytest.mark.xfail(strict=True, reason="BUG studies/space.py load_space/_param: ranges are not checked against "
+                   "what RunConfig.validate accepts, so the study starts and aborts at the first trial that "
+                   "draws an invalid value (BenchError out of RunConfig.validate in studies/study.py _objective)")
+def test_ranges_outside_what_a_run_accepts_are_refused_up_front(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(BenchError):
+        load_space(path)
+
+
+def test_show_space_lists_the_parameters(home, tmp_path, monkeypatch):
+    res = invoke(monkeypatch, ["study", "--show-space"])
+    assert res.exit_code == 0, describe(res)
+    lines = res.stdout.splitlines()
+    assert lines[:5] == [
+        "schedule: one of ['linear', 'cosine']",
+        "beta_start: log-uniform in [1e-05, 0.001]",
+        "beta_end: log-uniform in [0.005, 0.05]",
+        "cosine_s: log-uniform in [0.001, 0.1]",
+        "T: one of [250, 500, 1000]",
+    ]
+    assert not any(line.startswith("lr:") for line in lines)
+    assert not (home / "optuna.db").exists() and "trials" not in tables(home / "mlflow.db")
+
+    res = invoke(monkeypatch, ["study", "--show-space", "--tune-lr"])
+    assert res.exit_code == 0, describe(res)
+    assert "lr: log-uniform in [0.0001, 0.003]" in res.stdout.splitlines()
+
+    dropped = tmp_path / "dropped.toml"
+    dropped.write_text("[params.cosine_s]\nenabled = false\n[params.T]\nenabled = false\n")
+    res = invoke(monkeypatch, ["study", "--show-space", "--space", str(dropped)])
+    assert res.exit_code == 0, describe(res)
+    names = [line.split(":")[0] for line in res.stdout.splitlines()[:-1]]
+    assert names == ["schedule", "beta_start", "beta_end"]
+
+    res = invoke(monkeypatch, ["study", "--show-space", "--space", "narrow"])  # studies/narrow.toml, by name
+    assert res.exit_code == 0, describe(res)
+    assert "schedule: one of ['cosine']" in res.stdout
+    assert "lr: log-uniform in [0.0003, 0.003]" in res.stdout
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG studies/study.py _default_point: trial 0 is "
+                   "enqueued with the base config's values even when the space cannot hold them (schedule "
+                   "'linear' under choices ['cosine'], as in studies/narrow.toml); suggest_categorical raises "
+                   "ValueError \"'linear' not in ('cosine',)\" and the whole study aborts")
+def test_a_narrowed_space_runs(home):
+    run_study(study_config(trials=2, study_name="narrow", space_file="narrow"), progress=False)
+    trials = load(home, "narrow").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(t.params["schedule"] == "cosine" and 3e-4 <= t.params["lr"] <= 3e-3 for t in trials)
+
+
+# ----------------------------------------------------------------------------- 9. the sampler's constraints
+def test_suggest_keeps_beta_start_below_beta_end():
+    points = ask_many(DEFAULT_SPACE)
+    linear = [p for p in points if p["schedule"] == "linear"]
+    cosine = [p for p in points if p["schedule"] == "cosine"]
+    assert len(linear) > 50 and len(cosine) > 50
+    for p in linear:
+        assert set(p) == {"schedule", "beta_start", "beta_end", "T"}
+        assert 1e-5 <= p["beta_start"] < p["beta_end"] <= 5e-2 and p["beta_end"] >= 5e-3
+        assert p["T"] in (250, 500, 1000)
+    for p in cosine:
+        assert set(p) == {"schedule", "cosine_s", "T"}
+        assert 1e-3 <= p["cosine_s"] <= 0.1
+    # overlapping ranges: the bound β_1 < β_T actually binds
+    for p in ask_many({"beta_start": Param("beta_start", low=1e-3, high=4e-2, log=True),
+                       "beta_end": DEFAULT_SPACE["beta_end"]}):
+        assert p["beta_start"] < p["beta_end"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG studies/space.py suggest/_check_consistent: with categorical "
+                   "beta_start choices the β_1 < β_T constraint is neither checked at load time nor enforced "
+                   "when sampling (suggest only caps a float beta_start)")
+def test_suggest_keeps_categorical_beta_start_below_beta_end(tmp_path):
+    path = tmp_path / "cat.toml"
+    path.write_text("[params.beta_start]\nchoices = [0.001, 0.01]\n")
+    try:
+        space = load_space(path)
+    except BenchError:
+        return  # refusing such a space is a fix too
+    for p in ask_many(space):
+        if p["schedule"] == "linear":
+            assert p["beta_start"] < p["beta_end"], p
