@@ -73,7 +73,13 @@ def experiment_id(c, name: str) -> str:
     location = None
     if c.tracking_uri.startswith("sqlite:///"):
         location = (Path(c.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it in between: use theirs
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:

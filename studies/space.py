@@ -61,6 +61,8 @@ def _param(name: str, spec: dict, where: str) -> Param:
     if unknown:
         raise BenchError(f"{where}: parameter {name!r} has unknown key(s) {', '.join(sorted(unknown))}")
     kind = TUNABLE[name]
+    if "choices" in spec and name in LINEAR_ONLY:
+        raise BenchError(f"{where}: {name} takes a range (low, high) so that β_1 < β_T can be kept, not choices")
     if "choices" in spec:
         choices = tuple(spec["choices"])
         if not choices:
@@ -116,6 +118,7 @@ def load_space(path: str | Path | None = None, tune_lr: bool = False) -> dict[st
                 continue
             space[name] = _param(name, spec, f"study file {file}")
     _check_consistent(space)
+    _check_runnable(space)
     return space
 
 
@@ -127,6 +130,23 @@ def _check_consistent(space: dict[str, Param]) -> None:
         )
     if end and end.choices is None and end.high >= 1:
         raise BenchError(f"impossible range: beta_end's high must be below 1, got {end.high:g}")
+
+
+def _check_runnable(space: dict[str, Param]) -> None:
+    """Every end of a range and every choice must be a value a run accepts (RunConfig.validate)."""
+    import dataclasses
+
+    from bench.config import RunConfig
+
+    for p in space.values():
+        if p.name in LINEAR_ONLY:  # checked against each other by _check_consistent
+            continue
+        values = p.choices if p.choices is not None else (p.low, p.high)
+        for v in values:
+            try:
+                dataclasses.replace(RunConfig(), sample_steps=0, **{p.name: v}).validate()
+            except BenchError as err:
+                raise BenchError(f"impossible range for {p.name}: a run refuses {v!r} ({err})") from None
 
 
 def suggest(trial, space: dict[str, Param], base_schedule: str = "linear") -> dict:

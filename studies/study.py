@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import time
 from dataclasses import dataclass, field, replace
 
 from bench import tracking
@@ -55,6 +56,10 @@ class StudyConfig:
         for name in ("trials", "steps", "workers", "heartbeat"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if "fid" in OBJECTIVES[self.objective] and self.fid_samples < 2:
+            raise BenchError(f"--objective {self.objective} needs --fid-samples >= 2, got {self.fid_samples}")
+        if self.exact_top < 0:
+            raise BenchError(f"--exact-top must be >= 0, got {self.exact_top}")
         if self.timeout is not None and self.timeout <= 0:
             raise BenchError(f"timeout must be > 0 seconds, got {self.timeout}")
         if not self.variants:
@@ -74,11 +79,9 @@ class StudyConfig:
         })
 
     def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
-        url = f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
-        if url == tracking.resolve_tracking_uri(self.tracking_uri):
-            raise BenchError("the Optuna storage and the MLflow store must be different files")
+        url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
+        if _same_store(url, tracking.resolve_tracking_uri(self.tracking_uri)):
+            raise BenchError(f"the Optuna storage {url} is the MLflow store; give --storage another database")
         return url
 
     def name_for(self, variant: str) -> str:
@@ -86,6 +89,15 @@ class StudyConfig:
             return self.study_name
         base = self.study_name or f"schedule-{self.dataset}-{self.objective}"
         return f"{base}-{variant}"
+
+
+def _same_store(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    def norm(u: str) -> str:
+        return str(Path(u.removeprefix("sqlite:///")).resolve()) if u.startswith("sqlite:///") else u
+
+    return norm(a) == norm(b)
 
 
 @dataclass
@@ -109,7 +121,8 @@ def _storage(sc: StudyConfig):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-            return RDBStorage(url, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
+            engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
         raise BenchError(f"cannot open the Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
@@ -117,10 +130,12 @@ def _storage(sc: StudyConfig):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _sampler(sc: StudyConfig, worker: int):
+def _sampler(sc: StudyConfig, worker: int, offset: int = 0):
+    """Seeded by the study seed, the worker and how many trials the study already holds, so a resumed
+    study or a second process does not redraw the points of the first."""
     import optuna
 
-    seed = sc.seed + worker
+    seed = sc.seed + 1000 * worker + offset
     return {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -136,20 +151,26 @@ def _open_study(sc: StudyConfig, name: str, worker: int = 0):
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=_storage(sc), study_name=name, load_if_exists=True, directions=directions,
                                 sampler=_sampler(sc, worker), pruner=pruner)
+    study.sampler = _sampler(sc, worker, offset=len(study.trials))
     if len(study.directions) != len(directions):
         raise BenchError(f"study {name!r} exists with {len(study.directions)} objective(s); "
                          f"--objective {sc.objective} needs {len(directions)}: choose another --study-name")
     return study
 
 
-def _default_point(base: RunConfig, space: dict[str, Param]) -> dict:
+def _default_point(base: RunConfig, space: dict[str, Param]) -> dict | None:
+    """The base config's values of the tuned parameters, or None when the space cannot hold them."""
     point = {}
     for name in space:
         if name in ("beta_start", "beta_end") and base.schedule != "linear":
             continue
         if name == "cosine_s" and base.schedule != "cosine":
             continue
-        point[name] = getattr(base, name)
+        point[name] = value = getattr(base, name)
+        p = space[name]
+        inside = value in p.choices if p.choices is not None else p.low <= value <= p.high
+        if not inside:
+            return None
     return point
 
 
@@ -160,6 +181,8 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
 
     base = sc.base_config(variant)
     params = suggest(trial, space, base.schedule)
+    if base.sample_steps > params.get("T", base.T):
+        params["sample_steps"] = 0  # a smaller T than the sampler's default steps: sample with all T
     config = replace(base, **params, run_name=f"{name}/trial-{trial.number}").validate()
     single = len(OBJECTIVES[sc.objective]) == 1
 
@@ -207,6 +230,38 @@ def _worker_main(sc, name, variant, space, parent_run_id, worker) -> None:  # a 
 
 
 # ------------------------------------------------------------------------- the study
+def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) -> tuple[str, bool]:
+    """The study's MLflow parent run: (run id, whether this process created it).
+
+    Two processes starting together may both create one; each writes its id into the study, waits,
+    and reads back which id stayed: that one is the parent, and the other process deletes its own.
+    """
+    import optuna
+
+    existing = study.user_attrs.get("mlflow_parent_run_id")
+    if existing is not None:
+        client.update_run(existing, status="RUNNING")
+        return existing, False
+    exp = tracking.experiment_id(client, sc.experiment)
+    mine = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
+                                                       "study.dataset": sc.dataset}).info.run_id
+    study.set_user_attr("mlflow_parent_run_id", mine)
+    time.sleep(1.0)  # let a concurrent starter's write land before reading the winner
+    winner = optuna.load_study(study_name=name, storage=study._storage).user_attrs["mlflow_parent_run_id"]
+    if winner != mine:
+        client.delete_run(mine)
+        return winner, False
+    study.set_user_attr("objective", sc.objective)
+    study.set_user_attr("space", describe_space(space))
+    tracking.RunLogger(client, mine).params({
+        "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
+        "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
+        "study.seed": sc.seed, "study.space": describe_space(space),
+        "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
+    })
+    return mine, True
+
+
 def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
     """Run (or resume) one study per variant; returns their summaries."""
     sc.validate()
@@ -216,24 +271,11 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
     for variant in sc.variants:
         name = sc.name_for(variant)
         study = _open_study(sc, name)
-        parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
-        if parent_run_id is None:
-            exp = tracking.experiment_id(client, sc.experiment)
-            parent_run_id = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
-                                                                        "study.dataset": sc.dataset}).info.run_id
-            study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-            study.set_user_attr("objective", sc.objective)
-            study.set_user_attr("space", describe_space(space))
-            tracking.RunLogger(client, parent_run_id).params({
-                "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
-                "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
-                "study.seed": sc.seed, "study.space": describe_space(space),
-                "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
-            })
-        else:
-            client.update_run(parent_run_id, status="RUNNING")
-        if not study.trials:  # the default schedule is trial 0, so the study's answer compares with it
-            study.enqueue_trial(_default_point(sc.base_config(variant), space), user_attrs={"default_schedule": True})
+        parent_run_id, created = _parent_run(client, study, sc, name, variant, space)
+        if created and not study.trials:  # the default schedule is trial 0, so the answer compares with it
+            default = _default_point(sc.base_config(variant), space)
+            if default is not None:
+                study.enqueue_trial(default, user_attrs={"default_schedule": True})
         log = tracking.RunLogger(client, parent_run_id)
         try:
             if sc.workers == 1:

@@ -7,6 +7,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pandas as pd
+
 
 def _complete(study):
     from optuna.trial import TrialState
@@ -66,7 +68,7 @@ def log_study(study, sc, name: str, variant: str, log):
     default = next((_row(t, exact) for t in study.trials if t.user_attrs.get("default_schedule") and t.state == TrialState.COMPLETE), None)
     if len(best) == 1:
         b = best[0]
-        log.params({f"best.{k}": v for k, v in b["params"].items()} | {"best.trial": b["trial"]})
+        log.tags({f"best.{k}": v for k, v in b["params"].items()} | {"best.trial": b["trial"]})  # tags: a resume may change them
         metrics |= {f"best_{k}": v for k, v in zip(keys, b["values"])}
         if b["bpd_exact"] is not None:
             metrics["best_bpd_exact"] = b["bpd_exact"]
@@ -76,7 +78,8 @@ def log_study(study, sc, name: str, variant: str, log):
     log.dict({"best": best, "default": default, "counts": counts}, "study_best.json")
     df = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
     if len(df):
-        df["duration"] = df["duration"].dt.total_seconds() if "duration" in df else None
+        if "duration" in df and pd.api.types.is_timedelta64_dtype(df["duration"]):
+            df["duration"] = df["duration"].dt.total_seconds()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "trials.csv"
             df.to_csv(path, index=False)
