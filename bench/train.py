@@ -155,6 +155,16 @@ def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
     return test[: min(n, len(test))] if n else test
 
 
+def _setup(config: RunConfig):
+    """Validate ``config`` and load what a run needs: (device, train and test images, variant, schedule).
+    Everything that can refuse bad input happens here, before any MLflow run exists."""
+    config.validate()
+    device = resolve_device(config.device)
+    train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
+    test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
+    return device, train_images, test_images, get_variant(config.variant, config.variance), config.build_schedule()
+
+
 def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None) -> RunConfig:
     """The config a checkpoint's run continues with: its own, with a new step target or device if given."""
     config = RunConfig(**ckpt["config"])
@@ -174,12 +184,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
         config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]), device=config.device,
                          tracking_uri=ckpt["tracking_uri"])
-    config.validate()
-    device = resolve_device(config.device)
-    train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
-    test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
-    variant = get_variant(config.variant, config.variance)
-    sched = config.build_schedule()
+    device, train_images, test_images, variant, sched = _setup(config)
     C, H = train_images.shape[1], train_images.shape[2]
 
     torch.manual_seed(config.seed)
@@ -385,12 +390,8 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     ckpt = load_checkpoint(path)
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device}.items() if v is not None}
-    config = replace(RunConfig(**ckpt["config"]), **overrides).validate()
-    dev = resolve_device(config.device)
-    train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
-    test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
-    variant = get_variant(config.variant, config.variance)
-    sched = config.build_schedule()
+    config = replace(RunConfig(**ckpt["config"]), **overrides)
+    dev, train_images, test_images, variant, sched = _setup(config)
     C, H = train_images.shape[1], train_images.shape[2]
     ema = build_network(config.network, C, variant.out_channels(C), H)
     ema.load_state_dict(ckpt["ema"])

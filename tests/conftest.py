@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def write_cifar10_folder(root: Path, n_train_per_batch: int, n_test: int, seed: int = 0) -> Path:
@@ -61,3 +62,23 @@ def cifar10_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     write_cifar10_folder(root, n_train_per_batch=4, n_test=3, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls in tests that
+    start many tiny runs (used by test_run.py and test_study.py)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow store (creating its tables costs seconds; concurrent first use races)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store_template")
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
+    return folder / "mlflow.db"

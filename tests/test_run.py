@@ -42,6 +42,8 @@ TINY = [
 VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-mse"}
 RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\d+)$", re.M)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
@@ -50,23 +52,6 @@ def _no_ambient_tracking_uri(monkeypatch):
     monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An initialised, empty embedded MLflow store (creating the tables costs seconds on a slow disk)."""
-    from mlflow.tracking import MlflowClient
-
-    folder = tmp_path_factory.mktemp("store_template")
-    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
-    return folder / "mlflow.db"
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from click.testing import CliRunner
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -54,25 +53,10 @@ WRAPPER = (  # `bench <args>` in a fresh process, with the digits defaults shrun
 )
 FINISHED_STATES = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ----------------------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow store (creating its tables costs seconds; concurrent first use races)."""
-    from mlflow.tracking import MlflowClient
-
-    folder = tmp_path_factory.mktemp("store_template")
-    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
-    return folder / "mlflow.db"
 
 
 def _isolate(mp: pytest.MonkeyPatch, home: Path) -> None:
