@@ -143,9 +143,12 @@ class RunLogger:
 
         source = CodeDatasetSource({"loader": f"bench.data.load_dataset({name!r}, split={context!r})"})
         ds = mlflow.data.from_numpy(images.numpy(), source=source, name=f"{name}-{context}")
-        self.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
-        )
+        inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception:  # two runs registering the same dataset at once: the second finds it on a retry
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def image(self, array, key: str, step: int) -> None:
         self.client.log_image(self.run_id, array, key=key, step=step)
