@@ -412,5 +412,5 @@ class _NoLog:
 
 
 def summarize(metrics: dict[str, float]) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in metrics.items() if not math.isnan(v)]
+    parts = [f"{k} {v:.4f}" if abs(v) >= 1e-3 else f"{k} {v:.2e}" for k, v in metrics.items() if not math.isnan(v)]
     return ", ".join(parts)
