@@ -250,6 +250,10 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
     winner = optuna.load_study(study_name=name, storage=study._storage).user_attrs["mlflow_parent_run_id"]
     if winner != mine:
         client.delete_run(mine)
+        for _ in range(600):  # wait until the winner has set the study up (its default trial enqueued)
+            if optuna.load_study(study_name=name, storage=study._storage).user_attrs.get("ready"):
+                break
+            time.sleep(0.1)
         return winner, False
     study.set_user_attr("objective", sc.objective)
     study.set_user_attr("space", describe_space(space))
@@ -272,10 +276,12 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
         name = sc.name_for(variant)
         study = _open_study(sc, name)
         parent_run_id, created = _parent_run(client, study, sc, name, variant, space)
-        if created and not study.trials:  # the default schedule is trial 0, so the answer compares with it
-            default = _default_point(sc.base_config(variant), space)
-            if default is not None:
-                study.enqueue_trial(default, user_attrs={"default_schedule": True})
+        if created:
+            if not study.trials:  # the default schedule is trial 0, so the answer compares with it
+                default = _default_point(sc.base_config(variant), space)
+                if default is not None:
+                    study.enqueue_trial(default, user_attrs={"default_schedule": True})
+            study.set_user_attr("ready", True)  # a concurrent starter may now take trials
         log = tracking.RunLogger(client, parent_run_id)
         try:
             if sc.workers == 1:
