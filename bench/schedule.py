@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -89,50 +90,52 @@ class Schedule:
         raise BenchError(f"cannot rebuild a schedule from spec {spec!r}: kind must be linear, cosine or explicit")
 
     # ----------------------------------------------------------------- derived tables (float64 [T])
+    # Cached: the training step and the evaluator gather from them many times per batch.
+
     @property
     def T(self) -> int:
         return self.betas.numel()
 
-    @property
+    @cached_property
     def alphas(self) -> torch.Tensor:
         return 1.0 - self.betas
 
-    @property
+    @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t = ∏_{s≤t} α_s."""
         return torch.cumprod(self.alphas, dim=0)
 
-    @property
+    @cached_property
     def alphas_cumprod_prev(self) -> torch.Tensor:
         """ᾱ_{t−1}, with ᾱ_0 = 1."""
         return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
 
-    @property
+    @cached_property
     def posterior_variance(self) -> torch.Tensor:
         """β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t); β̃_1 = 0."""
         return self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
-    @property
+    @cached_property
     def posterior_log_variance_clipped(self) -> torch.Tensor:
         """log β̃_t with β̃_1 (= 0) replaced by β̃_2, as both reference implementations do."""
         var = self.posterior_variance
         return torch.log(torch.cat([var[1:2], var[1:]]))
 
-    @property
+    @cached_property
     def log_betas(self) -> torch.Tensor:
         return torch.log(self.betas)
 
-    @property
+    @cached_property
     def log_betas_decoder(self) -> torch.Tensor:
         """log β_t for the fixed "large" variance, with β̃_2 at t = 1 for the decoder (iDDPM)."""
         return torch.cat([self.posterior_log_variance_clipped[:1], self.log_betas[1:]])
 
-    @property
+    @cached_property
     def posterior_mean_coef1(self) -> torch.Tensor:
         """Coefficient of x_0 in μ̃_t: √ᾱ_{t−1} β_t / (1 − ᾱ_t)."""
         return self.betas * torch.sqrt(self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
-    @property
+    @cached_property
     def posterior_mean_coef2(self) -> torch.Tensor:
         """Coefficient of x_t in μ̃_t: √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)."""
         return torch.sqrt(self.alphas) * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
