@@ -13,8 +13,12 @@ for each dataset is fixed, so two runs (on any machine) see exactly the same ima
   (``data_batch_1`` .. ``data_batch_5`` = train, 50000 images; ``test_batch`` = test, 10000).
   The pickles are read directly, so any folder in the true on-disk format works.  The data root
   is the ``data_dir`` argument, else ``$BENCH_DATA_DIR``, else ``~/.cache/elbo-bench/data``;
-  the files must be at ``<root>/cifar-10-batches-py/<batch>``.  The pickles are unpickled, so
-  only point the loader at a folder you trust.
+  the files must be at ``<root>/cifar-10-batches-py/<batch>``.  The pickles are read with a
+  restricted unpickler that builds only what a CIFAR-10 batch holds (builtin containers and scalars,
+  bytes and numpy arrays: the globals ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct``,
+  ``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode`` restricted to latin-1, which is how
+  Python 3 writes bytes at pickle protocol 2); a file naming any other global is refused with a
+  :class:`~bench.errors.BenchError` before anything in it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
 
 from bench.errors import BenchError
 
@@ -99,13 +108,50 @@ def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return DEFAULT_DATA_DIR.expanduser()
 
 
+class _ForeignGlobal(pickle.UnpicklingError):
+    """A CIFAR-10 pickle named a global outside :data:`_CIFAR10_GLOBALS`; the message is ``module.name``."""
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as a protocol-2 pickle uses it: Python 3 pickles ``bytes`` as ``encode(str, "latin1")``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _ForeignGlobal(f"_codecs.encode(<{type(text).__name__}>, {encoding!r})")
+    return text.encode("latin-1")
+
+
+# Everything a CIFAR-10 batch may name: numpy arrays as pickled by numpy 1.x (the official files,
+# Python 2) and numpy 2, plus bytes as Python 3 writes them at protocol 2 (tests/conftest.py's folders).
+_CIFAR10_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_CIFAR10_GLOBALS`, so a crafted batch cannot call anything else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _CIFAR10_GLOBALS.get((module, name))
+        if found is None:
+            raise _ForeignGlobal(f"{module}.{name}")
+        return found
+
+
 def _read_cifar10_batch(path: Path) -> np.ndarray:
     """Read one CIFAR-10 pickle and return its images as uint8 ``[n, 3, 32, 32]``."""
     if not path.is_file():
         raise BenchError(f"CIFAR-10 batch file {path} is missing; the folder is incomplete")
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _ForeignGlobal as exc:
+        raise BenchError(
+            f"CIFAR-10 batch file {path} refers to {exc}, which no CIFAR-10 batch holds; refusing to unpickle it "
+            f"(it could run code): replace {path.parent} with the official {CIFAR10_FOLDER} (e.g. --download)"
+        ) from exc
     except Exception as exc:  # garbage bytes raise many different errors
         raise BenchError(
             f"CIFAR-10 batch file {path} is not a readable pickle ({type(exc).__name__}: {exc})"

@@ -1,10 +1,17 @@
 """FID, KID and precision/recall of generated images, computed through torch-fidelity.
 
-:func:`compute_fid` hands ``samples`` (input1, "generated") and ``reference`` (input2, "real") to
-``torch_fidelity.calculate_metrics`` as uint8 ``[N, C, H, W]`` datasets.  The reference features and
-FID statistics are cached by torch-fidelity under ``<cache_dir>/fidelity`` with an
-``input2_cache_name`` made of the dataset, split, size and content hash of the reference, the
-extractor name, its weights hash and the feature layer, so they are computed once.
+:func:`compute_fid` runs ``samples`` ("generated", torch-fidelity's input1) and ``reference``
+("real", input2) through the feature extractor with torch-fidelity's own batching
+(``get_featuresdict_from_dataset``) and hands the features to torch-fidelity's metric functions
+(``fid_statistics_to_metric``, ``kid_featuresdict_to_metric``, ``prc_featuresdict_to_metric``): the
+numbers are those ``torch_fidelity.calculate_metrics`` gives, but torch-fidelity's file cache (which
+reads ``.pt`` files with ``torch.load(weights_only=False)``, so a planted file would run code) is
+never used.  Instead the reference features (float32 ``[N, D]``) and FID statistics (``mu`` float32
+``[D]``, ``sigma`` float64 ``[D, D]``) are cached by this module as
+``<cache_dir>/fidelity/<name>.npz``, written atomically and read with ``numpy.load(allow_pickle=False)``
+(a format that cannot run code); ``<name>`` is made of the dataset, split, size and content hash of
+the reference, the extractor name, its weights hash and the feature layer, so they are computed once.
+A cache file that is unreadable or does not match is recomputed and replaced, with a warning.
 
 Feature extractors:
 
@@ -12,13 +19,14 @@ Feature extractors:
   from ``fid_weights`` (``--fid-weights PATH``), else torch-fidelity's file in the torch hub cache
   (``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else
   torch-fidelity's download URL; when all fail (offline) :class:`FidUnavailable` is raised.  No
-  other network is ever substituted.  The weights file is unpickled by torch-fidelity
-  (``weights_only=False``): only pass files you trust.
+  other network is ever substituted.  The weights are read with ``torch.load(weights_only=True)``
+  (torch-fidelity itself would use ``weights_only=False``), so a file holding anything but a state
+  dict of tensors is refused with a :class:`~bench.errors.BenchError` before any of it runs.
 * ``digits`` (grey 8x8): a small CNN classifier trained deterministically on the digits train split
   (labels from scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order), saved as
   ``<cache_dir>/digits-classifier-<hash8>.pt`` (``hash8``: first 8 hex digits of the file's sha256)
-  and registered with torch-fidelity as the extractor ``digits-classifier-<hash8>``; its 64-d
-  penultimate layer (``"64"``) feeds FID, KID and precision/recall.
+  and read with ``torch.load(weights_only=True)``; the extractor is named ``digits-classifier-<hash8>``
+  and its 64-d penultimate layer (``"64"``) feeds FID, KID and precision/recall.
 """
 
 from __future__ import annotations
@@ -26,20 +34,27 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_fidelity
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from bench.data import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError
@@ -55,6 +70,7 @@ DIGITS_TRAIN_BATCH = 50
 KID_MAX_SUBSET_SIZE = 1000
 PRC_NEIGHBORHOOD = 3
 FIDELITY_SUBDIR = "fidelity"
+_CACHE_KEYS = ("features", "mu", "sigma")
 
 _METRIC_KEYS = {
     "frechet_inception_distance": "fid",
@@ -84,6 +100,25 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` (and its folder) through a temp file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (user-facing errors are one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- digits classifier
@@ -161,19 +196,11 @@ def ensure_digits_classifier(cache_dir: str | Path) -> Path:
     for path in sorted(cache.glob(f"{DIGITS_EXTRACTOR_PREFIX}-*.pt")):
         if path.stem == f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(path)[:8]}":
             return path
-    cache.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()  # not torch.save(path): the archive would embed the (random) temp file name
     torch.save(_train_digits_classifier(), buf)
     data = buf.getvalue()
     path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{hashlib.sha256(data).hexdigest()[:8]}.pt"
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_atomically(path, lambda f: f.write(data))
     return path
 
 
@@ -195,7 +222,7 @@ def digits_classifier_accuracy(cache_dir: str | Path) -> float:
 class DigitsFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor around the digits classifier; features ``"64"`` and ``"logits"``.
 
-    Built by torch-fidelity as ``cls(name, features_list, feature_extractor_weights_path=..., ...)``;
+    Built (as torch-fidelity builds extractors) as ``cls(name, features_list, feature_extractor_weights_path=...)``;
     takes uint8 ``[B, 1, 8, 8]`` batches.
     """
 
@@ -263,6 +290,54 @@ def inception_weights_path(fid_weights: str | Path | None = None) -> Path:
     return path
 
 
+def _weights_only_detail(exc: BaseException) -> str:
+    """The one informative line of a ``torch.load(weights_only=True)`` error (its text is a page long)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(boiler)]
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception state dict in ``path``, read with ``torch.load(weights_only=True)``.
+
+    Only tensors and plain containers can come out of such a load, so a crafted file cannot run code.
+
+    Raises:
+        BenchError: the file is not a readable state dict of tensors (one line, naming the file).
+    """
+    official = f"use torch-fidelity's official {INCEPTION_WEIGHTS_FILENAME} ({URL_INCEPTION_V3})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for anything beyond tensors
+        raise BenchError(
+            f"Inception weights {path} are not a plain state dict of tensors ({_weights_only_detail(exc)}); "
+            f"refusing to load them, since that could run code: {official}"
+        ) from exc
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise BenchError(
+            f"Inception weights {path} are not a readable torch file ({type(exc).__name__}: {_first_line(exc)}); {official}"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise BenchError(f"Inception weights {path} do not hold a state dict (names -> tensors); {official}")
+    return state
+
+
+class _InceptionV3WeightsOnly(FeatureExtractorInceptionV3):
+    """torch-fidelity's ``inception-v3-compat`` network whose weights file is read with ``weights_only=True``.
+
+    torch-fidelity's constructor calls ``torch.load(feature_extractor_weights_path, weights_only=False)``;
+    here it is handed an in-memory copy of the state dict that :func:`load_inception_state_dict`
+    already read safely (tensors only, re-serialised by ``torch.save``), never the user's file.
+    """
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | Path,
+                 **kwargs: object) -> None:
+        buf = io.BytesIO()
+        torch.save(load_inception_state_dict(feature_extractor_weights_path), buf)
+        buf.seek(0)
+        super().__init__(name, features_list, feature_extractor_weights_path=buf, **kwargs)
+
+
 # ---------------------------------------------------------------- FID
 
 
@@ -292,6 +367,94 @@ def _check_images(x: object, what: str, dataset: str, shape: tuple[int, int, int
     return x.detach().cpu().contiguous()
 
 
+def _extractor_for(
+    dataset: str, channels: int, cache: Path, fid_weights: str | Path | None
+) -> tuple[str, str, Path, str]:
+    """``(extractor name, feature layer, weights file, first 8 hex digits of its sha256)`` for a dataset."""
+    if dataset == "digits":
+        weights = ensure_digits_classifier(cache)
+        hash8 = weights.stem.rsplit("-", 1)[-1]
+        return f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER, weights, hash8
+    if channels == 3:
+        weights = inception_weights_path(fid_weights)
+        return INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, weights, _sha256_file(weights)[:8]
+    raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({channels} channels)")
+
+
+def _build_extractor(name: str, layer: str, weights: Path, dev: torch.device) -> FeatureExtractorBase:
+    """The feature extractor ``name`` producing ``layer``, weights loaded with ``weights_only=True``, on ``dev``."""
+    cls = DigitsFeatureExtractor if name.startswith(DIGITS_EXTRACTOR_PREFIX) else _InceptionV3WeightsOnly
+    return cls(name, [layer], feature_extractor_weights_path=weights).to(dev)
+
+
+def _features(net: FeatureExtractorBase, layer: str, images: torch.Tensor, batch_size: int, cuda: bool) -> torch.Tensor:
+    """Features ``[N, D]`` (float32, CPU) of uint8 images, batched by torch-fidelity in this process."""
+    return get_featuresdict_from_dataset(_Images(images), net, batch_size, cuda, True, False)[layer]
+
+
+def _valid_cache(arrays: dict[str, object], n: int) -> bool:
+    """Whether cached arrays are ``n`` float32 feature rows with float32 ``mu`` and float64 ``sigma`` to match."""
+    feats, mu, sigma = (arrays[k] for k in _CACHE_KEYS)
+    if not all(isinstance(a, np.ndarray) for a in (feats, mu, sigma)) or feats.ndim != 2:
+        return False
+    d = feats.shape[1]
+    return (feats.shape[0] == n and feats.dtype == np.float32 and mu.shape == (d,) and mu.dtype == np.float32
+            and sigma.shape == (d, d) and sigma.dtype == np.float64)
+
+
+def _read_reference_cache(path: Path, n: int) -> tuple[torch.Tensor, dict[str, np.ndarray]] | None:
+    """Cached reference ``(features, {"mu", "sigma"})`` from ``path``, or None (missing, unreadable, mismatched).
+
+    ``numpy.load(allow_pickle=False)`` reads only raw arrays: a planted file cannot run code.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _CACHE_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        warnings.warn(f"FID cache {path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); recomputing it",
+                      stacklevel=3)
+        return None
+    if not _valid_cache(arrays, n):
+        warnings.warn(f"FID cache {path} does not hold {n} feature rows with their statistics; recomputing it",
+                      stacklevel=3)
+        return None
+    return torch.from_numpy(arrays["features"]), {"mu": arrays["mu"], "sigma": arrays["sigma"]}
+
+
+def _reference_features(
+    net: FeatureExtractorBase, layer: str, reference: torch.Tensor, path: Path, batch_size: int, cuda: bool
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Reference features and FID statistics, from the ``.npz`` cache at ``path`` or computed and cached there."""
+    cached = _read_reference_cache(path, int(reference.shape[0]))
+    if cached is not None:
+        return cached
+    feats = _features(net, layer, reference, batch_size, cuda)
+    stats = fid_featuresdict_to_statistics({layer: feats}, layer)
+    _write_atomically(path, lambda f: np.savez(f, features=feats.numpy(), mu=stats["mu"], sigma=stats["sigma"]))
+    return feats, stats
+
+
+def _metrics(
+    net: FeatureExtractorBase,
+    layer: str,
+    samples: torch.Tensor,
+    reference: tuple[torch.Tensor, dict[str, np.ndarray]],
+    options: dict[str, object],
+) -> dict[str, float]:
+    """torch-fidelity's FID (plus KID / PRC when ``options`` asks) from the samples and reference features."""
+    feats1 = _features(net, layer, samples, int(options["batch_size"]), bool(options["cuda"]))
+    feats2, stats2 = reference
+    fd1, fd2 = {layer: feats1}, {layer: feats2}
+    raw = dict(fid_statistics_to_metric(fid_featuresdict_to_statistics(fd1, layer), stats2, False))
+    if options["kid"]:
+        raw.update(kid_featuresdict_to_metric(fd1, fd2, layer, **options))
+    if options["prc"]:
+        raw.update(prc_featuresdict_to_metric(fd1, fd2, layer, **options))
+    return raw
+
+
 def compute_fid(
     samples: torch.Tensor,
     dataset: str,
@@ -311,7 +474,7 @@ def compute_fid(
         samples: generated images, uint8 ``[N, C, H, W]`` with the dataset's geometry.
         dataset: a key of :data:`bench.data.DATASETS`; picks the extractor (see module docstring).
         reference: real images of the same geometry (usually the train split).
-        cache_dir: where the digits classifier and torch-fidelity's cache (``fidelity/``) live.
+        cache_dir: where the digits classifier and the reference-feature cache (``fidelity/*.npz``) live.
         device: ``"cpu"`` or a CUDA device.
         fid_weights: Inception weights file for RGB data (``--fid-weights``).
         kid: also compute KID (subset size ``min(1000, N_samples, N_reference)``).
@@ -336,57 +499,34 @@ def compute_fid(
         raise BenchError(f"FID device {str(dev)!r} is not usable here; use 'cpu' or an available CUDA device")
 
     cache = Path(cache_dir)
-    if dataset == "digits":
-        weights = ensure_digits_classifier(cache)
-        hash8 = weights.stem.rsplit("-", 1)[-1]
-        extractor, layer = f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER
-        if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(extractor, DigitsFeatureExtractor)
-    elif info.channels == 3:
-        weights = inception_weights_path(fid_weights)
-        hash8 = _sha256_file(weights)[:8]
-        extractor, layer = INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER
-    else:
-        raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({info.channels} channels)")
-
+    extractor, layer, weights, hash8 = _extractor_for(dataset, info.channels, cache, fid_weights)
     n1, n2 = int(samples.shape[0]), int(reference.shape[0])
     ref_hash8 = hashlib.sha256(reference.numpy().tobytes()).hexdigest()[:8]
     extractor_id = extractor if extractor.endswith(hash8) else f"{extractor}-{hash8}"
-    ref_cache_name = f"{dataset}-{reference_split}-n{n2}-{ref_hash8}-{extractor_id}-{layer}"
-    do_prc = prc and min(n1, n2) > PRC_NEIGHBORHOOD
-    kwargs: dict[str, object] = {
-        "input1": _Images(samples),
-        "input2": _Images(reference),
-        "input2_cache_name": ref_cache_name,
-        "cache_root": str(cache / FIDELITY_SUBDIR),
-        "fid": True,
+    ref_cache = cache / FIDELITY_SUBDIR / f"{dataset}-{reference_split}-n{n2}-{ref_hash8}-{extractor_id}-{layer}.npz"
+    options: dict[str, object] = {  # torch-fidelity's keyword arguments for KID and PRC, plus ours
         "kid": kid,
-        "prc": do_prc,
-        "feature_extractor": extractor,
-        "feature_layer_fid": layer,
-        "feature_layer_kid": layer,
-        "feature_layer_prc": layer,
-        "feature_extractor_weights_path": str(weights),
+        "prc": prc and min(n1, n2) > PRC_NEIGHBORHOOD,
         "kid_subset_size": min(KID_MAX_SUBSET_SIZE, n1, n2),
         "prc_neighborhood": PRC_NEIGHBORHOOD,
         "prc_batch_size": 1000,
-        "save_cpu_ram": True,  # no DataLoader worker processes; PRC distances in blocks
+        "save_cpu_ram": True,  # PRC distances in blocks
         "cuda": dev.type == "cuda",
         "batch_size": batch_size,
         "verbose": False,
     }
+    # one BLAS thread on the CPU: numpy's pool would fight torch's OpenMP pool for the same cores
+    context = torch.cuda.device(dev) if dev.type == "cuda" else threadpool_limits(limits=1, user_api="blas")
     try:
-        if dev.type == "cuda":
-            with torch.cuda.device(dev):
-                raw = torch_fidelity.calculate_metrics(**kwargs)
-        else:  # one BLAS thread: numpy's pool would fight torch's OpenMP pool for the same cores
-            with threadpool_limits(limits=1, user_api="blas"):
-                raw = torch_fidelity.calculate_metrics(**kwargs)
+        with context:
+            net = _build_extractor(extractor, layer, weights, dev)
+            ref = _reference_features(net, layer, reference, ref_cache, batch_size, dev.type == "cuda")
+            raw = _metrics(net, layer, samples, ref, options)
     except BenchError:
         raise
     except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
         raise BenchError(
-            f"FID with {extractor} (weights {weights}) failed: {type(exc).__name__}: {exc}"
+            f"FID with {extractor} (weights {weights}) failed: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
     metrics = {key: float(raw[k]) for k, key in _METRIC_KEYS.items() if k in raw}
     tags = {

@@ -8,6 +8,7 @@ import shutil
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
@@ -114,7 +115,11 @@ def test_cache_reuses_classifier_and_reference_stats(
     first = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
     assert sum(seen) == 100 + 1500
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "fidelity").iterdir()}
-    assert any("stat-fid" in p.name for p in files) and all("digits-train-n1500" in p.name for p in files)
+    (cached,) = files  # one .npz: features and FID statistics of the reference, no pickles
+    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{clf.stem}-64.npz")
+    with np.load(cached, allow_pickle=False) as z:
+        assert sorted(z.files) == ["features", "mu", "sigma"]
+        assert z["features"].shape == (1500, 64) and z["sigma"].shape == (64, 64)
     seen.clear()
     second = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
     assert sum(seen) == 100  # only the samples went through the network
