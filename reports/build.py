@@ -2,6 +2,10 @@
 
 The report is written to a temporary folder and moved into place at the end, so a failed report
 leaves nothing half-written; it is then logged to MLflow as the artifacts of a report run.
+
+``--out`` may name a new folder, an empty one, or a previous report: a folder holding the marker file
+``.elbo-bench-report`` that lists the files the report wrote and nothing else. Anything else is refused
+before any work starts, because replacing a folder deletes it and we never delete what we did not write.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,8 @@ from reports.tables import comparison_table, display_table, load_runs, numeric_s
 REPORT_EXPERIMENT = "elbo-bench-reports"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report downloads many small files
 SOURCE_PACKAGES = ("bench", "variants", "studies", "reports")
+MARKER = ".elbo-bench-report"  # JSON: {"tool": "elbo-bench report", "files": [...]}
+MARKER_TOOL = "elbo-bench report"
 
 
 @dataclass
@@ -44,13 +51,95 @@ def default_out_dir(experiments: list[str] | None) -> Path:
     return Path.cwd() / f"report-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
 
 
-def _check_out_dir(out: Path) -> Path:
-    out = out.expanduser().resolve()
+def check_out_dir(out: str | Path) -> Path:
+    """The resolved report folder, or a BenchError before any work if writing there could delete what isn't ours.
+
+    Public so that a command doing long work before its report (``bench grid``) can refuse up front.
+    """
+    out = Path(out).expanduser().resolve()
     repo = Path(__file__).resolve().parent.parent
     for pkg in SOURCE_PACKAGES:
         if out == repo / pkg or (repo / pkg) in out.parents:
             raise BenchError(f"--out {out} is inside the source package {pkg}/; choose a folder outside it")
+    for name, place in (("the working directory", Path.cwd().resolve()), ("BENCH_HOME", tracking.bench_home()),
+                        ("the source tree", repo)):
+        if out == place or out in place.parents:
+            raise BenchError(f"--out {out} is {name} or holds it; choose a new folder for the report")
+    _report_files(out)
     return out
+
+
+def _refuse(out: Path, why: str = "") -> BenchError:
+    """The one-line refusal: says what to do, since we will not decide for the user what may be deleted."""
+    return BenchError(f"--out {out} exists and is not an elbo-bench report folder{why}; "
+                      "choose a new folder or remove it yourself")
+
+
+def _report_files(out: Path) -> list[str]:
+    """The names a replacement may delete: none for a new or empty folder, else what the marker lists.
+
+    Refuses a file, a folder without our marker, and a marked folder holding anything the marker does not list
+    or that is not a plain file (a file someone added to an old report is theirs, not ours to delete).
+    """
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise _refuse(out, " (it is not a folder)")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return []
+    listed = _marker_files(out)
+    if listed is None:
+        raise _refuse(out)
+    foreign = [name for name in present if name != MARKER
+               and (name not in listed or (out / name).is_symlink() or not (out / name).is_file())]
+    if foreign:
+        more = " …" if len(foreign) > 3 else ""
+        raise _refuse(out, f" (it holds {', '.join(foreign[:3])}{more}, which the report did not write)")
+    return [name for name in present if name != MARKER]
+
+
+def _marker_files(folder: Path) -> set[str] | None:
+    """The file names our marker in ``folder`` lists, or None when there is no valid marker of ours."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("tool") != MARKER_TOOL or not isinstance(marker.get("files"), list):
+        return None
+    files = marker["files"]
+    return {f for f in files if isinstance(f, str) and f not in ("", ".", "..") and "/" not in f}
+
+
+def _write_marker(folder: Path, meta: dict) -> None:
+    """Sign the finished folder as ours, listing every file in it, so a later report may replace exactly those."""
+    files = sorted(p.name for p in folder.iterdir())
+    (folder / MARKER).write_text(json.dumps({"tool": MARKER_TOOL, "files": files, "generated": meta["generated"],
+                                             "experiments": meta["experiments"]}, indent=1))
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Put the finished staging folder at ``out``; a previous report there is set aside, then its listed files deleted.
+
+    The folder is checked again here: a long report (or grid) may have given someone time to put files in it.
+    """
+    old_files = _report_files(out)
+    if not out.exists():
+        staging.rename(out)
+        return
+    aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(aside)
+    try:
+        staging.rename(out)
+    except BaseException:
+        aside.rename(out)
+        raise
+    try:
+        for name in [*old_files, MARKER]:
+            (aside / name).unlink(missing_ok=True)
+        aside.rmdir()
+    except OSError:  # something appeared in the old folder meanwhile: leave it rather than delete it
+        pass
 
 
 def _study_parents(client, experiment_ids: list[str]) -> list:
@@ -76,7 +165,7 @@ def _study_material(client, parents, tmp: Path):
 def build_report(experiments: list[str] | None = None, filter_string: str | None = None, out: str | Path | None = None,
                  tracking_uri: str | None = None, log_to_mlflow: bool = True) -> Report:
     """Read the runs, write the report folder, log it to MLflow; returns where it went."""
-    out_dir = _check_out_dir(Path(out) if out else default_out_dir(experiments))
+    out_dir = check_out_dir(out if out else default_out_dir(experiments))
     client = tracking.client(tracking_uri)
     df = load_runs(client, experiments, filter_string)
     if df.empty:
@@ -106,10 +195,9 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         _write_markdown(staging / "report.md", meta, display_table(table), pairs, pictures)
         for d in staging.iterdir():
             if d.is_dir():
-                shutil.rmtree(d)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+                shutil.rmtree(d)  # downloads of ours inside our own staging folder
+        _write_marker(staging, meta)
+        _install(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
