@@ -1,21 +1,41 @@
-"""Checkpoints: written atomically (temp file + rename), read back with a clear error when damaged."""
+"""Checkpoints: written atomically (temp file + rename), read back with a clear error when damaged.
+
+A run's folder ``checkpoints/<run id>/`` is claimed by the one process training that run (a lock
+file, released by the kernel when the process dies); the claimant removes temp files that a writer
+killed mid-save left behind.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bench.errors import BenchError
+from bench.locks import file_lock
 
 FORMAT = "elbo-bench-checkpoint-1"
 REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")
 
 
+@contextmanager
+def claim_run_dir(folder: str | Path, run_id: str) -> Iterator[Path]:
+    """Hold the run's checkpoint folder for the ``with`` block: a second process training or resuming
+    the same run is refused in one line. Temp files of an earlier writer that died mid-save are removed."""
+    folder = Path(folder)
+    with file_lock(folder / ".lock", blocking=False, what=f"run {run_id} (its checkpoints in {folder})"):
+        for stale in folder.glob(".*.pt.*.tmp"):  # our own temp names (see save_checkpoint); their writer is gone
+            stale.unlink(missing_ok=True)
+        yield folder
+
+
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one.
+    Call it while holding :func:`claim_run_dir` on the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

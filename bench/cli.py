@@ -1,6 +1,7 @@
 """The ``bench`` command line: thin click commands that parse, validate and call one library function.
 
-Bad input ends with one line on stderr (``error: …``) and exit status 2.
+Exit status: 0 done; 2 bad input (one line on stderr, ``error: …``, nothing written);
+3 ``bench run`` trained but the run diverged (recorded in MLflow as FAILED); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from bench.data import DATASETS
 from bench.errors import BenchError
 from bench.unet import NETWORK_PRESETS
 from variants import VARIANTS, get_variant
+
+EXIT_DIVERGED = 3  # `bench run`: the run diverged and is recorded FAILED (a result, yet a script must tell)
 
 
 class BenchGroup(click.Group):
@@ -103,6 +106,7 @@ RUN_OPTIONS = [
     _opt("data-dir", type=click.Path(file_okay=False), help="Data root (else $BENCH_DATA_DIR)."),
     click.option("--download", is_flag=True, default=None, help="Download a missing dataset (needs internet)."),
     click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this checkpoint."),
+    click.option("--reopen", is_flag=True, help="With --resume: continue a FINISHED run to a larger --steps."),
     click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
 ]
 
@@ -127,8 +131,10 @@ def build_config(dataset: str, config_file: str | None, cli_values: dict) -> Run
 
 @cli.command("run")
 @_with(RUN_OPTIONS)
-def run_cmd(config_file, resume, dry_run, compile_, **values) -> None:
-    """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow."""
+def run_cmd(config_file, resume, reopen, dry_run, compile_, **values) -> int:
+    """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow.
+
+    Exits 3 when the run diverged (recorded in MLflow as FAILED with the reason and step)."""
     from bench.checkpoint import load_checkpoint
     from bench.train import resume_config, summarize, train
 
@@ -142,11 +148,13 @@ def run_cmd(config_file, resume, dry_run, compile_, **values) -> None:
         resume = load_checkpoint(resume)
         config = resume_config(resume, values["steps"], values["device"]).validate()
     else:
+        if reopen:
+            raise BenchError("--reopen goes with --resume CHECKPOINT (it continues a FINISHED run)")
         config = build_config("digits", config_file, values)
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
-        return
-    result = train(config, resume=resume)
+        return 0
+    result = train(config, resume=resume, reopen=reopen)
     click.echo(f"run {result.run_id}: {result.status} at step {result.step}")
     if result.status == "FAILED":
         click.echo(f"  the run diverged ({result.reason}); recorded in MLflow as FAILED with tags failure_reason, failure_step")
@@ -155,6 +163,7 @@ def run_cmd(config_file, resume, dry_run, compile_, **values) -> None:
         click.echo(f"  checkpoint: {result.checkpoint}")
     click.echo(f"  tracking store: {result.tracking_uri}")
     click.echo(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}   (or: bench ui)")
+    return EXIT_DIVERGED if result.status == "FAILED" else 0
 
 
 # ------------------------------------------------------------------------- bench eval
@@ -251,19 +260,47 @@ TABLE2_VARIANTS = ("simple", "elbo", "elbo-learned-diag", "mu-elbo", "mu-mse")  
 def grid_cmd(variants, seeds, out, **values) -> None:
     """Run variants × seeds with one budget, then the report: from nothing to the table."""
     from bench.train import train
-    from reports.build import build_report
+    from reports.build import build_report, check_out_dir, default_out_dir
 
     if seeds < 1:
         raise BenchError(f"--seeds must be >= 1, got {seeds}")
     values["experiment"] = values["experiment"] or f"grid-{values['dataset']}"
+    check_out_dir(out or default_out_dir([values["experiment"]]))  # refused before hours of training, not after
     configs = [make_config(**{**values, "variant": v, "seed": s}) for v in (variants or TABLE2_VARIANTS)
                for s in range(seeds)]  # every config validated before the first run starts
+    diverged = 0
     for i, config in enumerate(configs, 1):
         click.echo(f"[{i}/{len(configs)}] {config.default_run_name}")
         result = train(config)
+        diverged += result.status == "FAILED"
         click.echo(f"  {result.status}" + (f" ({result.reason} at step {result.step})" if result.reason else ""))
     rep = build_report([values["experiment"]], None, out, values["tracking_uri"])
     click.echo(f"report of {rep.runs} runs: {rep.html}")
+    click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)")
+
+
+@cli.command("runs")
+@click.option("--experiment", "experiments", multiple=True, help="MLflow experiment(s) (default: all).")
+@click.option("--cleanup", is_flag=True, help="Mark the runs whose process is gone KILLED (with tag killed_reason).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
+def runs_cmd(experiments, cleanup, tracking_uri) -> None:
+    """List the runs that MLflow shows as RUNNING and whether their process is still alive."""
+    from bench import tracking
+
+    client = tracking.client(tracking_uri)
+    exps = tracking.experiments(client, list(experiments) or None)
+    running = client.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'RUNNING'",
+                                 max_results=5000)
+    for r in running:
+        gone = tracking.owner_gone(r.data.tags)
+        owner = f"process {r.data.tags['owner.pid']} on {r.data.tags.get('owner.host')}" if "owner.pid" in r.data.tags \
+            else "owner unknown (no owner tags)"
+        click.echo(f"{r.info.run_id}  {r.info.run_name}  {owner}: {'gone (' + gone + ')' if gone else 'alive'}")
+    if cleanup:
+        closed = tracking.close_dead_runs(client, [e.experiment_id for e in exps])
+        click.echo(f"marked {len(closed)} run(s) KILLED")
+    elif not running:
+        click.echo("no RUNNING runs")
 
 
 @cli.command("ui")

@@ -8,19 +8,27 @@ unset), artifacts in ``mlartifacts/`` beside it. Any MLflow tracking URI works i
 from __future__ import annotations
 
 import os
+import socket
+import sqlite3
 import subprocess
+import tempfile
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.locks import sqlite_path, store_lock
 
 HOME_ENV = "BENCH_HOME"
 
 
 def bench_home() -> Path:
     """Where the embedded store, checkpoints and caches live: $BENCH_HOME, else the working directory."""
-    return Path(os.environ.get(HOME_ENV) or Path.cwd()).expanduser().resolve()
+    home = Path(os.environ.get(HOME_ENV) or Path.cwd()).expanduser().resolve()
+    if home.exists() and not home.is_dir():
+        raise BenchError(f"{HOME_ENV}={home} is a file, not a folder; point {HOME_ENV} at a folder (it is created when missing)")
+    return home
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -48,17 +56,75 @@ def _quick_http():
                 os.environ[k] = v
 
 
-def client(uri: str | None = None):
-    """An MlflowClient on the resolved URI, checked to answer before anything is written."""
+def check_sqlite_store(path: Path, flag: str) -> None:
+    """Refuse, in one line and before any library retries for minutes, a SQLite store we cannot create
+    or write: a parent that is a file, a folder we may not write, a database file we may not open.
+    """
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if not path.is_file():
+                raise BenchError(f"{flag} {path} is not a file; give the path of a SQLite database file")
+            with path.open("r+b"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+    except BenchError:
+        raise
+    except OSError as err:
+        raise BenchError(f"cannot write the SQLite store {path} ({err.strerror or err}); "
+                         f"give {flag} a path in a writable folder") from None
+
+
+def refuse_half_migrated(path: Path, upgrade: str | None = None) -> None:
+    """Refuse a store whose schema upgrade died midway, saying how to recover (``upgrade``: the command that
+    finishes the upgrade). Call under the store's lock: a scratch table seen then is no migration in flight."""
+    leftovers = _half_migrated_tables(path)
+    if leftovers:
+        raise BenchError(
+            f"the SQLite store {path} was left half-migrated (table {leftovers[0]} exists: a schema upgrade was "
+            f"interrupted); back the file up, then run `sqlite3 {path} 'DROP TABLE {leftovers[0]}'` and "
+            f"`{upgrade or f'mlflow db upgrade sqlite:///{path}'}` (or, if it holds nothing yet, delete it)")
+
+
+def _half_migrated_tables(path: Path) -> list[str]:
+    """Alembic's batch-migration scratch tables (``_alembic_tmp_*``), present only when an upgrade died midway."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)) as db:
+            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    except sqlite3.DatabaseError as err:
+        raise BenchError(f"{path} is not a SQLite database ({err}); give another store path") from None
+    return [n for n in names if n.startswith("_alembic_tmp_")]
+
+
+def client(uri: str | None = None, must_exist: bool = False):
+    """An MlflowClient on the resolved URI, checked to answer before anything is written.
+
+    A new store's tables are created under an inter-process lock (:func:`bench.locks.store_lock`),
+    so processes starting together on a fresh store neither fail nor leave it half-migrated.
+    ``must_exist``: a SQLite store that is gone is refused instead of created empty (a checkpoint's store).
+    """
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(uri)
+    if path is not None and must_exist and not path.is_file():
+        raise BenchError(f"the MLflow store {path} no longer exists; restore it, or run without it")
+    if path is not None:
+        check_sqlite_store(path, "--tracking-uri")
     try:
-        with _quick_http():
+        with _quick_http(), store_lock(uri):
+            if path is not None:
+                refuse_half_migrated(path)
             c = MlflowClient(tracking_uri=uri)
             c.search_experiments(max_results=1)
+    except BenchError:
+        raise
     except Exception as err:  # MLflow raises many types for a store it cannot reach
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BenchError(f"cannot reach the MLflow tracking store {uri!r} ({first}); check --tracking-uri") from None
@@ -80,6 +146,17 @@ def experiment_id(c, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def experiments(c, names: list[str] | None = None) -> list:
+    """The named experiments (all when None); an unknown name is refused in one line."""
+    if not names:
+        return c.search_experiments()
+    found = [c.get_experiment_by_name(n) for n in names]
+    missing = [n for n, e in zip(names, found) if e is None]
+    if missing:
+        raise BenchError(f"no MLflow experiment named {', '.join(missing)}; see `mlflow experiments search` or `bench ui`")
+    return found
 
 
 def git_commit() -> str:
@@ -108,11 +185,106 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------- who owns a RUNNING run
+HEARTBEAT_SECONDS = 60  # how often a live run refreshes its ``owner.heartbeat`` tag
+STALE_AFTER_SECONDS = 15 * 60  # a run on another host silent this long is taken for dead
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of ``pid`` (clock ticks since boot), which tells a reused pid apart; '' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags that let a later command tell whether this process, which owns a RUNNING run, is still alive."""
+    pid = os.getpid()
+    return {"owner.host": socket.gethostname(), "owner.pid": str(pid), "owner.start": _process_start(pid),
+            "owner.heartbeat": str(int(time.time()))}
+
+
+def owner_gone(tags: dict[str, str], now: float | None = None) -> str:
+    """Why the process that owns a RUNNING run is known to be gone ('' while it may be alive).
+
+    On this host the pid and its start time decide; on another host a heartbeat older than
+    STALE_AFTER_SECONDS does. A run without owner tags (written by an older version) is never judged.
+    """
+    if "owner.pid" not in tags:
+        return ""
+    host, pid = tags.get("owner.host", ""), int(tags["owner.pid"])
+    if host == socket.gethostname():
+        start = _process_start(pid)
+        if not start or (tags.get("owner.start") and start != tags["owner.start"]):
+            return f"its process {pid} on {host} is gone"
+        return ""
+    beat = float(tags.get("owner.heartbeat") or 0)
+    silent = (now or time.time()) - beat
+    if silent > STALE_AFTER_SECONDS:
+        return f"no heartbeat from process {pid} on {host} for {silent / 60:.0f} min"
+    return ""
+
+
+def close_dead_runs(c, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED, with the reason as tag ``killed_reason``, every RUNNING run of these experiments
+    whose owning process is gone (SIGKILL, a crashed study worker, a lost machine). Returns their ids."""
+    from mlflow.entities import RunTag, ViewType
+
+    closed = []
+    runs = c.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY,
+                         max_results=5000)
+    for r in runs:
+        reason = owner_gone(r.data.tags)
+        if not reason:
+            continue
+        c.log_batch(r.info.run_id, tags=[RunTag("killed_reason", f"{reason}; found by a later command"),
+                                         RunTag("killed_found_at", time.strftime("%Y-%m-%d %H:%M:%S"))])
+        c.set_terminated(r.info.run_id, "KILLED")
+        closed.append(r.info.run_id)
+    return closed
+
+
+@contextmanager
+def heartbeat(c, run_id: str, seconds: float = HEARTBEAT_SECONDS):
+    """Refresh the run's ``owner.heartbeat`` tag every ``seconds`` from a background thread while the block runs."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(seconds):
+            try:
+                c.set_tag(run_id, "owner.heartbeat", str(int(time.time())))
+            except Exception:  # a store busy for a moment: the next beat will do
+                pass
+
+    thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 class RunLogger:
-    """Batched logging into one MLflow run."""
+    """Batched logging into one MLflow run.
+
+    A resumed run replays the steps between its last checkpoint and the interruption; ``skip_logged()``
+    makes the logger drop what the run's history already holds, so each step is logged once.
+    """
 
     def __init__(self, c, run_id: str):
         self.client, self.run_id = c, run_id
+        self._logged: dict[str, int] = {}  # metric key -> last step already in the run's history
+
+    def skip_logged(self) -> None:
+        """From now on, drop metrics (and images) at steps the run's history already holds."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        self._logged = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+
+    def _new(self, key: str, step: int) -> bool:
+        return step > self._logged.get(key, -1)
 
     def params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -126,7 +298,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items()]
+        items = [Metric(k, float(v), now, step) for k, v in values.items() if self._new(k, step)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -151,6 +323,8 @@ class RunLogger:
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def image(self, array, key: str, step: int) -> None:
+        if self._logged and step <= max(self._logged.values()):  # logged with that step's metrics before
+            return
         self.client.log_image(self.run_id, array, key=key, step=step)
 
     def figure(self, fig, path: str) -> None:

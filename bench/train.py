@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import tracking
-from bench.checkpoint import load_checkpoint, save_checkpoint
+from bench.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from bench.config import RunConfig, flatten
 from bench.data import load_dataset
 from bench.errors import BenchError
@@ -172,13 +172,15 @@ def resume_config(ckpt: dict, steps: int | None = None, device: str | None = Non
 
 
 def train(config: RunConfig, resume: str | Path | dict | None = None, progress: bool = True,
-          parent_run_id: str | None = None, tags: dict | None = None, on_eval=None) -> RunResult:
+          parent_run_id: str | None = None, tags: dict | None = None, on_eval=None, reopen: bool = False) -> RunResult:
     """Train ``config``, or continue the checkpoint ``resume`` (a path or a loaded checkpoint) with its
     own config, to ``config.steps`` (see :func:`resume_config`).
 
     ``parent_run_id`` nests the MLflow run under another (a study); ``tags`` are added to it.
     ``on_eval(step, metrics)`` is called after each training-time evaluation and may raise
     :class:`StopRun` to end the run early (recorded with the reason as tag ``stop_reason``).
+    A FINISHED run is continued only with ``reopen`` and a larger ``config.steps``; a run that another
+    live process is training is refused.
     """
     ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
@@ -196,36 +198,72 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     state = _State(net, ema, opt, torch.Generator().manual_seed(config.seed))
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
-    client = tracking.client(uri)  # refuses an unreachable store before anything is written
+    client = tracking.client(uri, must_exist=ckpt is not None)  # refuses an unreachable store before anything is written
 
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        variant.load_state_dict(ckpt.get("variant", {}), sched.T)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        state.data_gen.set_state(ckpt["rng"]["data"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        state.step, state.images_seen, state.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
-        run_id = ckpt["run_id"]
-        try:
-            client.get_run(run_id)
-        except Exception:
-            raise BenchError(f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it") from None
-        client.update_run(run_id, status="RUNNING")
-    else:
-        exp = tracking.experiment_id(client, config.experiment)
-        run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run_id = client.create_run(exp, run_name=config.default_run_name, tags=run_tags).info.run_id
-    log = tracking.RunLogger(client, run_id)
-    if tags:
-        log.tags(tags)
+    with ExitStack() as held:
+        if ckpt is not None:
+            run_id = ckpt["run_id"]
+            held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))  # before the status check
+            _check_resumable(client, run_id, uri, ckpt["step"], config.steps, reopen)
+            _load_state(state, variant, sched, ckpt)
+            client.update_run(run_id, status="RUNNING")
+        else:
+            exp = tracking.experiment_id(client, config.experiment)
+            run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            run_id = client.create_run(exp, run_name=config.default_run_name,
+                                       tags={**run_tags, **(tags or {}), **tracking.owner_tags()}).info.run_id
+            held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
+        log = tracking.RunLogger(client, run_id)
+        if ckpt is not None:
+            log.tags(tracking.owner_tags())
+            log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
+        if tags and ckpt is not None:
+            log.tags(tags)
+        held.enter_context(tracking.heartbeat(client, run_id))
+        return _run(state, net, ema, variant, sched, config, train_images, test_images, device, log, run_id, uri,
+                    progress, on_eval, fresh=ckpt is None)
+
+
+def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reopen: bool) -> None:
+    """Refuse to resume a run that is gone from the store, FINISHED (unless reopened to train further),
+    or RUNNING in a live process elsewhere."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise BenchError(f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it") from None
+    status, run_tags = run.info.status, run.data.tags
+    if status == "RUNNING" and "owner.pid" in run_tags and not tracking.owner_gone(run_tags):
+        raise BenchError(f"run {run_id} is being trained by process {run_tags['owner.pid']} on {run_tags.get('owner.host')}; "
+                         "wait for it to finish or stop it, then resume")
+    if status == "FINISHED" and not reopen:
+        raise BenchError(f"run {run_id} is FINISHED at step {step}: resuming would redo and log its final evaluation "
+                         f"again; to train it further add --reopen and --steps above {step}; to re-evaluate it use "
+                         "`bench eval CHECKPOINT --log-to-run`")
+    if status == "FINISHED" and steps <= step:
+        raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
+
+
+def _load_state(state: _State, variant, sched, ckpt: dict) -> None:
+    state.net.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    variant.load_state_dict(ckpt.get("variant", {}), sched.T)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    state.data_gen.set_state(ckpt["rng"]["data"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    state.step, state.images_seen, state.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
+
+
+def _run(state, net, ema, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress, on_eval,
+         fresh: bool) -> RunResult:
+    """The training loop and the final evaluation of a run that is claimed and open in MLflow; every
+    way out ends the MLflow run with the matching status."""
     interrupt = _Interrupt()
     model = _Autocast(torch.compile(net) if config.compile else net, config, device)
     ema_model = _Autocast(ema, config, device)
     try:
-        if ckpt is None:
+        if fresh:
             _log_start(log, config, variant, sched, net, train_images, device)
         with interrupt.installed():
             failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id,
@@ -388,6 +426,8 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
                         progress: bool = True) -> tuple[dict[str, float], str | None]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked."""
     ckpt = load_checkpoint(path)
+    if log_to_run:
+        _run_client(ckpt)  # the run must still be there before minutes of evaluation
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
@@ -397,11 +437,22 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     ema.load_state_dict(ckpt["ema"])
     model = _Autocast(ema.to(dev).eval(), config, dev)
     if log_to_run:
-        log = tracking.RunLogger(tracking.client(ckpt["tracking_uri"]), ckpt["run_id"])
+        log = tracking.RunLogger(_run_client(ckpt), ckpt["run_id"])
     else:
         log = _NoLog()
     return final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"], progress), (
         ckpt["run_id"] if log_to_run else None)
+
+
+def _run_client(ckpt: dict):
+    """A client on the checkpoint's store, checked to still hold the checkpoint's run."""
+    client = tracking.client(ckpt["tracking_uri"], must_exist=True)
+    try:
+        client.get_run(ckpt["run_id"])
+    except Exception:
+        raise BenchError(f"the checkpoint's MLflow run {ckpt['run_id']} is not in {ckpt['tracking_uri']}; "
+                         "evaluate without --log-to-run") from None
+    return client
 
 
 class _NoLog:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench import tracking
 from bench.errors import BenchError
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "fid", "train_seconds", "images_per_sec_overall")
@@ -22,12 +23,11 @@ DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler")  #
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
     """Training runs (those tagged with a variant) of the named experiments (all when none) as one
-    DataFrame: columns run_id, status, seed, the GROUP tags, DESCRIBE_TAGS, diverged, and METRICS."""
-    exps = client.search_experiments() if not experiments else [client.get_experiment_by_name(n) for n in experiments]
-    missing = [n for n, e in zip(experiments or [], exps) if e is None]
-    if missing:
-        raise BenchError(f"no MLflow experiment named {', '.join(missing)}; see `mlflow experiments search` or `bench ui`")
-    ids = [e.experiment_id for e in exps]
+    DataFrame: columns run_id, status, seed, the GROUP tags, DESCRIBE_TAGS, diverged, and METRICS.
+
+    RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
+    ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
+    tracking.close_dead_runs(client, ids)
     filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")  # MLflow filters: AND only, no parentheses
     try:
         runs = []

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+
+import numpy as np
+import optuna
 
 from bench import tracking
 from bench.config import RunConfig, make_config
 from bench.errors import BenchError
+from bench.locks import sqlite_path, store_lock
 from studies.space import Param, describe_space, load_space, suggest
 
 OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
@@ -35,7 +42,7 @@ class StudyConfig:
     steps: int = 500  # optimiser steps per trial
     objective: str = "bpd"  # 'bpd', 'fid' or 'both' (a Pareto front)
     sampler: str = "tpe"  # 'tpe', 'random', 'gp' or 'nsga2'
-    seed: int = 0  # seeds the sampler (worker k uses seed + k) and every trial's training
+    seed: int = 0  # seeds the sampler (trial n draws with a seed from (seed, n)) and every trial's training
     workers: int = 1  # worker processes sharing the study
     storage: str | None = None  # Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME)
     study_name: str | None = None  # resume or name the study (several variants: NAME-VARIANT)
@@ -118,40 +125,79 @@ def _storage(sc: StudyConfig):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = sc.storage_url()
+    path = sqlite_path(url)
+    if path is not None:
+        tracking.check_sqlite_store(path, "--storage")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), store_lock(url):  # the tables of a new storage are created once
+            if path is not None:
+                tracking.refuse_half_migrated(path, f"optuna storage upgrade --storage {url}")
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except BenchError:
+        raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
         raise BenchError(f"cannot open the Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _sampler(sc: StudyConfig, worker: int, offset: int = 0):
-    """Seeded by the study seed, the worker and how many trials the study already holds, so a resumed
-    study or a second process does not redraw the points of the first."""
-    import optuna
-
-    seed = sc.seed + 1000 * worker + offset
-    return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-    }[sc.sampler]()
+def _sampler(sc: StudyConfig):
+    """The study's sampler, re-seeded for every trial from (study seed, trial number): a study is
+    reproducible from its seed, and processes sharing one never draw the same point from the same history."""
+    make = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "gp": optuna.samplers.GPSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+    }[sc.sampler]
+    return _TrialSeededSampler(make, sc.seed)
 
 
-def _open_study(sc: StudyConfig, name: str, worker: int = 0):
+def _trial_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class _TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Delegates trial n to ``make(seed=f(study seed, n))``. The samplers read everything else they
+    need (the history, NSGA-II's generations) from the storage, so a fresh one per trial loses nothing."""
+
+    def __init__(self, make, seed: int):
+        self._make, self._seed = make, seed
+        self._number, self._inner = None, None
+
+    def _for(self, trial):
+        if self._number != trial.number:
+            self._number, self._inner = trial.number, self._make(seed=_trial_seed(self._seed, trial.number))
+        return self._inner
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._for(trial).after_trial(study, trial, state, values)
+
+
+def _open_study(sc: StudyConfig, name: str):
     import optuna
 
     directions = ["minimize"] * len(OBJECTIVES[sc.objective])
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=_storage(sc), study_name=name, load_if_exists=True, directions=directions,
-                                sampler=_sampler(sc, worker), pruner=pruner)
-    study.sampler = _sampler(sc, worker, offset=len(study.trials))
+    storage = _storage(sc)
+    with store_lock(sc.storage_url(), "study"):  # two starters must not both create the study
+        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, directions=directions,
+                                    sampler=_sampler(sc), pruner=pruner)
     if len(study.directions) != len(directions):
         raise BenchError(f"study {name!r} exists with {len(study.directions)} objective(s); "
                          f"--objective {sc.objective} needs {len(directions)}: choose another --study-name")
@@ -211,59 +257,104 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
     return values[0] if single else tuple(values)
 
 
-def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, worker: int) -> None:
-    """One worker: take trials from the shared study until it holds ``sc.trials`` trials."""
-    import optuna
+def _next_trial(study, sc: StudyConfig):
+    """The next trial to run (a queued one first: the default schedule, a stale trial's retry), or None
+    once the study holds ``sc.trials`` (retries included) and none is queued. Taken under the storage's
+    lock, so concurrent workers neither take one queued trial twice nor overshoot the count."""
+    with store_lock(sc.storage_url(), "trial"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        optuna.storages.fail_stale_trials(study)  # a dead worker's RUNNING trial → FAIL, and re-queued
+        queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if len(study.get_trials(deepcopy=False)) >= sc.trials and not queued:
+            return None
+        return study.ask()
 
-    study = _open_study(sc, name, worker)
-    if len(study.trials) >= sc.trials:
-        return
-    study.optimize(
-        lambda trial: _objective(trial, sc, name, variant, space, parent_run_id),
-        n_trials=None, timeout=sc.timeout, catch=(TrialDiverged,),
-        callbacks=[optuna.study.MaxTrialsCallback(sc.trials, states=None)],
-    )
+
+@contextmanager
+def _heartbeat(study, trial, seconds: int):
+    """Record the trial's heartbeat every ``seconds`` while it runs, so other workers see it alive."""
+    storage = study._storage  # Optuna's heartbeat API lives on the storage
+    trial_id = trial._trial_id
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(seconds):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a busy store for a moment: the next beat will do (grace is 2 beats)
+                pass
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
-def _worker_main(sc, name, variant, space, parent_run_id, worker) -> None:  # a spawned process's entry point
-    _work(sc, name, variant, space, parent_run_id, worker)
+def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
+    """One worker: take trials from the shared study until it holds ``sc.trials`` trials (or ``sc.timeout``)."""
+    from optuna.trial import TrialState
+
+    study = _open_study(sc, name)
+    client = tracking.client(sc.tracking_uri)
+    experiments = [tracking.experiment_id(client, sc.experiment)]
+    deadline = None if sc.timeout is None else time.monotonic() + sc.timeout
+    while deadline is None or time.monotonic() < deadline:
+        trial = _next_trial(study, sc)
+        if trial is None:
+            return
+        tracking.close_dead_runs(client, experiments)  # the MLflow runs of trials whose worker died
+        state, values = TrialState.COMPLETE, None
+        with _heartbeat(study, trial, sc.heartbeat):
+            try:
+                values = _objective(trial, sc, name, variant, space, parent_run_id)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except TrialDiverged:
+                state = TrialState.FAIL
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+        # skip_if_finished: another worker may have failed this trial as stale (a heartbeat starved by load)
+        study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def _worker_main(sc, name, variant, space, parent_run_id) -> None:  # a spawned process's entry point
+    _work(sc, name, variant, space, parent_run_id)
 
 
 # ------------------------------------------------------------------------- the study
-def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) -> tuple[str, bool]:
-    """The study's MLflow parent run: (run id, whether this process created it).
-
-    Two processes starting together may both create one; each writes its id into the study, waits,
-    and reads back which id stayed: that one is the parent, and the other process deletes its own.
-    """
-    import optuna
-
-    existing = study.user_attrs.get("mlflow_parent_run_id")
-    if existing is not None:
-        client.update_run(existing, status="RUNNING")
-        return existing, False
-    exp = tracking.experiment_id(client, sc.experiment)
-    mine = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
-                                                       "study.dataset": sc.dataset}).info.run_id
-    study.set_user_attr("mlflow_parent_run_id", mine)
-    time.sleep(1.0)  # let a concurrent starter's write land before reading the winner
-    winner = optuna.load_study(study_name=name, storage=study._storage).user_attrs["mlflow_parent_run_id"]
-    if winner != mine:
-        client.delete_run(mine)
-        for _ in range(600):  # wait until the winner has set the study up (its default trial enqueued)
-            if optuna.load_study(study_name=name, storage=study._storage).user_attrs.get("ready"):
-                break
-            time.sleep(0.1)
-        return winner, False
-    study.set_user_attr("objective", sc.objective)
-    study.set_user_attr("space", describe_space(space))
-    tracking.RunLogger(client, mine).params({
-        "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
-        "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
-        "study.seed": sc.seed, "study.space": describe_space(space),
-        "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
-    })
-    return mine, True
+def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) -> str:
+    """The study's MLflow parent run id. The first starter, under the storage's lock, creates it and
+    enqueues the default schedule as the first trial; a concurrent or later starter finds both done."""
+    with store_lock(sc.storage_url(), "study"):
+        existing = study.user_attrs.get("mlflow_parent_run_id")
+        if existing is not None:
+            client.update_run(existing, status="RUNNING")
+            tracking.RunLogger(client, existing).tags(tracking.owner_tags())
+            return existing
+        exp = tracking.experiment_id(client, sc.experiment)
+        run_id = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
+                                                             "study.dataset": sc.dataset,
+                                                             **tracking.owner_tags()}).info.run_id
+        tracking.RunLogger(client, run_id).params({
+            "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
+            "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
+            "study.seed": sc.seed, "study.space": describe_space(space),
+            "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
+        })
+        study.set_user_attr("objective", sc.objective)
+        study.set_user_attr("space", describe_space(space))
+        if not study.trials:  # the default schedule is trial 0, so the answer compares with it
+            default = _default_point(sc.base_config(variant), space)
+            if default is not None:
+                study.enqueue_trial(default, user_attrs={"default_schedule": True})
+        study.set_user_attr("mlflow_parent_run_id", run_id)  # last: a starter that sees it sees the rest
+        return run_id
 
 
 def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
@@ -275,21 +366,15 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
     for variant in sc.variants:
         name = sc.name_for(variant)
         study = _open_study(sc, name)
-        parent_run_id, created = _parent_run(client, study, sc, name, variant, space)
-        if created:
-            if not study.trials:  # the default schedule is trial 0, so the answer compares with it
-                default = _default_point(sc.base_config(variant), space)
-                if default is not None:
-                    study.enqueue_trial(default, user_attrs={"default_schedule": True})
-            study.set_user_attr("ready", True)  # a concurrent starter may now take trials
+        parent_run_id = _parent_run(client, study, sc, name, variant, space)
         log = tracking.RunLogger(client, parent_run_id)
         try:
             if sc.workers == 1:
-                _work(sc, name, variant, space, parent_run_id, 0)
+                _work(sc, name, variant, space, parent_run_id)
             else:
                 ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id, w))
-                         for w in range(sc.workers)]
+                procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id))
+                         for _ in range(sc.workers)]
                 for p in procs:
                     p.start()
                 for p in procs:

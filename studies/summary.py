@@ -62,6 +62,7 @@ def log_study(study, sc, name: str, variant: str, log):
     study = optuna.load_study(study_name=name, storage=study._storage)  # fresh attributes after re-evaluation
     keys = OBJECTIVES[sc.objective]
     counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
+    counts["diverged"] = sum(t.state == TrialState.FAIL and "failure_reason" in t.user_attrs for t in study.trials)
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     exact = study.user_attrs.get("bpd_exact", {})
     best = [_row(t, exact) for t in best_trials(study)]

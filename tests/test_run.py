@@ -74,10 +74,10 @@ def describe(result) -> str:
     return f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-3000:]}\n{tb}"
 
 
-def run_ok(home: Path, args: list[str]) -> tuple[str, object]:
-    """Run ``bench run <args>``; expect success; return (run id, click result)."""
+def run_ok(home: Path, args: list[str], exit_code: int = 0) -> tuple[str, object]:
+    """Run ``bench run <args>``; expect ``exit_code`` (0: success); return (run id, click result)."""
     result = invoke(home, ["run", *args])
-    assert result.exit_code == 0, describe(result)
+    assert result.exit_code == exit_code, describe(result)
     m = RUN_LINE.search(result.stdout)
     assert m, describe(result)
     return m.group(1), result
@@ -395,6 +395,7 @@ def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch
         raise RuntimeError("stop: only the resolved config is under test")
 
     run_id, _ = run_ok(home, TINY)  # configured for, and finished at, STEPS
+    client(home).set_terminated(run_id, "KILLED")  # as if it had been interrupted (a FINISHED run is not resumed)
     ckpt = home / "checkpoints" / run_id / "last.pt"
     monkeypatch.setattr(bench.train, "_loop", spy)
     invoke(home, ["run", "--resume", str(ckpt)])
@@ -403,7 +404,7 @@ def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch
 
 # ----------------------------------------------------------------------------- 5. divergence
 def test_non_finite_loss_ends_the_run_failed_not_crashed(home):
-    run_id, result = run_ok(home, [*TINY, "--lr", "1e30"])
+    run_id, result = run_ok(home, [*TINY, "--lr", "1e30"], exit_code=3)  # a script can tell it diverged
     assert "diverged" in result.stdout
     m = RUN_LINE.search(result.stdout)
     assert m.group(2) == "FAILED"

@@ -301,8 +301,8 @@ def test_concurrent_starts_share_one_parent_run(home, monkeypatch):
     original = study_mod._open_study
     gate, seen = threading.Barrier(2, timeout=120), threading.local()
 
-    def gated(sc, name, worker=0):
-        study = original(sc, name, worker)
+    def gated(sc, name):
+        study = original(sc, name)
         if not getattr(seen, "done", False):
             seen.done = True
             gate.wait()
@@ -464,13 +464,24 @@ def _running_trial_with_params(db: Path, name: str) -> bool:
     return row is not None
 
 
+def _trial_run_started(db: Path) -> bool:
+    """The MLflow run of trial 0 exists (it is created tagged) and is RUNNING."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            row = con.execute("SELECT 1 FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                              "WHERE r.status = 'RUNNING' AND t.key = 'optuna.trial' AND t.value = '0'").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    return row is not None
+
+
 def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
     args = ["study", "--heartbeat", "1", "--steps", "2000", "--trials", "2", "--study-name", "hb",
             "--space", str(t40_space), "--exact-top", "1"]
     proc = bench_process(home, args, "hb")
     try:
         deadline = time.monotonic() + 90
-        while not _running_trial_with_params(home / "optuna.db", "hb"):
+        while not (_running_trial_with_params(home / "optuna.db", "hb") and _trial_run_started(home / "mlflow.db")):
             assert proc.poll() is None, f"exited with {proc.returncode} before a trial ran\n" + process_output(home, "hb")
             assert time.monotonic() < deadline, "no RUNNING trial appeared\n" + process_output(home, "hb")
             time.sleep(0.2)
@@ -495,6 +506,10 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert result.counts["fail"] == 1 and result.counts["complete"] == 1
+    # the killed worker's MLflow run does not stay RUNNING: the study's next worker closed it
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    (dead,) = [r for r in client.search_runs([exp]) if r.data.tags.get("optuna.trial") == "0"]
+    assert dead.info.status == "KILLED" and "is gone" in dead.data.tags["killed_reason"]
 
 
 # ----------------------------------------------------------------------------- 8. bad input, --show-space

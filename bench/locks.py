@@ -1,0 +1,111 @@
+"""Inter-process locks: one beside a SQLite file or a run's checkpoints, an advisory lock in a server database.
+
+Creating or migrating a store (MLflow's tables, Optuna's tables) and taking a study's next trial
+must not interleave between processes; neither may two processes train one run. A lock file is
+``flock``-ed, so the kernel releases it when its holder dies (SIGKILL included): a lock is never
+left stale. Lock files are created by us and left in place (removing one races with a waiter).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from bench.errors import BenchError
+
+
+class LockBusy(BenchError):
+    """A non-blocking lock is held by another live process."""
+
+
+@contextmanager
+def file_lock(path: str | Path, blocking: bool = True, what: str = "") -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``path`` (created when missing) for the ``with`` block.
+
+    Non-blocking, a held lock raises :class:`LockBusy` naming the holder (the pid and host it wrote).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = Path(path).read_text().strip() or "another process"
+            raise LockBusy(f"{what or path} is in use by {holder}; wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (MLflow's and SQLAlchemy's spelling), else None."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    return None
+
+
+def _advisory_key(name: str) -> int:
+    """A signed 64-bit key for ``name`` (PostgreSQL advisory locks take a bigint)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _server_lock(url: str, name: str) -> Iterator[None]:
+    """A session-level advisory lock in a PostgreSQL (``pg_advisory_lock``) or MySQL (``GET_LOCK``) database;
+    the server drops it when the holding connection dies."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                key = _advisory_key(name)
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:  # mysql / mariadb
+                conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"elbo-bench-{_advisory_key(name):x}"[:64]})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"elbo-bench-{_advisory_key(name):x}"[:64]})
+    finally:
+        engine.dispose()
+
+
+def store_lock(url: str, purpose: str = "create"):
+    """Serialise ``purpose`` (store creation, taking a trial) among all processes that use the store ``url``.
+
+    SQLite: a file lock beside the database (``mlflow.db.lock``, ``optuna.db.create.lock``…).
+    PostgreSQL and MySQL: an advisory lock in the database. Anything else (an MLflow server over
+    HTTP, an in-memory SQLite) serialises on its own side: no lock is taken.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        return file_lock(path.with_name(f"{path.name}.{purpose}.lock"), what=f"the store {path}")
+    if url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb"):
+        return _server_lock(url, f"{url.split('@')[-1]}:{purpose}")
+    return nullcontext()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
