@@ -247,24 +247,31 @@ def close_dead_runs(c, experiment_ids: list[str]) -> list[str]:
 
 
 @contextmanager
-def heartbeat(c, run_id: str, seconds: float = HEARTBEAT_SECONDS):
-    """Refresh the run's ``owner.heartbeat`` tag every ``seconds`` from a background thread while the block runs."""
+def every(seconds: float, action, name: str):
+    """Call ``action()`` every ``seconds`` from a background thread while the block runs. A failing call
+    is skipped (a store busy for a moment): the next one will do, so ``action`` must be a heartbeat."""
     stop = threading.Event()
 
-    def beat():
+    def loop():
         while not stop.wait(seconds):
             try:
-                c.set_tag(run_id, "owner.heartbeat", str(int(time.time())))
-            except Exception:  # a store busy for a moment: the next beat will do
+                action()
+            except Exception:  # noqa: S110 - see the docstring
                 pass
 
-    thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id[:8]}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+def heartbeat(c, run_id: str, seconds: float = HEARTBEAT_SECONDS):
+    """Refresh the run's ``owner.heartbeat`` tag every ``seconds`` while the ``with`` block runs."""
+    return every(seconds, lambda: c.set_tag(run_id, "owner.heartbeat", str(int(time.time()))),
+                 f"mlflow-heartbeat-{run_id[:8]}")
 
 
 class RunLogger:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import re
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -271,28 +269,11 @@ def _next_trial(study, sc: StudyConfig):
         return study.ask()
 
 
-@contextmanager
 def _heartbeat(study, trial, seconds: int):
-    """Record the trial's heartbeat every ``seconds`` while it runs, so other workers see it alive."""
-    storage = study._storage  # Optuna's heartbeat API lives on the storage
-    trial_id = trial._trial_id
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(seconds):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # a busy store for a moment: the next beat will do (grace is 2 beats)
-                pass
-
+    """Record the trial's heartbeat now and every ``seconds`` while it runs, so other workers see it alive."""
+    storage, trial_id = study._storage, trial._trial_id  # Optuna's heartbeat API lives on the storage
     storage.record_heartbeat(trial_id)
-    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return tracking.every(seconds, lambda: storage.record_heartbeat(trial_id), f"heartbeat-trial-{trial.number}")
 
 
 def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:

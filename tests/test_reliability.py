@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import optuna
@@ -180,16 +180,22 @@ def test_a_diverged_run_exits_3_and_grid_goes_on_and_counts_it(tmp_path, store_t
 
 
 # ----------------------------------------------------------------------------- 5. runs left RUNNING
+@contextmanager
+def long_run(home: Path, checkpoint_every: int):
+    """A ``bench run`` process of 100000 steps, SIGKILLed when the block ends; yields (process, run id)."""
+    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", str(checkpoint_every)], home, "run")
+    try:
+        yield proc, wait_until(lambda: running_run(home), 90, "a RUNNING run", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_run_sigkilled_before_its_first_checkpoint_is_closed_by_a_later_command(tmp_path, store_template):
     home = tmp_path
     (home / "mlflow.db").write_bytes(store_template.read_bytes())
-    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", "100000"], home, "run")
-    try:
-        run_id = wait_until(lambda: running_run(home), 90, "a RUNNING run", proc)
+    with long_run(home, checkpoint_every=100000) as (proc, run_id):
         wait_until(lambda: max_logged_step(home, run_id) >= 1, 90, "a logged step", proc)
-    finally:
-        proc.kill()
-        proc.wait()
     assert not list((home / "checkpoints").glob("*/last.pt"))  # nothing to resume from
     c = mlflow(home)
     assert c.get_run(run_id).info.status == "RUNNING"  # what MLflow shows until someone can know better
@@ -211,16 +217,11 @@ def test_a_run_sigkilled_before_its_first_checkpoint_is_closed_by_a_later_comman
 def test_cleanup_leaves_a_live_run_running(tmp_path, store_template):
     home = tmp_path
     (home / "mlflow.db").write_bytes(store_template.read_bytes())
-    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", "100000"], home, "run")
-    try:
-        run_id = wait_until(lambda: running_run(home), 90, "a RUNNING run", proc)
+    with long_run(home, checkpoint_every=100000) as (_, run_id):
         res = invoke(home, ["runs", "--cleanup"])
         assert res.exit_code == 0, describe(res)
         assert "alive" in res.stdout and "marked 0 run(s) KILLED" in res.stdout
         assert mlflow(home).get_run(run_id).info.status == "RUNNING"
-    finally:
-        proc.kill()
-        proc.wait()
     res = invoke(home, ["runs", "--cleanup"])
     assert "marked 1 run(s) KILLED" in res.stdout, describe(res)
 
@@ -237,16 +238,11 @@ def test_owner_on_another_host_is_judged_by_its_heartbeat():
 def test_resume_after_sigkill_logs_every_step_once_and_cleans_stale_temp_files(tmp_path, store_template):
     home = tmp_path
     (home / "mlflow.db").write_bytes(store_template.read_bytes())
-    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", "5"], home, "run")
-    try:
-        run_id = wait_until(lambda: running_run(home), 90, "a RUNNING run", proc)
+    with long_run(home, checkpoint_every=5) as (proc, run_id):
         ckpt = home / "checkpoints" / run_id / "last.pt"
         wait_until(ckpt.exists, 90, "the first checkpoint", proc)
         # kill when steps past the checkpoint are logged: those are replayed by the resume
         wait_until(lambda: max_logged_step(home, run_id) % 5 >= 2, 90, "steps logged past a checkpoint", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
     c = mlflow(home)
     logged_before = max_logged_step(home, run_id)
     import torch

@@ -267,33 +267,6 @@ def test_two_worker_processes_share_one_study(home):
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
-def test_two_cli_processes_on_one_storage_lose_and_duplicate_no_trial(home, t40_space):
-    precreate_stores(home)
-    args = ["study", "--trials", "3", "--steps", str(STEPS), "--study-name", "shared", "--storage",
-            optuna_url(home), "--space", str(t40_space), "--exact-top", "1"]
-    procs = [bench_process(home, args, tag) for tag in ("a", "b")]
-    try:
-        for p in procs:
-            p.wait(timeout=240)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, tag in zip(procs, ("a", "b")):
-        assert p.returncode == 0, process_output(home, tag)
-    trials = load(home, "shared").trials
-    assert len(trials) == 3
-    assert sorted(t.number for t in trials) == list(range(len(trials)))
-    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
-    ids = [t.user_attrs.get("mlflow_run_id") for t in trials]
-    assert None not in ids and len(set(ids)) == len(ids)
-    client = mlflow_client(home)
-    for t, run in trial_runs(client, trials).items():
-        assert run.info.status == ("FINISHED" if trials[t].state == TrialState.COMPLETE else "KILLED")
-        assert run.data.tags["optuna.trial"] == str(t)
-
-
 def check_shared_study(home: Path, name: str, n: int) -> None:
     """n trials, none lost, none run twice, none drawn twice, each with one MLflow run under the one parent."""
     study = load(home, name)
