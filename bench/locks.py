@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -98,14 +97,3 @@ def store_lock(url: str, purpose: str = "create"):
     if url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb"):
         return _server_lock(url, f"{url.split('@')[-1]}:{purpose}")
     return nullcontext()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
