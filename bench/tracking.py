@@ -199,6 +199,20 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
 
 
+def _alive(pid: int, start: str) -> bool:
+    """Whether process ``pid`` runs and, where /proc tells, is the one that started at ``start``."""
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return bool(now) and (not start or now == start)
+    try:
+        os.kill(pid, 0)  # no /proc (macOS): existence only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def owner_tags() -> dict[str, str]:
     """Tags that let a later command tell whether this process, which owns a RUNNING run, is still alive."""
     pid = os.getpid()
@@ -216,10 +230,7 @@ def owner_gone(tags: dict[str, str], now: float | None = None) -> str:
         return ""
     host, pid = tags.get("owner.host", ""), int(tags["owner.pid"])
     if host == socket.gethostname():
-        start = _process_start(pid)
-        if not start or (tags.get("owner.start") and start != tags["owner.start"]):
-            return f"its process {pid} on {host} is gone"
-        return ""
+        return f"its process {pid} on {host} is gone" if not _alive(pid, tags.get("owner.start", "")) else ""
     beat = float(tags.get("owner.heartbeat") or 0)
     silent = (now or time.time()) - beat
     if silent > STALE_AFTER_SECONDS:
