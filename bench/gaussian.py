@@ -1,4 +1,4 @@
-"""Gaussian pieces of the bound (MATH.md, "The variational bound"); every result is in nats.
+"""Gaussian pieces of the bound (docs/MATH.md, "The variational bound"); every result is in nats.
 
 Nats become bits/dim in exactly one place: :func:`bits_per_dim_from_nats`.
 """

@@ -1,4 +1,4 @@
-"""Noise schedules β_1..β_T and every table derived from them (MATH.md, "Forward process").
+"""Noise schedules β_1..β_T and every table derived from them (docs/MATH.md, "Forward process").
 
 All tables are float64 tensors of length T indexed 0..T-1, where array index ``i`` is paper time
 ``t = i + 1``. Coefficients are gathered from these tables and cast to the working dtype only when
@@ -152,7 +152,7 @@ class Schedule:
         return out.reshape(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (MATH.md, q(x_t | x_0)); t is the 0-based index [B]."""
+        """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (docs/MATH.md, q(x_t | x_0)); t is the 0-based index [B]."""
         ab = self.alphas_cumprod
         return self.gather(ab.sqrt(), t, x0) * x0 + self.gather((1 - ab).sqrt(), t, x0) * noise
 

@@ -1,5 +1,5 @@
 """How a training step draws its timestep t (0-based index) and the weight that keeps the
-one-sample bound estimate unbiased (MATH.md, "Training objectives")."""
+one-sample bound estimate unbiased (docs/MATH.md, "Training objectives")."""
 
 from __future__ import annotations
 

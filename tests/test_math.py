@@ -1,4 +1,4 @@
-"""Closed forms of the diffusion math (MATH.md), each against an independent computation."""
+"""Closed forms of the diffusion math (docs/MATH.md), each against an independent computation."""
 
 import math
 
@@ -63,7 +63,7 @@ def test_index_zero_is_paper_time_one():
 
 
 def test_posterior_equals_gaussian_conditioning():
-    """μ̃, β̃ from MATH.md against Bayes' rule for q(x_{t−1} | x_0) · q(x_t | x_{t−1})."""
+    """μ̃, β̃ from docs/MATH.md against Bayes' rule for q(x_{t−1} | x_0) · q(x_t | x_{t−1})."""
     s = Schedule.linear(T=20, beta_start=1e-3, beta_end=0.3)
     x0 = torch.tensor([[0.3], [-0.7]], dtype=torch.float64).view(2, 1, 1, 1)
     x_t = torch.tensor([[1.1], [0.2]], dtype=torch.float64).view(2, 1, 1, 1)
