@@ -2,8 +2,14 @@
 
 One evaluator for every variant: it goes through ``variant.p_mean_variance`` (the reverse process
 the variant defines) and :func:`bench.variant.vb_term_nats`, so numbers are comparable across
-variants. The network output is cast to float64 before the bound's terms are formed; x̂_0 is not
-clipped (the bound is that of the model as trained).
+variants. The network output is cast to float64 before the bound's terms are formed.
+
+Two conventions, from the same network outputs (they differ only after the network call):
+``clip_x0=True`` (the default) is the protocol of DDPM (``calc_bpd_loop``) and iDDPM (``image_nll.py``,
+``clip_denoised=True``): x̂_0 is clipped to [−1, 1] inside the reverse step, the same step the
+sampler draws with; its metrics are ``bpd``, ``bpd/prior``, ``bpd/vb``, ``bpd/decoder``.
+``clip_x0=False`` is the bound of the unclipped reverse process as trained: ``bpd_unclipped…``.
+Every result carries the other convention in ``.other``, so both are always logged.
 
 Noise is a function of (seed, image index, t) alone, so results do not depend on the batch size or
 on how (image, t) pairs are grouped into batches.
@@ -38,15 +44,30 @@ class BoundResult:
     decoder: torch.Tensor  # [N]
     per_t: torch.Tensor  # [T]
     method: str = "exact"
+    clip_x0: bool = True  # the convention: x̂_0 clipped to [−1, 1] in the reverse step (DDPM/iDDPM), or not
+    other: BoundResult | None = None  # the same bound under the other convention, from the same network calls
 
-    def summary(self) -> dict[str, float]:
-        """Means over the images, keyed by the metric names the suite logs."""
+    def name(self, prefix: str = "bpd") -> str:
+        """The metric name of this convention: ``prefix`` (clipped, the papers' protocol) or ``prefix_unclipped``."""
+        return prefix if self.clip_x0 else f"{prefix}_unclipped"
+
+    def _own_summary(self, prefix: str) -> dict[str, float]:
+        name = self.name(prefix)
         return {
-            "bpd": self.total.mean().item(),
-            "bpd/prior": self.prior.mean().item(),
-            "bpd/vb": self.vb.mean().item(),
-            "bpd/decoder": self.decoder.mean().item(),
+            name: self.total.mean().item(),
+            f"{name}/prior": self.prior.mean().item(),
+            f"{name}/vb": self.vb.mean().item(),
+            f"{name}/decoder": self.decoder.mean().item(),
         }
+
+    def summary(self, prefix: str = "bpd") -> dict[str, float]:
+        """Means over the images under both conventions, keyed by the metric names the suite logs:
+        ``bpd``, ``bpd/vb``… (clipped) and ``bpd_unclipped``, ``bpd_unclipped/vb``… (``prefix`` replaces
+        ``bpd``, e.g. ``bpd_estimate`` for the training-time estimate)."""
+        out = self._own_summary(prefix)
+        if self.other is not None:
+            out.update(self.other._own_summary(prefix))
+        return out
 
 
 @dataclass
@@ -63,8 +84,8 @@ class EstimateResult(BoundResult):
     calls_per_image: int = 0
     per_t: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
-    def summary(self) -> dict[str, float]:
-        return {**super().summary(), "bpd_stderr": self.stderr}
+    def _own_summary(self, prefix: str) -> dict[str, float]:
+        return {**super()._own_summary(prefix), f"{self.name(prefix)}_stderr": self.stderr}
 
 
 # --------------------------------------------------------------------- helpers
@@ -99,13 +120,21 @@ def _bound_dtype(device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-    """L_t in nats per (image, t) pair, summed over dims: [B] (float64 where the device has it)."""
+    """L_t in nats per (image, t) pair, summed over dims, from one network call under both conventions:
+    [2, B] (row 0 with x̂_0 clipped to [−1, 1], row 1 unclipped; float64 where the device has it)."""
     x_t = sched.q_sample(x0, t, noise)
     out = model(x_t, t)
     dtype = _bound_dtype(x0.device)
-    x0d, x_td = x0.to(dtype), x_t.to(dtype)
-    step = variant.p_mean_variance(out.to(dtype), sched, x_td, t)
-    return vb_term_nats(step, sched, x0d, x_td, t)
+    x0d, x_td, outd = x0.to(dtype), x_t.to(dtype), out.to(dtype)
+    return torch.stack([vb_term_nats(variant.p_mean_variance(outd, sched, x_td, t, clip_x0=clip), sched, x0d, x_td, t)
+                        for clip in (True, False)])
+
+
+def _paired(first: BoundResult, second: BoundResult, clip_x0: bool) -> BoundResult:
+    """The result under ``clip_x0`` with the other convention attached (``first`` is the clipped one)."""
+    main, other = (first, second) if clip_x0 else (second, first)
+    main.other = other
+    return main
 
 
 def _prior_bits(sched: Schedule, images: torch.Tensor) -> torch.Tensor:
@@ -123,18 +152,20 @@ def bits_per_dim(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    clip_x0: bool = True,
 ) -> BoundResult:
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
     ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``batch_size`` at a time
     (image-major order), each with its own noise, drawn from a stream keyed by (seed, image).
     ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
+    ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
     """
     _check_inputs(images, sched, batch_size)
     device = torch.device(device) if device is not None else _model_device(model)
     N, T = images.shape[0], sched.T
     D = images[0].numel()
-    nats = torch.zeros(N * T, dtype=torch.float64)
+    nats = torch.zeros(2, N * T, dtype=torch.float64)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -150,16 +181,20 @@ def bits_per_dim(
                 rows = idx == i
                 noise[rows] = noise_cache[t[rows]]
             x0 = to_data_scale(images[idx]).to(device)
-            nats[start : start + len(pairs)] = _terms(
+            nats[:, start : start + len(pairs)] = _terms(
                 model, variant, sched, x0, t.to(device), noise.to(device)
             ).cpu().to(torch.float64)
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
-    bits = bits_per_dim_from_nats(nats.view(N, T), D)
     prior = _prior_bits(sched, images)
-    decoder, vb = bits[:, 0], bits[:, 1:].sum(dim=1)
-    return BoundResult(total=prior + vb + decoder, prior=prior, vb=vb, decoder=decoder, per_t=bits.mean(dim=0))
+    results = []
+    for row, clip in ((0, True), (1, False)):
+        bits = bits_per_dim_from_nats(nats[row].view(N, T), D)
+        decoder, vb = bits[:, 0], bits[:, 1:].sum(dim=1)
+        results.append(BoundResult(total=prior + vb + decoder, prior=prior, vb=vb, decoder=decoder,
+                                   per_t=bits.mean(dim=0), clip_x0=clip))
+    return _paired(*results, clip_x0)
 
 
 # --------------------------------------------------------------------- estimated
@@ -186,6 +221,7 @@ def estimate_bits_per_dim(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    clip_x0: bool = True,
 ) -> EstimateResult:
     """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
 
@@ -193,6 +229,7 @@ def estimate_bits_per_dim(
     replicates of Σ_{t≥2} L_{t−1}, each drawing one t uniformly within each of S = (K − 1) // 2
     strata (:func:`strata_edges`) and weighting it by the stratum's size. The per-image estimate is
     the replicates' mean, and their difference gives the Monte Carlo standard error.
+    ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
     """
     _check_inputs(images, sched, batch_size)
     S = (calls_per_image - 1) // 2
@@ -213,7 +250,7 @@ def estimate_bits_per_dim(
         ts[i, 0] = 0
         ts[i, 1:] = (edges[:-1] + within).reshape(-1)
         noise[i] = torch.randn(K, *images.shape[1:], generator=g)
-    nats = torch.zeros(N * K, dtype=torch.float64)
+    nats = torch.zeros(2, N * K, dtype=torch.float64)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -223,21 +260,28 @@ def estimate_bits_per_dim(
             sl = slice(start, min(start + batch_size, N * K))
             idx = torch.arange(sl.start, sl.stop) // K
             x0 = to_data_scale(images[idx]).to(device)
-            nats[sl] = _terms(model, variant, sched, x0, flat_t[sl].to(device), flat_noise[sl].to(device)).cpu().double()
+            nats[:, sl] = _terms(model, variant, sched, x0, flat_t[sl].to(device), flat_noise[sl].to(device)).cpu().double()
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
-    bits = bits_per_dim_from_nats(nats.view(N, K), D)
+    prior = _prior_bits(sched, images)
+    results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip)
+               for row, clip in ((0, True), (1, False))]
+    return _paired(*results, clip_x0)
+
+
+def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip_x0: bool) -> EstimateResult:
+    """The estimate from the per-call terms ``bits`` [N, K] (decoder, replicate A's strata, replicate B's)."""
+    N, S = bits.shape[0], len(sizes)
     decoder = bits[:, 0]
     rep_a = (bits[:, 1 : 1 + S] * sizes).sum(dim=1)
     rep_b = (bits[:, 1 + S :] * sizes).sum(dim=1)
     vb = (rep_a + rep_b) / 2
-    prior = _prior_bits(sched, images)
     total = prior + vb + decoder
     # Var((A+B)/2 | x) = E[(A−B)²]/4 per image; the mean over N images divides by N².
     stderr = math.sqrt(((rep_a - rep_b) ** 2 / 4).sum().item()) / N
     stderr_images = (total.std().item() / math.sqrt(N)) if N > 1 else math.nan
     return EstimateResult(
-        total=total, prior=prior, vb=vb, decoder=decoder, method="estimate",
-        stderr=stderr, stderr_images=stderr_images, calls_per_image=K,
+        total=total, prior=prior, vb=vb, decoder=decoder, method="estimate", clip_x0=clip_x0,
+        stderr=stderr, stderr_images=stderr_images, calls_per_image=bits.shape[1],
     )

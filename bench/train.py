@@ -33,6 +33,7 @@ from bench.unet import build_network, count_parameters
 from variants import get_variant
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
+BPD_CONVENTIONS = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
 
 
 class StopRun(Exception):
@@ -366,13 +367,17 @@ def _loop(state, model, ema_model, variant, sched, config, train_images, test_im
             subset = _eval_subset(test_images, config.eval_images)
             est = estimate_bits_per_dim(ema_model, variant, sched, subset, config.eval_calls, config.eval_batch_size,
                                         EVAL_SEED, device)
-            log.metrics(est.summary(), state.step)
-            log.tags({"bpd_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images)"})
+            summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
+                       "bpd_estimate_calls": est.calls_per_image}
+            log.metrics(summary, state.step)
+            log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images, "
+                                              f"seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] (DDPM/iDDPM), "
+                                              "bpd_estimate_unclipped: unclipped"})
             grid = sample(ema_model, variant, sched, config.sample_grid, tuple(train_images.shape[1:]),
                           config.sample_steps or None, config.seed, device=device)
             log.image(sample_grid(grid), "samples", state.step)
             if on_eval is not None:
-                on_eval(state.step, est.summary())
+                on_eval(state.step, summary)
         if state.step % config.checkpoint_every == 0 and state.step < config.steps:
             _save(state, config, variant, run_id, uri)
     interrupt.deferring = False
@@ -396,10 +401,11 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                                     device, progress)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
-    log.tags({"bpd_method": method, "bpd_split": "test", "bpd_images": len(subset)})
+    log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
     if res.per_t.numel():
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
-        log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist()}, "per_t_bound.json")
+        log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
+                  "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, "per_t_bound.json")
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     n = max(config.fid_samples, config.sample_grid)

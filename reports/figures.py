@@ -19,8 +19,10 @@ def _colors(variants) -> dict:
     return {v: cmap(i % 10) for i, v in enumerate(sorted(variants))}
 
 
-def metric_history(client, df: pd.DataFrame, key: str, ylabel: str, title: str, log_y: bool = False):
-    """One line per run of metric ``key`` against step, coloured by variant; None when nothing was logged."""
+def metric_history(client, df: pd.DataFrame, key: str, ylabel: str, title: str, log_y: bool = False,
+                   err_key: str | None = None):
+    """One line per run of metric ``key`` against step, coloured by variant; None when nothing was logged.
+    ``err_key``: a metric holding each point's standard error, drawn as a ±2σ band."""
     fig, ax = plt.subplots(figsize=(7, 4))
     colors, seen, drew = _colors(df.variant.unique()), set(), False
     for _, r in df.iterrows():
@@ -31,6 +33,12 @@ def metric_history(client, df: pd.DataFrame, key: str, ylabel: str, title: str, 
         seen.add(r.variant)
         ax.plot([m.step for m in hist], [m.value for m in hist], color=colors[r.variant], alpha=0.8, lw=1, label=label,
                 marker="o" if len(hist) < 4 else None, ms=3)
+        if err_key:
+            err = {m.step: m.value for m in client.get_metric_history(r.run_id, err_key)}
+            pts = [(m.step, m.value, err[m.step]) for m in hist if m.step in err]
+            if pts:
+                steps, values, errs = (np.array(c) for c in zip(*pts))
+                ax.fill_between(steps, values - 2 * errs, values + 2 * errs, color=colors[r.variant], alpha=0.15, lw=0)
         drew = True
     if not drew:
         plt.close(fig)
@@ -67,8 +75,32 @@ def per_t_curves(client, df: pd.DataFrame):
     return per_t_figure(means, "mean over runs")
 
 
+FID_REFERENCES = {  # metric: (label, colour, line style) of the FID reference points bench.fid logs
+    "fid_ref_test": ("test split vs train", "tab:green", ":"),
+    "fid_ref_noise": ("Gaussian noise vs train", "tab:red", "--"),
+}
+FID_REFERENCE_COUNTS = {"fid_ref_test": "fid_ref_test_samples", "fid_ref_noise": "fid_samples"}  # their n (tags)
+
+
+def _fid_reference_lines(ax, done: pd.DataFrame) -> list[float]:
+    """Horizontal lines at the runs' FID reference points, one per distinct (dataset, value); their values."""
+    drawn = []
+    several = done.dataset.nunique() > 1
+    for key, (text, color, style) in FID_REFERENCES.items():
+        if key not in done:
+            continue
+        rows = done[done[key].notna()]
+        for (dataset, value), g in rows.groupby([rows.dataset, rows[key].round(6)], sort=True):
+            counts = sorted({str(c) for c in g.get(FID_REFERENCE_COUNTS[key], []) if str(c)})
+            label = (f"{dataset}: " if several else "") + text + (f" (n={', '.join(counts)})" if counts else "")
+            ax.axhline(value, color=color, ls=style, lw=1, label=label)
+            drawn.append(float(value))
+    return drawn
+
+
 def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None):
-    """Each finished run's final bits/dim against its FID, with a study's Pareto front if given."""
+    """Each finished run's final bits/dim against its FID, with a study's Pareto front if given and the
+    runs' FID reference points (test split vs train, Gaussian noise vs train) as horizontal lines."""
     done = df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
     if done.empty:
         return None
@@ -79,6 +111,9 @@ def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None
     if pareto:
         pts = sorted(pareto)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, marker="x", label="study Pareto front")
+    values = [*done.fid, *_fid_reference_lines(ax, done)]
+    if min(values) > 0 and max(values) / min(values) > 30:  # the noise line would squash the runs together
+        ax.set_yscale("log")
     ax.set_xlabel("bits/dim (test split, lower is better)")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("Likelihood against sample quality", fontsize=10)

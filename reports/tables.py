@@ -16,7 +16,8 @@ from scipy import stats
 from bench import tracking
 from bench.errors import BenchError
 
-METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "fid", "train_seconds", "images_per_sec_overall")
+METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "fid", "isc", "fid_ref_test",
+           "fid_ref_noise", "train_seconds", "images_per_sec_overall")
 GROUP = ("dataset", "variant", "schedule")  # what a row of the comparison table is
 DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler")  # how the numbers were obtained
 
@@ -128,10 +129,13 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     out = table[list(GROUP) + ["runs", "finished", "diverged"]].copy()
-    for m, spec in (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("fid", ".2f"),
-                    ("train_seconds", ".1f"), ("images_per_sec_overall", ".0f")):
+    for m, spec in (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"),
+                    ("bpd_unclipped", ".4f"), ("fid", ".2f"), ("train_seconds", ".1f"), ("images_per_sec_overall", ".0f")):
         cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], spec)
                  for _, r in table.iterrows()]
+        if m == "bpd":  # an estimated bound carries its Monte Carlo error (mean over the runs' standard errors)
+            cells = [c + (f" (MC se {r['bpd_stderr mean']:.4f})" if not math.isnan(r["bpd_stderr mean"]) else "")
+                     for c, (_, r) in zip(cells, table.iterrows())]
         star = table.get(f"best_{m}", pd.Series(False, index=table.index))
         out[m if m != "images_per_sec_overall" else "images/s"] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
     for t in DESCRIBE_TAGS:

@@ -232,9 +232,9 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
 
     def on_eval(step: int, metrics: dict) -> None:
         if single and sc.objective == "bpd":
-            trial.report(metrics["bpd"], step)
+            trial.report(metrics["bpd_estimate"], step)
             if trial.should_prune():
-                raise StopRun(f"pruned by Optuna at step {step} (estimated bpd {metrics['bpd']:.4f})")
+                raise StopRun(f"pruned by Optuna at step {step} (estimated bpd {metrics['bpd_estimate']:.4f})")
 
     result = train(config, progress=False, parent_run_id=parent_run_id, on_eval=on_eval,
                    tags={"optuna.study": name, "optuna.trial": trial.number})

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from oracle import GaussianOracle, gaussian_grid_data
@@ -151,3 +152,90 @@ def test_estimator_needs_three_calls():
     sched, variant, images, model = small_setup()
     with pytest.raises(BenchError, match="calls_per_image"):
         estimate_bits_per_dim(model, variant, sched, images, calls_per_image=2)
+
+
+# ----------------------------------------------------------------------------- both conventions
+def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: bool):
+    """Per-image bound in bits/dim written out from the papers with numpy/scipy, independent of
+    bench's Gaussian helpers; the same noise as ``bits_per_dim`` (drawn per (seed, image))."""
+    from scipy.stats import norm
+
+    from bench.evaluate import _generator
+
+    T = sched.T
+    b = sched.betas.numpy()
+    ab = np.cumprod(1 - b)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = b * (1 - ab_prev) / (1 - ab)
+    post_log_var = np.log(np.append(post_var[1], post_var[1:]))  # β̃_1 = 0: clipped to β̃_2
+    coef1, coef2 = b * np.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * np.sqrt(1 - b) / (1 - ab)
+    totals = []
+    for i, img in enumerate(images):
+        x0 = img.double().numpy() / 127.5 - 1
+        D = x0.size
+        noise = torch.randn(T, *img.shape, generator=_generator(seed, i))
+        t = torch.arange(T)
+        x_t32 = sched.q_sample(torch.as_tensor(x0, dtype=torch.float32).expand(T, *img.shape), t, noise)
+        out = model(x_t32, t).double().numpy()
+        x_t = x_t32.double().numpy()
+        C = img.shape[0]
+        shape = (T,) + (1,) * x0.ndim
+        eps, v = out[:, :C], out[:, C:]
+        x0_hat = (x_t - np.sqrt(1 - ab).reshape(shape) * eps) / np.sqrt(ab).reshape(shape)
+        if clip_x0:
+            x0_hat = np.clip(x0_hat, -1, 1)
+        mean = coef1.reshape(shape) * x0_hat + coef2.reshape(shape) * x_t
+        if variant.var_type == "fixed_small":
+            log_var = np.broadcast_to(post_log_var.reshape(shape), mean.shape)
+        elif variant.var_type == "fixed_large":
+            log_var = np.broadcast_to(np.log(np.append(post_var[1], b[1:])).reshape(shape), mean.shape)
+        else:  # learned_range
+            frac = (v + 1) / 2
+            log_var = frac * np.log(b).reshape(shape) + (1 - frac) * post_log_var.reshape(shape)
+        true_mean = coef1.reshape(shape) * x0 + coef2.reshape(shape) * x_t
+        true_log_var = post_log_var.reshape(shape)
+        kl = 0.5 * (-1 + log_var - true_log_var + np.exp(true_log_var - log_var) + (true_mean - mean) ** 2 / np.exp(log_var))
+        sd = np.exp(0.5 * log_var[0])
+        hi = np.where(x0 > 0.999, np.inf, (x0 + 1 / 255 - mean[0]) / sd)
+        lo = np.where(x0 < -0.999, -np.inf, (x0 - 1 / 255 - mean[0]) / sd)
+        decoder = -np.log(norm.cdf(hi) - norm.cdf(lo)).sum()
+        prior = 0.5 * (-1 - np.log(1 - ab[-1]) + (1 - ab[-1]) + ab[-1] * x0**2).sum()
+        nats = prior + decoder + kl[1:].reshape(T - 1, -1).sum()
+        totals.append(nats / (D * math.log(2)))
+    return np.array(totals)
+
+
+@pytest.mark.parametrize("name,variance", [("elbo", "small"), ("elbo", "large"), ("elbo-learned", None)])
+def test_both_conventions_match_a_reference_computation_on_the_same_noise(name, variance):
+    sched = Schedule.linear(T=40, beta_start=1e-3, beta_end=0.2)
+    images, _ = gaussian_grid_data(6, 0.9)  # wide data: x̂_0 often leaves [-1, 1], so clipping matters
+    variant = get_variant(name, variance)
+    model = GaussianOracle(sched, 0.9, variant.var_type)
+    clipped = bits_per_dim(model, variant, sched, images, batch_size=50, seed=3)  # the default: the papers' protocol
+    unclipped = bits_per_dim(model, variant, sched, images, batch_size=17, seed=3, clip_x0=False)
+    assert clipped.clip_x0 and not clipped.other.clip_x0 and not unclipped.clip_x0
+    ref_clipped = _reference_bound_bits(model, variant, sched, images, 3, clip_x0=True)
+    ref_unclipped = _reference_bound_bits(model, variant, sched, images, 3, clip_x0=False)
+    assert np.abs(ref_clipped - ref_unclipped).max() > 1e-3  # the test can tell the conventions apart
+    np.testing.assert_allclose(clipped.total.numpy(), ref_clipped, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(clipped.other.total.numpy(), ref_unclipped, rtol=0, atol=2e-5)
+    # either way round, one pass gives both, identical to the other call's (batching does not matter)
+    assert torch.allclose(unclipped.total, clipped.other.total, rtol=0, atol=1e-10)
+    assert torch.allclose(unclipped.other.total, clipped.total, rtol=0, atol=1e-10)
+    s = clipped.summary()
+    assert s["bpd"] == pytest.approx(ref_clipped.mean(), abs=2e-5)
+    assert s["bpd_unclipped"] == pytest.approx(ref_unclipped.mean(), abs=2e-5)
+    assert s["bpd/prior"] == s["bpd_unclipped/prior"]
+
+
+def test_the_estimate_gives_both_conventions_from_the_same_calls():
+    sched = Schedule.linear(T=40, beta_start=1e-3, beta_end=0.2)
+    images, _ = gaussian_grid_data(6, 0.9)
+    variant = get_variant("elbo", "small")
+    model = GaussianOracle(sched, 0.9, variant.var_type)
+    est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=9, seed=1)
+    est_u = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=9, seed=1, clip_x0=False)
+    assert torch.equal(est.other.total, est_u.total) and torch.equal(est.total, est_u.other.total)
+    s = est.summary("bpd_estimate")
+    assert set(s) == {f"bpd_estimate{c}{k}" for c in ("", "_unclipped") for k in ("", "/prior", "/vb", "/decoder", "_stderr")}
+    assert s["bpd_estimate"] != s["bpd_estimate_unclipped"]

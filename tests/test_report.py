@@ -46,7 +46,8 @@ def store(tmp_path, monkeypatch):
             metrics = {"bpd": bpd, "bpd/prior": 1e-5, "bpd/vb": bpd - 1.0 - 1e-5, "bpd/decoder": 1.0, "fid": fid,
                        "train_seconds": 60 + seed, "images_per_sec_overall": 1500 + 10 * seed}
             now = int(time.time() * 1000)
-            history = [Metric("bpd", bpd + 1.0 / (s + 1), now, s * 100) for s in range(1, 4)]
+            history = [Metric("bpd_estimate", bpd + 1.0 / (s + 1), now, s * 100) for s in range(1, 4)]
+            history += [Metric("bpd_estimate_stderr", 0.01, now, s * 100) for s in range(1, 4)]
             history += [Metric("loss", 1.0 / (s + 1), now, s * 10) for s in range(1, 6)]
             client.log_batch(rid, metrics=[Metric(k, v, now, 500) for k, v in metrics.items()] + history,
                              params=[Param("config.seed", str(seed))],

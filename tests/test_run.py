@@ -39,7 +39,8 @@ TINY = [
     "--eval-every", str(EVAL_EVERY), "--eval-images", "8", "--final-eval-images", "8", "--fid-samples", "0",
     "--sample-steps", "10",
 ]
-VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-mse"}
+VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-elbo-learned-diag",
+                 "mu-mse"}
 RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\d+)$", re.M)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -187,12 +188,22 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert all(math.isfinite(v) for v in final.values())
     assert final["bpd"] == pytest.approx(final["bpd/prior"] + final["bpd/vb"] + final["bpd/decoder"], abs=1e-6)
     assert f"bpd {final['bpd']:.4f}" in result.stdout
-    assert sorted(s for s, _ in history(c, run_id, "bpd")) == [EVAL_EVERY, STEPS]
-    stderr_hist = history(c, run_id, "bpd_stderr")
-    assert [s for s, _ in stderr_hist] == [EVAL_EVERY]  # the training-time estimate only
+    assert sorted(s for s, _ in history(c, run_id, "bpd")) == [STEPS]  # `bpd` is the final number only
+    assert sorted(s for s, _ in history(c, run_id, "bpd_estimate")) == [EVAL_EVERY]  # the training-time estimate
+    assert "bpd_stderr" not in run.data.metrics  # the final bound is exact: no Monte Carlo error
+    stderr_hist = history(c, run_id, "bpd_estimate_stderr")
+    assert [s for s, _ in stderr_hist] == [EVAL_EVERY]
     assert stderr_hist[0][1] > 0 and math.isfinite(stderr_hist[0][1])
-    assert run.data.tags["bpd_method"].startswith("exact"), run.data.tags["bpd_method"]
-    assert run.data.tags["bpd_method"] == f"exact (all {T} t, 8 test images)"
+    assert dict(history(c, run_id, "bpd_estimate_images")) == {EVAL_EVERY: 8}
+    assert run.data.tags["bpd_method"].startswith(f"exact (all {T} t, 8 test images); "), run.data.tags["bpd_method"]
+    assert "bpd_unclipped" in run.data.tags["bpd_method"]
+    # both conventions from the same network calls: the clipped protocol and the unclipped bound
+    unclipped = {k: dict(history(c, run_id, k))[STEPS] for k in ("bpd_unclipped", "bpd_unclipped/vb",
+                                                                 "bpd_unclipped/decoder", "bpd_unclipped/prior")}
+    assert unclipped["bpd_unclipped/prior"] == final["bpd/prior"]
+    assert unclipped["bpd_unclipped"] == pytest.approx(
+        unclipped["bpd_unclipped/prior"] + unclipped["bpd_unclipped/vb"] + unclipped["bpd_unclipped/decoder"], abs=1e-6)
+    assert unclipped["bpd_unclipped"] != final["bpd"]  # an untrained model's x̂_0 leaves [-1, 1]
 
     # artifacts
     names = {f.path for f in c.list_artifacts(run_id)}
@@ -209,6 +220,7 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert len(per_t["L_t_bits_per_dim"]) == T
     # the curve is the bound's decoder + Σ L_{t-1}; adding the prior gives the total
     assert sum(per_t["L_t_bits_per_dim"]) + final["bpd/prior"] == pytest.approx(final["bpd"], rel=1e-6)
+    assert sum(per_t["L_t_bits_per_dim_unclipped"]) + final["bpd/prior"] == pytest.approx(unclipped["bpd_unclipped"], rel=1e-6)
     assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(dl / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
@@ -248,7 +260,7 @@ def test_same_config_and_seed_reproduce_loss_and_bpd(tiny_run, home):
     first_home, first_id, _ = tiny_run  # another store, another process state (RNG already used)
     second_id, _ = run_ok(home, TINY)
     a, b = client(first_home), client(home)
-    for key in ("loss", "bpd", "bpd/vb", "bpd_stderr"):
+    for key in ("loss", "bpd", "bpd/vb", "bpd_unclipped", "bpd_estimate", "bpd_estimate_stderr"):
         assert history(a, first_id, key) == history(b, second_id, key), key
     # a different seed gives a different run (the comparison above can fail)
     third_id, _ = run_ok(home, [*TINY, "--seed", "1"])
@@ -432,15 +444,15 @@ def test_eval_prints_bpd_and_logs_into_the_run(home):
     # the same exact bound on the same EMA weights, images and evaluation noise
     assert f"bpd {logged_bpd:.4f}" in plain.stdout
     assert "logged into run" not in plain.stdout
-    assert len(history(c, run_id, "bpd")) == 2  # nothing was logged
+    assert len(history(c, run_id, "bpd")) == 1  # nothing was logged
 
     logged = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--log-to-run"])
     assert logged.exit_code == 0, describe(logged)
     assert f"logged into run {run_id}" in logged.stdout
     assert re.search(r"\bbpd \d+\.\d{4}", logged.stdout) and "bpd_stderr" in logged.stdout
     run = c.get_run(run_id)
-    assert [s for s, _ in history(c, run_id, "bpd")] == [EVAL_EVERY, STEPS, STEPS]
-    assert [s for s, _ in history(c, run_id, "bpd_stderr")] == [EVAL_EVERY, STEPS]
+    assert [s for s, _ in history(c, run_id, "bpd")] == [STEPS, STEPS]
+    assert [s for s, _ in history(c, run_id, "bpd_stderr")] == [STEPS]
     assert run.data.tags["bpd_method"].startswith("estimate")
     assert [r.info.run_id for r in experiment_runs(home)] == [run_id]
 
@@ -458,7 +470,7 @@ def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     assert run.data.params["config.dataset"] == "cifar10"
     assert run.data.params["config.network"] == "tiny"
     assert run.data.params["config.hflip"] == "True"  # the dataset's defaults still apply
-    assert run.data.tags["bpd_method"] == f"exact (all {T} t, 2 test images)"
+    assert run.data.tags["bpd_method"].startswith(f"exact (all {T} t, 2 test images); ")
     assert math.isfinite(run.data.metrics["bpd"]) and run.data.metrics["bpd"] > 0
     assert run.inputs.dataset_inputs[0].dataset.name == "cifar10-train"
 
@@ -594,11 +606,11 @@ def test_dry_run_precedence_default_toml_command_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 10. variants
-def test_variants_lists_all_seven(tmp_path):
+def test_variants_lists_all_eight(tmp_path):
     result = invoke(tmp_path, ["variants"])
     assert result.exit_code == 0, describe(result)
     lines = result.stdout.splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 8
     assert {line.split()[0] for line in lines} == VARIANT_NAMES
     by_name = {line.split()[0]: line for line in lines}
     assert "mean=mu" in by_name["mu-mse"] and "variance=learned_range" in by_name["hybrid"]
