@@ -1,4 +1,4 @@
-"""FID, KID and precision/recall of generated images, computed through torch-fidelity.
+"""FID, KID, precision/recall and Inception Score of generated images, computed through torch-fidelity.
 
 :func:`compute_fid` runs ``samples`` ("generated", torch-fidelity's input1) and ``reference``
 ("real", input2) through the feature extractor with torch-fidelity's own batching
@@ -13,9 +13,24 @@ never used.  Instead the reference features (float32 ``[N, D]``) and FID statist
 the reference, the extractor name, its weights hash and the feature layer, so they are computed once.
 A cache file that is unreadable or does not match is recomputed and replaced, with a warning.
 
+Inception Score (``isc``, ``isc_std``) is torch-fidelity's ``isc_features_to_metric`` on the samples'
+logits: 10 splits (DDPM Table 1, torch-fidelity's default) after torch-fidelity's seeded shuffle.
+
+Reference points put a run's FID on a scale: ``fid_ref_test`` is the FID of the dataset's test split
+(its first ``min(n, N_test)`` images; tag ``fid_ref_test_samples``) and ``fid_ref_noise`` that of
+``n`` Gaussian-noise images (:func:`gaussian_noise_images`), both against the same reference, where
+``n`` is the run's sample count (FID is biased upward at small ``n``, so the count matters).  They are
+computed once per (reference cache entry, ``n``, test images) and cached beside the reference as
+small JSON files (``{"fid": ..., "samples": ...}``), which cannot run code either.
+
+Samples are saved for re-scoring by :func:`save_samples` (uint8 ``[N, C, H, W]`` under key
+``"samples"`` of an ``.npz``) and read back by :func:`load_samples` (``allow_pickle=False``);
+:func:`score_samples` scores such a file (``bench fid SAMPLES.npz --dataset D``).  These live here,
+with the metrics, because they are one pipeline: the file is what the metrics were computed from.
+
 Feature extractors:
 
-* RGB data (``cifar10``): torch-fidelity's ``inception-v3-compat``, layer ``"2048"``.  Weights come
+* RGB data (``cifar10``): torch-fidelity's ``inception-v3-compat``, layer ``"2048"`` (IS: ``"logits_unbiased"``).  Weights come
   from ``fid_weights`` (``--fid-weights PATH``), else torch-fidelity's file in the torch hub cache
   (``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else
   torch-fidelity's download URL; when all fail (offline) :class:`FidUnavailable` is raised.  No
@@ -26,13 +41,17 @@ Feature extractors:
   (labels from scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order), saved as
   ``<cache_dir>/digits-classifier-<hash8>.pt`` (``hash8``: first 8 hex digits of the file's sha256)
   and read with ``torch.load(weights_only=True)``; the extractor is named ``digits-classifier-<hash8>``
-  and its 64-d penultimate layer (``"64"``) feeds FID, KID and precision/recall.
+  and its 64-d penultimate layer (``"64"``) feeds FID, KID and precision/recall.  Its 10 class
+  logits (``"logits"``) give an analogue of the Inception Score, tagged ``isc_extractor`` and
+  ``isc_note``: it is not comparable with Inception IS (at most 10, the number of classes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
 import pickle
 import tempfile
@@ -41,7 +60,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +70,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
@@ -61,15 +81,23 @@ from bench.errors import BenchError
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
+INCEPTION_LOGITS_LAYER = "logits_unbiased"  # torch-fidelity's layer for IS: 1008 logits without the fc bias
 INCEPTION_WEIGHTS_FILENAME = os.path.basename(URL_INCEPTION_V3)
 DIGITS_EXTRACTOR_PREFIX = "digits-classifier"
 DIGITS_FEATURE_LAYER = "64"
+DIGITS_LOGITS_LAYER = "logits"
 DIGITS_TRAIN_SEED = 0
 DIGITS_TRAIN_EPOCHS = 15
 DIGITS_TRAIN_BATCH = 50
 KID_MAX_SUBSET_SIZE = 1000
 PRC_NEIGHBORHOOD = 3
 FIDELITY_SUBDIR = "fidelity"
+ISC_SPLITS = 10  # DDPM Table 1 and torch-fidelity's default isc_splits
+ISC_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed: samples are shuffled before splitting
+NOISE_SEED = 0  # fid_ref_noise images: numpy default_rng(NOISE_SEED)
+NOISE_MEAN, NOISE_STD = 127.5, 64.0  # pixel values of the noise, before clipping to [0, 255]
+NOISE_CHUNK = 1000  # images drawn at a time (50k CIFAR-sized images in float64 would be 1.2 GB)
+SAMPLES_KEY = "samples"  # the array's name in a saved-samples .npz
 _CACHE_KEYS = ("features", "mu", "sigma")
 
 _METRIC_KEYS = {
@@ -78,6 +106,8 @@ _METRIC_KEYS = {
     "kernel_inception_distance_std": "kid_std",
     "precision": "precision",
     "recall": "recall",
+    "inception_score_mean": "isc",
+    "inception_score_std": "isc_std",
 }
 
 
@@ -87,7 +117,8 @@ class FidUnavailable(BenchError):
 
 @dataclass
 class FidResult:
-    """Metrics (``fid``; ``kid``, ``kid_std``, ``precision``, ``recall`` where computed) and tags."""
+    """Metrics (``fid``; ``kid``, ``kid_std``, ``precision``, ``recall``, ``isc``, ``isc_std``,
+    ``fid_ref_test``, ``fid_ref_noise`` where computed) and the tags that say how."""
 
     metrics: dict[str, float]
     tags: dict[str, str]
@@ -367,29 +398,38 @@ def _check_images(x: object, what: str, dataset: str, shape: tuple[int, int, int
     return x.detach().cpu().contiguous()
 
 
-def _extractor_for(
-    dataset: str, channels: int, cache: Path, fid_weights: str | Path | None
-) -> tuple[str, str, Path, str]:
-    """``(extractor name, feature layer, weights file, first 8 hex digits of its sha256)`` for a dataset."""
+class _Extractor(NamedTuple):
+    """A dataset's feature extractor: name, FID layer, IS logits layer, weights file, its hash8."""
+
+    name: str
+    layer: str
+    logits: str
+    weights: Path
+    hash8: str
+
+
+def _extractor_for(dataset: str, channels: int, cache: Path, fid_weights: str | Path | None) -> _Extractor:
+    """The feature extractor of a dataset (see the module docstring)."""
     if dataset == "digits":
         weights = ensure_digits_classifier(cache)
         hash8 = weights.stem.rsplit("-", 1)[-1]
-        return f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER, weights, hash8
+        return _Extractor(f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER, DIGITS_LOGITS_LAYER, weights, hash8)
     if channels == 3:
         weights = inception_weights_path(fid_weights)
-        return INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, weights, _sha256_file(weights)[:8]
+        return _Extractor(INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, INCEPTION_LOGITS_LAYER, weights,
+                          _sha256_file(weights)[:8])
     raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({channels} channels)")
 
 
-def _build_extractor(name: str, layer: str, weights: Path, dev: torch.device) -> FeatureExtractorBase:
-    """The feature extractor ``name`` producing ``layer``, weights loaded with ``weights_only=True``, on ``dev``."""
-    cls = DigitsFeatureExtractor if name.startswith(DIGITS_EXTRACTOR_PREFIX) else _InceptionV3WeightsOnly
-    return cls(name, [layer], feature_extractor_weights_path=weights).to(dev)
+def _build_extractor(ext: _Extractor, layers: list[str], dev: torch.device) -> FeatureExtractorBase:
+    """The feature extractor ``ext`` producing ``layers``, weights loaded with ``weights_only=True``, on ``dev``."""
+    cls = DigitsFeatureExtractor if ext.name.startswith(DIGITS_EXTRACTOR_PREFIX) else _InceptionV3WeightsOnly
+    return cls(ext.name, layers, feature_extractor_weights_path=ext.weights).to(dev)
 
 
-def _features(net: FeatureExtractorBase, layer: str, images: torch.Tensor, batch_size: int, cuda: bool) -> torch.Tensor:
-    """Features ``[N, D]`` (float32, CPU) of uint8 images, batched by torch-fidelity in this process."""
-    return get_featuresdict_from_dataset(_Images(images), net, batch_size, cuda, True, False)[layer]
+def _features(net: FeatureExtractorBase, images: torch.Tensor, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
+    """Features ``{layer: [N, D]}`` (float32, CPU) of uint8 images, batched by torch-fidelity in this process."""
+    return get_featuresdict_from_dataset(_Images(images), net, batch_size, cuda, True, False)
 
 
 def _valid_cache(arrays: dict[str, object], n: int) -> bool:
@@ -430,29 +470,121 @@ def _reference_features(
     cached = _read_reference_cache(path, int(reference.shape[0]))
     if cached is not None:
         return cached
-    feats = _features(net, layer, reference, batch_size, cuda)
+    feats = _features(net, reference, batch_size, cuda)[layer]
     stats = fid_featuresdict_to_statistics({layer: feats}, layer)
     _write_atomically(path, lambda f: np.savez(f, features=feats.numpy(), mu=stats["mu"], sigma=stats["sigma"]))
     return feats, stats
 
 
+def _fid_against(feats: torch.Tensor, layer: str, stats2: dict[str, np.ndarray]) -> dict[str, float]:
+    """torch-fidelity's FID of features ``[N, D]`` against reference statistics."""
+    return dict(fid_statistics_to_metric(fid_featuresdict_to_statistics({layer: feats}, layer), stats2, False))
+
+
 def _metrics(
-    net: FeatureExtractorBase,
+    feats1: torch.Tensor,
     layer: str,
-    samples: torch.Tensor,
     reference: tuple[torch.Tensor, dict[str, np.ndarray]],
     options: dict[str, object],
 ) -> dict[str, float]:
-    """torch-fidelity's FID (plus KID / PRC when ``options`` asks) from the samples and reference features."""
-    feats1 = _features(net, layer, samples, int(options["batch_size"]), bool(options["cuda"]))
+    """torch-fidelity's FID (plus KID / PRC when ``options`` asks) from the samples' and reference features."""
     feats2, stats2 = reference
     fd1, fd2 = {layer: feats1}, {layer: feats2}
-    raw = dict(fid_statistics_to_metric(fid_featuresdict_to_statistics(fd1, layer), stats2, False))
+    raw = _fid_against(feats1, layer, stats2)
     if options["kid"]:
         raw.update(kid_featuresdict_to_metric(fd1, fd2, layer, **options))
     if options["prc"]:
         raw.update(prc_featuresdict_to_metric(fd1, fd2, layer, **options))
     return raw
+
+
+def inception_score(logits: torch.Tensor, splits: int = ISC_SPLITS) -> dict[str, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) ‖ p(y)))`` of class logits ``[N, K]``: mean and std over splits.
+
+    torch-fidelity's ``isc_features_to_metric`` (float64 softmax; rows shuffled with its default seed
+    2020, then cut into ``splits`` contiguous chunks, p(y) the mean within each chunk); ``splits`` is
+    lowered to ``N`` when there are fewer rows.  Returns ``{"isc": mean, "isc_std": std}`` (numpy's
+    population std over the splits, as torch-fidelity).
+    """
+    if logits.dim() != 2 or logits.shape[0] < 1:
+        raise BenchError(f"inception_score needs logits [N >= 1, K], got {tuple(logits.shape)}")
+    raw = isc_features_to_metric(logits.detach().cpu(), splits=min(splits, int(logits.shape[0])), shuffle=True,
+                                 rng_seed=ISC_SHUFFLE_SEED)
+    return {_METRIC_KEYS[k]: float(v) for k, v in raw.items()}
+
+
+def gaussian_noise_images(n: int, shape: tuple[int, int, int], seed: int = NOISE_SEED) -> torch.Tensor:
+    """``n`` uint8 images ``[n, *shape]`` of i.i.d. pixels N(127.5, 64²), rounded and clipped to [0, 255].
+
+    Drawn from ``numpy.random.default_rng(seed)`` ``NOISE_CHUNK`` images at a time (a fixed stream).
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, *shape), dtype=np.uint8)
+    for start in range(0, n, NOISE_CHUNK):
+        block = rng.normal(NOISE_MEAN, NOISE_STD, size=(min(NOISE_CHUNK, n - start), *shape))
+        out[start : start + block.shape[0]] = np.clip(np.rint(block), 0, 255)
+    return torch.from_numpy(out)
+
+
+def _read_point(path: Path, n: int) -> float | None:
+    """A cached reference FID (``{"fid": float, "samples": n}``) from ``path``, or None (missing or bad: warned)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"FID reference point {path} is unreadable ({type(exc).__name__}); recomputing it", stacklevel=4)
+        return None
+    fid = data.get("fid") if isinstance(data, dict) else None
+    if not isinstance(fid, float) or not math.isfinite(fid) or data.get("samples") != n:
+        warnings.warn(f"FID reference point {path} does not hold a finite FID of {n} images; recomputing it",
+                      stacklevel=4)
+        return None
+    return fid
+
+
+def _reference_point(path: Path, images: Callable[[], torch.Tensor], n: int, score: Callable[[torch.Tensor], float]
+                     ) -> float:
+    """The FID of ``images()`` (``n`` of them) by ``score``, cached as JSON at ``path`` (computed when missing)."""
+    fid = _read_point(path, n)
+    if fid is None:
+        fid = score(images())
+        _write_atomically(path, lambda f: f.write(json.dumps({"fid": fid, "samples": n}).encode()))
+    return fid
+
+
+def _reference_points(
+    dataset: str,
+    n: int,
+    test_images: torch.Tensor | None,
+    ref_cache: Path,
+    score: Callable[[torch.Tensor], float],
+) -> tuple[dict[str, float], dict[str, str]]:
+    """``fid_ref_noise`` and ``fid_ref_test`` (metrics) with their tags, at sample count ``n``.
+
+    The test split is ``test_images`` or else ``load_dataset(dataset, "test")``; when that cannot be
+    loaded (e.g. CIFAR-10 not under ``$BENCH_DATA_DIR``) ``fid_ref_test`` is skipped with tag
+    ``fid_ref_test_skipped``.
+    """
+    info = DATASETS[dataset]
+    shape = (info.channels, info.image_size, info.image_size)
+    stem = ref_cache.with_suffix("")
+    metrics = {"fid_ref_noise": _reference_point(
+        Path(f"{stem}-refnoise-n{n}-seed{NOISE_SEED}.json"), lambda: gaussian_noise_images(n, shape), n, score)}
+    tags = {"fid_ref_noise_images": f"{n} images, pixels N({NOISE_MEAN:g}, {NOISE_STD:g}²) rounded, clipped to "
+                             f"[0, 255], seed {NOISE_SEED}"}
+    if test_images is None:
+        try:
+            test_images = load_dataset(dataset, "test")
+        except BenchError as err:
+            tags["fid_ref_test_skipped"] = f"test split not loadable: {_first_line(err)}"[:500]
+            return metrics, tags
+    m = min(n, int(test_images.shape[0]))
+    test = _check_images(test_images[:m], "test images", dataset, shape)
+    test8 = hashlib.sha256(test.numpy().tobytes()).hexdigest()[:8]
+    metrics["fid_ref_test"] = _reference_point(Path(f"{stem}-reftest-n{m}-{test8}.json"), lambda: test, m, score)
+    tags["fid_ref_test_samples"] = str(m)
+    return metrics, tags
 
 
 def compute_fid(
@@ -465,20 +597,26 @@ def compute_fid(
     fid_weights: str | Path | None = None,
     kid: bool = True,
     prc: bool = True,
+    isc: bool = True,
+    reference_points: bool = True,
+    test_images: torch.Tensor | None = None,
     batch_size: int = 256,
     reference_split: str = "train",
 ) -> FidResult:
-    """FID (plus KID and precision/recall) of ``samples`` against ``reference`` via torch-fidelity.
+    """FID (plus KID, precision/recall, IS and the reference points) of ``samples`` against ``reference``.
 
     Args:
         samples: generated images, uint8 ``[N, C, H, W]`` with the dataset's geometry.
         dataset: a key of :data:`bench.data.DATASETS`; picks the extractor (see module docstring).
         reference: real images of the same geometry (usually the train split).
-        cache_dir: where the digits classifier and the reference-feature cache (``fidelity/*.npz``) live.
+        cache_dir: where the digits classifier and the reference-feature cache (``fidelity/*``) live.
         device: ``"cpu"`` or a CUDA device.
         fid_weights: Inception weights file for RGB data (``--fid-weights``).
         kid: also compute KID (subset size ``min(1000, N_samples, N_reference)``).
         prc: also compute precision/recall (k = 3; skipped when a set has fewer than 4 images).
+        isc: also compute the Inception Score (``isc``, ``isc_std``; the digits classifier's analogue on digits).
+        reference_points: also give ``fid_ref_test`` and ``fid_ref_noise`` at ``N`` samples (cached).
+        test_images: the dataset's test split for ``fid_ref_test`` (default: ``load_dataset(dataset, "test")``).
         batch_size: images per feature-extractor batch.
         reference_split: the split ``reference`` came from, for the tag and the cache name.
 
@@ -499,10 +637,11 @@ def compute_fid(
         raise BenchError(f"FID device {str(dev)!r} is not usable here; use 'cpu' or an available CUDA device")
 
     cache = Path(cache_dir)
-    extractor, layer, weights, hash8 = _extractor_for(dataset, info.channels, cache, fid_weights)
+    ext = _extractor_for(dataset, info.channels, cache, fid_weights)
+    layer, cuda = ext.layer, dev.type == "cuda"
     n1, n2 = int(samples.shape[0]), int(reference.shape[0])
     ref_hash8 = hashlib.sha256(reference.numpy().tobytes()).hexdigest()[:8]
-    extractor_id = extractor if extractor.endswith(hash8) else f"{extractor}-{hash8}"
+    extractor_id = ext.name if ext.name.endswith(ext.hash8) else f"{ext.name}-{ext.hash8}"
     ref_cache = cache / FIDELITY_SUBDIR / f"{dataset}-{reference_split}-n{n2}-{ref_hash8}-{extractor_id}-{layer}.npz"
     options: dict[str, object] = {  # torch-fidelity's keyword arguments for KID and PRC, plus ours
         "kid": kid,
@@ -511,29 +650,127 @@ def compute_fid(
         "prc_neighborhood": PRC_NEIGHBORHOOD,
         "prc_batch_size": 1000,
         "save_cpu_ram": True,  # PRC distances in blocks
-        "cuda": dev.type == "cuda",
+        "cuda": cuda,
         "batch_size": batch_size,
         "verbose": False,
     }
     # one BLAS thread on the CPU: numpy's pool would fight torch's OpenMP pool for the same cores
-    context = torch.cuda.device(dev) if dev.type == "cuda" else threadpool_limits(limits=1, user_api="blas")
+    context = torch.cuda.device(dev) if cuda else threadpool_limits(limits=1, user_api="blas")
+    ref_tags: dict[str, str] = {}
     try:
         with context:
-            net = _build_extractor(extractor, layer, weights, dev)
-            ref = _reference_features(net, layer, reference, ref_cache, batch_size, dev.type == "cuda")
-            raw = _metrics(net, layer, samples, ref, options)
+            net = _build_extractor(ext, [layer, ext.logits] if isc else [layer], dev)
+            ref = _reference_features(net, layer, reference, ref_cache, batch_size, cuda)
+            feats = _features(net, samples, batch_size, cuda)
+            raw = _metrics(feats[layer], layer, ref, options)
+            metrics = {key: float(raw[k]) for k, key in _METRIC_KEYS.items() if k in raw}
+            if isc:
+                metrics.update(inception_score(feats[ext.logits]))
+            if reference_points:
+                def score(images: torch.Tensor) -> float:
+                    return float(_fid_against(_features(net, images, batch_size, cuda)[layer], layer, ref[1])[KEY_METRIC_FID])
+
+                points, ref_tags = _reference_points(dataset, n1, test_images, ref_cache, score)
+                metrics.update(points)
     except BenchError:
         raise
     except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
         raise BenchError(
-            f"FID with {extractor} (weights {weights}) failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
-    metrics = {key: float(raw[k]) for k, key in _METRIC_KEYS.items() if k in raw}
     tags = {
-        "fid_extractor": extractor,
-        "fid_weights": hash8,
+        "fid_extractor": ext.name,
+        "fid_weights": ext.hash8,
         "fid_reference": f"{dataset} {reference_split} split, {n2} images",
         "fid_samples": str(n1),
         "fid_feature_layer": layer,
+        **ref_tags,
     }
+    if isc:
+        tags.update({"isc_extractor": ext.name, "isc_layer": ext.logits, "isc_splits": str(min(ISC_SPLITS, n1))})
+        if dataset == "digits":
+            tags["isc_note"] = ("IS analogue from the digits classifier's 10 logits (at most 10); "
+                                "not comparable with Inception IS")
     return FidResult(metrics=metrics, tags=tags)
+
+
+# ---------------------------------------------------------------- saved samples
+
+
+def save_samples(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
+    """Write uint8 images ``[N, C, H, W]`` to the ``.npz`` file ``path`` (array ``"samples"``), atomically.
+
+    The file is exactly ``path`` (no ``.npz`` is appended); :func:`load_samples` reads it back.
+    """
+    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise BenchError(f"save_samples needs uint8 images [N, C, H, W], got {arr.dtype} {arr.shape}")
+    path = Path(path)
+    _write_atomically(path, lambda f: np.savez_compressed(f, **{SAMPLES_KEY: np.ascontiguousarray(arr)}))
+    return path
+
+
+def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
+    """uint8 samples ``[N, C, H, W]`` from an ``.npz`` written by :func:`save_samples`.
+
+    Read with ``numpy.load(allow_pickle=False)``: an object array or a pickle is refused before any of
+    it runs.  With ``dataset``, the images must have its geometry and there must be at least 2.
+
+    Raises:
+        BenchError: (one line) the file is missing, not such an ``.npz``, or holds anything else.
+    """
+    path = Path(path)
+    what = f"samples file {path}"
+    if not path.is_file():
+        raise BenchError(f"{what}: no such file")
+    expected = f"{what}: expected an .npz holding a uint8 array {SAMPLES_KEY!r} (as save_samples writes)"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy
+            raise BenchError(expected)
+        with loaded as z:
+            if SAMPLES_KEY not in z.files:
+                raise BenchError(expected)
+            arr = z[SAMPLES_KEY]
+    except BenchError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {_first_line(exc)}); "
+                         "refusing it (pickled objects could run code)") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise BenchError(f"{what}: {SAMPLES_KEY!r} must be uint8 [N, C, H, W], got {arr.dtype} {arr.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(arr))
+    if dataset is not None:
+        info = DATASETS.get(dataset)
+        if info is None:
+            raise BenchError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        _check_images(images, f"samples in {path}", dataset, (info.channels, info.image_size, info.image_size))
+    return images
+
+
+def score_samples(
+    path: str | Path,
+    dataset: str,
+    *,
+    cache_dir: str | Path,
+    data_dir: str | Path | None = None,
+    fid_weights: str | Path | None = None,
+    device: str = "auto",
+) -> FidResult:
+    """:func:`compute_fid` of a saved-samples file against the dataset's train split (``bench fid``).
+
+    ``device="auto"`` is CUDA when present.  Adds tag ``fid_samples_file``.
+    """
+    samples = load_samples(path, dataset)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    train = load_dataset(dataset, "train", data_dir)
+    test = load_dataset(dataset, "test", data_dir)
+    res = compute_fid(samples, dataset, train, cache_dir=cache_dir, device=dev, fid_weights=fid_weights,
+                      test_images=test)
+    res.tags["fid_samples_file"] = str(Path(path).resolve())
+    return res

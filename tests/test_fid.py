@@ -1,4 +1,4 @@
-"""FID / KID / precision-recall through torch-fidelity (bench.fid); CPU only, no network."""
+"""FID / KID / precision-recall / IS through torch-fidelity (bench.fid); CPU only, no network."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from bench.fid import (
     inception_weights_path,
 )
 
-ALL_KEYS = {"fid", "kid", "kid_std", "precision", "recall"}
+FID_KEYS = {"fid", "kid", "kid_std", "precision", "recall"}
+ALL_KEYS = FID_KEYS | {"isc", "isc_std", "fid_ref_test", "fid_ref_noise"}
 
 
 def _uint8(n: int, c: int, size: int, seed: int) -> torch.Tensor:
@@ -113,9 +114,11 @@ def test_cache_reuses_classifier_and_reference_stats(
     monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
     samples = load_dataset("digits", "test")[:100]
     first = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
-    assert sum(seen) == 100 + 1500
+    assert sum(seen) == 100 + 1500 + 100 + 100  # samples, reference, then the reference points: noise, test split
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "fidelity").iterdir()}
-    (cached,) = files  # one .npz: features and FID statistics of the reference, no pickles
+    (cached,) = (p for p in files if p.suffix == ".npz")  # features and FID statistics of the reference, no pickles
+    assert sorted(p.name.removeprefix(cached.stem) for p in files if p != cached) == [  # the reference points
+        "-refnoise-n100-seed0.json", f"-reftest-n100-{hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:8]}.json"]
     assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{clf.stem}-64.npz")
     with np.load(cached, allow_pickle=False) as z:
         assert sorted(z.files) == ["features", "mu", "sigma"]
@@ -131,12 +134,14 @@ def test_cache_reuses_classifier_and_reference_stats(
 @pytest.mark.parametrize("n", [2, 3])
 def test_small_sample_counts(digits_cache: Path, digits_train: torch.Tensor, n: int) -> None:
     res = compute_fid(load_dataset("digits", "test")[:n], "digits", digits_train, cache_dir=digits_cache)
-    assert set(res.metrics) == {"fid", "kid", "kid_std"}  # KID subset shrunk to n; PRC needs > 3
+    assert set(res.metrics) == ALL_KEYS - {"precision", "recall"}  # KID subset shrunk to n; PRC needs > 3
+    assert res.tags["isc_splits"] == str(n) and res.tags["fid_ref_test_samples"] == str(n)
     assert all(math.isfinite(v) for v in res.metrics.values())
 
 
 def test_only_fid(digits_cache: Path, digits_train: torch.Tensor) -> None:
-    res = compute_fid(digits_train[:50], "digits", digits_train, cache_dir=digits_cache, kid=False, prc=False)
+    res = compute_fid(digits_train[:50], "digits", digits_train, cache_dir=digits_cache, kid=False, prc=False,
+                      isc=False, reference_points=False)
     assert set(res.metrics) == {"fid"} and res.metrics["fid"] > 0.0
 
 
@@ -160,12 +165,13 @@ def test_inception_path_with_random_weights(random_inception_weights: Path, tmp_
     samples, reference = _uint8(6, 3, 32, seed=1), _uint8(8, 3, 32, seed=2)
     reference[:, 0] //= 2  # a different distribution from the samples
     kw = {"cache_dir": tmp_path, "fid_weights": random_inception_weights}
-    res = compute_fid(samples, "cifar10", reference, **kw)
-    assert set(res.metrics) == ALL_KEYS
+    res = compute_fid(samples, "cifar10", reference, test_images=_uint8(3, 3, 32, seed=3), **kw)
+    assert set(res.metrics) == ALL_KEYS and 1.0 <= res.metrics["isc"] <= 1008.0
+    assert res.tags["isc_layer"] == "logits_unbiased" and res.tags["fid_ref_test_samples"] == "3"
     assert math.isfinite(res.metrics["fid"]) and res.metrics["fid"] > 0.0
     assert res.tags["fid_extractor"] == "inception-v3-compat" and res.tags["fid_feature_layer"] == "2048"
     assert res.tags["fid_samples"] == "6" and res.tags["fid_reference"] == "cifar10 train split, 8 images"
-    same = compute_fid(reference.clone(), "cifar10", reference, **kw)
+    same = compute_fid(reference.clone(), "cifar10", reference, reference_points=False, **kw)
     assert abs(same.metrics["fid"]) < 1e-3 * res.metrics["fid"]
     assert same.metrics["precision"] == 1.0 and same.metrics["recall"] == 1.0
 
