@@ -120,13 +120,20 @@ def _with(options):
     return decorate
 
 
-def build_config(dataset: str, config_file: str | None, cli_values: dict) -> RunConfig:
-    """Defaults < dataset defaults < TOML file < command line."""
+def build_config(dataset: str, config_file: str | None, cli_values: dict, command_defaults=None) -> RunConfig:
+    """Defaults < dataset defaults < the command's own (``command_defaults(dataset)``, a dict) < TOML file
+    < command line."""
     file_values = read_toml(config_file) if config_file else {}
     dataset = cli_values.get("dataset") or file_values.get("dataset") or dataset
     names = {f.name for f in fields(RunConfig)}
     given = {k: v for k, v in cli_values.items() if k in names and v is not None}
-    return make_config(**{**file_values, **given, "dataset": dataset})
+    own = command_defaults(dataset) if command_defaults else {}
+    return make_config(**{**own, **file_values, **given, "dataset": dataset})
+
+
+def _param_name(option) -> str:
+    """The parameter name that an option decorator of RUN_OPTIONS declares."""
+    return option(lambda: None).__click_params__[-1].name
 
 
 @cli.command("run")
@@ -240,43 +247,79 @@ def report_cmd(experiments, filter_string, out, tracking_uri) -> None:
     click.echo(f"  markdown: {rep.markdown}; logged as MLflow run {rep.run_id}")
 
 
-TABLE2_VARIANTS = ("simple", "elbo", "elbo-learned-diag", "mu-elbo", "mu-mse")  # DDPM Table 2's rows
+TABLE2_VARIANTS = (  # DDPM Table 2's rows: μ̃ prediction, then ε prediction
+    "mu-elbo-learned-diag", "mu-elbo", "mu-mse", "elbo-learned-diag", "elbo", "simple",
+)
+GRID_VARIANTS = (*TABLE2_VARIANTS, "hybrid", "elbo-learned")  # and iDDPM's learned-range Σ: `bench grid`'s default
+# `bench run` options a grid has no use for: it sets these itself (--variant repeats, --seeds), or they act on one run
+GRID_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen", "dry_run")]
+
+
+def grid_defaults(dataset: str) -> dict:
+    """The grid's own budget: above the dataset's defaults, below a --config file and the options."""
+    return {"steps": 1000, "fid_samples": 500, "experiment": f"grid-{dataset}"}
 
 
 @cli.command("grid")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
-              help=f"Variants (repeat; default DDPM Table 2's rows: {', '.join(TABLE2_VARIANTS)}).")
+              help=f"Variants (repeat; default: the config file's variant, else {', '.join(GRID_VARIANTS)}).")
 @click.option("--seeds", type=int, default=2, show_default=True, help="Seeds 0..N-1 per variant.")
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="digits", show_default=True)
-@click.option("--steps", type=int, default=1000, show_default=True, help="Optimiser steps per run.")
-@click.option("--fid-samples", type=int, default=500, show_default=True)
-@click.option("--sample-steps", type=int, default=None, help="Sampler steps (0: all T).")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=None)
-@click.option("--T", "T", type=int, default=None)
-@click.option("--final-eval", type=click.Choice(FINAL_EVALS), default=None)
-@click.option("--experiment", default=None, help="MLflow experiment (default: grid-<dataset>).")
-@click.option("--tracking-uri", default=None)
+@_with(GRID_OPTIONS)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder.")
-def grid_cmd(variants, seeds, out, **values) -> None:
-    """Run variants × seeds with one budget, then the report: from nothing to the table."""
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would be trained, what is already recorded) and exit.")
+def grid_cmd(variants, seeds, out, dry_run, config_file, compile_, **values) -> None:
+    """Run variants × seeds with one budget, then the report: from nothing to the table.
+
+    Takes every `bench run` option and --config FILE, applied to each run; the grid's own defaults are
+    --steps 1000, --fid-samples 500 and --experiment grid-<dataset>. A (config, seed) pair whose run is
+    already in the experiment, FINISHED or diverged, is skipped, so an interrupted grid resumes where it stopped."""
+    from dataclasses import replace
+
+    from bench.grid import recorded_runs
     from bench.train import train
     from reports.build import build_report, check_out_dir, default_out_dir
 
     if seeds < 1:
         raise BenchError(f"--seeds must be >= 1, got {seeds}")
-    values["experiment"] = values["experiment"] or f"grid-{values['dataset']}"
-    check_out_dir(out or default_out_dir([values["experiment"]]))  # refused before hours of training, not after
-    configs = [make_config(**{**values, "variant": v, "seed": s}) for v in (variants or TABLE2_VARIANTS)
-               for s in range(seeds)]  # every config validated before the first run starts
-    diverged = 0
-    for i, config in enumerate(configs, 1):
+    values["compile"] = compile_
+    file_values = read_toml(config_file) if config_file else {}
+    variants = variants or ((file_values["variant"],) if "variant" in file_values else GRID_VARIANTS)
+    replaced = sorted(set(file_values) & {"seed", "run_name"})
+    if replaced:
+        click.echo(f"note: the grid sets {' and '.join(replaced)} itself; the config file's value is not used", err=True)
+    configs = [replace(build_config("digits", config_file, {**values, "variant": v, "seed": s}, grid_defaults),
+                       run_name=None) for v in dict.fromkeys(variants) for s in range(seeds)]  # all validated up front
+    experiment, tracking_uri = configs[0].experiment, configs[0].tracking_uri
+    if not dry_run:
+        check_out_dir(out or default_out_dir([experiment]))  # refused before hours of training, not after
+    recorded = recorded_runs(configs)
+    diverged = skipped = 0
+    for i, (config, rec) in enumerate(zip(configs, recorded), 1):
         click.echo(f"[{i}/{len(configs)}] {config.default_run_name}")
+        if rec is not None and rec.is_result:
+            skipped += 1
+            diverged += rec.diverged
+            click.echo(f"  skipped: already recorded as {rec.describe()}")
+            continue
+        again = f" (again: {rec.describe()})" if rec is not None else ""
+        if dry_run:
+            click.echo(f"  to train{again}")
+            continue
+        if again:
+            click.echo(f"  training{again}")
         result = train(config)
         diverged += result.status == "FAILED"
         click.echo(f"  {result.status}" + (f" ({result.reason} at step {result.step})" if result.reason else ""))
-    rep = build_report([values["experiment"]], None, out, values["tracking_uri"])
+    if dry_run:
+        click.echo(f"{len(configs)} runs: {len(configs) - skipped} to train, {skipped} already recorded; "
+                   "every run's config but its variant and seed:")
+        click.echo(json.dumps({k: v for k, v in configs[0].to_dict().items() if k not in ("variant", "seed", "run_name")},
+                              indent=2))
+        return
+    rep = build_report([experiment], None, out, tracking_uri)
     click.echo(f"report of {rep.runs} runs: {rep.html}")
-    click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)")
+    click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)"
+               + (f"; {skipped} already recorded before this grid, skipped" if skipped else ""))
 
 
 @cli.command("runs")
@@ -312,27 +355,3 @@ def ui_cmd(host, port, tracking_uri) -> None:
     from bench.ui import serve
 
     serve(tracking_uri, host, port)
-
-
-# ------------------------------------------------------------------------- bench fid
-@cli.command("fid")
-@click.argument("samples_file", metavar="SAMPLES.npz", type=click.Path(dir_okay=False))
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True, help="What the samples imitate.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Data root (else $BENCH_DATA_DIR).")
-@click.option("--fid-weights", type=click.Path(dir_okay=False), default=None, help="Inception weights file for RGB FID.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
-    """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
-    FID, KID, precision/recall, IS and the reference points, with how they were computed."""
-    from bench import tracking
-    from bench.fid import score_samples
-
-    res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,
-                        fid_weights=fid_weights, device=device)
-    width = max(len(k) for k in (*res.metrics, *res.tags))
-    click.echo(f"{samples_file}: {res.tags['fid_samples']} {dataset} samples")
-    for k, v in res.metrics.items():
-        click.echo(f"  {k:<{width}}  {v:.6g}")
-    click.echo("provenance:")
-    for k, v in res.tags.items():
-        click.echo(f"  {k:<{width}}  {v}")

@@ -15,6 +15,7 @@ TABLE = {  # the issue's table: name → (mean_type, var_type)
     "elbo-learned": ("eps", "learned_range"),
     "elbo-learned-diag": ("eps", "learned"),
     "mu-elbo": ("mu", "fixed_small"),
+    "mu-elbo-learned-diag": ("mu", "learned"),
     "mu-mse": ("mu", "fixed_small"),
 }
 

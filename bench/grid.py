@@ -1,0 +1,76 @@
+"""``bench grid``'s memory: which (config, seed) pairs already have a result in the grid's experiment.
+
+A grid that is interrupted (Ctrl-C, a lost machine) and started again trains only what is missing. A pair
+counts as done when its experiment holds a run with the same full config (the flattened ``RunConfig`` that
+every run logs as its ``config.*`` params) that ended FINISHED, or FAILED because it diverged: divergence
+is a result the report counts. A KILLED, RUNNING or crashed run is no result, so the pair is trained again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import tracking
+from bench.config import RunConfig, flatten
+from bench.locks import sqlite_path
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A run already in the experiment for one (config, seed) pair."""
+
+    run_id: str
+    status: str  # MLflow's: FINISHED, FAILED, KILLED, RUNNING
+    diverged: bool  # FAILED because the loss diverged (tag ``diverged``), not because the process crashed
+    reason: str  # tag failure_reason / killed_reason / stop_reason, '' when none
+
+    @property
+    def is_result(self) -> bool:
+        return self.status == "FINISHED" or (self.status == "FAILED" and self.diverged)
+
+    def describe(self) -> str:
+        what = "diverged, recorded FAILED" if self.diverged else self.status
+        return f"run {self.run_id} {what}" + (f" ({self.reason})" if self.reason else "")
+
+
+def recorded_runs(configs: list[RunConfig]) -> list[Recorded | None]:
+    """For each config, the run of its experiment that holds its result, else the latest run of the same
+    config that holds none (KILLED, RUNNING, crashed), else None. Creates no store and no experiment."""
+    found: list[Recorded | None] = [None] * len(configs)
+    wanted: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        wanted.setdefault(_key(flatten(config)), []).append(i)
+    by_store: dict[tuple, list[RunConfig]] = {}
+    for config in configs:
+        by_store.setdefault((config.tracking_uri, config.experiment), []).append(config)
+    for uri, experiment in by_store:
+        path = sqlite_path(tracking.resolve_tracking_uri(uri))
+        if path is not None and not path.is_file():
+            continue  # no store yet: nothing was recorded
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            continue
+        for run in _all_runs(c, exp.experiment_id):  # newest first
+            params = {k: v for k, v in run.data.params.items() if k.startswith("config.")}
+            tags = run.data.tags
+            rec = Recorded(run.info.run_id, run.info.status, tags.get("diverged") == "true",
+                           tags.get("failure_reason") or tags.get("killed_reason") or tags.get("stop_reason") or "")
+            for i in wanted.get(_key(params), []):
+                if found[i] is None or (rec.is_result and not found[i].is_result):
+                    found[i] = rec
+    return found
+
+
+def _key(params: dict[str, str]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _all_runs(c, experiment_id: str):
+    token = None
+    while True:
+        page = c.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
