@@ -355,3 +355,27 @@ def ui_cmd(host, port, tracking_uri) -> None:
     from bench.ui import serve
 
     serve(tracking_uri, host, port)
+
+
+# ------------------------------------------------------------------------- bench fid
+@cli.command("fid")
+@click.argument("samples_file", metavar="SAMPLES.npz", type=click.Path(dir_okay=False))
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True, help="What the samples imitate.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Data root (else $BENCH_DATA_DIR).")
+@click.option("--fid-weights", type=click.Path(dir_okay=False), default=None, help="Inception weights file for RGB FID.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
+    """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
+    FID, KID, precision/recall, IS and the reference points, with how they were computed."""
+    from bench import tracking
+    from bench.fid import score_samples
+
+    res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,
+                        fid_weights=fid_weights, device=device)
+    width = max(len(k) for k in (*res.metrics, *res.tags))
+    click.echo(f"{samples_file}: {res.tags['fid_samples']} {dataset} samples")
+    for k, v in res.metrics.items():
+        click.echo(f"  {k:<{width}}  {v:.6g}")
+    click.echo("provenance:")
+    for k, v in res.tags.items():
+        click.echo(f"  {k:<{width}}  {v}")
