@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -305,6 +306,7 @@ def _log_start(log, config, variant, sched, net, train_images, device) -> None:
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
         "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
         "code_version": tracking.git_commit(), **tracking.versions(),
+        "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
     })
     log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe()})
     log.dict(config.to_dict(), "config.json")
@@ -413,11 +415,14 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     log.image(sample_grid(images[: config.sample_grid]), "samples", step)
     sampler = describe_sampler(sched, steps)
     if config.fid_samples:
-        from bench.fid import FidUnavailable, compute_fid
+        from bench.fid import FidUnavailable, compute_fid, save_samples
 
+        with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
+            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz"), "samples")
         try:
             fid = compute_fid(images[: config.fid_samples], config.dataset, train_images,
-                              cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights)
+                              cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights,
+                              test_images=test_images)
             metrics.update(fid.metrics)
             log.tags({**fid.tags, "fid_sampler": sampler})
         except FidUnavailable as err:

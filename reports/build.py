@@ -27,7 +27,15 @@ import pandas as pd
 from bench import tracking
 from bench.errors import BenchError
 from reports import figures
-from reports.tables import comparison_table, display_table, load_runs, numeric_summary, paired_differences
+from reports.tables import (
+    comparison_table,
+    deduplicate,
+    display_table,
+    load_runs,
+    numeric_summary,
+    paired_differences,
+    varying_settings,
+)
 
 REPORT_EXPERIMENT = "elbo-bench-reports"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report downloads many small files
@@ -167,10 +175,11 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     """Read the runs, write the report folder, log it to MLflow; returns where it went."""
     out_dir = check_out_dir(out if out else default_out_dir(experiments))
     client = tracking.client(tracking_uri)
-    df = load_runs(client, experiments, filter_string)
+    df, duplicates = deduplicate(load_runs(client, experiments, filter_string))
     if df.empty:
         raise BenchError("no training runs match (runs are those tagged with a variant); check --experiment and --filter")
     table, pairs = comparison_table(df), paired_differences(df)
+    shown, protocol = display_table(table)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -190,9 +199,10 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         df.to_csv(staging / "runs.csv", index=False)
         (staging / "table.json").write_text(json.dumps(numeric_summary(table), indent=1, default=str))
         meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
-                "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_html(staging / "report.html", meta, display_table(table), pairs, pictures)
-        _write_markdown(staging / "report.md", meta, display_table(table), pairs, pictures)
+                "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol}
+        _write_html(staging / "report.html", meta, shown, pairs, pictures)
+        _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
         for d in staging.iterdir():
             if d.is_dir():
                 shutil.rmtree(d)  # downloads of ours inside our own staging folder
@@ -232,13 +242,25 @@ def _figures(client, df: pd.DataFrame, where: Path) -> list[tuple[str, Path]]:
 
 
 def _intro(meta: dict) -> list[str]:
-    return [
+    lines = [
         f"Runs: {meta['runs']} from experiment(s) {', '.join(meta['experiments'])}"
         + (f", filter `{meta['filter']}`" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
-        "Cells: mean ± std [95% t-interval of the mean] over seeds of FINISHED runs; ★ marks the lowest mean per dataset. "
-        "bits/dim is the variational bound on the test split (bpd_method says exact or estimated, how many images); "
-        "FID columns say the feature extractor, sample count and sampler. Diverged runs are counted, not averaged.",
+        "A row pools only runs that agree on everything but the seed (dataset, variant and its variance, schedule and T, "
+        "network, steps, batch, lr, the bound's method, images and convention, FID samples and sampler). Cells: "
+        "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds); "
+        "★ marks the lowest mean per dataset. bpd is the variational bound on the test split with x̂_0 clipped to "
+        "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; an estimated bpd shows its "
+        "Monte Carlo standard error (MC se). Diverged runs are counted, not averaged.",
     ]
+    if meta["mixed"]:
+        lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): those runs are kept in separate rows, "
+                     "labelled by their settings; compare only rows with the same settings.")
+    if meta["duplicates"]:
+        lines.append(f"{meta['duplicates']} duplicate run(s) of the same config and seed are left out (the latest "
+                     "FINISHED one counts).")
+    if meta["protocol"]:
+        lines.append("Every row: " + "; ".join(meta["protocol"]) + ".")
+    return lines
 
 
 def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:

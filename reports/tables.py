@@ -18,8 +18,19 @@ from bench.errors import BenchError
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "fid", "isc", "fid_ref_test",
            "fid_ref_noise", "train_seconds", "images_per_sec_overall")
-GROUP = ("dataset", "variant", "schedule")  # what a row of the comparison table is
-DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler")  # how the numbers were obtained
+GROUP = ("dataset", "variant", "schedule")  # what a row of the comparison table is, with SETTINGS
+DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler", "fid_ref_test_samples")  # how obtained
+# Everything but the seed that a row's runs must share (a run's logged param → its short name in labels):
+# the budget, the optimiser, and the evaluation protocol. Runs that differ in any of these get separate rows.
+SETTINGS = {
+    "config.network": "network", "config.steps": "steps", "config.batch_size": "batch", "config.lr": "lr",
+    "config.T": "T", "config.final_eval": "bound", "config.final_eval_images": "bound images",
+    "config.eval_calls": "estimate calls", "config.fid_samples": "FID samples", "config.sample_steps": "sampler steps",
+    "protocol.bpd": "bpd convention",
+}
+LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
+NOT_CONFIG = {"config.seed", "config.run_name", "config.experiment", "config.tracking_uri", "config.device",
+              "config.data_dir", "config.download", "config.compile"}  # params that do not change a run's result
 
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
@@ -46,14 +57,37 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         row = {
             "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-            "experiment_id": r.info.experiment_id, "seed": params.get("config.seed"),
+            "experiment_id": r.info.experiment_id, "seed": params.get("config.seed"), "start_time": r.info.start_time,
             "diverged": tags.get("diverged") == "true", "study": tags.get("optuna.study", ""),
+            "config_id": "|".join(f"{k}={v}" for k, v in sorted(params.items())
+                                  if k.startswith("config.") and k not in NOT_CONFIG),
         }
+        row.update({name: params.get(key, "") for key, name in SETTINGS.items()})
+        row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS})
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
-    columns = ["run_id", "run_name", "status", "experiment_id", "seed", "diverged", "study", *GROUP, *DESCRIBE_TAGS, *METRICS]
+    columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study", "config_id",
+               *GROUP, *SETTINGS.values(), *DESCRIBE_TAGS, *METRICS]
     return pd.DataFrame(rows, columns=columns)
+
+
+def deduplicate(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One run per (config, seed): the latest FINISHED one, else the latest. Returns (runs, how many dropped)."""
+    if df.empty:
+        return df, 0
+    order = df.assign(_finished=df.status == "FINISHED").sort_values(["_finished", "start_time"])
+    kept = order.drop_duplicates([*GROUP, "config_id", "seed"], keep="last").drop(columns="_finished")
+    return kept.sort_index(), len(df) - len(kept)
+
+
+def varying_settings(df: pd.DataFrame) -> list[str]:
+    """The SETTINGS that take more than one value in the selection (so rows are split by them)."""
+    return [name for name in SETTINGS.values() if df[name].nunique(dropna=False) > 1]
+
+
+def _row_keys(df: pd.DataFrame) -> list[str]:
+    return [*GROUP, *SETTINGS.values()]
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, float, float, int]:
@@ -71,13 +105,16 @@ def mean_ci(values: pd.Series) -> tuple[float, float, float, float, int]:
 
 
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, variant, schedule): run counts, and for each metric over the FINISHED
-    runs' seeds the mean, std and 95% interval. ``best_bpd`` / ``best_fid`` mark the lowest mean
-    within each dataset."""
+    """One row per (dataset, variant, schedule) and SETTINGS: runs that agree on everything but the
+    seed (call :func:`deduplicate` first). Run counts, and for each metric over the FINISHED runs'
+    seeds the mean, std and 95% interval; ``settings`` names the row's values of the settings that
+    vary in the selection. ``best_bpd`` / ``best_fid`` mark the lowest mean within each dataset."""
     rows = []
-    for key, g in df.groupby(list(GROUP), sort=True):
+    keys, varying = _row_keys(df), varying_settings(df)
+    for key, g in df.groupby(keys, sort=True, dropna=False):
         done = g[g.status == "FINISHED"]
-        row = dict(zip(GROUP, key))
+        row = dict(zip(keys, key))
+        row["settings"] = ", ".join(f"{name}={row[name]}" for name in varying)
         row.update({"runs": len(g), "finished": len(done), "diverged": int(g.diverged.sum())})
         for m in METRICS:
             mean, std, lo, hi, n = mean_ci(done[m])
@@ -95,11 +132,13 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame:
-    """For each pair of variants on the same dataset and schedule, the per-seed differences A − B over
-    the seeds both finished: mean, std, 95% interval, number of pairs."""
+    """For each pair of variants on the same dataset, schedule and SETTINGS, the per-seed differences
+    A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
     rows = []
     done = df[df.status == "FINISHED"]
-    for (dataset, schedule), g in done.groupby(["dataset", "schedule"], sort=True):
+    like = ["dataset", "schedule", *SETTINGS.values()]
+    for key, g in done.groupby(like, sort=True, dropna=False):
+        dataset, schedule = key[0], key[1]
         by_variant = {v: gv.groupby("seed")[list(metrics)].mean() for v, gv in g.groupby("variant")}
         for a, b in itertools.combinations(sorted(by_variant), 2):
             seeds = by_variant[a].index.intersection(by_variant[b].index)
@@ -114,33 +153,53 @@ def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["dataset", "schedule", "metric", "A", "B", "pairs", "mean A−B", "std", "ci_low", "ci_high"])
 
 
-def format_cell(mean: float, std: float, lo: float, hi: float, spec: str = ".4f") -> str:
-    """'mean ± std [lo, hi]' in format ``spec``, dropping what is undefined (one seed has no spread)."""
+def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str = ".4f") -> str:
+    """'mean ± std [lo, hi]' in format ``spec`` from 3 seeds on; 'mean ± std (n=2)' below, where a t-interval
+    says little; 'mean (n=1)' for one seed. Every metric here is positive, so an interval stops at 0."""
     if math.isnan(mean):
         return "–"
-    text = f"{mean:{spec}}"
-    if not math.isnan(std):
-        text += f" ± {std:{spec}} [{lo:{spec}}, {hi:{spec}}]"
-    return text
+    if n < 2 or math.isnan(std):
+        return f"{mean:{spec}} (n={n})"
+    if n < 3:
+        return f"{mean:{spec}} ± {std:{spec}} (n={n})"
+    return f"{mean:{spec}} ± {std:{spec}} [{max(lo, 0.0):{spec}}, {hi:{spec}}]"
 
 
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The comparison table as strings, for HTML and Markdown."""
+DISPLAY = (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("bpd_unclipped", ".4f"),
+           ("fid", ".2f"), ("isc", ".2f"), ("fid_ref_test", ".2f"), ("fid_ref_noise", ".2f"), ("train_seconds", ".1f"),
+           ("images_per_sec_overall", ".0f"))
+RENAME = {"train_seconds": "train s", "images_per_sec_overall": "images/s"}
+
+
+def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The comparison table as strings, for HTML and Markdown, and the protocol lines: what every row
+    shares (constant settings, tags and columns) is said once above the table instead of in each cell."""
     if table.empty:
-        return table
-    out = table[list(GROUP) + ["runs", "finished", "diverged"]].copy()
-    for m, spec in (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"),
-                    ("bpd_unclipped", ".4f"), ("fid", ".2f"), ("train_seconds", ".1f"), ("images_per_sec_overall", ".0f")):
-        cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], spec)
+        return table, []
+    out = table[list(GROUP)].copy()
+    if table["settings"].astype(bool).any():
+        out["settings"] = table["settings"]
+    out[["runs", "finished", "diverged"]] = table[["runs", "finished", "diverged"]]
+    for m, spec in DISPLAY:
+        if f"{m} mean" not in table or table[f"{m} n"].sum() == 0:
+            continue
+        cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], r[f"{m} n"], spec)
                  for _, r in table.iterrows()]
         if m == "bpd":  # an estimated bound carries its Monte Carlo error (mean over the runs' standard errors)
             cells = [c + (f" (MC se {r['bpd_stderr mean']:.4f})" if not math.isnan(r["bpd_stderr mean"]) else "")
                      for c, (_, r) in zip(cells, table.iterrows())]
         star = table.get(f"best_{m}", pd.Series(False, index=table.index))
-        out[m if m != "images_per_sec_overall" else "images/s"] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
+        out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
-    return out.rename(columns={"train_seconds": "train s"})
+    protocol = [f"{name}: {table[name].iloc[0] or '–'}" for name in SETTINGS.values()
+                if table[name].nunique(dropna=False) == 1]
+    for col in [c for c in out.columns if c not in GROUP and c not in ("runs", "finished", "diverged")]:
+        values = out[col].str.replace(r" \(n=\d+\)$", "", regex=True) if col not in DESCRIBE_TAGS else out[col]
+        if len(out) > 1 and values.nunique() == 1:  # the same in every row: said once
+            protocol.append(f"{col}: {values.iloc[0] or '–'}")
+            out = out.drop(columns=col)
+    return out, protocol
 
 
 def numeric_summary(table: pd.DataFrame) -> dict:

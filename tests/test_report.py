@@ -63,7 +63,7 @@ def store(tmp_path, monkeypatch):
             client.set_terminated(rid, "FINISHED")
             records.append({"variant": variant, "seed": seed, **metrics})
     bad = client.create_run(exp, run_name="diverged")
-    client.log_batch(bad.info.run_id, params=[Param("config.seed", "0")],
+    client.log_batch(bad.info.run_id, params=[Param("config.seed", "3")],
                      tags=[RunTag("variant", "elbo[small]"), RunTag("dataset", "digits"),
                            RunTag("schedule", "linear(T=1000, 0.0001..0.02)"), RunTag("diverged", "true")])
     client.set_terminated(bad.info.run_id, "FAILED")

@@ -253,6 +253,21 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
     assert tags["fid_samples"] == "64"
     assert "10" in tags["fid_sampler"] and str(T) in tags["fid_sampler"], tags["fid_sampler"]
     assert "fid_skipped" not in tags
+    # the reference points at the run's sample count, and the scored samples saved to be re-scored
+    metrics = run.data.metrics
+    assert 0 <= metrics["fid_ref_test"] < metrics["fid_ref_noise"], metrics
+    assert tags["fid_ref_test_samples"] == "64"
+    from mlflow.artifacts import download_artifacts
+
+    from bench.fid import load_samples
+
+    path = download_artifacts(run_id=run_id, artifact_path="samples/fid_samples.npz", dst_path=str(home / "dl"),
+                              tracking_uri=f"sqlite:///{home}/mlflow.db")
+    saved = load_samples(path)
+    assert saved.shape == (64, 1, 8, 8) and saved.dtype == torch.uint8
+    rescored = invoke(home, ["fid", path, "--dataset", "digits"])
+    assert rescored.exit_code == 0, describe(rescored)
+    assert f"{fid[STEPS]:.4f}" in rescored.stdout  # the same samples, the same FID
 
 
 # ----------------------------------------------------------------------------- 3. reproducibility
