@@ -192,14 +192,28 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
-    protocol = [f"{name}: {table[name].iloc[0] or '–'}" for name in SETTINGS.values()
-                if table[name].nunique(dropna=False) == 1]
-    for col in [c for c in out.columns if c not in GROUP and c not in ("runs", "finished", "diverged")]:
-        values = out[col].str.replace(r" \(n=\d+\)$", "", regex=True) if col not in DESCRIBE_TAGS else out[col]
-        if len(out) > 1 and values.nunique() == 1:  # the same in every row: said once
-            protocol.append(f"{col}: {values.iloc[0] or '–'}")
-            out = out.drop(columns=col)
+    protocol = [f"{name}: {table[name].iloc[0]}" for name in SETTINGS.values()
+                if table[name].nunique(dropna=False) == 1 and table[name].iloc[0]]
+    if len(out) > 1:  # what is the same in every row is said once, not repeated in a column
+        for m, spec in DISPLAY:
+            col = RENAME.get(m, m)
+            if col in out and _constant(table, m, spec):
+                protocol.append(f"{col}: {table[f'{m} mean'].iloc[0]:{spec}} in every run")
+                out = out.drop(columns=col)
+        for t in DESCRIBE_TAGS:
+            if out[t].nunique() == 1:
+                if out[t].iloc[0]:
+                    protocol.append(f"{t}: {out[t].iloc[0]}")
+                out = out.drop(columns=t)
     return out, protocol
+
+
+def _constant(table: pd.DataFrame, m: str, spec: str) -> bool:
+    """Whether metric ``m`` shows one value, with no spread, in every row that has it (at ``spec`` precision)."""
+    has = table[table[f"{m} n"] > 0]
+    means = {f"{v:{spec}}" for v in has[f"{m} mean"]}
+    spread = {f"{v:{spec}}" for v in has[f"{m} std"].dropna()} - {f"{0.0:{spec}}"}
+    return len(has) == len(table) and len(means) == 1 and not spread
 
 
 def numeric_summary(table: pd.DataFrame) -> dict:

@@ -127,7 +127,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHECK = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => i.complete && i.naturalWidth > 0);
   const rows = document.querySelectorAll('#comparison tbody tr').length;
-  document.body.setAttribute('data-check', JSON.stringify({imgs, rows}));
+  const table = document.querySelector('#comparison');
+  const line = parseFloat(getComputedStyle(table).fontSize) * 1.6;
+  const cells = [...table.querySelectorAll('td')];
+  const wrapped = cells.filter(c => c.getBoundingClientRect().height > 2 * line).length;
+  document.body.setAttribute('data-check', JSON.stringify({imgs, rows, width: table.getBoundingClientRect().right,
+                                                           wrapped, cells: cells.length}));
 });</script>"""
 
 
@@ -139,11 +144,13 @@ def test_report_html_renders_with_table_and_every_image(store):
     page.write_text(rep.html.read_text().replace("</body>", CHECK + "</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp / 'chrome'}", "--virtual-time-budget=5000"]
+             f"--user-data-dir={tmp / 'chrome'}", "--virtual-time-budget=5000", "--window-size=1400,2400"]
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     marker = dom.split("data-check=\"", 1)[1].split("\"", 1)[0].replace("&quot;", "\"")
     check = json.loads(marker)
     assert check["rows"] == 3  # one row per variant, rendered
+    assert check["width"] <= 1400, check  # the table fits a 1400-px page …
+    assert check["wrapped"] < check["cells"] / 4, check  # … without wrapping its cells
     assert len(check["imgs"]) >= 5 and all(check["imgs"])  # every embedded image decoded
     shot = tmp / "report.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1400,2400", f"--screenshot={shot}", rep.html.as_uri()],
@@ -209,3 +216,39 @@ def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch):
     assert (out / "report.html").is_file()
     bad = CliRunner().invoke(cli, ["grid", "--seeds", "0"])
     assert bad.exit_code == 2 and "--seeds must be >= 1" in bad.output
+
+
+def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
+    """300-step and 150-step runs, an estimated and an exact bound, a duplicated seed: rows stay apart,
+    the report says so, the duplicate counts once, and two seeds get no t-interval."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mixed")
+    now = int(time.time() * 1000)
+
+    def run(steps: str, final_eval: str, seed: int, bpd: float, status: str = "FINISHED") -> str:
+        rid = client.create_run(exp, run_name=f"simple-{steps}-{seed}").info.run_id
+        client.log_batch(rid, metrics=[Metric("bpd", bpd, now, int(steps)), Metric("bpd/prior", 2e-5, now, int(steps))],
+                         params=[Param("config.seed", str(seed)), Param("config.steps", steps),
+                                 Param("config.final_eval", final_eval), Param("protocol.bpd", "x0-clipped")],
+                         tags=[RunTag("variant", "simple[small]"), RunTag("dataset", "digits"),
+                               RunTag("schedule", "linear(T=1000, 0.0001..0.02)")])
+        client.set_terminated(rid, status)
+        return rid
+
+    run("300", "exact", 0, 5.0)
+    run("300", "exact", 1, 5.2)
+    run("300", "exact", 1, 9.9, status="FAILED")  # an earlier failed try of the same config and seed
+    run("150", "estimate", 0, 6.0)
+    run("150", "estimate", 0, 6.0)  # the same config and seed twice: counted once (the latest)
+    rep = build_report(["mixed"], None, tmp_path / "rep", uri, log_to_mlflow=False)
+    table = rep.table.set_index("steps")
+    assert sorted(table.index) == ["150", "300"]  # two rows, not one pooled "runs 4"
+    assert table.loc["300", "runs"] == 2 and table.loc["300", "bpd n"] == 2
+    assert table.loc["150", "runs"] == 1 and table.loc["150", "bpd mean"] == 6.0
+    assert table.loc["300", "settings"] == "steps=300, bound=exact"
+    md = rep.markdown.read_text()
+    assert "mixes settings (steps, bound)" in md and "2 duplicate run(s)" in md
+    assert "5.1000 ± 0.1414 (n=2)" in md  # two seeds: mean ± std, no t-interval
+    assert "± 0.0000" not in md  # the duplicated seed is not a second sample
+    assert "bpd/prior: 2.00e-05 in every run" in md and "| bpd/prior |" not in md  # constant: said once, not a column
