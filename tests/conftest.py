@@ -82,3 +82,19 @@ def store_template(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("store_template")
     MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments(max_results=1)
     return folder / "mlflow.db"
+
+
+@pytest.fixture
+def extractor_calls(monkeypatch) -> list[int]:
+    """A spy on the digits feature extractor: the batch sizes it is called with (it still runs)."""
+    import bench.fid as fid_mod
+
+    seen: list[int] = []
+    forward = fid_mod.DigitsFeatureExtractor.forward
+
+    def counting_forward(self, x: torch.Tensor):
+        seen.append(int(x.shape[0]))
+        return forward(self, x)
+
+    monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
+    return seen

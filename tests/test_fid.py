@@ -95,7 +95,8 @@ def test_digits_classifier_training_is_deterministic(digits_cache: Path, tmp_pat
 
 
 def test_cache_reuses_classifier_and_reference_stats(
-    digits_cache: Path, digits_train: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_cache: Path, digits_train: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    extractor_calls: list[int],
 ) -> None:
     (clf,) = digits_cache.glob("digits-classifier-*.pt")
     shutil.copy2(clf, tmp_path / clf.name)
@@ -104,14 +105,8 @@ def test_cache_reuses_classifier_and_reference_stats(
         raise AssertionError("the cached classifier should have been reused")
 
     monkeypatch.setattr(fid_mod, "_train_digits_classifier", no_training)
-    seen: list[int] = []
-    forward = fid_mod.DigitsFeatureExtractor.forward
-
-    def counting_forward(self: fid_mod.DigitsFeatureExtractor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        seen.append(int(x.shape[0]))
-        return forward(self, x)
-
-    monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
+    seen = extractor_calls  # batch sizes the digits extractor sees from here on
+    seen.clear()
     samples = load_dataset("digits", "test")[:100]
     first = compute_fid(samples, "digits", digits_train, cache_dir=tmp_path, batch_size=512)
     assert sum(seen) == 100 + 1500 + 100 + 100  # samples, reference, then the reference points: noise, test split

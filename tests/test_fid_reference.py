@@ -144,16 +144,10 @@ def test_gaussian_noise_images() -> None:
 
 
 def test_digits_reference_points_are_ordered_exact_and_cached(
-    cache: Path, train: torch.Tensor, test_split: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+    cache: Path, train: torch.Tensor, test_split: torch.Tensor, extractor_calls: list[int]
 ) -> None:
-    seen: list[int] = []
-    forward = fid_mod.DigitsFeatureExtractor.forward
-
-    def counting_forward(self: fid_mod.DigitsFeatureExtractor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        seen.append(int(x.shape[0]))
-        return forward(self, x)
-
-    monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
+    seen = extractor_calls  # batch sizes the digits extractor sees from here on
+    seen.clear()
     samples = gaussian_noise_images(1000, (1, 8, 8), seed=5)
     first = compute_fid(samples, "digits", train, cache_dir=cache, kid=False, prc=False)
     assert sum(seen) == 1000 + 1500 + 1000 + 297  # samples, reference, noise, the whole test split (297 < 1000)
