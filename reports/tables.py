@@ -212,7 +212,7 @@ def _constant(table: pd.DataFrame, m: str, spec: str) -> bool:
     """Whether metric ``m`` shows one value, with no spread, in every row that has it (at ``spec`` precision)."""
     has = table[table[f"{m} n"] > 0]
     means = {f"{v:{spec}}" for v in has[f"{m} mean"]}
-    spread = {f"{v:{spec}}" for v in has[f"{m} std"].dropna()} - {f"{0.0:{spec}}"}
+    spread = (has[f"{m} std"].fillna(0.0) > 1e-9 * has[f"{m} mean"].abs()).any()  # beyond float rounding
     return len(has) == len(table) and len(means) == 1 and not spread
 
 
