@@ -136,9 +136,10 @@ def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame
     A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
     rows = []
     done = df[df.status == "FINISHED"]
-    like = ["dataset", "schedule", *SETTINGS.values()]
+    like, varying = ["dataset", "schedule", *SETTINGS.values()], varying_settings(df)
     for key, g in done.groupby(like, sort=True, dropna=False):
         dataset, schedule = key[0], key[1]
+        settings = ", ".join(f"{name}={value}" for name, value in zip(like[2:], key[2:]) if name in varying)
         by_variant = {v: gv.groupby("seed")[list(metrics)].mean() for v, gv in g.groupby("variant")}
         for a, b in itertools.combinations(sorted(by_variant), 2):
             seeds = by_variant[a].index.intersection(by_variant[b].index)
@@ -148,9 +149,11 @@ def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame
                 diff = by_variant[a].loc[seeds, m] - by_variant[b].loc[seeds, m]
                 mean, std, lo, hi, n = mean_ci(diff)
                 if n:
-                    rows.append({"dataset": dataset, "schedule": schedule, "metric": m, "A": a, "B": b, "pairs": n,
-                                 "mean A−B": mean, "std": std, "ci_low": lo, "ci_high": hi})
-    return pd.DataFrame(rows, columns=["dataset", "schedule", "metric", "A", "B", "pairs", "mean A−B", "std", "ci_low", "ci_high"])
+                    rows.append({"dataset": dataset, "schedule": schedule, "settings": settings, "metric": m, "A": a,
+                                 "B": b, "pairs": n, "mean A−B": mean, "std": std, "ci_low": lo, "ci_high": hi})
+    columns = ["dataset", "schedule", "settings", "metric", "A", "B", "pairs", "mean A−B", "std", "ci_low", "ci_high"]
+    out = pd.DataFrame(rows, columns=columns)
+    return out if varying else out.drop(columns="settings")
 
 
 def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str = ".4f") -> str:
