@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 from bench.locks import file_lock
 
 FORMAT = "elbo-bench-checkpoint-1"
@@ -33,15 +33,15 @@ def claim_run_dir(folder: str | Path, run_id: str) -> Iterator[Path]:
         yield folder
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one.
-    Call it while holding :func:`claim_run_dir` on the folder."""
+def write_atomically(path: str | Path, write) -> Path:
+    """Create ``path`` (and its folder) through a temp file ``.<name>.*.tmp`` beside it, flushed to disk and
+    renamed into place, so a reader sees the old file or the whole new one. ``write(f)`` fills the binary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +49,12 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one.
+    Call it while holding :func:`claim_run_dir` on the folder."""
+    return write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -59,7 +65,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        reason = first_line(err)[:200]
         raise BenchError(f"checkpoint {path} is damaged or not an elbo-bench checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
         raise BenchError(f"checkpoint {path} is not an elbo-bench checkpoint (expected format {FORMAT})")

@@ -54,13 +54,12 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,8 +75,9 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
+from bench.checkpoint import write_atomically
 from bench.data import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
@@ -131,25 +131,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create ``path`` (and its folder) through a temp file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's text (user-facing errors are one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- digits classifier
@@ -231,7 +212,7 @@ def ensure_digits_classifier(cache_dir: str | Path) -> Path:
     torch.save(_train_digits_classifier(), buf)
     data = buf.getvalue()
     path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{hashlib.sha256(data).hexdigest()[:8]}.pt"
-    _write_atomically(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data))
     return path
 
 
@@ -346,7 +327,7 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (RuntimeError, ValueError, OSError, EOFError) as exc:
         raise BenchError(
-            f"Inception weights {path} are not a readable torch file ({type(exc).__name__}: {_first_line(exc)}); {official}"
+            f"Inception weights {path} are not a readable torch file ({type(exc).__name__}: {first_line(exc)}); {official}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise BenchError(f"Inception weights {path} do not hold a state dict (names -> tensors); {official}")
@@ -453,7 +434,7 @@ def _read_reference_cache(path: Path, n: int) -> tuple[torch.Tensor, dict[str, n
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in _CACHE_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        warnings.warn(f"FID cache {path} is unreadable ({type(exc).__name__}: {_first_line(exc)}); recomputing it",
+        warnings.warn(f"FID cache {path} is unreadable ({type(exc).__name__}: {first_line(exc)}); recomputing it",
                       stacklevel=3)
         return None
     if not _valid_cache(arrays, n):
@@ -472,7 +453,7 @@ def _reference_features(
         return cached
     feats = _features(net, reference, batch_size, cuda)[layer]
     stats = fid_featuresdict_to_statistics({layer: feats}, layer)
-    _write_atomically(path, lambda f: np.savez(f, features=feats.numpy(), mu=stats["mu"], sigma=stats["sigma"]))
+    write_atomically(path, lambda f: np.savez(f, features=feats.numpy(), mu=stats["mu"], sigma=stats["sigma"]))
     return feats, stats
 
 
@@ -549,7 +530,7 @@ def _reference_point(path: Path, images: Callable[[], torch.Tensor], n: int, sco
     fid = _read_point(path, n)
     if fid is None:
         fid = score(images())
-        _write_atomically(path, lambda f: f.write(json.dumps({"fid": fid, "samples": n}).encode()))
+        write_atomically(path, lambda f: f.write(json.dumps({"fid": fid, "samples": n}).encode()))
     return fid
 
 
@@ -577,7 +558,7 @@ def _reference_points(
         try:
             test_images = load_dataset(dataset, "test")
         except BenchError as err:
-            tags["fid_ref_test_skipped"] = f"test split not loadable: {_first_line(err)}"[:500]
+            tags["fid_ref_test_skipped"] = f"test split not loadable: {first_line(err)}"[:500]
             return metrics, tags
     m = min(n, int(test_images.shape[0]))
     test = _check_images(test_images[:m], "test images", dataset, shape)
@@ -676,7 +657,7 @@ def compute_fid(
         raise
     except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
         raise BenchError(
-            f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     tags = {
         "fid_extractor": ext.name,
@@ -706,7 +687,7 @@ def save_samples(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"save_samples needs uint8 images [N, C, H, W], got {arr.dtype} {arr.shape}")
     path = Path(path)
-    _write_atomically(path, lambda f: np.savez_compressed(f, **{SAMPLES_KEY: np.ascontiguousarray(arr)}))
+    write_atomically(path, lambda f: np.savez_compressed(f, **{SAMPLES_KEY: np.ascontiguousarray(arr)}))
     return path
 
 
@@ -735,7 +716,7 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
     except BenchError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {_first_line(exc)}); "
+        raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
                          "refusing it (pickled objects could run code)") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"{what}: {SAMPLES_KEY!r} must be uint8 [N, C, H, W], got {arr.dtype} {arr.shape}")

@@ -57,29 +57,28 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
+_ADVISORY = {  # dialect → (take, release): session-level locks the server drops when the connection dies
+    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+    "mysql": ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"),
+}
+
+
 @contextmanager
 def _server_lock(url: str, name: str) -> Iterator[None]:
-    """A session-level advisory lock in a PostgreSQL (``pg_advisory_lock``) or MySQL (``GET_LOCK``) database;
-    the server drops it when the holding connection dies."""
+    """An advisory lock named ``name`` in a PostgreSQL or MySQL/MariaDB database."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
     engine = create_engine(url, poolclass=NullPool)
+    take, release = _ADVISORY["postgresql" if engine.dialect.name == "postgresql" else "mysql"]
+    key = _advisory_key(name) if engine.dialect.name == "postgresql" else f"elbo-bench-{_advisory_key(name):x}"[:64]
     try:
         with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                key = _advisory_key(name)
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            else:  # mysql / mariadb
-                conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"elbo-bench-{_advisory_key(name):x}"[:64]})
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"elbo-bench-{_advisory_key(name):x}"[:64]})
+            conn.execute(text(take), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text(release), {"k": key})
     finally:
         engine.dispose()
 
@@ -87,7 +86,7 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
 def store_lock(url: str, purpose: str = "create"):
     """Serialise ``purpose`` (store creation, taking a trial) among all processes that use the store ``url``.
 
-    SQLite: a file lock beside the database (``mlflow.db.lock``, ``optuna.db.create.lock``…).
+    SQLite: a file lock ``<database>.<purpose>.lock`` beside the file (``mlflow.db.create.lock``…).
     PostgreSQL and MySQL: an advisory lock in the database. Anything else (an MLflow server over
     HTTP, an in-memory SQLite) serialises on its own side: no lock is taken.
     """

@@ -17,7 +17,7 @@ import time
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
 
 HOME_ENV = "BENCH_HOME"
@@ -126,7 +126,7 @@ def client(uri: str | None = None, must_exist: bool = False):
     except BenchError:
         raise
     except Exception as err:  # MLflow raises many types for a store it cannot reach
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise BenchError(f"cannot reach the MLflow tracking store {uri!r} ({first}); check --tracking-uri") from None
     return c
 

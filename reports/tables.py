@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from bench import tracking
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "fid", "isc", "fid_ref_test",
            "fid_ref_noise", "train_seconds", "images_per_sec_overall")
@@ -51,7 +51,7 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
             if not token:
                 break
     except Exception as err:  # MLflow raises MlflowException for a malformed filter
-        raise BenchError(f"MLflow could not search runs with filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+        raise BenchError(f"MLflow could not search runs with filter {filter_string!r}: {first_line(err)}") from None
     rows = []
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics

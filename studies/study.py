@@ -19,7 +19,7 @@ import optuna
 
 from bench import tracking
 from bench.config import RunConfig, make_config
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
 from studies.space import Param, describe_space, load_space, suggest
 
@@ -137,7 +137,7 @@ def _storage(sc: StudyConfig):
     except BenchError:
         raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {url!r}: {str(err).splitlines()[0]}") from None
+        raise BenchError(f"cannot open the Optuna storage {url!r}: {first_line(err)}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
