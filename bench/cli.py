@@ -99,6 +99,8 @@ RUN_OPTIONS = [
     _opt("device", help="auto, cpu, cuda, cuda:N."),
     _opt("precision", type=click.Choice(PRECISIONS)),
     click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network."),
+    click.option("--channels-last/--no-channels-last", default=None,
+                 help="NHWC memory layout for the network (default: on CUDA only)."),
     _opt("checkpoint-every", type=int),
     _opt("experiment"),
     _opt("run-name"),

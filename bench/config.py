@@ -63,6 +63,7 @@ class RunConfig:
     device: str = "auto"  # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "auto"  # 'auto' (bf16 autocast on cuda, fp32 elsewhere), 'fp32' or 'bf16'
     compile: bool = False  # torch.compile the network
+    channels_last: bool | None = None  # NHWC memory layout for the network and its inputs (None = on cuda)
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     # tracking
     experiment: str = "elbo-bench"  # MLflow experiment

@@ -2,7 +2,7 @@
 
 A grid that is interrupted (Ctrl-C, a lost machine) and started again trains only what is missing. A pair
 counts as done when its experiment holds a run with the same full config (the flattened ``RunConfig`` that
-every run logs as its ``config.*`` params) that ended FINISHED, or FAILED because it diverged: divergence
+every run logs as its ``config.*`` params; a field the run predates counts at its default) that ended FINISHED, or FAILED because it diverged: divergence
 is a result the report counts. A KILLED, RUNNING or crashed run is no result, so the pair is trained again.
 """
 
@@ -40,6 +40,7 @@ def recorded_runs(configs: list[RunConfig]) -> list[Recorded | None]:
     wanted: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
         wanted.setdefault(_key(flatten(config)), []).append(i)
+    defaults = flatten(RunConfig())
     by_store: dict[tuple, list[RunConfig]] = {}
     for config in configs:
         by_store.setdefault((config.tracking_uri, config.experiment), []).append(config)
@@ -52,7 +53,8 @@ def recorded_runs(configs: list[RunConfig]) -> list[Recorded | None]:
         if exp is None:
             continue
         for run in _all_runs(c, exp.experiment_id):  # newest first
-            params = {k: v for k, v in run.data.params.items() if k.startswith("config.")}
+            # a field added to RunConfig after the run was logged held its default then
+            params = {**defaults, **{k: v for k, v in run.data.params.items() if k.startswith("config.")}}
             tags = run.data.tags
             rec = Recorded(run.info.run_id, run.info.status, tags.get("diverged") == "true",
                            tags.get("failure_reason") or tags.get("killed_reason") or tags.get("stop_reason") or "")

@@ -76,6 +76,11 @@ def autocast(config: RunConfig, device: torch.device):
     return nullcontext()
 
 
+def channels_last(config: RunConfig, device: torch.device) -> bool:
+    """Whether the network and its inputs use the NHWC layout: as configured, else on CUDA only."""
+    return config.channels_last if config.channels_last is not None else device.type == "cuda"
+
+
 class _Autocast(torch.nn.Module):
     """Wraps a network so every call (training, evaluation, sampling) runs under the run's autocast."""
 
@@ -193,7 +198,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
 
     torch.manual_seed(config.seed)
     net = build_network(config.network, C, variant.out_channels(C), H).to(device)
-    if device.type == "cuda":
+    if channels_last(config, device):
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -333,7 +338,7 @@ def _loop(state, model, ema_model, variant, sched, config, train_images, test_im
             flip = (torch.rand(config.batch_size, generator=state.data_gen) < 0.5).to(device)
             batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
         x0 = to_data_scale(batch)
-        if device.type == "cuda":
+        if channels_last(config, device):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for group in state.opt.param_groups:
             group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
