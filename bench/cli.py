@@ -2,11 +2,15 @@
 
 Exit status: 0 done; 2 bad input (one line on stderr, ``error: …``, nothing written);
 3 ``bench run`` trained but the run diverged (recorded in MLflow as FAILED); 130 interrupted.
+
+``bench run`` and ``bench eval`` also run as the ranks of ``torchrun -m bench …`` (see :mod:`bench.dist`);
+rank 0 alone prints results.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from dataclasses import fields
@@ -27,22 +31,33 @@ class BenchGroup(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
+        global _ARGV
+        _ARGV = list(sys.argv[1:] if args is None else args)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        where = "" if rank == "0" else f" (rank {rank})"
         try:
             rv = super().main(args=args, prog_name=prog_name or "bench", standalone_mode=False, **extra)
         except click.UsageError as err:
             hint = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
-            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            click.echo(f"error{where}: {err.format_message()}{hint}", err=True)
             sys.exit(2)
         except click.ClickException as err:
-            click.echo(f"error: {err.format_message()}", err=True)
+            click.echo(f"error{where}: {err.format_message()}", err=True)
             sys.exit(err.exit_code or 1)
         except BenchError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error{where}: {err}", err=True)
             sys.exit(2)
         except (KeyboardInterrupt, click.Abort):
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            from bench.dist import teardown
+
+            teardown()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+_ARGV: list[str] = []  # the arguments of this invocation, for `--nproc` to hand to its ranks
 
 
 @click.group(cls=BenchGroup)
@@ -110,6 +125,9 @@ RUN_OPTIONS = [
     click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this checkpoint."),
     click.option("--reopen", is_flag=True, help="With --resume: continue a FINISHED run to a larger --steps."),
     click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
+    click.option("--nproc", type=click.IntRange(min=1), default=None,
+                 help="Train with N data-parallel processes on this machine (torch's elastic launcher, like "
+                      "`torchrun --standalone --nproc_per_node N -m bench run …`): one per GPU, or gloo on CPU."),
 ]
 
 
@@ -133,6 +151,19 @@ def build_config(dataset: str, config_file: str | None, cli_values: dict, comman
     return make_config(**{**own, **file_values, **given, "dataset": dataset})
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``): what each rank runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _param_name(option) -> str:
     """The parameter name that an option decorator of RUN_OPTIONS declares."""
     return option(lambda: None).__click_params__[-1].name
@@ -140,14 +171,18 @@ def _param_name(option) -> str:
 
 @cli.command("run")
 @_with(RUN_OPTIONS)
-def run_cmd(config_file, resume, reopen, dry_run, compile_, **values) -> int:
+def run_cmd(config_file, resume, reopen, dry_run, compile_, nproc, **values) -> int:
     """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow.
 
-    Exits 3 when the run diverged (recorded in MLflow as FAILED with the reason and step)."""
+    Exits 3 when the run diverged (recorded in MLflow as FAILED with the reason and step). Several
+    processes: --nproc N here, or `torchrun --nproc_per_node N -m bench run …` (multi-node: torchrun's
+    --nnodes/--rdzv-* flags); the global batch stays --batch-size."""
     from bench.checkpoint import load_checkpoint
     from bench.train import resume_config, summarize, train
 
     values["compile"] = compile_
+    if nproc and "WORLD_SIZE" in os.environ:
+        raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
     if resume:
         extra = sorted(k for k, v in values.items() if v is not None and k not in ("steps", "device"))
         if extra or config_file:
@@ -163,7 +198,15 @@ def run_cmd(config_file, resume, reopen, dry_run, compile_, **values) -> int:
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return 0
+    if nproc and nproc > 1:
+        if config.batch_size % nproc:
+            raise BenchError(f"--batch-size {config.batch_size} does not split over --nproc {nproc}; use a multiple of {nproc}")
+        from bench.dist import launch
+
+        return launch(nproc, _without_nproc(_ARGV))
     result = train(config, resume=resume, reopen=reopen)
+    if result.rank != 0:
+        return EXIT_DIVERGED if result.status == "FAILED" else 0
     click.echo(f"run {result.run_id}: {result.status} at step {result.step}")
     if result.status == "FAILED":
         click.echo(f"  the run diverged ({result.reason}); recorded in MLflow as FAILED with tags failure_reason, failure_step")
@@ -184,10 +227,14 @@ def run_cmd(config_file, resume, reopen, dry_run, compile_, **values) -> int:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--log-to-run", is_flag=True, help="Log the results into the run that produced the checkpoint.")
 def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run) -> None:
-    """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID."""
+    """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID.
+
+    Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
     from bench.train import evaluate_checkpoint, summarize
 
-    metrics, run_id = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device)
+    metrics, run_id, rank = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device)
+    if not rank.main:
+        return
     click.echo(summarize(metrics))
     if run_id:
         click.echo(f"logged into run {run_id}")
@@ -254,7 +301,8 @@ TABLE2_VARIANTS = (  # DDPM Table 2's rows: μ̃ prediction, then ε prediction
 )
 GRID_VARIANTS = (*TABLE2_VARIANTS, "hybrid", "elbo-learned")  # and iDDPM's learned-range Σ: `bench grid`'s default
 # `bench run` options a grid has no use for: it sets these itself (--variant repeats, --seeds), or they act on one run
-GRID_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen", "dry_run")]
+GRID_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen", "dry_run",
+                                                                 "nproc")]
 
 
 def grid_defaults(dataset: str) -> dict:

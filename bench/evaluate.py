@@ -12,7 +12,9 @@ sampler draws with; its metrics are ``bpd``, ``bpd/prior``, ``bpd/vb``, ``bpd/de
 Every result carries the other convention in ``.other``, so both are always logged.
 
 Noise is a function of (seed, image index, t) alone, so results do not depend on the batch size or
-on how (image, t) pairs are grouped into batches.
+on how (image, t) pairs are grouped into batches. Under torch.distributed (``dist``) the batches are cut
+into one contiguous block per rank and the per-pair terms gathered, so every rank gets the result one
+process would compute, from the same batches (bit-equal where the kernels are deterministic).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.gaussian import bits_per_dim_from_nats, to_data_scale
 from bench.schedule import Schedule
@@ -101,10 +104,21 @@ def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> Non
         raise BenchError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (independent streams for distinct keys)."""
+def keyed_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator (on ``device``) seeded from a tuple of integers: independent streams for distinct keys."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def _my_batches(pairs: int, batch_size: int, dist: Dist) -> range:
+    """The batch starts this rank evaluates: its contiguous block of whole batches."""
+    mine = dist.block(pairs, unit=batch_size)
+    return range(mine.start, mine.stop, batch_size)
+
+
+def _gather_pairs(local: torch.Tensor, pairs: int, batch_size: int, dist: Dist) -> torch.Tensor:
+    """Every rank's [2, its pairs] terms (see :func:`_my_batches`) as the whole [2, pairs], on every rank."""
+    return dist.gather(local.T.contiguous(), pairs, unit=batch_size).T
 
 
 def _model_device(model) -> torch.device:
@@ -153,6 +167,7 @@ def bits_per_dim(
     device: torch.device | str | None = None,
     progress: bool = False,
     clip_x0: bool = True,
+    dist: Dist = SINGLE,
 ) -> BoundResult:
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
@@ -160,33 +175,35 @@ def bits_per_dim(
     (image-major order), each with its own noise, drawn from a stream keyed by (seed, image).
     ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
     ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
+    ``dist``: the ranks that share the work (each evaluates a block of the batches; all get the result).
     """
     _check_inputs(images, sched, batch_size)
     device = torch.device(device) if device is not None else _model_device(model)
     N, T = images.shape[0], sched.T
     D = images[0].numel()
-    nats = torch.zeros(2, N * T, dtype=torch.float64)
+    starts = _my_batches(N * T, batch_size, dist)
+    local = torch.zeros(2, len(dist.block(N * T, unit=batch_size)), dtype=torch.float64)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     noise_image, noise_cache = -1, None
     try:
-        for start in tqdm(range(0, N * T, batch_size), desc="exact bits/dim", unit="batch", disable=not progress):
+        for start in tqdm(starts, desc="exact bits/dim", unit="batch", disable=not (progress and dist.main)):
             pairs = torch.arange(start, min(start + batch_size, N * T))
             idx, t = pairs // T, pairs % T
             noise = torch.empty(len(pairs), *images.shape[1:])
             for i in idx.unique().tolist():  # each image's noise [T, C, H, W], drawn once
                 if i != noise_image:
-                    noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=_generator(seed, i))
+                    noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
                 rows = idx == i
                 noise[rows] = noise_cache[t[rows]]
             x0 = to_data_scale(images[idx]).to(device)
-            nats[:, start : start + len(pairs)] = _terms(
-                model, variant, sched, x0, t.to(device), noise.to(device)
-            ).cpu().to(torch.float64)
+            at = start - starts.start
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, x0, t.to(device), noise.to(device)).cpu().double()
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
+    nats = _gather_pairs(local, N * T, batch_size, dist)
     prior = _prior_bits(sched, images)
     results = []
     for row, clip in ((0, True), (1, False)):
@@ -222,6 +239,7 @@ def estimate_bits_per_dim(
     device: torch.device | str | None = None,
     progress: bool = False,
     clip_x0: bool = True,
+    dist: Dist = SINGLE,
 ) -> EstimateResult:
     """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
 
@@ -240,30 +258,45 @@ def estimate_bits_per_dim(
     device = torch.device(device) if device is not None else _model_device(model)
     N, K = images.shape[0], 1 + 2 * S
     D = images[0].numel()
-    # Per image: t for the decoder, then replicate A's S strata, then replicate B's.
+    # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream draws
+    # the strata's uniforms first, then the noise of its K calls (drawn when its batch comes).
     ts = torch.empty(N, K, dtype=torch.long)
-    noise = torch.empty(N, K, *images.shape[1:])
     for i in range(N):
-        g = _generator(seed, i, 1)
-        u = torch.rand(2, S, generator=g, dtype=torch.float64)
+        u = torch.rand(2, S, generator=keyed_generator(seed, i, 1), dtype=torch.float64)
         within = (u * sizes).floor().long().clamp(max=(sizes.long() - 1))
         ts[i, 0] = 0
         ts[i, 1:] = (edges[:-1] + within).reshape(-1)
-        noise[i] = torch.randn(K, *images.shape[1:], generator=g)
-    nats = torch.zeros(2, N * K, dtype=torch.float64)
+
+    def image_noise(i: int) -> torch.Tensor:
+        g = keyed_generator(seed, i, 1)
+        torch.rand(2, S, generator=g, dtype=torch.float64)  # the strata's draws come first in the stream
+        return torch.randn(K, *images.shape[1:], generator=g)
+
+    starts = _my_batches(N * K, batch_size, dist)
+    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=torch.float64)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    noise_image, noise_cache = -1, None
     try:
-        flat_t, flat_noise = ts.reshape(-1), noise.reshape(N * K, *images.shape[1:])
-        for start in tqdm(range(0, N * K, batch_size), desc="estimated bits/dim", unit="batch", disable=not progress):
-            sl = slice(start, min(start + batch_size, N * K))
-            idx = torch.arange(sl.start, sl.stop) // K
+        flat_t = ts.reshape(-1)
+        for start in tqdm(starts, desc="estimated bits/dim", unit="batch", disable=not (progress and dist.main)):
+            pairs = torch.arange(start, min(start + batch_size, N * K))
+            idx, call = pairs // K, pairs % K
+            noise = torch.empty(len(pairs), *images.shape[1:])
+            for i in idx.unique().tolist():
+                if i != noise_image:
+                    noise_image, noise_cache = i, image_noise(i)
+                rows = idx == i
+                noise[rows] = noise_cache[call[rows]]
             x0 = to_data_scale(images[idx]).to(device)
-            nats[:, sl] = _terms(model, variant, sched, x0, flat_t[sl].to(device), flat_noise[sl].to(device)).cpu().double()
+            at = start - starts.start
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, x0, flat_t[pairs].to(device),
+                                                    noise.to(device)).cpu().double()
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
+    nats = _gather_pairs(local, N * K, batch_size, dist)
     prior = _prior_bits(sched, images)
     results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip)
                for row, clip in ((0, True), (1, False))]

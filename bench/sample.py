@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
+from bench.evaluate import keyed_generator
 from bench.schedule import Schedule
 from bench.variant import Variant
 
@@ -59,36 +61,43 @@ def sample(
     device: torch.device | str = "cpu",
     clip_x0: bool = True,
     progress: bool = False,
+    dist: Dist = SINGLE,
 ) -> torch.Tensor:
     """Draw ``n`` images [n, C, H, W] as uint8 from p(x_T) = N(0, I) down to x_0.
 
     Each step draws x_{t−1} ~ N(μ_θ, σ_t²) (no noise at the last step); x̂_0 is clipped to [−1, 1]
     (``clip_x0``) as DDPM samples. Images are returned at the mean of the last step, quantised.
+
+    Samples come in blocks of ``batch_size``; block k draws all its noise (x_T, then each step's) on
+    ``device`` from a stream keyed by (seed, k), so sample j depends on (seed, j, batch_size) only. Under
+    torch.distributed (``dist``) each rank draws a contiguous block of the blocks and every rank gets all
+    ``n`` samples, the same as one process draws.
     """
     if n < 1:
         raise BenchError(f"the number of samples must be >= 1, got {n}")
     plan = respace(sched, steps)
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
+    mine = dist.block(n, unit=batch_size)
     was_training = getattr(model, "training", False)
     model.eval()
-    out = []
+    out = [torch.empty(0, *shape, dtype=torch.uint8)]
     try:
-        bar = tqdm(total=n * len(plan.timesteps), desc="sampling", unit="step", disable=not progress)
-        for start in range(0, n, batch_size):
+        bar = tqdm(total=len(mine), desc="sampling", unit="image", disable=not (progress and dist.main))
+        for start in range(mine.start, mine.stop, batch_size):
             b = min(batch_size, n - start)
-            x = torch.randn(b, *shape, generator=g).to(device)
+            g = keyed_generator(seed, start // batch_size, 2, device=device)
+            x = torch.randn(b, *shape, generator=g, device=device)
             for k in reversed(range(len(plan.timesteps))):
                 t_new = torch.full((b,), k, device=device, dtype=torch.long)
                 net_out = model(x, plan.timesteps[k].to(device).expand(b)).float()
                 step = variant.p_mean_variance(net_out, plan.sched, x, t_new, clip_x0=clip_x0)
                 if k > 0:
-                    x = step.mean + torch.exp(0.5 * step.log_var) * torch.randn(b, *shape, generator=g).to(device)
+                    x = step.mean + torch.exp(0.5 * step.log_var) * torch.randn(b, *shape, generator=g, device=device)
                 else:
                     x = step.mean
-                bar.update(b)
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            bar.update(b)
         bar.close()
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return dist.gather(torch.cat(out), n, unit=batch_size)

@@ -3,6 +3,18 @@
 ``train(config)`` trains, evaluates (the bound in bits/dim on the test split, samples, FID) and
 records everything in MLflow. ``evaluate_checkpoint`` runs the same final evaluation on a saved
 model. A non-finite loss ends the run FAILED with the reason and step as tags: a result, not a crash.
+
+Under ``torchrun`` (see :mod:`bench.dist`) every rank runs this same code: the global batch of
+``batch_size`` images is drawn identically on every rank (data indices, timesteps, noise: the same
+streams as one process) and each rank trains on its contiguous share, with DDP averaging the
+gradients, so EMA and optimiser stay identical across ranks; the importance sampler sees every rank's
+losses in global batch order. Rank 0 alone writes MLflow and checkpoints; evaluation and sampling are
+shared (:mod:`bench.evaluate`, :mod:`bench.sample`). A checkpoint resumes at any number of ranks.
+
+The training step never waits for the device: the loss means are accumulated on it, and a non-finite
+loss or gradient norm is flagged on it and checked every ``log_every`` steps (and before an evaluation
+or checkpoint), when the logged means are read anyway. ``images_per_sec`` is images trained per
+wall-clock second between two logging points (evaluation and checkpoint time left out).
 """
 
 from __future__ import annotations
@@ -16,21 +28,26 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from bench import dist as dist_mod
 from bench import tracking
 from bench.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from bench.config import RunConfig, flatten
 from bench.data import load_dataset
+from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim
 from bench.gaussian import to_data_scale
 from bench.plots import per_t_figure, sample_grid
 from bench.sample import describe_sampler, sample
+from bench.schedule import Schedule
 from bench.unet import build_network, count_parameters
+from bench.variant import Variant
 from variants import get_variant
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
@@ -54,6 +71,25 @@ class RunResult:
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    rank: int = 0  # which rank returned it: only rank 0 reports
+
+
+@dataclass
+class _Ctx:
+    """What a run is, where it logs and which rank this process is: what the loop and the evaluation share."""
+
+    config: RunConfig
+    variant: Variant
+    sched: Schedule
+    device: torch.device
+    train_images: torch.Tensor
+    test_images: torch.Tensor
+    log: object  # tracking.RunLogger on rank 0, _NoLog elsewhere
+    run_id: str
+    uri: str
+    dist: Dist = SINGLE
+    progress: bool = True
+    on_eval: object = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,13 +176,18 @@ def _checkpoint_path(run_id: str) -> Path:
     return tracking.bench_home() / "checkpoints" / run_id / "last.pt"
 
 
-def _save(state: _State, config: RunConfig, variant, run_id: str, uri: str) -> Path:
-    return save_checkpoint(_checkpoint_path(run_id), {
-        "config": config.to_dict(), "step": state.step, "model": state.net.state_dict(),
-        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "variant": variant.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "run_id": run_id, "tracking_uri": uri, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
+def _save(state: _State, ctx: _Ctx) -> Path:
+    """Write the run's checkpoint (rank 0 only; every rank holds the same state). Returns its path."""
+    path = _checkpoint_path(ctx.run_id)
+    if not ctx.dist.main:
+        return path
+    cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
+    return save_checkpoint(path, {
+        "config": ctx.config.to_dict(), "step": state.step, "model": state.net.state_dict(),
+        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "variant": ctx.variant.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
+        "run_id": ctx.run_id, "tracking_uri": ctx.uri, "images_seen": state.images_seen,
+        "train_seconds": state.train_seconds,
     })
 
 
@@ -162,11 +203,11 @@ def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
     return test[: min(n, len(test))] if n else test
 
 
-def _setup(config: RunConfig):
+def _setup(config: RunConfig, device_name: str | None = None):
     """Validate ``config`` and load what a run needs: (device, train and test images, variant, schedule).
     Everything that can refuse bad input happens here, before any MLflow run exists."""
     config.validate()
-    device = resolve_device(config.device)
+    device = resolve_device(device_name or config.device)
     train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
     test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
     return device, train_images, test_images, get_variant(config.variant, config.variance), config.build_schedule()
@@ -187,13 +228,18 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     ``on_eval(step, metrics)`` is called after each training-time evaluation and may raise
     :class:`StopRun` to end the run early (recorded with the reason as tag ``stop_reason``).
     A FINISHED run is continued only with ``reopen`` and a larger ``config.steps``; a run that another
-    live process is training is refused.
+    live process is training is refused. Launched by torchrun, every rank calls this (module docstring).
     """
     ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
         config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]), device=config.device,
                          tracking_uri=ckpt["tracking_uri"])
-    device, train_images, test_images, variant, sched = _setup(config)
+    d, device_name = dist_mod.setup(config.device)
+    device, train_images, test_images, variant, sched = _setup(config, device_name)
+    if config.batch_size % d.world:
+        raise BenchError(f"batch_size {config.batch_size} does not split over {d.world} ranks; use a multiple of "
+                         f"{d.world} (the global batch stays batch_size whatever the number of ranks)")
+    variant.distribute(d)
     C, H = train_images.shape[1], train_images.shape[2]
 
     torch.manual_seed(config.seed)
@@ -205,30 +251,75 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     state = _State(net, ema, opt, torch.Generator().manual_seed(config.seed))
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
-    client = tracking.client(uri, must_exist=ckpt is not None)  # refuses an unreachable store before anything is written
 
     with ExitStack() as held:
+        opened, client = None, None
+        if d.main:  # rank 0 alone touches the store; the others learn the run id, or the error, from it
+            try:
+                run_id, client = _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)
+                opened = ("run", run_id)
+            except BenchError as err:
+                opened = ("error", str(err))
+        kind, run_id = d.share(opened)
+        if kind == "error":
+            raise BenchError(run_id)
         if ckpt is not None:
-            run_id = ckpt["run_id"]
-            held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))  # before the status check
-            _check_resumable(client, run_id, uri, ckpt["step"], config.steps, reopen)
-            _load_state(state, variant, sched, ckpt)
-            client.update_run(run_id, status="RUNNING")
-        else:
-            exp = tracking.experiment_id(client, config.experiment)
-            run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-            run_id = client.create_run(exp, run_name=config.default_run_name,
-                                       tags={**run_tags, **(tags or {}), **tracking.owner_tags()}).info.run_id
-            held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
-        log = tracking.RunLogger(client, run_id)
-        if ckpt is not None:
-            log.tags(tracking.owner_tags())
-            log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
-        if tags and ckpt is not None:
-            log.tags(tags)
-        held.enter_context(tracking.heartbeat(client, run_id))
-        return _run(state, net, ema, variant, sched, config, train_images, test_images, device, log, run_id, uri,
-                    progress, on_eval, fresh=ckpt is None)
+            _load_state(state, variant, sched, ckpt, device)
+        log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
+        if d.main:
+            if ckpt is not None:
+                log.tags(tracking.owner_tags())
+                log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
+            if tags and ckpt is not None:
+                log.tags(tags)
+            held.enter_context(tracking.heartbeat(client, run_id))
+        if d.active:
+            held.enter_context(_sigterm_fails())
+        ctx = _Ctx(config, variant, sched, device, train_images, test_images, log, run_id, uri, d, progress and d.main,
+                   on_eval)
+        return _run(state, ctx, fresh=ckpt is None)
+
+
+def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, reopen: bool, parent_run_id, tags):
+    """Create the MLflow run, or reopen the checkpoint's, and claim its checkpoint folder (rank 0).
+    Returns (run id, client)."""
+    client = tracking.client(uri, must_exist=ckpt is not None)  # refuses an unreachable store before anything is written
+    if ckpt is not None:
+        run_id = ckpt["run_id"]
+        held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))  # before the status check
+        _check_resumable(client, run_id, uri, ckpt["step"], config.steps, reopen)
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp = tracking.experiment_id(client, config.experiment)
+        run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(exp, run_name=config.default_run_name,
+                                   tags={**run_tags, **(tags or {}), **tracking.owner_tags()}).info.run_id
+        held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
+    return run_id, client
+
+
+class _Terminated(Exception):
+    """SIGTERM reached a rank: torchrun stops every rank this way when one of them fails or the job is stopped."""
+
+
+@contextmanager
+def _sigterm_fails():
+    """Under torchrun, turn SIGTERM into an exception, so the run ends FAILED with the reason (once: a
+    second SIGTERM while the run is being closed is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated("SIGTERM: the launcher stopped this rank (another rank failed or exited, or the job was "
+                          "stopped); resume from the last checkpoint")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reopen: bool) -> None:
@@ -250,48 +341,51 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
         raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
 
 
-def _load_state(state: _State, variant, sched, ckpt: dict) -> None:
+def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device) -> None:
     state.net.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
     state.opt.load_state_dict(ckpt["optimizer"])
     variant.load_state_dict(ckpt.get("variant", {}), sched.T)
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.data_gen.set_state(ckpt["rng"]["data"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt["rng"]["cuda"] and device.type == "cuda":  # the saving rank's device stream, on this rank's device
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
     state.step, state.images_seen, state.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
 
 
-def _run(state, net, ema, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress, on_eval,
-         fresh: bool) -> RunResult:
+def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
     """The training loop and the final evaluation of a run that is claimed and open in MLflow; every
     way out ends the MLflow run with the matching status."""
+    config, log, d = ctx.config, ctx.log, ctx.dist
     interrupt = _Interrupt()
-    model = _Autocast(torch.compile(net) if config.compile else net, config, device)
-    ema_model = _Autocast(ema, config, device)
+    model = _Autocast(torch.compile(state.net) if config.compile else state.net, config, ctx.device)
+    if d.active:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    ema_model = _Autocast(state.ema, config, ctx.device)
+    result = partial(RunResult, ctx.run_id, tracking_uri=ctx.uri, rank=d.rank)
     try:
         if fresh:
-            _log_start(log, config, variant, sched, net, train_images, device)
+            _log_start(log, config, ctx.variant, ctx.sched, state.net, ctx.train_images, ctx.device, d)
         with interrupt.installed():
-            failure = _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id,
-                            uri, progress, on_eval, interrupt)
+            failure = _loop(state, model, ema_model, ctx, interrupt)
         if failure:
             reason, step = failure
             log.tags({"diverged": "true", "failure_reason": reason, "failure_step": step})
             log.end("FAILED")
-            return RunResult(run_id, "FAILED", step, uri, None, reason=reason)
-        path = _save(state, config, variant, run_id, uri)
-        metrics = final_evaluation(ema_model, variant, sched, config, train_images, test_images, device, log, state.step,
-                                   progress)
+            return result("FAILED", step, checkpoint=None, reason=reason)
+        path = _save(state, ctx)
+        metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
+                                   ctx.device, log, state.step, ctx.progress, d)
         log.artifact(path, "checkpoints")
         log.end("FINISHED")
-        return RunResult(run_id, "FINISHED", state.step, uri, path, metrics)
+        return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
         log.tags({"stop_reason": stop.reason, "stop_step": state.step})
         log.end(stop.status)
-        return RunResult(run_id, stop.status, state.step, uri, None, reason=stop.reason)
+        return result(stop.status, state.step, checkpoint=None, reason=stop.reason)
     except _Interrupted:
-        _save(state, config, variant, run_id, uri)
+        _save(state, ctx)
         log.tags({"interrupted_at_step": state.step, "resume_from_step": state.step})
         log.end("KILLED")
         raise
@@ -300,93 +394,140 @@ def _run(state, net, ema, variant, sched, config, train_images, test_images, dev
         log.end("KILLED")
         raise
     except BaseException as err:
-        log.tags({"failure_reason": f"{type(err).__name__}: {err}"[:500]})
+        log.tags({"failure_reason": f"{type(err).__name__}: {err}"[:500], "failure_step": state.step})
         log.end("FAILED")
         raise
 
 
-def _log_start(log, config, variant, sched, net, train_images, device) -> None:
+def _log_start(log, config, variant, sched, net, train_images, device, d: Dist) -> None:
     log.params({
         **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
         "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
         "code_version": tracking.git_commit(), **tracking.versions(),
         "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
+        "dist.world_size": d.world, "dist.backend": _backend(d),
     })
-    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe()})
+    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe(),
+              "images_per_sec": "images trained per wall-clock second between two logging points, all ranks together "
+                                "(evaluation and checkpoint time left out)"})
     log.dict(config.to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
 
 
-def _loop(state, model, ema_model, variant, sched, config, train_images, test_images, device, log, run_id, uri, progress,
-          on_eval=None, interrupt: _Interrupt | None = None):
+def _backend(d: Dist) -> str:
+    return torch.distributed.get_backend() if d.active else "none"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Health:
+    """Non-finite loss or gradient norm, flagged on the device without waiting for it; read at checks."""
+
+    REASONS = ("non-finite loss", "non-finite gradient norm")
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.reason = torch.zeros((), dtype=torch.long, device=device)
+
+    def flag(self, bad: torch.Tensor, step: int, reason: int) -> None:
+        new = bad & (self.first_step < 0)
+        self.reason = torch.where(new, reason, self.reason)
+        self.first_step = torch.where(new, step, self.first_step)
+
+    def check(self, d: Dist) -> tuple[str, int] | None:
+        """(reason, step) of the first non-finite value on any rank, else None (waits for the device)."""
+        never = 2**61
+        first = torch.where(self.first_step >= 0, self.first_step, never)
+        code = int(d.reduce(first * 2 + self.reason, "min"))  # the earliest step wins; its reason rides along
+        if code >= 2 * never:
+            return None
+        return self.REASONS[code % 2], code // 2
+
+
+def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | None = None):
     """Optimiser steps up to config.steps. Returns (reason, step) when the loss diverges, else None."""
-    data = train_images.to(device)
-    sums: dict[str, float] = {}
+    config, variant, device, log, d = ctx.config, ctx.variant, ctx.device, ctx.log, ctx.dist
+    data = ctx.train_images.to(device)
+    mine = slice(d.rank * config.batch_size // d.world, (d.rank + 1) * config.batch_size // d.world)
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums: dict[str, torch.Tensor] = {}
+    health = _Health(device)
     window_images, window_seconds, since_log = 0, 0.0, 0
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not ctx.progress)
     interrupt = interrupt or _Interrupt()
+    tick = time.perf_counter()
+
+    def pause() -> float:
+        _sync(device)
+        return time.perf_counter() - tick
+
     while state.step < config.steps:
-        if interrupt.requested:
+        at_check = state.step % config.log_every == 0
+        if _stop_requested(interrupt, d, at_check):
             bar.close()
             raise _Interrupted
         interrupt.deferring = True
-        started = time.perf_counter()
-        idx = torch.randint(0, len(data), (config.batch_size,), generator=state.data_gen)
-        batch = data[idx.to(device)]
+        idx = torch.randint(0, len(data), (config.batch_size,), generator=state.data_gen)  # the global batch
         if config.hflip:
-            flip = (torch.rand(config.batch_size, generator=state.data_gen) < 0.5).to(device)
-            batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+            flip = torch.rand(config.batch_size, generator=state.data_gen) < 0.5
+        batch = data[idx[mine].to(device)]
+        if config.hflip:
+            batch = torch.where(flip[mine].to(device)[:, None, None, None], batch.flip(3), batch)
         x0 = to_data_scale(batch)
         if channels_last(config, device):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         for group in state.opt.param_groups:
             group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        terms = variant.loss(model, sched, x0)
+        terms = variant.loss(model, ctx.sched, x0)
         loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            bar.close()
-            return "non-finite loss", state.step
+        health.flag(~torch.isfinite(loss), state.step, 0)
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), config.grad_clip)
-            if not torch.isfinite(norm):
-                bar.close()
-                return "non-finite gradient norm", state.step
+            health.flag(~torch.isfinite(norm), state.step, 1)
         state.opt.step()
         _update_ema(state.ema, state.net, config.ema_decay)
         state.step += 1
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().mean().item()
-        seconds = time.perf_counter() - started
+            sums[k] = sums.get(k, 0) + v.detach().to(acc_dtype).mean()
         state.images_seen += config.batch_size
-        state.train_seconds += seconds
-        window_images, window_seconds, since_log = window_images + config.batch_size, window_seconds + seconds, since_log + 1
+        window_images, since_log = window_images + config.batch_size, since_log + 1
         bar.update(1)
+        evaluating = bool(config.eval_every) and state.step % config.eval_every == 0 and state.step < config.steps
+        saving = state.step % config.checkpoint_every == 0 and state.step < config.steps
         if state.step % config.log_every == 0 or state.step == config.steps:
-            means = {("loss" if k == "loss" else f"loss/{k}"): v / since_log for k, v in sums.items()}
+            keys = sorted(sums)
+            values = (d.reduce(torch.stack([sums[k] for k in keys]), "sum") / (d.world * since_log)).tolist()
+            now = time.perf_counter()  # the values above were waited for: the window's work is done
+            window_seconds += now - tick
+            tick = now
+            means = {("loss" if k == "loss" else f"loss/{k}"): v for k, v in zip(keys, values)}
             ips = window_images / max(window_seconds, 1e-9)
+            state.train_seconds += window_seconds
+            failure = health.check(d)
+            if failure:
+                bar.close()
+                return failure
             log.metrics({**means, "images_per_sec": ips, "lr": state.opt.param_groups[0]["lr"]}, state.step)
             bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
             sums, window_images, window_seconds, since_log = {}, 0, 0.0, 0
-        if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
-            subset = _eval_subset(test_images, config.eval_images)
-            est = estimate_bits_per_dim(ema_model, variant, sched, subset, config.eval_calls, config.eval_batch_size,
-                                        EVAL_SEED, device)
-            summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
-                       "bpd_estimate_calls": est.calls_per_image}
-            log.metrics(summary, state.step)
-            log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images, "
-                                              f"seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] (DDPM/iDDPM), "
-                                              "bpd_estimate_unclipped: unclipped"})
-            grid = sample(ema_model, variant, sched, config.sample_grid, tuple(train_images.shape[1:]),
-                          config.sample_steps or None, config.seed, device=device)
-            log.image(sample_grid(grid), "samples", state.step)
-            if on_eval is not None:
-                on_eval(state.step, summary)
-        if state.step % config.checkpoint_every == 0 and state.step < config.steps:
-            _save(state, config, variant, run_id, uri)
+        if evaluating or saving:
+            window_seconds += pause()
+            failure = health.check(d)
+            if failure:
+                bar.close()
+                return failure
+        if evaluating:
+            _evaluate_during_training(ema_model, ctx, state.step)
+        if saving:
+            _save(state, ctx)
+        if evaluating or saving:
+            tick = time.perf_counter()
     interrupt.deferring = False
     bar.close()
     if interrupt.requested:
@@ -396,27 +537,60 @@ def _loop(state, model, ema_model, variant, sched, config, train_images, test_im
     return None
 
 
+def _stop_requested(interrupt: _Interrupt, d: Dist, at_check: bool) -> bool:
+    """A deferred Ctrl-C ends the loop between steps; all ranks must stop at the same step, so under
+    torchrun they agree on it at logging steps only (no collective in the other steps)."""
+    if not d.active:
+        return interrupt.requested
+    if not at_check:
+        return False
+    return bool(d.reduce(torch.tensor(int(interrupt.requested)), "max"))
+
+
+def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
+    """The training-time bound estimate on a test subset and a sample grid, logged at ``step``."""
+    config = ctx.config
+    subset = _eval_subset(ctx.test_images, config.eval_images)
+    est = estimate_bits_per_dim(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, config.eval_batch_size,
+                                EVAL_SEED, ctx.device, dist=ctx.dist)
+    summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
+               "bpd_estimate_calls": est.calls_per_image}
+    ctx.log.metrics(summary, step)
+    ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images, "
+                                         f"seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] (DDPM/iDDPM), "
+                                         "bpd_estimate_unclipped: unclipped"})
+    grid = sample(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
+                  config.sample_steps or None, config.seed, device=ctx.device, dist=ctx.dist)
+    if ctx.dist.main:
+        ctx.log.image(sample_grid(grid), "samples", step)
+    if ctx.on_eval is not None:
+        ctx.on_eval(step, summary)
+
+
 def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
-                     progress: bool = True) -> dict[str, float]:
-    """The bound on the test split, the per-t curve, samples and FID; logged at ``step``."""
+                     progress: bool = True, dist: Dist = SINGLE) -> dict[str, float]:
+    """The bound on the test split, the per-t curve, samples and FID; logged at ``step``. Under
+    torchrun every rank shares the bound and the sampling; rank 0 alone scores FID and logs."""
     subset = _eval_subset(test_images, config.final_eval_images)
     if config.final_eval == "exact":
-        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress)
+        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress, dist=dist)
         method = f"exact (all {sched.T} t, {len(subset)} test images)"
     else:
         res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size, EVAL_SEED,
-                                    device, progress)
+                                    device, progress, dist=dist)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
+    shape = tuple(train_images.shape[1:])
+    steps = config.sample_steps or None
+    images = sample(model, variant, sched, max(config.fid_samples, config.sample_grid), shape, steps, config.seed,
+                    device=device, progress=progress, dist=dist)
+    if not dist.main:
+        return metrics
     log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
     if res.per_t.numel():
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
                   "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, "per_t_bound.json")
-    shape = tuple(train_images.shape[1:])
-    steps = config.sample_steps or None
-    n = max(config.fid_samples, config.sample_grid)
-    images = sample(model, variant, sched, n, shape, steps, config.seed, device=device, progress=progress)
     log.image(sample_grid(images[: config.sample_grid]), "samples", step)
     sampler = describe_sampler(sched, steps)
     if config.fid_samples:
@@ -439,25 +613,34 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
-                        progress: bool = True) -> tuple[dict[str, float], str | None]:
-    """The final evaluation of a saved model's EMA weights; logged into its run when asked."""
+                        progress: bool = True) -> tuple[dict[str, float], str | None, Dist]:
+    """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
+    the ranks share the work. Returns (metrics, the run logged into or None, this rank)."""
     ckpt = load_checkpoint(path)
-    if log_to_run:
-        _run_client(ckpt)  # the run must still be there before minutes of evaluation
+    d, device_name = dist_mod.setup(device)
+    client = None
+    if log_to_run:  # the run must still be there before minutes of evaluation
+        checked = None
+        if d.main:
+            try:
+                client, checked = _run_client(ckpt), ("ok", "")
+            except BenchError as err:
+                checked = ("error", str(err))
+        kind, message = d.share(checked)
+        if kind == "error":
+            raise BenchError(message)
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
-    dev, train_images, test_images, variant, sched = _setup(config)
+    dev, train_images, test_images, variant, sched = _setup(config, device_name)
     C, H = train_images.shape[1], train_images.shape[2]
     ema = build_network(config.network, C, variant.out_channels(C), H)
     ema.load_state_dict(ckpt["ema"])
     model = _Autocast(ema.to(dev).eval(), config, dev)
-    if log_to_run:
-        log = tracking.RunLogger(_run_client(ckpt), ckpt["run_id"])
-    else:
-        log = _NoLog()
-    return final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"], progress), (
-        ckpt["run_id"] if log_to_run else None)
+    log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
+    metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
+                               progress and d.main, d)
+    return metrics, (ckpt["run_id"] if log_to_run else None), d
 
 
 def _run_client(ckpt: dict):

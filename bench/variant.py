@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.gaussian import (
     bits_per_dim_from_nats,
@@ -150,6 +151,7 @@ class Variant:
         self._mean_fn = MEANS[self.mean_type]
         self._log_var_fn = VARIANCES[self.var_type]
         self._sampler: UniformSampler | None = None
+        self._dist: Dist = SINGLE
 
     # ----------------------------------------------------------------- description
     @property
@@ -205,16 +207,36 @@ class Variant:
             self._sampler = self.timestep_sampler(T)
         return self._sampler
 
+    def distribute(self, dist: Dist) -> None:
+        """Train as one of ``dist``'s ranks: ``x0`` given to :meth:`loss` is then this rank's contiguous
+        share of the global batch, and t and ε are drawn for the global batch (the same streams on every
+        rank, as one process draws them) and cut to that share."""
+        self._dist = dist
+
     def draw(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """Draw t (and its weight 1/(T p_t)) and ε, form x_t, run the network.
+        """Draw t (and its weight 1/(T p_t)) and ε on x0's device, form x_t, run the network.
 
         Returns (t, weight, noise, x_t, out).
         """
-        t, weight = self.sampler(sched.T).sample(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device) if generator is not None \
-            else torch.randn_like(x0)
+        b, d = x0.shape[0], self._dist
+        B = b * d.world
+        t, weight = self.sampler(sched.T).sample(B, x0.device, generator)
+        if generator is not None:
+            noise = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device).to(x0.device)
+        else:
+            noise = torch.randn((B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
+        if d.active:
+            mine = slice(d.rank * b, (d.rank + 1) * b)
+            t, weight, noise = t[mine], weight[mine], noise[mine]
         x_t = sched.q_sample(x0, t, noise)
         return t, weight, noise, x_t, model(x_t, t)
+
+    def record(self, sched: Schedule, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Give the timestep sampler this step's L_t values (any unit, the same for all t); under
+        torch.distributed every rank's, gathered in global batch order."""
+        d = self._dist
+        t, losses = d.gather(t, len(t) * d.world), d.gather(losses.detach().to(torch.float64), len(t) * d.world)
+        self.sampler(sched.T).update(t, losses)
 
     def vb_bits(self, out: torch.Tensor, sched: Schedule, x0, x_t, t) -> torch.Tensor:
         """L_t per example in bits/dim (mean over dimensions), the unit iDDPM trains in: [B]."""

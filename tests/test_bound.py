@@ -160,7 +160,7 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
     bench's Gaussian helpers; the same noise as ``bits_per_dim`` (drawn per (seed, image))."""
     from scipy.stats import norm
 
-    from bench.evaluate import _generator
+    from bench.evaluate import keyed_generator
 
     T = sched.T
     b = sched.betas.numpy()
@@ -173,7 +173,7 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
     for i, img in enumerate(images):
         x0 = img.double().numpy() / 127.5 - 1
         D = x0.size
-        noise = torch.randn(T, *img.shape, generator=_generator(seed, i))
+        noise = torch.randn(T, *img.shape, generator=keyed_generator(seed, i))
         t = torch.arange(T)
         x_t32 = sched.q_sample(torch.as_tensor(x0, dtype=torch.float32).expand(T, *img.shape), t, noise)
         out = model(x_t32, t).double().numpy()

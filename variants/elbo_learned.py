@@ -20,6 +20,6 @@ class ElboLearned(Variant):
     def loss(self, model, sched, x0, generator=None):
         t, weight, noise, x_t, out = self.draw(model, sched, x0, generator)
         L_t = self.vb_bits(out, sched, x0, x_t, t)
-        self.sampler(sched.T).update(t, L_t)
+        self.record(sched, t, L_t)
         vb = sched.T * L_t * weight
         return {"loss": vb, "vb": vb, "mse": mean_flat((noise - out[:, : x0.shape[1]]) ** 2).detach()}
