@@ -110,6 +110,11 @@ def keyed_generator(*key: int, device: torch.device | str = "cpu") -> torch.Gene
     return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the device (pinned, asynchronous copy)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 def _my_batches(pairs: int, batch_size: int, dist: Dist) -> range:
     """The batch starts this rank evaluates: its contiguous block of whole batches."""
     mine = dist.block(pairs, unit=batch_size)
@@ -182,7 +187,7 @@ def bits_per_dim(
     N, T = images.shape[0], sched.T
     D = images[0].numel()
     starts = _my_batches(N * T, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * T, unit=batch_size)), dtype=torch.float64)
+    local = torch.zeros(2, len(dist.block(N * T, unit=batch_size)), dtype=_bound_dtype(device), device=device)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -197,13 +202,14 @@ def bits_per_dim(
                     noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
                 rows = idx == i
                 noise[rows] = noise_cache[t[rows]]
-            x0 = to_data_scale(images[idx]).to(device)
+            x0 = to_data_scale(images[idx])
             at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, x0, t.to(device), noise.to(device)).cpu().double()
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device), to_device(t, device),
+                                                    to_device(noise, device))
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
-    nats = _gather_pairs(local, N * T, batch_size, dist)
+    nats = _gather_pairs(local, N * T, batch_size, dist).cpu().double()
     prior = _prior_bits(sched, images)
     results = []
     for row, clip in ((0, True), (1, False)):
@@ -273,7 +279,7 @@ def estimate_bits_per_dim(
         return torch.randn(K, *images.shape[1:], generator=g)
 
     starts = _my_batches(N * K, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=torch.float64)
+    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=_bound_dtype(device), device=device)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -289,14 +295,14 @@ def estimate_bits_per_dim(
                     noise_image, noise_cache = i, image_noise(i)
                 rows = idx == i
                 noise[rows] = noise_cache[call[rows]]
-            x0 = to_data_scale(images[idx]).to(device)
+            x0 = to_data_scale(images[idx])
             at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, x0, flat_t[pairs].to(device),
-                                                    noise.to(device)).cpu().double()
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
+                                                    to_device(flat_t[pairs], device), to_device(noise, device))
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
-    nats = _gather_pairs(local, N * K, batch_size, dist)
+    nats = _gather_pairs(local, N * K, batch_size, dist).cpu().double()
     prior = _prior_bits(sched, images)
     results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip)
                for row, clip in ((0, True), (1, False))]

@@ -78,6 +78,7 @@ def sample(
     plan = respace(sched, steps)
     device = torch.device(device)
     mine = dist.block(n, unit=batch_size)
+    timesteps = plan.timesteps.to(device)
     was_training = getattr(model, "training", False)
     model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
@@ -89,7 +90,7 @@ def sample(
             x = torch.randn(b, *shape, generator=g, device=device)
             for k in reversed(range(len(plan.timesteps))):
                 t_new = torch.full((b,), k, device=device, dtype=torch.long)
-                net_out = model(x, plan.timesteps[k].to(device).expand(b)).float()
+                net_out = model(x, timesteps[k].expand(b)).float()
                 step = variant.p_mean_variance(net_out, plan.sched, x, t_new, clip_x0=clip_x0)
                 if k > 0:
                     x = step.mean + torch.exp(0.5 * step.log_var) * torch.randn(b, *shape, generator=g, device=device)

@@ -140,7 +140,37 @@ class Schedule:
         """Coefficient of x_t in μ̃_t: √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)."""
         return torch.sqrt(self.alphas) * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
+    @cached_property
+    def sqrt_alphas_cumprod(self) -> torch.Tensor:
+        return self.alphas_cumprod.sqrt()
+
+    @cached_property
+    def sqrt_one_minus_alphas_cumprod(self) -> torch.Tensor:
+        return (1 - self.alphas_cumprod).sqrt()
+
+    @cached_property
+    def sqrt_recip_alphas_cumprod(self) -> torch.Tensor:
+        return (1 / self.alphas_cumprod).sqrt()
+
+    @cached_property
+    def sqrt_recipm1_alphas_cumprod(self) -> torch.Tensor:
+        return (1 / self.alphas_cumprod - 1).sqrt()
+
+    @cached_property
+    def _on_device(self) -> dict:
+        """Copies of the tables on each device they were asked for, made once: (name, device) → tensor."""
+        return {}
+
     # ----------------------------------------------------------------- application
+    def take(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The table ``name`` at ``t``, as :meth:`gather` gives it, from a copy kept on t's device (no
+        host-to-device copy per call)."""
+        key = (name, t.device)
+        table = self._on_device.get(key)
+        if table is None:
+            table = self._on_device[key] = getattr(self, name).to(t.device)
+        return self.gather(table, t, like)
+
     @staticmethod
     def gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table[t]`` reshaped to broadcast against ``like`` ([B, ...]), in ``like``'s dtype/device.
@@ -153,17 +183,15 @@ class Schedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (docs/MATH.md, q(x_t | x_0)); t is the 0-based index [B]."""
-        ab = self.alphas_cumprod
-        return self.gather(ab.sqrt(), t, x0) * x0 + self.gather((1 - ab).sqrt(), t, x0) * noise
+        return self.take("sqrt_alphas_cumprod", t, x0) * x0 + self.take("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def q_posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """μ̃_t(x_t, x_0)."""
-        return self.gather(self.posterior_mean_coef1, t, x_t) * x0 + self.gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return self.take("posterior_mean_coef1", t, x_t) * x0 + self.take("posterior_mean_coef2", t, x_t) * x_t
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t."""
-        ab = self.alphas_cumprod
-        return self.gather((1 / ab).sqrt(), t, x_t) * x_t - self.gather((1 / ab - 1).sqrt(), t, x_t) * eps
+        return self.take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def describe(self) -> str:
         """A short human-readable name, e.g. ``linear(T=1000, 1e-4..0.02)``."""

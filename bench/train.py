@@ -41,7 +41,7 @@ from bench.config import RunConfig, flatten
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.evaluate import bits_per_dim, estimate_bits_per_dim
+from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
 from bench.plots import per_t_figure, sample_grid
 from bench.sample import describe_sampler, sample
@@ -474,9 +474,9 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         idx = torch.randint(0, len(data), (config.batch_size,), generator=state.data_gen)  # the global batch
         if config.hflip:
             flip = torch.rand(config.batch_size, generator=state.data_gen) < 0.5
-        batch = data[idx[mine].to(device)]
+        batch = data[to_device(idx[mine], device)]
         if config.hflip:
-            batch = torch.where(flip[mine].to(device)[:, None, None, None], batch.flip(3), batch)
+            batch = torch.where(to_device(flip[mine], device)[:, None, None, None], batch.flip(3), batch)
         x0 = to_data_scale(batch)
         if channels_last(config, device):
             x0 = x0.contiguous(memory_format=torch.channels_last)

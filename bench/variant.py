@@ -53,8 +53,8 @@ def eps_mean(out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Ten
 
 def mu_mean(out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool):
     """μ̃-parameterisation: the network outputs μ_θ; x̂_0 inverts μ̃_t(x_t, x_0) for it."""
-    coef1 = Schedule.gather(sched.posterior_mean_coef1, t, x_t)
-    coef2 = Schedule.gather(sched.posterior_mean_coef2, t, x_t)
+    coef1 = sched.take("posterior_mean_coef1", t, x_t)
+    coef2 = sched.take("posterior_mean_coef2", t, x_t)
     pred_x0 = (out - coef2 * x_t) / coef1
     if clip_x0:
         pred_x0 = pred_x0.clamp(-1, 1)
@@ -68,19 +68,19 @@ MEANS = {"eps": eps_mean, "mu": mu_mean}
 # --------------------------------------------------------------------- variance parameterisations
 def fixed_small_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """σ_t² = β̃_t, clipped to β̃_2 at t = 1."""
-    return Schedule.gather(sched.posterior_log_variance_clipped, t, like).expand_as(like)
+    return sched.take("posterior_log_variance_clipped", t, like).expand_as(like)
 
 
 def fixed_large_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """σ_t² = β_t, with β̃_2 at t = 1 for the decoder (iDDPM)."""
-    return Schedule.gather(sched.log_betas_decoder, t, like).expand_as(like)
+    return sched.take("log_betas_decoder", t, like).expand_as(like)
 
 
 def learned_range_log_var(v, sched: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """iDDPM: frac = (v + 1)/2, log σ_t² = frac · log β_t + (1 − frac) · log β̃_t (clipped)."""
     frac = (v + 1) / 2
-    max_log = Schedule.gather(sched.log_betas, t, v)
-    min_log = Schedule.gather(sched.posterior_log_variance_clipped, t, v)
+    max_log = sched.take("log_betas", t, v)
+    min_log = sched.take("posterior_log_variance_clipped", t, v)
     return frac * max_log + (1 - frac) * min_log
 
 
@@ -105,13 +105,15 @@ def vb_term_nats(step: ReverseStep, sched: Schedule, x0: torch.Tensor, x_t: torc
     Index ≥ 1: KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)).
     """
     true_mean = sched.q_posterior_mean(x0, x_t, t)
-    true_log_var = Schedule.gather(sched.posterior_log_variance_clipped, t, x_t)
+    true_log_var = sched.take("posterior_log_variance_clipped", t, x_t)
     terms = sum_flat(normal_kl(true_mean, true_log_var, step.mean, step.log_var))
-    first = (t == 0).nonzero().squeeze(1)
-    if first.numel():  # only the decoder rows, so the other rows' gradients never see its tails
-        decoder_nll = -sum_flat(discretized_gaussian_log_likelihood(x0[first], step.mean[first], step.log_var[first]))
-        terms = terms.index_put((first,), decoder_nll.to(terms.dtype))
-    return terms
+    # The decoder term on every row without waiting for the device to say which rows have t = 0: the other
+    # rows see a harmless stand-in (mean x_0, unit variance), so no gradient reaches them through its tails.
+    decoder = (t == 0).view(-1, *([1] * (x0.dim() - 1)))
+    mean = torch.where(decoder, step.mean, x0)
+    log_var = torch.where(decoder, step.log_var, torch.zeros_like(step.log_var))
+    decoder_nll = -sum_flat(discretized_gaussian_log_likelihood(x0, mean, log_var))
+    return torch.where(t == 0, decoder_nll.to(terms.dtype), terms)
 
 
 def prior_nats(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:

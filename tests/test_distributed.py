@@ -1,0 +1,124 @@
+"""torch.distributed on this CPU with gloo, 2 ranks (torchrun, as users launch it): the shared bound,
+estimate and sampling equal one process's bit for bit; a 2-rank run logs one MLflow run, trains the same
+numbers as 1 rank and its checkpoint resumes on 1; a killed rank ends the run FAILED with a reason;
+processes started together share the cores instead of fighting over them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+TESTS = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RUN = ["-m", "bench", "run", "--variant", "elbo-learned", "--steps", "40", "--log-every", "10", "--eval-every", "20",
+       "--eval-images", "8", "--checkpoint-every", "20", "--fid-samples", "0", "--final-eval", "estimate",
+       "--final-eval-images", "16", "--sample-steps", "10", "--experiment", "dist"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "BENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent),
+            "BENCH_DIST_TIMEOUT": "120"}
+
+
+def _client(home: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+
+
+def _runs(home: Path):
+    c = _client(home)
+    exp = c.get_experiment_by_name("dist")
+    return [] if exp is None else c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _losses(home: Path, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(_client(home).get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_two_ranks_share_the_bound_the_estimate_and_sampling_bit_equal(tmp_path):
+    out = tmp_path / "out.pt"
+    subprocess.run([*TORCHRUN, str(TESTS / "dist_worker.py"), str(out)], env=_env(tmp_path), check=True,
+                   capture_output=True, timeout=300)
+    got = torch.load(out, weights_only=True)
+    assert int(got["world"]) == 2
+    for key in ("exact.total", "exact.unclipped", "exact.per_t", "estimate.total", "estimate.unclipped",
+                "estimate.stderr", "samples"):
+        assert torch.equal(got[f"shared.{key}"], got[f"alone.{key}"]), key
+    assert got["shared.samples"].shape == (11, 1, 8, 8)
+
+
+def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_path):
+    home2, home1 = tmp_path / "two", tmp_path / "one"
+    res = subprocess.run([*TORCHRUN, *RUN], env=_env(home2), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("FINISHED at step 40") == 1  # rank 0 alone reports
+    (run,) = _runs(home2)  # one MLflow run, not one per rank
+    assert run.info.status == "FINISHED" and run.data.params["dist.world_size"] == "2"
+    two_losses = _losses(home2, run.info.run_id)
+    assert [s for s, _ in two_losses] == [10, 20, 30, 40]  # one set of metrics
+
+    res1 = subprocess.run([sys.executable, *RUN], env=_env(home1), capture_output=True, text=True, timeout=600)
+    assert res1.returncode == 0, res1.stderr[-3000:]
+    (run1,) = _runs(home1)
+    one_losses = _losses(home1, run1.info.run_id)
+    # The same global batches, timesteps and noise: only the gradient's reduction order differs.
+    assert [s for s, _ in one_losses] == [s for s, _ in two_losses]
+    for (_, a), (_, b) in zip(one_losses, two_losses):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert run1.data.metrics["bpd"] == pytest.approx(run.data.metrics["bpd"], rel=1e-4)
+
+    ckpt = home2 / "checkpoints" / run.info.run_id / "last.pt"
+    res = subprocess.run([sys.executable, "-m", "bench", "run", "--resume", str(ckpt), "--reopen", "--steps", "50"],
+                         env=_env(home2), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"run {run.info.run_id}: FINISHED at step 50" in res.stdout
+    assert [s for s, _ in _losses(home2, run.info.run_id)] == [10, 20, 30, 40, 50]
+
+
+def _rank_pid(home: Path, rank: int) -> int | None:
+    """The pid of this test's rank ``rank`` (found by the BENCH_HOME and RANK in its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in v)
+        except OSError:
+            continue
+        if env.get("BENCH_HOME") == str(home) and env.get("RANK") == str(rank) and "LOCAL_RANK" in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path):
+    args = [a if a != "40" else "100000" for a in RUN]
+    proc = subprocess.Popen([*TORCHRUN, *args], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        # Training is under way once the step-20 checkpoint exists (the store is left alone meanwhile).
+        while not list((tmp_path / "checkpoints").glob("*/last.pt")):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(1)
+        pid = _rank_pid(tmp_path, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)  # bounded: no hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+            proc.communicate()
+    assert proc.returncode != 0
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert run.data.tags.get("failure_reason"), run.data.tags
+    assert "failure_step" in run.data.tags
