@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench-speed clean-venv
+.PHONY: run test lint bench-speed bench-scale clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(PY) benchmarks/train_speed.py --preset tiny
+
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -152,10 +152,10 @@ def share_cores(processes: int) -> int:
     return torch.get_num_threads()
 
 
-def child_env(processes: int) -> dict[str, str]:
-    """Environment for ``processes`` children started at once: each gets its share of the cores (a
-    user's ``OMP_NUM_THREADS`` is kept)."""
-    env = dict(os.environ)
+def child_env(processes: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment (``env``, default this process's) for ``processes`` children started at once: each
+    gets its share of the cores through ``OMP_NUM_THREADS``, unless the environment sets it already."""
+    env = dict(os.environ if env is None else env)
     if processes > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // processes))
     return env

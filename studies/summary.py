@@ -38,8 +38,8 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
     for t in ranked:
         if t.number in done or "checkpoint" not in t.user_attrs or not Path(t.user_attrs["checkpoint"]).exists():
             continue
-        metrics, _ = evaluate_checkpoint(t.user_attrs["checkpoint"], final_eval="exact", fid_samples=0,
-                                         log_to_run=True, progress=progress)
+        metrics, _, _ = evaluate_checkpoint(t.user_attrs["checkpoint"], final_eval="exact", fid_samples=0,
+                                            log_to_run=True, progress=progress)
         done[t.number] = metrics["bpd"]
     study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})
 

@@ -55,8 +55,11 @@ def test_two_ranks_share_the_bound_the_estimate_and_sampling_bit_equal(tmp_path)
 
 
 def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_path):
+    """Launched with `bench run --nproc 2`; the killed-rank test below launches with torchrun."""
     home2, home1 = tmp_path / "two", tmp_path / "one"
-    res = subprocess.run([*TORCHRUN, *RUN], env=_env(home2), capture_output=True, text=True, timeout=600)
+    # `bench run --nproc 2` starts the ranks through torch's elastic launcher, as torchrun does
+    res = subprocess.run([sys.executable, *RUN, "--nproc", "2"], env=_env(home2), capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("FINISHED at step 40") == 1  # rank 0 alone reports
     (run,) = _runs(home2)  # one MLflow run, not one per rank
@@ -75,6 +78,11 @@ def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_p
     assert run1.data.metrics["bpd"] == pytest.approx(run.data.metrics["bpd"], rel=1e-4)
 
     ckpt = home2 / "checkpoints" / run.info.run_id / "last.pt"
+    evals = [subprocess.run([*launcher, "-m", "bench", "eval", str(ckpt), "--final-eval", "estimate", "--fid-samples",
+                             "0", "--device", "cpu"], env=_env(home2), capture_output=True, text=True, timeout=600)
+             for launcher in (TORCHRUN, [sys.executable])]
+    assert [e.returncode for e in evals] == [0, 0], evals[0].stderr[-3000:]
+    assert evals[0].stdout == evals[1].stdout and "bpd " in evals[0].stdout  # `bench eval` under torchrun: rank 0 prints
     res = subprocess.run([sys.executable, "-m", "bench", "run", "--resume", str(ckpt), "--reopen", "--steps", "50"],
                          env=_env(home2), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -122,3 +130,44 @@ def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path):
     assert run.info.status == "FAILED"
     assert run.data.tags.get("failure_reason"), run.data.tags
     assert "failure_step" in run.data.tags
+
+
+WORKLOAD = """
+import sys, time, torch
+from bench.dist import share_cores
+from bench.unet import build_network
+share_cores(int(sys.argv[1]))
+net = build_network("tiny", 1, 1, 8).eval()
+x, t = torch.randn(100, 1, 8, 8), torch.randint(0, 1000, (100,))
+with torch.no_grad():
+    for _ in range(5):
+        net(x, t)
+    start = time.perf_counter()
+    for _ in range(150):
+        net(x, t)
+print(time.perf_counter() - start)
+"""
+
+
+def test_processes_started_together_share_the_cores_instead_of_fighting(tmp_path):
+    """Two processes each running every core's OpenMP threads were measured 100x slower than one; started
+    as the suite starts them (each told its share), two take about twice one's time on the same cores."""
+    from bench.dist import child_env
+
+    script = tmp_path / "workload.py"
+    script.write_text(WORKLOAD)
+    user_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user who chose nothing
+
+    def timed(n: int) -> float:
+        env = {**child_env(n, user_env), "PYTHONPATH": str(TESTS.parent)}
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, str(script), str(n)], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        for p in procs:
+            p.communicate(timeout=600)
+            assert p.returncode == 0
+        return time.perf_counter() - start
+
+    alone = timed(1)
+    together = timed(2)
+    assert together < 5 * alone, (alone, together)

@@ -417,8 +417,8 @@ def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch
 
     seen = {}
 
-    def spy(state, model, ema_model, variant, sched, config, *rest):
-        seen["steps"] = config.steps
+    def spy(state, model, ema_model, ctx, *rest):
+        seen["steps"] = ctx.config.steps
         raise RuntimeError("stop: only the resolved config is under test")
 
     run_id, _ = run_ok(home, TINY)  # configured for, and finished at, STEPS
