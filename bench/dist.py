@@ -15,7 +15,7 @@ What the ranks share, and how:
   rank 0 does alone, such as FID, while the others wait), so a rank that vanishes ends the others
   with an error instead of a hang; ``torchrun`` also stops every rank when one dies (SIGTERM, which the
   trainer records as the run's failure reason).
-- **Cores**: every rank takes its share of the machine's cores (:func:`share_cores`).
+- **Cores**: every rank takes its share of the machine's cores (:mod:`bench.cores`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from bench.cores import cpu_count
 from bench.errors import BenchError
 
 TIMEOUT_ENV = "BENCH_DIST_TIMEOUT"
@@ -123,7 +124,6 @@ def setup(device_name: str) -> tuple[Dist, str]:
     """Join the job's process group when launched with several ranks; returns (this rank, the device
     name it uses: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` under NCCL, else ``device_name``)."""
     d = from_env()
-    share_cores(d.local_world)
     if not d.active:
         return d, device_name
     wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
@@ -142,16 +142,6 @@ def setup(device_name: str) -> tuple[Dist, str]:
     return d, device_name
 
 
-def share_cores(processes: int) -> int:
-    """Give this process its share of the machine's cores when it is one of ``processes`` working at once
-    (torch intra-op threads = cores // processes, at least 1), unless the user chose (``OMP_NUM_THREADS``).
-    Two processes each spinning every core's OpenMP threads run ~100× slower than sharing them. Returns
-    the thread count in effect."""
-    if processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, cpu_count() // processes))
-    return torch.get_num_threads()
-
-
 def child_env(processes: int, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment (``env``, default this process's) for ``processes`` children started at once: each
     gets its share of the cores through ``OMP_NUM_THREADS``, unless the environment sets it already."""
@@ -159,14 +149,6 @@ def child_env(processes: int, env: dict[str, str] | None = None) -> dict[str, st
     if processes > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // processes))
     return env
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def teardown() -> None:

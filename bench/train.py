@@ -38,6 +38,7 @@ from bench import dist as dist_mod
 from bench import tracking
 from bench.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from bench.config import RunConfig, flatten
+from bench.cores import CoreShare
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
@@ -90,6 +91,7 @@ class _Ctx:
     dist: Dist = SINGLE
     progress: bool = True
     on_eval: object = None
+    cores: CoreShare | None = None  # this process's share of the machine's cores, looked at every log step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -253,6 +255,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
 
     with ExitStack() as held:
+        cores = held.enter_context(CoreShare())
         opened, client = None, None
         if d.main:  # rank 0 alone touches the store; the others learn the run id, or the error, from it
             try:
@@ -276,7 +279,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         if d.active:
             held.enter_context(_sigterm_fails())
         ctx = _Ctx(config, variant, sched, device, train_images, test_images, log, run_id, uri, d, progress and d.main,
-                   on_eval)
+                   on_eval, cores)
         return _run(state, ctx, fresh=ckpt is None)
 
 
@@ -514,6 +517,8 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
                 bar.close()
                 return failure
             log.metrics({**means, "images_per_sec": ips, "lr": state.opt.param_groups[0]["lr"]}, state.step)
+            if ctx.cores is not None:
+                ctx.cores.apply()  # another elbo-bench process may have started or ended on this machine
             bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
             sums, window_images, window_seconds, since_log = {}, 0, 0.0, 0
         if evaluating or saving:
@@ -638,8 +643,9 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     ema.load_state_dict(ckpt["ema"])
     model = _Autocast(ema.to(dev).eval(), config, dev)
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
-    metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
-                               progress and d.main, d)
+    with CoreShare():
+        metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
+                                   progress and d.main, d)
     return metrics, (ckpt["run_id"] if log_to_run else None), d
 
 

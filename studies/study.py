@@ -305,9 +305,6 @@ def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -
 
 
 def _worker_main(sc, name, variant, space, parent_run_id) -> None:  # a spawned process's entry point
-    from bench.dist import share_cores
-
-    share_cores(sc.workers)  # its share of the cores, not all of them: workers spinning on every core crawl
     _work(sc, name, variant, space, parent_run_id)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -68,10 +69,15 @@ def cifar10_root(tmp_path: Path) -> Path:
 def one_torch_thread():
     """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls in tests that
     start many tiny runs (used by test_run.py and test_study.py)."""
-    saved = torch.get_num_threads()
+    saved, saved_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit choice: the runs' core sharing (bench.cores) keeps it
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+    if saved_env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved_env
 
 
 @pytest.fixture(scope="module")

@@ -134,40 +134,49 @@ def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path):
 
 WORKLOAD = """
 import sys, time, torch
-from bench.dist import share_cores
+from bench.cores import CoreShare
 from bench.unet import build_network
-share_cores(int(sys.argv[1]))
 net = build_network("tiny", 1, 1, 8).eval()
 x, t = torch.randn(100, 1, 8, 8), torch.randint(0, 1000, (100,))
-with torch.no_grad():
+with torch.no_grad(), CoreShare(sys.argv[1]) as cores:
+    time.sleep(2)  # both have registered
+    cores.apply()
     for _ in range(5):
         net(x, t)
     start = time.perf_counter()
-    for _ in range(150):
+    for i in range(150):
         net(x, t)
-print(time.perf_counter() - start)
+        if i % 25 == 0:
+            cores.apply()  # as the trainer does at every logging step
+    print(time.perf_counter() - start, torch.get_num_threads())
 """
 
 
-def test_processes_started_together_share_the_cores_instead_of_fighting(tmp_path):
-    """Two processes each running every core's OpenMP threads were measured 100x slower than one; started
-    as the suite starts them (each told its share), two take about twice one's time on the same cores."""
-    from bench.dist import child_env
-
+def test_processes_started_side_by_side_share_the_cores_instead_of_fighting(tmp_path):
+    """Two processes each running every core's OpenMP threads were measured 100x slower than one. Two
+    elbo-bench processes started side by side, neither told anything (no OMP_NUM_THREADS), find each other
+    (bench.cores) and split the cores: together they take about twice one's time, not 100x."""
     script = tmp_path / "workload.py"
     script.write_text(WORKLOAD)
-    user_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user who chose nothing
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user who chose nothing
+    env["PYTHONPATH"] = str(TESTS.parent)
 
-    def timed(n: int) -> float:
-        env = {**child_env(n, user_env), "PYTHONPATH": str(TESTS.parent)}
-        start = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, str(script), str(n)], env=env, stdout=subprocess.PIPE, text=True)
-                 for _ in range(n)]
+    def timed(n: int) -> tuple[float, list[int]]:
+        """The slowest process's time for the fixed work, and each one's threads at the end."""
+        procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cores")], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        seconds, threads = [], []
         for p in procs:
-            p.communicate(timeout=600)
+            out, _ = p.communicate(timeout=600)
             assert p.returncode == 0
-        return time.perf_counter() - start
+            seconds.append(float(out.split()[0]))
+            threads.append(int(out.split()[1]))
+        return max(seconds), threads
 
-    alone = timed(1)
-    together = timed(2)
+    alone, (threads_alone,) = timed(1)
+    together, threads_together = timed(2)
+    from bench.cores import cpu_count
+
+    assert threads_alone == cpu_count()
+    assert threads_together == [max(1, cpu_count() // 2)] * 2
     assert together < 5 * alone, (alone, together)
