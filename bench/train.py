@@ -325,6 +325,13 @@ def _sigterm_fails():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _closing(d: Dist) -> None:
+    """The run is being closed: under torchrun a SIGTERM (the launcher stopping the ranks after a failure)
+    must not cut the closing short and leave the run RUNNING."""
+    if d.active and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reopen: bool) -> None:
     """Refuse to resume a run that is gone from the store, FINISHED (unless reopened to train further),
     or RUNNING in a live process elsewhere."""
@@ -373,6 +380,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         with interrupt.installed():
             failure = _loop(state, model, ema_model, ctx, interrupt)
         if failure:
+            _closing(d)
             reason, step = failure
             log.tags({"diverged": "true", "failure_reason": reason, "failure_step": step})
             log.end("FAILED")
@@ -384,19 +392,23 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
+        _closing(d)
         log.tags({"stop_reason": stop.reason, "stop_step": state.step})
         log.end(stop.status)
         return result(stop.status, state.step, checkpoint=None, reason=stop.reason)
     except _Interrupted:
+        _closing(d)
         _save(state, ctx)
         log.tags({"interrupted_at_step": state.step, "resume_from_step": state.step})
         log.end("KILLED")
         raise
     except KeyboardInterrupt:  # a forced (second) Ctrl-C: the last periodic checkpoint is the one to resume
+        _closing(d)
         log.tags({"interrupted_at_step": state.step, "resume_from": "the last periodic checkpoint"})
         log.end("KILLED")
         raise
     except BaseException as err:
+        _closing(d)
         log.tags({"failure_reason": f"{type(err).__name__}: {err}"[:500], "failure_step": state.step})
         log.end("FAILED")
         raise

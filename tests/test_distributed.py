@@ -127,7 +127,7 @@ def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path):
             proc.communicate()
     assert proc.returncode != 0
     (run,) = _runs(tmp_path)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED", err[-4000:]
     assert run.data.tags.get("failure_reason"), run.data.tags
     assert "failure_step" in run.data.tags
 

@@ -168,7 +168,11 @@ def test_a_diverged_run_exits_3_and_grid_goes_on_and_counts_it(tmp_path, store_t
 
     elbo = type(get_variant("elbo"))
     real = elbo.loss
-    monkeypatch.setattr(elbo, "loss", lambda self, *a, **k: {**real(self, *a, **k), "loss": torch.tensor([float("nan")])})
+    def nan_loss(self, *a, **k):  # a loss that diverged: NaN, still part of the graph
+        terms = real(self, *a, **k)
+        return {**terms, "loss": terms["loss"] * torch.tensor(float("nan"))}
+
+    monkeypatch.setattr(elbo, "loss", nan_loss)
     res = invoke(tmp_path, ["grid", "--variant", "elbo", "--variant", "simple", "--seeds", "1", "--steps", "3",
                             "--fid-samples", "0", "--T", "40", "--sample-steps", "10", "--final-eval", "estimate",
                             "--experiment", "g", "--out", str(tmp_path / "rep")])
