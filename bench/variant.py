@@ -237,7 +237,9 @@ class Variant:
         """Give the timestep sampler this step's L_t values (any unit, the same for all t); under
         torch.distributed every rank's, gathered in global batch order."""
         d = self._dist
-        t, losses = d.gather(t, len(t) * d.world), d.gather(losses.detach().to(torch.float64), len(t) * d.world)
+        if d.active:  # one collective: t rides along as float64 (exact for any timestep index)
+            both = d.gather(torch.stack([t.to(torch.float64), losses.detach().to(torch.float64)], dim=1), len(t) * d.world)
+            t, losses = both[:, 0].long(), both[:, 1]
         self.sampler(sched.T).update(t, losses)
 
     def vb_bits(self, out: torch.Tensor, sched: Schedule, x0, x_t, t) -> torch.Tensor:
