@@ -92,6 +92,20 @@ class Dist:
         torch_dist.broadcast_object_list(box, src=src, device=_comm_device())
         return box[0]
 
+    def main_decides(self, decide):
+        """Run ``decide()`` on rank 0 alone (a check or a step only it may take); its BenchError is raised on
+        every rank, so no rank waits for one that gave up. Returns its value on rank 0, None elsewhere."""
+        value, outcome = None, None
+        if self.main:
+            try:
+                value = decide()
+            except BenchError as err:
+                outcome = str(err)
+        outcome = self.share(outcome)
+        if outcome is not None:
+            raise BenchError(outcome)
+        return value
+
     def barrier(self) -> None:
         if self.active:
             torch_dist.barrier()

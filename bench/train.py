@@ -256,16 +256,10 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
 
     with ExitStack() as held:
         cores = held.enter_context(CoreShare())
-        opened, client = None, None
-        if d.main:  # rank 0 alone touches the store; the others learn the run id, or the error, from it
-            try:
-                run_id, client = _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)
-                opened = ("run", run_id)
-            except BenchError as err:
-                opened = ("error", str(err))
-        kind, run_id = d.share(opened)
-        if kind == "error":
-            raise BenchError(run_id)
+        # rank 0 alone touches the store; the others learn the run id, or the error, from it
+        run_id, client = d.main_decides(lambda: _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)) \
+            or (None, None)
+        run_id = d.share(run_id)
         if ckpt is not None:
             _load_state(state, variant, sched, ckpt, device)
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
@@ -635,17 +629,8 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     the ranks share the work. Returns (metrics, the run logged into or None, this rank)."""
     ckpt = load_checkpoint(path)
     d, device_name = dist_mod.setup(device)
-    client = None
-    if log_to_run:  # the run must still be there before minutes of evaluation
-        checked = None
-        if d.main:
-            try:
-                client, checked = _run_client(ckpt), ("ok", "")
-            except BenchError as err:
-                checked = ("error", str(err))
-        kind, message = d.share(checked)
-        if kind == "error":
-            raise BenchError(message)
+    # the run must still be there before minutes of evaluation
+    client = d.main_decides(lambda: _run_client(ckpt)) if log_to_run else None
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
