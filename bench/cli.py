@@ -271,14 +271,11 @@ def study_cmd(variants, space_file, tune_lr, show_space, **values) -> None:
     if show_space:
         click.echo(describe_space(space))
         return
+    from studies.summary import describe_result
+
     sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr, **values).validate()
     for r in run_study(sc):
-        click.echo(f"study {r.name} ({r.variant}): parent run {r.parent_run_id}; trials {r.counts}")
-        for b in r.best:
-            exact = f", exact bpd {b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else ""
-            click.echo(f"  best trial {b['trial']}: {b['values']} {b['params']}{exact}")
-        if r.default:
-            click.echo(f"  default schedule (trial {r.default['trial']}): {r.default['values']} {r.default['params']}")
+        click.echo(describe_result(r, sc))
 
 
 # ------------------------------------------------------------------------- bench report / grid / ui
@@ -287,13 +284,15 @@ def study_cmd(variants, space_file, tune_lr, show_space, **values) -> None:
 @click.option("--filter", "filter_string", default=None, help="MLflow search filter, e.g. \"params.`config.T` = '1000'\".")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder (default: ./report-<name>).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
-def report_cmd(experiments, filter_string, out, tracking_uri) -> None:
-    """Compare runs: a table by variant, plots, report.html and report.md, logged to MLflow."""
+@click.option("--log-to-mlflow", is_flag=True,
+              help="Also log the report as an MLflow run (experiment elbo-bench-reports); off, so reports add no runs.")
+def report_cmd(experiments, filter_string, out, tracking_uri, log_to_mlflow) -> None:
+    """Compare runs: a table by variant, paired differences, figures, report.html and report.md."""
     from reports.build import build_report
 
-    rep = build_report(list(experiments) or None, filter_string, out, tracking_uri)
+    rep = build_report(list(experiments) or None, filter_string, out, tracking_uri, log_to_mlflow=log_to_mlflow)
     click.echo(f"report of {rep.runs} runs: {rep.html}")
-    click.echo(f"  markdown: {rep.markdown}; logged as MLflow run {rep.run_id}")
+    click.echo(f"  markdown: {rep.markdown}" + (f"; logged as MLflow run {rep.run_id}" if rep.run_id else ""))
 
 
 TABLE2_VARIANTS = (  # DDPM Table 2's rows: μ̃ prediction, then ε prediction
@@ -397,14 +396,29 @@ def runs_cmd(experiments, cleanup, tracking_uri) -> None:
 
 
 @cli.command("ui")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (beyond 127.0.0.1: no authentication).")
 @click.option("--port", type=int, default=5000, show_default=True)
-@click.option("--tracking-uri", default=None, help="The store to browse (default: the embedded one).")
-def ui_cmd(host, port, tracking_uri) -> None:
-    """Start the MLflow UI on the configured store; Ctrl-C stops it and everything it started."""
+@click.option("--tracking-uri", default=None, help="The store to browse (default: $MLFLOW_TRACKING_URI, else the embedded one).")
+@click.option("--experiment", default=None,
+              help="Experiment to open (default: $MLFLOW_EXPERIMENT_NAME, else the one with the newest run).")
+@click.option("--browser/--no-browser", default=True, show_default=True, help="Open the page in a browser when one is available.")
+def ui_cmd(host, port, tracking_uri, experiment, browser) -> None:
+    """Start the MLflow UI on the runs table of an experiment (bpd, fid, variant shown); Ctrl-C stops it."""
     from bench.ui import serve
 
-    serve(tracking_uri, host, port)
+    serve(tracking_uri, host, port, experiment=experiment, open_browser=browser)
+
+
+@cli.command("dashboard")
+@click.option("--storage", default=None, help="Optuna RDB URL (default: the sqlite optuna.db in BENCH_HOME that bench study uses).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (beyond 127.0.0.1: no authentication).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--browser/--no-browser", default=True, show_default=True, help="Open the page in a browser when one is available.")
+def dashboard_cmd(storage, host, port, browser) -> None:
+    """Start optuna-dashboard on the studies' storage; Ctrl-C stops it."""
+    from bench.ui import serve_dashboard
+
+    serve_dashboard(storage, host, port, open_browser=browser)
 
 
 # ------------------------------------------------------------------------- bench fid

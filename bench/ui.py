@@ -51,7 +51,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def serve(tracking_uri: str | None, host: str, port: int) -> None:
+def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None = None, open_browser: bool = False) -> None:
     """Run the server in its own session, under the guard, until it exits or Ctrl-C / SIGTERM arrives."""
     _warn_if_exposed(host)
     if not 0 < port < 65536:
@@ -87,3 +87,8 @@ def serve(tracking_uri: str | None, host: str, port: int) -> None:
                 proc.wait()
     if proc.returncode not in (0, -signal.SIGTERM, None) and not stop["now"]:
         raise BenchError(f"the MLflow server exited with status {proc.returncode}")
+
+
+def serve_dashboard(storage: str | None, host: str, port: int, open_browser: bool = False) -> None:
+    """optuna-dashboard on the studies' storage (not written yet)."""
+    raise BenchError("bench dashboard is not available yet")

@@ -110,3 +110,14 @@ def _plot(log, path: str, make) -> None:
     fig.tight_layout()
     log.figure(fig, path)
     plt.close(fig)
+
+
+def describe_result(r, sc) -> str:
+    """The lines ``bench study`` prints for one finished study."""
+    lines = [f"study {r.name} ({r.variant}): parent run {r.parent_run_id}; trials {r.counts}"]
+    for b in r.best:
+        exact = f", exact bpd {b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else ""
+        lines.append(f"  best trial {b['trial']}: {b['values']} {b['params']}{exact}")
+    if r.default:
+        lines.append(f"  default schedule (trial {r.default['trial']}): {r.default['values']} {r.default['params']}")
+    return "\n".join(lines)
