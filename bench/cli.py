@@ -60,7 +60,21 @@ class BenchGroup(click.Group):
 _ARGV: list[str] = []  # the arguments of this invocation, for `--nproc` to hand to its ranks
 
 
-@click.group(cls=BenchGroup)
+def _print_version(ctx, param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from bench.tracking import git_commit, versions
+
+    libs = ", ".join(f"{k.removeprefix('version.')} {v}" for k, v in versions().items())
+    click.echo(f"elbo-bench {version('elbo-bench')} (source {git_commit()}; {libs})")
+    ctx.exit(0)
+
+
+@click.group(cls=BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version (with the source's git commit and the libraries') and exit.")
 def cli() -> None:
     """elbo-bench: train DDPMs with different objectives and compare them by bits/dim and FID."""
     warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
@@ -81,47 +95,90 @@ def variants_cmd() -> None:
 
 
 # ------------------------------------------------------------------------- bench run
-def _opt(name: str, *decls, **kw):
-    """An option that defaults to None, so the config's own default (one place) applies."""
-    return click.option(f"--{name}", *decls, default=None, show_default=False, **kw)
+def _default_text(field: str) -> str:
+    """``default: 3000 (digits), 800000 (cifar10)``: the RunConfig default, per dataset where it differs."""
+    from bench.config import DATASET_DEFAULTS, RunConfig
+
+    def show(v):
+        return "unset" if v is None else str(v).lower() if isinstance(v, bool) else f"{v:_}".replace("_", ",") \
+            if isinstance(v, int) and abs(v) >= 10_000 else str(v)
+
+    generic = getattr(RunConfig(), field)
+    per = {d: DATASET_DEFAULTS[d].get(field, generic) for d in sorted(DATASET_DEFAULTS)}
+    if all(v is None for v in per.values()):
+        return ""  # the help says what unset means
+    if len(set(map(repr, per.values()))) == 1:
+        return f"default: {show(generic)}"
+    return "default: " + ", ".join(f"{show(v)} ({d})" for d, v in per.items())
+
+
+def _opt(name: str, *decls, help: str, field: str | None = None, show_default: bool = True, **kw):
+    """An option for the RunConfig field ``field`` (from ``name``), defaulting to None so the config's own
+    default (one place) applies; the help ends with that default, per dataset where it differs."""
+    default = _default_text(field or name.replace("-", "_")) if show_default else ""
+    return click.option(f"--{name}", *decls, default=None, show_default=False,
+                        help=f"{help} [{default}]" if default else help, **kw)
+
+
+def _switch(name: str, help: str, field: str | None = None, **kw):
+    """A --NAME/--no-NAME option for a boolean RunConfig field (None when not given)."""
+    default = _default_text(field or name.replace("-", "_"))
+    return click.option(f"--{name}/--no-{name}", default=None, help=f"{help} [{default}]" if default else help, **kw)
 
 
 RUN_OPTIONS = [
-    _opt("variant", type=click.Choice(sorted(VARIANTS)), help="Objective variant (default: simple)."),
-    _opt("dataset", type=click.Choice(sorted(DATASETS)), help="Dataset (default: digits)."),
-    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of RunConfig values."),
+    # what is trained
+    _opt("variant", type=click.Choice(sorted(VARIANTS)), help="Objective variant (see `bench variants`)."),
+    _opt("dataset", type=click.Choice(sorted(DATASETS)), help="Dataset: digits (embedded) or cifar10 (download or --data-dir)."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                 help="TOML file of RunConfig values (keys: these options' names with _); options given here win."),
+    _opt("variance", type=click.Choice(["small", "large"]),
+         help="Fixed reverse variance of fixed-Σ variants: β̃_t (small) or β_t (large); unset means small."),
+    _opt("network", type=click.Choice(sorted(NETWORK_PRESETS)), help="U-Net preset (ddpm-cifar10: DDPM's 35.7M network)."),
+    _opt("data-dir", type=click.Path(file_okay=False), help="Data root for file-backed datasets (unset: $BENCH_DATA_DIR)."),
+    _switch("download", help="Download a missing dataset (needs internet)."),
+    # noise schedule
+    _opt("schedule", type=click.Choice(SCHEDULES), help="Noise schedule."),
+    _opt("T", "T", type=int, help="Diffusion steps T."),
+    _opt("beta-start", type=float, help="Linear schedule: β_1."),
+    _opt("beta-end", type=float, help="Linear schedule: β_T."),
+    _opt("cosine-s", type=float, help="Cosine schedule: offset s."),
+    # optimisation
     _opt("steps", type=int, help="Optimiser steps."),
-    _opt("batch-size", type=int),
-    _opt("lr", type=float, help="Peak learning rate."),
-    _opt("warmup-steps", type=int),
-    _opt("ema-decay", type=float),
-    _opt("seed", type=int),
-    _opt("schedule", type=click.Choice(SCHEDULES)),
-    _opt("T", "T", type=int, help="Diffusion steps."),
-    _opt("beta-start", type=float),
-    _opt("beta-end", type=float),
-    _opt("cosine-s", type=float),
-    _opt("variance", type=click.Choice(["small", "large"]), help="Fixed-variance variants: β̃ (small) or β (large)."),
-    _opt("network", type=click.Choice(sorted(NETWORK_PRESETS))),
-    _opt("log-every", type=int),
-    _opt("eval-every", type=int, help="Steps between estimated-bpd evaluations (0: only at the end)."),
-    _opt("eval-images", type=int),
-    _opt("final-eval", type=click.Choice(FINAL_EVALS)),
-    _opt("final-eval-images", type=int, help="Test images for the final bound (0: whole split)."),
-    _opt("fid-samples", type=int, help="Samples for FID (0: no FID)."),
-    _opt("sample-steps", type=int, help="Sampler steps (fewer than T: strided; 0: all T)."),
-    _opt("fid-weights", type=click.Path(dir_okay=False), help="Inception weights file for RGB FID."),
-    _opt("device", help="auto, cpu, cuda, cuda:N."),
-    _opt("precision", type=click.Choice(PRECISIONS)),
-    click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network."),
-    click.option("--channels-last/--no-channels-last", default=None,
-                 help="NHWC memory layout for the network (default: on CUDA only)."),
-    _opt("checkpoint-every", type=int),
-    _opt("experiment"),
-    _opt("run-name"),
-    _opt("tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in BENCH_HOME)."),
-    _opt("data-dir", type=click.Path(file_okay=False), help="Data root (else $BENCH_DATA_DIR)."),
-    click.option("--download", is_flag=True, default=None, help="Download a missing dataset (needs internet)."),
+    _opt("batch-size", type=int, help="Images per optimiser step (the global batch, whatever the number of processes)."),
+    _opt("lr", type=float, help="AdamW peak learning rate."),
+    _opt("warmup-steps", type=int, help="Steps of linear learning-rate warmup to the peak (0: none)."),
+    _opt("weight-decay", type=float, help="AdamW weight decay."),
+    _opt("grad-clip", type=float, help="Largest global gradient norm (0: no clipping)."),
+    _opt("ema-decay", type=float, help="Per-step decay of the weights' EMA, which evaluation and sampling use."),
+    _switch("hflip", help="Random horizontal flips of training images."),
+    _opt("seed", type=int, help="Seed of weights, batches, noise, evaluation and sampling."),
+    # evaluation and samples
+    _opt("log-every", type=int, help="Steps between logged training-loss means."),
+    _opt("eval-every", type=int, help="Steps between training-time bpd estimates and sample grids (0: only at the end)."),
+    _opt("eval-images", type=int, help="Test images in the training-time bpd estimate."),
+    _opt("eval-calls", type=int, help="Network calls per image in a bpd estimate (>= 3)."),
+    _opt("final-eval", type=click.Choice(FINAL_EVALS),
+         help="Final bound on the test split: exact (all T terms) or the unbiased estimate."),
+    _opt("final-eval-images", type=int, help="Test images in the final bound (0: the whole split)."),
+    _opt("eval-batch-size", type=int, help="(image, t) pairs per network call in evaluation."),
+    _opt("fid-samples", type=int, help="Samples scored by FID against the train split (0: no FID)."),
+    _opt("sample-steps", type=int, help="Ancestral sampler steps (fewer than T: strided; 0: all T)."),
+    _opt("sample-grid", type=int, help="Images in each logged sample grid."),
+    _opt("fid-weights", type=click.Path(dir_okay=False),
+         help="Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing)."),
+    # system
+    _opt("device", help="auto (cuda when present), cpu, cuda or cuda:N."),
+    _opt("precision", type=click.Choice(PRECISIONS), help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
+    _switch("compile", help="torch.compile the network."),
+    _switch("channels-last", help="NHWC memory layout for the network (unset: on CUDA only)."),
+    _opt("checkpoint-every", type=int, help="Steps between checkpoints (one is always written at the end)."),
+    _switch("system-metrics", help="Log CPU/GPU utilisation and memory through MLflow's system metrics."),
+    # tracking
+    _opt("experiment", help="MLflow experiment (unset: $MLFLOW_EXPERIMENT_NAME, else elbo-bench).", show_default=False),
+    _opt("run-name", help="MLflow run name (unset: VARIANT-DATASET-seedN)."),
+    _opt("tracking-uri", help="MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME)."),
+    # this invocation
     click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run of this checkpoint."),
     click.option("--reopen", is_flag=True, help="With --resume: continue a FINISHED run to a larger --steps."),
     click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
@@ -141,14 +198,15 @@ def _with(options):
 
 
 def build_config(dataset: str, config_file: str | None, cli_values: dict, command_defaults=None) -> RunConfig:
-    """Defaults < dataset defaults < the command's own (``command_defaults(dataset)``, a dict) < TOML file
-    < command line."""
+    """Defaults < dataset defaults < the command's own (``command_defaults(dataset)``, a dict) <
+    $MLFLOW_EXPERIMENT_NAME (the experiment) < TOML file < command line."""
     file_values = read_toml(config_file) if config_file else {}
     dataset = cli_values.get("dataset") or file_values.get("dataset") or dataset
     names = {f.name for f in fields(RunConfig)}
     given = {k: v for k, v in cli_values.items() if k in names and v is not None}
     own = command_defaults(dataset) if command_defaults else {}
-    return make_config(**{**own, **file_values, **given, "dataset": dataset})
+    env = {"experiment": os.environ["MLFLOW_EXPERIMENT_NAME"]} if os.environ.get("MLFLOW_EXPERIMENT_NAME") else {}
+    return make_config(**{**own, **env, **file_values, **given, "dataset": dataset})
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -171,7 +229,7 @@ def _param_name(option) -> str:
 
 @cli.command("run")
 @_with(RUN_OPTIONS)
-def run_cmd(config_file, resume, reopen, dry_run, compile_, nproc, **values) -> int:
+def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     """Train one variant, evaluate it (bits/dim, samples, FID) and record it in MLflow.
 
     Exits 3 when the run diverged (recorded in MLflow as FAILED with the reason and step). Several
@@ -180,7 +238,6 @@ def run_cmd(config_file, resume, reopen, dry_run, compile_, nproc, **values) -> 
     from bench.checkpoint import load_checkpoint
     from bench.train import resume_config, summarize, train
 
-    values["compile"] = compile_
     if nproc and "WORLD_SIZE" in os.environ:
         raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
     if resume:
@@ -241,39 +298,70 @@ def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run) 
 
 
 # ------------------------------------------------------------------------- bench study
+STUDY_OWNS = ("variant", "dataset", "steps", "seed", "experiment", "tracking_uri", "fid_samples", "run_name", "resume",
+              "reopen", "dry_run", "nproc")  # `bench study` options of its own, or options that act on one run
+STUDY_RUN_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS]
+
+
 @cli.command("study")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
-              help="Variant to tune (repeat for several: one study each). Default: simple.")
+              help="Variant to tune (repeat for several: one study each). [default: simple]")
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="digits", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Total trials in the study (resumed ones count).")
-@click.option("--timeout", type=float, default=None, help="Seconds per study and worker.")
+@click.option("--timeout", type=float, default=None, help="Seconds per study and worker (unset: no limit).")
 @click.option("--steps", type=int, default=500, show_default=True, help="Optimiser steps per trial.")
-@click.option("--objective", type=click.Choice(["bpd", "fid", "both"]), default="bpd", show_default=True)
-@click.option("--sampler", type=click.Choice(["tpe", "random", "gp", "nsga2"]), default="tpe", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--objective", type=click.Choice(["bpd", "fid", "both"]), default="bpd", show_default=True,
+              help="What trials minimise: estimated bits/dim on the test split, FID, or both (a Pareto front).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "gp", "nsga2"]), default="tpe", show_default=True,
+              help="Optuna sampler.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and every trial's training.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes sharing the study.")
-@click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME).")
-@click.option("--study-name", default=None, help="Name a study, or resume one.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
-@click.option("--experiment", default="elbo-bench-studies", show_default=True)
-@click.option("--space", "space_file", default=None, help="Study TOML (path or a name in studies/).")
+@click.option("--storage", default=None, help="Optuna RDB URL (unset: sqlite optuna.db in BENCH_HOME).")
+@click.option("--study-name", default=None, help="Name a study, or resume one (unset: schedule-DATASET-OBJECTIVE-VARIANT).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME).")
+@click.option("--experiment", default=None,
+              help="MLflow experiment of the study and trial runs (unset: $MLFLOW_EXPERIMENT_NAME, else elbo-bench-studies).")
+@click.option("--space", "space_file", default=None, help="Study TOML (path or a name in studies/; see --show-space).")
 @click.option("--tune-lr", is_flag=True, help="Add the learning rate to the search space.")
 @click.option("--exact-top", type=int, default=3, show_default=True, help="Best trials re-evaluated with the exact bound.")
 @click.option("--fid-samples", type=int, default=500, show_default=True, help="Samples per trial when FID is an objective.")
-@click.option("--heartbeat", type=int, default=60, show_default=True, help="Seconds between worker heartbeats.")
+@click.option("--heartbeat", type=int, default=60, show_default=True,
+              help="Seconds between worker heartbeats (a trial silent for twice this is failed and retried).")
 @click.option("--show-space", is_flag=True, help="Print the search space and exit.")
-def study_cmd(variants, space_file, tune_lr, show_space, **values) -> None:
-    """Tune the noise schedule of one or several variants with Optuna, tracked in MLflow."""
+@_with(STUDY_RUN_OPTIONS)
+def study_cmd(variants, space_file, tune_lr, show_space, config_file, **values) -> None:
+    """Tune the noise schedule of one or several variants with Optuna, tracked in MLflow.
+
+    Every trial is a `bench run` with this command's --steps, --seed and --fid-samples. The `bench run`
+    options from --config on (and a --config FILE) set the rest of every trial's config, except what the
+    search space tunes; their defaults are `bench run`'s except --final-eval estimate,
+    --final-eval-images 0, --eval-every STEPS/4 and --checkpoint-every STEPS."""
     from studies.space import describe_space, load_space
     from studies.study import StudyConfig, run_study
+    from studies.summary import describe_result
 
     space = load_space(space_file, tune_lr)
     if show_space:
         click.echo(describe_space(space))
         return
-    from studies.summary import describe_result
-
-    sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr, **values).validate()
+    study_fields = {f.name for f in fields(StudyConfig)}
+    run_values = {k: v for k, v in values.items() if k not in study_fields and v is not None}
+    overrides = {**(read_toml(config_file) if config_file else {}), **run_values}
+    owned = sorted(set(overrides) & set(STUDY_OWNS))
+    if owned:
+        raise BenchError(f"--config {config_file} sets {', '.join(owned)}, which bench study sets itself; "
+                         "use the study's own options instead")
+    tuned = sorted(set(overrides) & set(space))
+    if tuned:
+        flags = ", ".join("--" + k.replace("_", "-") for k in tuned)
+        raise BenchError(f"{flags} is tuned by the study's search space; fix it with a --space file (see --show-space) "
+                         "instead of an option")
+    study_values = {k: v for k, v in values.items() if k in study_fields}
+    study_values["experiment"] = study_values["experiment"] or os.environ.get("MLFLOW_EXPERIMENT_NAME") \
+        or "elbo-bench-studies"
+    sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr,
+                     run_overrides=overrides, **study_values).validate()
     for r in run_study(sc):
         click.echo(describe_result(r, sc))
 
@@ -316,7 +404,7 @@ def grid_defaults(dataset: str) -> dict:
 @_with(GRID_OPTIONS)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would be trained, what is already recorded) and exit.")
-def grid_cmd(variants, seeds, out, dry_run, config_file, compile_, **values) -> None:
+def grid_cmd(variants, seeds, out, dry_run, config_file, **values) -> None:
     """Run variants × seeds with one budget, then the report: from nothing to the table.
 
     Takes every `bench run` option and --config FILE, applied to each run; the grid's own defaults are
@@ -330,7 +418,6 @@ def grid_cmd(variants, seeds, out, dry_run, config_file, compile_, **values) -> 
 
     if seeds < 1:
         raise BenchError(f"--seeds must be >= 1, got {seeds}")
-    values["compile"] = compile_
     file_values = read_toml(config_file) if config_file else {}
     variants = variants or ((file_values["variant"],) if "variant" in file_values else GRID_VARIANTS)
     replaced = sorted(set(file_values) & {"seed", "run_name"})

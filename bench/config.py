@@ -65,6 +65,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the network
     channels_last: bool | None = None  # NHWC memory layout for the network and its inputs (None = on cuda)
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    system_metrics: bool = True  # CPU/GPU utilisation and memory, logged through MLflow's system metrics
     # tracking
     experiment: str = "elbo-bench"  # MLflow experiment
     run_name: str | None = None  # MLflow run name (default: variant-dataset-seed)
