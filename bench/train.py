@@ -19,7 +19,6 @@ wall-clock second between two logging points (evaluation and checkpoint time lef
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import tempfile
@@ -32,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from bench import dist as dist_mod
@@ -166,8 +166,9 @@ class _State:
     """Everything the loop changes, as one checkpointable unit."""
 
     net: torch.nn.Module
-    ema: torch.nn.Module
+    ema: AveragedModel  # the EMA of the weights (``ema.module``), what evaluation and sampling use
     opt: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
     data_gen: torch.Generator
     step: int = 0
     images_seen: int = 0
@@ -186,19 +187,36 @@ def _save(state: _State, ctx: _Ctx) -> Path:
     cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
     return save_checkpoint(path, {
         "config": ctx.config.to_dict(), "step": state.step, "model": state.net.state_dict(),
-        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "variant": ctx.variant.state_dict(),
+        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "lr_schedule": state.lr_schedule.state_dict(),
+        "variant": ctx.variant.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
         "run_id": ctx.run_id, "tracking_uri": ctx.uri, "images_seen": state.images_seen,
         "train_seconds": state.train_seconds,
     })
 
 
-def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        e, p = list(ema.parameters()), list(net.parameters())
-        torch._foreach_lerp_(e, p, 1.0 - decay)
-        for eb, b in zip(ema.buffers(), net.buffers()):
-            eb.copy_(b)
+def make_ema(net: torch.nn.Module, decay: float) -> AveragedModel:
+    """The EMA of ``net``'s weights (torch's AveragedModel with its EMA rule), started at ``net``'s
+    current weights: after each step, W_ema ← decay·W_ema + (1 − decay)·W. Its step counter
+    ``n_averaged`` stays on the CPU, so AveragedModel's per-update check of it does not wait for the GPU
+    (handing it to the update rule is still a small copy to the device each step)."""
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.requires_grad_(False).eval()
+    ema.update_parameters(net)  # the first update copies: the EMA starts at the initial weights
+    return ema
+
+
+def ema_weights(saved: dict) -> dict:
+    """The EMA network's own state dict from a checkpoint's ``ema`` entry (an AveragedModel's, or the bare
+    network's in checkpoints from before it was one)."""
+    if "n_averaged" not in saved:
+        return saved
+    return {k.removeprefix("module."): v for k, v in saved.items() if k != "n_averaged"}
+
+
+def warmup_factor(warmup_steps: int, step: int) -> float:
+    """The learning rate's factor at ``step`` (0-based): linear warmup over ``warmup_steps``, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
@@ -248,10 +266,11 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     net = build_network(config.network, C, variant.out_channels(C), H).to(device)
     if channels_last(config, device):
         net = net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    ema = make_ema(net, config.ema_decay)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
-    state = _State(net, ema, opt, torch.Generator().manual_seed(config.seed))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_factor, config.warmup_steps))
+    state = _State(net, ema, opt, lr_schedule, torch.Generator().manual_seed(config.seed))
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
 
     with ExitStack() as held:
@@ -347,8 +366,15 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
 
 def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device) -> None:
     state.net.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
+    state.ema.module.load_state_dict(ema_weights(ckpt["ema"]))
+    state.ema.n_averaged.fill_(int(ckpt["ema"].get("n_averaged", ckpt["step"] + 1)))
     state.opt.load_state_dict(ckpt["optimizer"])
+    if "lr_schedule" in ckpt:
+        state.lr_schedule.load_state_dict(ckpt["lr_schedule"])
+    else:  # a checkpoint from before the schedule was saved: its position is the step count
+        state.lr_schedule.last_epoch = ckpt["step"]
+        for group, base, factor in zip(state.opt.param_groups, state.lr_schedule.base_lrs, state.lr_schedule.lr_lambdas):
+            group["lr"] = base * factor(ckpt["step"])
     variant.load_state_dict(ckpt.get("variant", {}), sched.T)
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.data_gen.set_state(ckpt["rng"]["data"])
@@ -366,7 +392,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
     if d.active:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    ema_model = _Autocast(state.ema, config, ctx.device)
+    ema_model = _Autocast(state.ema.module, config, ctx.device)
     result = partial(RunResult, ctx.run_id, tracking_uri=ctx.uri, rank=d.rank)
     try:
         if fresh:
@@ -413,6 +439,8 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist) 
         **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
         "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
+        "lr_schedule": "LambdaLR: linear warmup over warmup_steps, then constant",
+        "ema": "torch AveragedModel, get_ema_multi_avg_fn(ema_decay), from the initial weights",
         "code_version": tracking.git_commit(), **tracking.versions(),
         "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
         "dist.world_size": d.world, "dist.backend": _backend(d),
@@ -489,8 +517,6 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         x0 = to_data_scale(batch)
         if channels_last(config, device):
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        for group in state.opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (state.step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
         terms = variant.loss(model, ctx.sched, x0)
         loss = terms["loss"].mean()
         health.flag(~torch.isfinite(loss), state.step, 0)
@@ -500,7 +526,9 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
             norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), config.grad_clip)
             health.flag(~torch.isfinite(norm), state.step, 1)
         state.opt.step()
-        _update_ema(state.ema, state.net, config.ema_decay)
+        lr = state.opt.param_groups[0]["lr"]  # this step's
+        state.lr_schedule.step()
+        state.ema.update_parameters(state.net)
         state.step += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v.detach().to(acc_dtype).mean()
@@ -522,7 +550,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
             if failure:
                 bar.close()
                 return failure
-            log.metrics({**means, "images_per_sec": ips, "lr": state.opt.param_groups[0]["lr"]}, state.step)
+            log.metrics({**means, "images_per_sec": ips, "lr": lr}, state.step)
             if ctx.cores is not None:
                 ctx.cores.apply()  # another elbo-bench process may have started or ended on this machine
             bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
@@ -637,7 +665,7 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     dev, train_images, test_images, variant, sched = _setup(config, device_name)
     C, H = train_images.shape[1], train_images.shape[2]
     ema = build_network(config.network, C, variant.out_channels(C), H)
-    ema.load_state_dict(ckpt["ema"])
+    ema.load_state_dict(ema_weights(ckpt["ema"]))
     model = _Autocast(ema.to(dev).eval(), config, dev)
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
     with CoreShare():

@@ -21,7 +21,7 @@ from bench.config import make_config
 from bench.data import load_dataset
 from bench.evaluate import _terms, estimate_bits_per_dim
 from bench.schedule import Schedule
-from bench.train import EVAL_SEED, _Autocast, train
+from bench.train import EVAL_SEED, _Autocast, ema_weights, train
 from bench.unet import UNet, build_network
 from variants import get_variant
 
@@ -166,7 +166,7 @@ def test_bf16_bound_of_a_trained_digits_model_is_within_a_hundredth_of_a_bit_of_
     assert result.status == "FINISHED", result.reason
     variant, sched = get_variant(config.variant), config.build_schedule()
     net = build_network(config.network, 1, variant.out_channels(1), 8)
-    net.load_state_dict(load_checkpoint(result.checkpoint)["ema"])
+    net.load_state_dict(ema_weights(load_checkpoint(result.checkpoint)["ema"]))
     images = load_dataset("digits", "test")[:64]
     bounds = {precision: estimate_bits_per_dim(_Autocast(net, replace(config, precision=precision), CPU), variant, sched,
                                                images, calls_per_image=33, seed=EVAL_SEED, device=CPU).summary()

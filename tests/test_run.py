@@ -412,6 +412,37 @@ def test_resume_after_an_interrupt_inside_a_step_equals_the_uninterrupted_run(ho
     assert bpd == uninterrupted[1]
 
 
+def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(home, monkeypatch, uninterrupted):
+    """Checkpoints written before the EMA was an AveragedModel and the warmup a LambdaLR (a bare EMA state
+    dict, no ``lr_schedule``) resume to the same weights and bound."""
+    import bench.tracking
+
+    real = bench.tracking.RunLogger.metrics
+
+    def metrics(self, values, step):
+        if step == 4 and "loss" in values:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, values, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(bench.tracking.RunLogger, "metrics", metrics)
+        assert invoke(home, ["run", *RESUME_ARGS, "--steps", "400"]).exit_code == 130
+    (ckpt,) = list((home / "checkpoints").glob("*/last.pt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["ema"]["n_averaged"].item() == 5  # the initial weights, then 4 updates
+    state["ema"] = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    del state["lr_schedule"]
+    for group in state["optimizer"]["param_groups"]:
+        group.pop("initial_lr")
+    torch.save(state, ckpt)
+    resumed = invoke(home, ["run", "--resume", str(ckpt), "--steps", str(RESUME_TO)])
+    assert resumed.exit_code == 0, describe(resumed)
+    after = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert _same_weights(after["ema"], uninterrupted[0]["ema"])
+    assert _same_weights(after["model"], uninterrupted[0]["model"])
+    assert client(home).get_run(ckpt.parent.name).data.metrics["bpd"] == uninterrupted[1]
+
+
 def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch):
     import bench.train
 
