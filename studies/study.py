@@ -113,6 +113,7 @@ class StudyResult:
     best: list[dict]  # the best trial (single objective) or the Pareto front: params, values, exact bpd
     default: dict | None  # the default schedule's trial, for comparison
     counts: dict[str, int]
+    exact: dict[int, float] = field(default_factory=dict)  # trial number → exact bpd (bits/dim) of those re-evaluated
 
 
 # ------------------------------------------------------------------------- Optuna plumbing
@@ -234,7 +235,10 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
         if single and sc.objective == "bpd":
             trial.report(metrics["bpd_estimate"], step)
             if trial.should_prune():
-                raise StopRun(f"pruned by Optuna at step {step} (estimated bpd {metrics['bpd_estimate']:.4f})")
+                why = (f"at step {step} by Optuna's {type(trial.study.pruner).__name__} "
+                       f"(estimated bpd {metrics['bpd_estimate']:.4f} bits/dim)")
+                trial.set_user_attr("pruned", why)  # what the study's trial line says
+                raise StopRun(f"pruned {why}")
 
     result = train(config, progress=False, parent_run_id=parent_run_id, on_eval=on_eval,
                    tags={"optuna.study": name, "optuna.trial": trial.number})
@@ -243,9 +247,14 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
         raise optuna.TrialPruned(result.reason)
     if result.status == "FAILED":
         trial.set_user_attr("failure_reason", f"{result.reason} at step {result.step}")
+        trial.set_user_attr("diverged", True)
         raise TrialDiverged(f"{result.reason} at step {result.step}")
     trial.set_user_attr("checkpoint", str(result.checkpoint))
     trial.set_user_attr("bpd_estimate", result.metrics["bpd"])
+    if "fid" in result.metrics:  # what the FID was measured with, for the study's lines and summary
+        tags = tracking.client(config.tracking_uri).get_run(result.run_id).data.tags
+        trial.set_user_attr("fid_samples", config.fid_samples)
+        trial.set_user_attr("fid_extractor", tags.get("fid_extractor"))
     values = []
     for key in OBJECTIVES[sc.objective]:
         if key not in result.metrics:
@@ -297,15 +306,41 @@ def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -
                 state = TrialState.PRUNED
             except TrialDiverged:
                 state = TrialState.FAIL
-            except BaseException:
+            except BaseException as err:
+                _note_error(trial, err)
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
         # skip_if_finished: another worker may have failed this trial as stale (a heartbeat starved by load)
         study.tell(trial, values, state=state, skip_if_finished=True)
 
 
+def _note_error(trial, err: BaseException) -> None:
+    """Keep why a trial stopped on an error or an interrupt (user attribute ``error``) for the study's lines."""
+    why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {first_line(err)}"
+    try:
+        trial.set_user_attr("error", why[:500])
+    except Exception:  # noqa: BLE001 - the storage itself may be what failed; the error is raised anyway
+        pass
+
+
 def _worker_main(sc, name, variant, space, parent_run_id) -> None:  # a spawned process's entry point
     _work(sc, name, variant, space, parent_run_id)
+
+
+def _run_workers(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
+    """``sc.workers`` workers on the study: this process alone, or spawned processes waited for."""
+    if sc.workers == 1:
+        _work(sc, name, variant, space, parent_run_id)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id)) for _ in range(sc.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise BenchError(f"{len(bad)} study worker(s) exited with status {bad}; the study is kept in its storage")
 
 
 # ------------------------------------------------------------------------- the study
@@ -339,7 +374,10 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
 
 
 def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
-    """Run (or resume) one study per variant; returns their summaries."""
+    """Run (or resume) one study per variant; returns their summaries. ``progress``: print a line per
+    finished trial and per exact re-evaluation, with bars on a terminal (see :class:`studies.summary.Progress`)."""
+    from studies.summary import Progress, describe_start, exact_reevaluation, log_study
+
     sc.validate()
     space = load_space(sc.space_file, sc.tune_lr)
     client = tracking.client(sc.tracking_uri)
@@ -349,23 +387,12 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
         study = _open_study(sc, name)
         parent_run_id = _parent_run(client, study, sc, name, variant, space)
         log = tracking.RunLogger(client, parent_run_id)
+        if progress:
+            print(describe_start(sc, name, variant, parent_run_id), flush=True)
         try:
-            if sc.workers == 1:
-                _work(sc, name, variant, space, parent_run_id)
-            else:
-                ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id))
-                         for _ in range(sc.workers)]
-                for p in procs:
-                    p.start()
-                for p in procs:
-                    p.join()
-                bad = [p.exitcode for p in procs if p.exitcode != 0]
-                if bad:
-                    raise BenchError(f"{len(bad)} study worker(s) exited with status {bad}; the study is kept in its storage")
+            with Progress(study, sc, variant, progress):
+                _run_workers(sc, name, variant, space, parent_run_id)
             study = _open_study(sc, name)
-            from studies.summary import exact_reevaluation, log_study
-
             exact_reevaluation(study, sc, progress)
             result = log_study(study, sc, name, variant, log)
         except BaseException:

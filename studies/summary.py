@@ -1,13 +1,18 @@
-"""What a finished study leaves: the exact bound of its best trials and the parent run's record."""
+"""What a study shows and leaves: a line per finished trial and the bar's best so far while it runs; then
+the exact bound of its best trials, the parent run's record and the text ``bench study`` prints."""
 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 
 def _complete(study):
@@ -26,28 +31,44 @@ def best_trials(study) -> list:
 def exact_reevaluation(study, sc, progress: bool = True) -> None:
     """Re-evaluate the ``sc.exact_top`` best trials' checkpoints with the exact bound on the test split
     (logged into each trial's run; kept in the study's ``bpd_exact`` attribute, trial number → value,
-    since Optuna freezes a finished trial's attributes)."""
+    since Optuna freezes a finished trial's attributes). ``progress``: a line before and after each, the
+    evaluation's bars between them on a terminal."""
     from bench.train import evaluate_checkpoint
 
     complete = _complete(study)
     if len(study.directions) == 1:
         ranked = sorted(complete, key=lambda t: t.value)[: sc.exact_top]
-    else:
-        ranked = best_trials(study)[: sc.exact_top]
+    else:  # the front's trials with the lowest estimated bpd (the first objective)
+        ranked = sorted(best_trials(study), key=lambda t: t.values[0])[: sc.exact_top]
     done = {int(k): v for k, v in study.user_attrs.get("bpd_exact", {}).items()}
-    for t in ranked:
-        if t.number in done or "checkpoint" not in t.user_attrs or not Path(t.user_attrs["checkpoint"]).exists():
+    todo = [t for t in ranked if t.number not in done]
+    for i, t in enumerate(todo, 1):
+        checkpoint = t.user_attrs.get("checkpoint")
+        if checkpoint is None or not Path(checkpoint).exists():
+            _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint {checkpoint} is gone")
             continue
-        metrics, _, _ = evaluate_checkpoint(t.user_attrs["checkpoint"], final_eval="exact", fid_samples=0,
-                                            log_to_run=True, progress=progress)
+        _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): its checkpoint on the test split, all T steps")
+        start = time.monotonic()
+        metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
+                                            progress=progress and sys.stderr.isatty())
         done[t.number] = metrics["bpd"]
-    study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})
+        study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})  # each kept as soon as known
+        estimate = t.user_attrs.get("bpd_estimate")
+        _say(progress, f"exact bound, trial {t.number}: bpd {metrics['bpd']:.4f} {BPD_EXACT}"
+                       + (f"; estimate {estimate:.4f}" if estimate is not None else "")
+                       + f"  ({format_duration(time.monotonic() - start)})")
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        tqdm.write(line, file=sys.stdout)
 
 
 def _row(t, exact: dict) -> dict:
     return {"trial": t.number, "params": dict(t.params), "values": list(t.values or []),
             "bpd_estimate": t.user_attrs.get("bpd_estimate"), "bpd_exact": exact.get(str(t.number)),
-            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule"))}
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule")),
+            "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
 
 
 def log_study(study, sc, name: str, variant: str, log):
@@ -93,7 +114,7 @@ def log_study(study, sc, name: str, variant: str, log):
             study, target=(lambda t: t.values[0]) if len(keys) > 1 else None, target_name=keys[0]))
         if len(keys) == 2:
             _plot(log, "pareto_front.png", lambda: ovm.plot_pareto_front(study, target_names=list(keys)))
-    return StudyResult(name, variant, log.run_id, best, default, counts)
+    return StudyResult(name, variant, log.run_id, best, default, counts, {int(k): v for k, v in exact.items()})
 
 
 def _plot(log, path: str, make) -> None:
@@ -112,12 +133,247 @@ def _plot(log, path: str, make) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------- what bench study prints
+BPD_ESTIMATE = "bits/dim (estimate, test split)"
+BPD_EXACT = "bits/dim (exact bound, test split)"
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+
+
+def format_duration(seconds: float) -> str:
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_params(params: dict) -> str:
+    """``name=value`` pairs in the search space's order, floats to 4 significant digits."""
+    return " ".join(f"{k}={_number(params[k])}" for k in _param_order(params))
+
+
+def _param_order(names) -> list[str]:
+    from studies.space import TUNABLE
+
+    order = list(TUNABLE)
+    return sorted(names, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
+def _number(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fid(value: float, n) -> str:
+    return f"fid {value:.2f} (n={n if n is not None else '?'}, vs train split)"
+
+
+def retried_as(trials) -> dict[int, int]:
+    """Failed trial number → the number of the trial that retries it (Optuna's heartbeat retry)."""
+    return {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+
+
+def _why_failed(t, retry: int | None) -> str:
+    attrs = t.user_attrs
+    if "failure_reason" in attrs:
+        return ("diverged: " if attrs.get("diverged") else "") + attrs["failure_reason"]
+    if "error" in attrs:
+        return attrs["error"]
+    why = "its worker stopped sending heartbeats (killed or stalled)"
+    if retry is not None:
+        return f"{why}; retried as trial {retry}"
+    return f"{why}; not retried" + (f" (retried {n} times already)" if (n := len(t.system_attrs.get("retry_history", []))) else "")
+
+
+def describe_trial(t, keys: tuple[str, ...], retry: int | None = None) -> str:
+    """One line for a finished trial: number, state (and why, unless complete), objective values with
+    their units, parameters, duration. ``retry``: the trial that retries this one, if any."""
+    notes = [n for n, on in (("default schedule", t.user_attrs.get("default_schedule")),
+                             (f"retry of trial {t.system_attrs.get('failed_trial')}", "failed_trial" in t.system_attrs)) if on]
+    head = f"trial {t.number}" + (f" [{', '.join(notes)}]" if notes else "") + f" {STATES[t.state.name]}"
+    if t.state.name == "COMPLETE":
+        n = t.user_attrs.get("fid_samples")
+        head += "  " + "  ".join(f"bpd {v:.4f} {BPD_ESTIMATE}" if k == "bpd" else _fid(v, n) for k, v in zip(keys, t.values))
+    elif t.state.name == "PRUNED":
+        head += f" {t.user_attrs['pruned']}" if "pruned" in t.user_attrs else ""
+    else:
+        head += f" ({_why_failed(t, retry)})"
+    parts = [head, format_params(t.params)]
+    if t.datetime_start is not None and t.datetime_complete is not None:
+        parts.append(f"({format_duration((t.datetime_complete - t.datetime_start).total_seconds())})")
+    return "  ".join(p for p in parts if p)
+
+
+def _pareto(trials: list) -> list:
+    """The complete trials no other complete trial dominates (every objective minimised)."""
+    def dominates(a, b) -> bool:
+        return all(x <= y for x, y in zip(a.values, b.values)) and a.values != b.values
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials)]
+
+
+def best_so_far(trials, keys: tuple[str, ...]) -> str:
+    """The progress bar's postfix: the best trial (one objective) or the Pareto front's size and ends."""
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    running = sum(t.state.name == "RUNNING" for t in trials)
+    tail = f", {running} running" if running > 1 else ""
+    if not complete:
+        return "no trial complete yet" + tail
+    if len(keys) == 1:
+        best = min(complete, key=lambda t: t.value)
+        value = f"{best.value:.4f} bits/dim" if keys[0] == "bpd" else f"{best.value:.2f}"
+        return f"best {keys[0]} {value} (trial {best.number})" + tail
+    front = _pareto(complete)
+    ends = ", ".join(f"{k} {min(t.values[i] for t in front):.4g}" for i, k in enumerate(keys))
+    return f"Pareto front {len(front)} trial{'s' * (len(front) != 1)} (best {ends})" + tail
+
+
+def describe_start(sc, name: str, variant: str, parent_run_id: str) -> str:
+    """The line ``bench study`` prints as a study starts."""
+    from studies.study import OBJECTIVES
+
+    workers = f"{sc.workers} worker{'s' * (sc.workers != 1)}"
+    return (f"study {name}: variant {variant} on {sc.dataset}, {sc.trials} trials of {sc.steps} steps, objective "
+            f"{' and '.join(OBJECTIVES[sc.objective])} (lower is better), sampler {sc.sampler}, {workers}\n"
+            f"  MLflow parent run {parent_run_id} (experiment {sc.experiment})")
+
+
+def _legend(sc, keys: tuple[str, ...], rows: list[dict]) -> list[str]:
+    which = "of the Pareto front with the lowest bpd" if len(keys) > 1 else f"by {keys[0]}"
+    lines = ["bpd: bits/dim on the test split, lower is better; 'estimate': the unbiased estimate every trial gets, "
+             f"'exact bound': the bound over all T steps, for the {sc.exact_top} best {which}"]
+    if "fid" in keys:
+        n = sorted({r["fid_samples"] for r in rows if r["fid_samples"] is not None}) or [sc.fid_samples]
+        extractor = sorted({r["fid_extractor"] for r in rows if r["fid_extractor"]}) or ["the dataset's extractor"]
+        lines.append(f"fid: FID of n={'/'.join(map(str, n))} samples against the {sc.dataset} train split, "
+                     f"{'/'.join(extractor)} features, lower is better")
+    return lines
+
+
+def _values(row: dict, keys: tuple[str, ...]) -> str:
+    """The objectives in order, and the bpd (estimate, exact bound where computed) even when not one of them."""
+    bpd = (f"bpd {row['bpd_estimate']:.4f} bits/dim (estimate)"
+           + (f", {row['bpd_exact']:.4f} bits/dim (exact bound)" if row["bpd_exact"] is not None else ""))
+    parts = [bpd if k == "bpd" else _fid(v, row["fid_samples"]) for k, v in zip(keys, row["values"])]
+    if "bpd" not in keys and row["bpd_estimate"] is not None:
+        parts.append(bpd)
+    return "; ".join(parts)
+
+
+def pareto_table(rows: list[dict], keys: tuple[str, ...]) -> str:
+    """The Pareto front as an aligned table: trial, the objectives, the exact bpd, the parameters."""
+    params = _param_order({k for r in rows for k in r["params"]})
+    table = []
+    for r in sorted(rows, key=lambda r: r["values"]):
+        cells = {"trial": f"{r['trial']}{'*' if r['default_schedule'] else ''}"}
+        cells |= {k: f"{v:.4f}" if k == "bpd" else f"{v:.2f}" for k, v in zip(keys, r["values"])}
+        cells["exact bpd"] = f"{r['bpd_exact']:.4f}" if r["bpd_exact"] is not None else "-"
+        cells |= {p: _number(r["params"][p]) if p in r["params"] else "-" for p in params}
+        table.append(cells)
+    return pd.DataFrame(table).to_string(index=False)
+
+
 def describe_result(r, sc) -> str:
-    """The lines ``bench study`` prints for one finished study."""
-    lines = [f"study {r.name} ({r.variant}): parent run {r.parent_run_id}; trials {r.counts}"]
-    for b in r.best:
-        exact = f", exact bpd {b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else ""
-        lines.append(f"  best trial {b['trial']}: {b['values']} {b['params']}{exact}")
+    """The block ``bench study`` prints for one finished study."""
+    from studies.study import OBJECTIVES
+
+    keys = OBJECTIVES[sc.objective]
+    counts = ", ".join(f"{r.counts[k]} {STATES.get(k.upper(), k)}" for k in ("complete", "pruned", "fail", "running", "waiting")
+                       if r.counts.get(k))
+    diverged = f" ({r.counts['diverged']} diverged)" if r.counts.get("diverged") else ""
+    lines = [f"study {r.name}: variant {r.variant} on {sc.dataset}, objective {' and '.join(keys)}",
+             f"  MLflow parent run {r.parent_run_id} (experiment {sc.experiment})",
+             f"  trials: {counts or 'none'}{diverged}"]
+    lines += [f"  {line}" for line in _legend(sc, keys, r.best + ([r.default] if r.default else []))]
+    if not r.best:
+        lines.append("  no trial completed, so there is no best")
+    elif len(keys) == 1:
+        b = r.best[0]
+        lines += [f"  best trial {b['trial']}: {_values(b, keys)}", f"    {format_params(b['params'])}"]
+        if len(r.exact) > 1:
+            ranked = ", ".join(f"trial {n} {v:.4f}" for n, v in sorted(r.exact.items(), key=lambda nv: nv[1]))
+            lines.append(f"  exact bound of the re-evaluated trials (bits/dim): {ranked}")
+    else:
+        lines.append(f"  Pareto front, {len(r.best)} trial{'s' * (len(r.best) != 1)} (* the default schedule):")
+        lines += [f"    {row}" for row in pareto_table(r.best, keys).splitlines()]
     if r.default:
-        lines.append(f"  default schedule (trial {r.default['trial']}): {r.default['values']} {r.default['params']}")
+        d = r.default
+        lines += [f"  default schedule, trial {d['trial']}: {_values(d, keys)}", f"    {format_params(d['params'])}"]
+    else:
+        lines.append("  default schedule: no complete trial (outside the search space, or it failed)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- what a running study shows
+class Progress:
+    """What ``bench study`` shows while trials run, read from the storage so that every worker's trials
+    count (``--workers`` processes, or other ``bench study`` commands on the same study): one line per
+    trial that finishes, and under them, on a terminal, a bar over the study's trials with the best so
+    far and elapsed/ETA. Only this (parent) process writes, from one thread, so lines never interleave;
+    the trials' own training bars are off (``train(progress=False)``)."""
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, study, sc, variant: str, show: bool):
+        from studies.study import OBJECTIVES
+
+        self.study, self.sc, self.show = study, sc, show
+        self.keys = OBJECTIVES[sc.objective]
+        trials = study.get_trials(deepcopy=False)
+        self.printed = {t.number for t in trials if t.state.is_finished()}  # earlier sessions' trials: no line
+        self.held: set[int] = set()  # failed trials whose retry was not in the storage yet at the last look
+        self.bar = tqdm(total=max(sc.trials, len(trials)), initial=len(self.printed), desc=f"study {variant}",
+                        unit="trial", dynamic_ncols=True, disable=None if show else True)  # None: off unless a terminal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"study-progress-{variant}", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        if self.show:
+            warnings.showwarning = self._warn  # this process's warnings (a trial's, with one worker) above the bar
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            if self.show:
+                self.poll(final=True)
+        except Exception:
+            if exc_type is None:
+                raise  # else the error that ended the study is the one to see
+        finally:
+            self.bar.close()
+            self._warnings.__exit__(None, None, None)
+
+    def _warn(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        self.bar.write(text.rstrip("\n"), file=sys.stderr)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_SECONDS):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - a busy storage skips one look; the trials go on regardless
+                pass
+
+    def poll(self, final: bool = False) -> None:
+        """Print the trials that finished since the last look and bring the bar up to date."""
+        trials = self.study.get_trials(deepcopy=False)
+        retries = retried_as(trials)
+        finished = sorted((t for t in trials if t.state.is_finished() and t.number not in self.printed),
+                          key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
+        total = max(self.sc.trials, len(trials))
+        for t in finished:
+            stale = t.state.name == "FAIL" and not {"failure_reason", "error"} & set(t.user_attrs)
+            if stale and t.number not in retries and t.number not in self.held and not final:
+                self.held.add(t.number)  # the retry is queued right after the failure: look once more
+                continue
+            self.printed.add(t.number)
+            self.bar.write(f"[{len(self.printed)}/{total}] {describe_trial(t, self.keys, retries.get(t.number))}",
+                           file=sys.stdout)
+        self.bar.total = total
+        self.bar.n = len(self.printed)
+        self.bar.set_postfix_str(best_so_far(trials, self.keys), refresh=False)
+        self.bar.refresh()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -37,8 +38,9 @@ from bench import tracking
 from bench.cli import cli
 from bench.errors import BenchError
 from studies import study as study_mod
-from studies.space import DEFAULT_SPACE, Param, load_space, suggest
+from studies.space import DEFAULT_SPACE, TUNABLE, Param, load_space, suggest
 from studies.study import StudyConfig, run_study
+from studies.summary import best_so_far, describe_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"batch_size": 16, "eval_images": 8, "eval_calls": 5, "sample_grid": 4, "sample_steps": 10, "log_every": 2}
@@ -101,10 +103,30 @@ def tables(db: Path) -> set[str]:
         return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def invoke(monkeypatch, args: list[str]):
-    """``bench <args>`` in-process, with the digits defaults shrunk to CLI_DEFAULTS."""
-    monkeypatch.setitem(bench_config.DATASET_DEFAULTS, "digits", dict(CLI_DEFAULTS))
-    return CliRunner().invoke(cli, args)
+def invoke(monkeypatch, args: list[str], **defaults):
+    """``bench <args>`` in-process, with the digits defaults shrunk to CLI_DEFAULTS (and ``defaults``)."""
+    monkeypatch.setitem(bench_config.DATASET_DEFAULTS, "digits", {**CLI_DEFAULTS, **defaults})
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def trial_lines(text: str) -> dict[int, tuple[int, int, str]]:
+    """The per-trial lines of a study's output: trial number → (k, N, line) for lines ``[k/N] trial n ...``."""
+    lines = {}
+    for line in text.splitlines():
+        if m := re.match(r"\[(\d+)/(\d+)\] trial (\d+)\b", line):
+            assert int(m[3]) not in lines, f"two lines for trial {m[3]}:\n{text}"
+            lines[int(m[3])] = (int(m[1]), int(m[2]), line)
+    return lines
+
+
+def param_cell(v) -> str:
+    """A parameter's value as the study prints it: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def param_text(params: dict) -> list[str]:
+    """``name=value`` for each parameter, in the search space's order (studies.space.TUNABLE)."""
+    return [f"{k}={param_cell(params[k])}" for k in sorted(params, key=list(TUNABLE).index)]
 
 
 def describe(result) -> str:
@@ -222,15 +244,37 @@ def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
     assert summary["best"][0]["trial"] == best.number and summary["default"]["trial"] == 0
     assert summary["counts"]["complete"] == 3
 
-    # what the command printed
-    assert f"study e2e (simple): parent run {parent_id}" in res.stdout
-    assert f"best trial {best.number}:" in res.stdout and "exact bpd" in res.stdout
-    assert "default schedule (trial 0)" in res.stdout
+    # what the command printed: a line per finished trial, then the exact bound, then the summary
+    out = res.stdout
+    lines = trial_lines(out)
+    assert sorted(lines) == [0, 1, 2] and sorted(k for k, _, _ in lines.values()) == [1, 2, 3], out
+    for t in trials:
+        k, n, line = lines[t.number]
+        assert n == 3
+        assert f"trial {t.number}{' [default schedule]' if t.number == 0 else ''} complete  " \
+               f"bpd {t.value:.4f} bits/dim (estimate, test split)" in line
+        assert all(p in line.split() for p in param_text(t.params)), line
+        assert re.search(r"\((\d+m)?\d+s\)$", line), line  # the trial's duration
+    exact_line = f"exact bound, trial {best.number}: bpd {exact[str(best.number)]:.4f} bits/dim (exact bound, test split)"
+    summary = ["study e2e: variant simple on digits, objective bpd",
+               f"  MLflow parent run {parent_id} (experiment {EXPERIMENT})",
+               "  trials: 3 complete",
+               f"  best trial {best.number}: bpd {best.value:.4f} bits/dim (estimate), "
+               f"{exact[str(best.number)]:.4f} bits/dim (exact bound)",
+               f"  default schedule, trial 0: bpd {trials[0].value:.4f} bits/dim (estimate)"
+               + (f", {exact[str(0)]:.4f} bits/dim (exact bound)" if best.number == 0 else "")]
+    positions = [out.index(lines[t.number][2]) for t in sorted(trials, key=lambda t: lines[t.number][0])]
+    assert positions == sorted(positions)  # in the order they finished
+    assert max(positions) < out.index(exact_line) < out.index(summary[0] + "\n" + summary[1])
+    out_lines = out.splitlines()
+    assert all(line in out_lines for line in summary), out
 
 
 # ----------------------------------------------------------------------------- 2. two objectives
-def test_objective_both_is_a_pareto_study_without_intermediate_reports(home):
-    [result] = run_study(study_config(trials=2, objective="both", fid_samples=16, study_name="mo"), progress=False)
+def test_objective_both_is_a_pareto_study_without_intermediate_reports(home, monkeypatch, t40_space):
+    res = invoke(monkeypatch, ["study", "--trials", 2, "--steps", STEPS, "--objective", "both", "--fid-samples", 16,
+                               "--study-name", "mo", "--exact-top", 1, "--space", t40_space])
+    assert res.exit_code == 0, describe(res)
     study = load(home, "mo")
     assert len(study.directions) == 2
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
@@ -241,18 +285,48 @@ def test_objective_both_is_a_pareto_study_without_intermediate_reports(home):
         assert t.intermediate_values == {}  # Trial.report is single-objective only
         assert runs[t.number].data.metrics["fid"] == pytest.approx(t.values[1])
         assert runs[t.number].data.params["config.fid_samples"] == "16"
+        assert t.user_attrs["fid_extractor"] == runs[t.number].data.tags["fid_extractor"]
     parent_id = study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent_id)}
-    assert result.best and all(len(b["values"]) == 2 for b in result.best)
-    assert {b["trial"] for b in result.best} == {t.number for t in study.best_trials}
+
+    # a line per trial with both objectives and their units
+    lines = trial_lines(res.stdout)
+    assert sorted(lines) == [0, 1], res.stdout
+    for t in study.trials:
+        assert f"complete  bpd {t.values[0]:.4f} bits/dim (estimate, test split)  fid {t.values[1]:.2f} (n=16, vs train split)" \
+            in lines[t.number][2]
+    # the Pareto front as a table: a header, then one row per front trial, lowest bpd first
+    front = sorted(study.best_trials, key=lambda t: t.values[0])
+    exact = {int(k): v for k, v in study.user_attrs["bpd_exact"].items()}
+    assert list(exact) == [front[0].number]  # --exact-top 1: the front's lowest bpd
+    out = res.stdout.splitlines()
+    assert f"  Pareto front, {len(front)} trial{'s' * (len(front) > 1)} (* the default schedule):" in out, res.stdout
+    head = out.index(next(line for line in out if line.startswith("  Pareto front")))
+    params = sorted({k for t in front for k in t.params}, key=list(TUNABLE).index)
+    assert out[head + 1].split() == ["trial", "bpd", "fid", "exact", "bpd", *params], res.stdout
+    for row, t in zip(out[head + 2: head + 2 + len(front)], front):
+        cells = row.split()
+        assert cells[:4] == [f"{t.number}{'*' if t.number == 0 else ''}", f"{t.values[0]:.4f}", f"{t.values[1]:.2f}",
+                             f"{exact[t.number]:.4f}" if t.number in exact else "-"], row
+        assert cells[4:] == [param_cell(t.params[k]) if k in t.params else "-" for k in params], row
+    legend = f"  fid: FID of n=16 samples against the digits train split, {front[0].user_attrs['fid_extractor']} features"
+    assert any(line.startswith(legend) for line in out), res.stdout
 
 
 # ----------------------------------------------------------------------------- 3. parallel workers
-def test_two_worker_processes_share_one_study(home):
-    run_study(study_config(trials=4, workers=2, study_name="par"), progress=False)
+def test_two_worker_processes_share_one_study(home, capsys):
+    run_study(study_config(trials=4, workers=2, study_name="par"), progress=True)
     study = load(home, "par")
     trials = study.trials
+    # the parent prints every worker's trials, read from the storage: one line each, counted 1..4
+    lines = trial_lines(capsys.readouterr().out)
+    assert sorted(lines) == [t.number for t in trials]
+    assert sorted((k, n) for k, n, _ in lines.values()) == [(k, 4) for k in range(1, 5)]
+    for t in trials:
+        assert f"trial {t.number}" in lines[t.number][2]
+        assert ({TrialState.COMPLETE: " complete  bpd ", TrialState.PRUNED: " pruned at step "}[t.state]
+                in lines[t.number][2]), lines[t.number][2]
     assert len(trials) == 4  # trials are taken under the storage's lock: no overshoot
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
@@ -404,31 +478,43 @@ def test_a_pruned_trial_ends_its_run_killed(home):
     assert "checkpoint" not in trial.user_attrs
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
-    assert run.data.tags["stop_reason"].startswith("pruned")
+    why = f"at step 1 by Optuna's ThresholdPruner (estimated bpd {trial.intermediate_values[1]:.4f} bits/dim)"
+    assert trial.user_attrs["pruned"] == why
+    assert run.data.tags["stop_reason"] == f"pruned {why}"
+    assert describe_trial(trial, ("bpd",)).startswith(f"trial 0 pruned {why}  {' '.join(param_text(trial.params))}  (")
     assert run.data.tags["stop_step"] == "1"
     assert run.data.tags["mlflow.parentRunId"] == parent_id
 
 
 # ----------------------------------------------------------------------------- 5. divergence
-def test_a_diverging_trial_fails_and_the_study_goes_on(home):
-    [result] = run_study(study_config(trials=2, study_name="div", run_overrides={**LIB, "lr": 1e30}), progress=False)
+def test_a_diverging_trial_fails_and_the_study_goes_on(home, monkeypatch, t40_space):
+    res = invoke(monkeypatch, ["study", "--trials", 2, "--steps", STEPS, "--study-name", "div", "--space", t40_space],
+                 lr=1e30)
+    assert res.exit_code == 0, describe(res)
     study = load(home, "div")
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]  # trial 1 ran after trial 0 failed
     client = mlflow_client(home)
     parent_id = study.user_attrs["mlflow_parent_run_id"]
+    lines = trial_lines(res.stdout)
     for t, run in trial_runs(client, trials).items():
         assert "non-finite" in trials[t].user_attrs["failure_reason"]
         assert "checkpoint" not in trials[t].user_attrs
         assert run.info.status == "FAILED"
         assert run.data.tags["diverged"] == "true" and "non-finite" in run.data.tags["failure_reason"]
-        assert trials[t].user_attrs["failure_reason"] == f"{run.data.tags['failure_reason']} at step {run.data.tags['failure_step']}"
+        reason = f"{run.data.tags['failure_reason']} at step {run.data.tags['failure_step']}"
+        assert trials[t].user_attrs["failure_reason"] == reason
         assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert lines[t][:2] == (t + 1, 2)
+        assert f"trial {t}{' [default schedule]' if t == 0 else ''} failed (diverged: {reason})  " in lines[t][2]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_fail"] == 2 and parent.data.metrics["trials_complete"] == 0
     assert "best_bpd" not in parent.data.metrics and not any(k.startswith("best.") for k in parent.data.tags)
-    assert result.counts["fail"] == 2 and result.best == [] and result.default is None
+    out = res.stdout.splitlines()
+    assert "  trials: 2 failed (2 diverged)" in out and "  no trial completed, so there is no best" in out
+    assert "  default schedule: no complete trial (outside the search space, or it failed)" in out
+    assert not any(line.startswith("exact bound") for line in out)
 
 
 # ----------------------------------------------------------------------------- 6. resuming by name
@@ -505,7 +591,7 @@ def _trial_run_started(db: Path) -> bool:
     return row is not None
 
 
-def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
+def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space, capsys):
     args = ["study", "--heartbeat", "1", "--steps", "2000", "--trials", "2", "--study-name", "hb",
             "--space", str(t40_space), "--exact-top", "1"]
     proc = bench_process(home, args, "hb")
@@ -520,8 +606,10 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     time.sleep(3)  # > grace period (2 x heartbeat = 2 s)
+    capsys.readouterr()
     [result] = run_study(study_config(trials=2, heartbeat=1, study_name="hb", space_file=str(t40_space),
-                                      run_overrides=dict(CLI_DEFAULTS)), progress=False)
+                                      run_overrides=dict(CLI_DEFAULTS)), progress=True)
+    lines = trial_lines(capsys.readouterr().out)
     trials = load(home, "hb").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     stale, retry = trials
@@ -530,6 +618,9 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space):
         assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
         assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [0]
     assert retry.params == stale.params == {**DEFAULT_PARAMS, "T": 40}
+    assert lines[0][2].startswith("[1/2] trial 0 [default schedule] failed "
+                                  "(its worker stopped sending heartbeats (killed or stalled); retried as trial 1)  ")
+    assert lines[1][2].startswith(f"[2/2] trial 1 [default schedule, retry of trial 0] complete  bpd {retry.value:.4f} ")
     assert retry.user_attrs.get("default_schedule") is True
     client = mlflow_client(home)
     run = client.get_run(retry.user_attrs["mlflow_run_id"])
@@ -686,3 +777,28 @@ def test_suggest_keeps_categorical_beta_start_below_beta_end(tmp_path):
     for p in ask_many(space):
         if p["schedule"] == "linear":
             assert p["beta_start"] < p["beta_end"], p
+
+
+# ----------------------------------------------------------------------------- 10. what a study prints
+def test_best_so_far_names_the_metric_and_the_front():
+    def done(number, *values):
+        t = optuna.trial.create_trial(values=list(values))
+        t.number = number
+        return t
+
+    running = optuna.trial.create_trial(state=TrialState.RUNNING)
+    assert best_so_far([], ("bpd",)) == "no trial complete yet"
+    assert best_so_far([done(0, 5.0), done(1, 4.25), done(2, 4.5)], ("bpd",)) == "best bpd 4.2500 bits/dim (trial 1)"
+    assert best_so_far([done(0, 31.0), running, running], ("fid",)) == "best fid 31.00 (trial 0), 2 running"
+    # (4, 30) and (5, 20) are the front; (6, 25) is dominated by (5, 20)
+    both = [done(0, 4.0, 30.0), done(1, 5.0, 20.0), done(2, 6.0, 25.0)]
+    assert best_so_far(both, ("bpd", "fid")) == "Pareto front 2 trials (best bpd 4, fid 20)"
+
+
+def test_a_stale_trial_out_of_retries_says_so():
+    t = optuna.trial.create_trial(state=TrialState.FAIL, params={"T": 40},
+                                  distributions={"T": optuna.distributions.CategoricalDistribution([40])},
+                                  system_attrs={"failed_trial": 3, "retry_history": [3, 5]})
+    t.number = 7
+    assert describe_trial(t, ("bpd",)) == ("trial 7 [retry of trial 3] failed (its worker stopped sending heartbeats "
+                                           "(killed or stalled); not retried (retried 2 times already))  T=40  (0s)")
