@@ -237,7 +237,7 @@ def describe_start(sc, name: str, variant: str, parent_run_id: str) -> str:
 
 
 def _legend(sc, keys: tuple[str, ...], rows: list[dict]) -> list[str]:
-    which = "of the Pareto front with the lowest bpd" if len(keys) > 1 else f"by {keys[0]}"
+    which = "on the Pareto front, lowest bpd first" if len(keys) > 1 else f"by {keys[0]}"
     lines = ["bpd: bits/dim on the test split, lower is better; 'estimate': the unbiased estimate every trial gets, "
              f"'exact bound': the bound over all T steps, for the {sc.exact_top} best {which}"]
     if "fid" in keys:
