@@ -322,13 +322,12 @@ class Progress:
         self.held: set[int] = set()  # failed trials whose retry was not in the storage yet at the last look
         self.bar = tqdm(total=max(sc.trials, len(trials)), initial=len(self.printed), desc=f"study {variant}",
                         unit="trial", dynamic_ncols=True, disable=None if show else True)  # None: off unless a terminal
-        self._stop = threading.Event()
+        self._stop, self._warnings = threading.Event(), warnings.catch_warnings()
         self._thread = threading.Thread(target=self._run, name=f"study-progress-{variant}", daemon=True)
 
     def __enter__(self) -> Progress:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
         if self.show:
+            self._warnings.__enter__()
             warnings.showwarning = self._warn  # this process's warnings (a trial's, with one worker) above the bar
             self._thread.start()
         return self
@@ -345,7 +344,8 @@ class Progress:
                 raise  # else the error that ended the study is the one to see
         finally:
             self.bar.close()
-            self._warnings.__exit__(None, None, None)
+            if self.show:
+                self._warnings.__exit__(None, None, None)
 
     def _warn(self, message, category, filename, lineno, file=None, line=None) -> None:
         text = warnings.formatwarning(message, category, filename, lineno, line)
