@@ -86,6 +86,17 @@ class EstimateResult(BoundResult):
     stderr_images: float = math.nan
     calls_per_image: int = 0
     per_t: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    strata: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [S + 1] index edges (paper t = index + 1)
+    per_stratum: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [S] mean L_t over each stratum's t
+
+    def binned_per_t(self, T: int) -> torch.Tensor:
+        """The per-t curve [T] as far as the estimate sees it: the decoder L_0 at index 0, and over each
+        stratum its estimated mean L_t (unbiased: each call draws its t uniformly within the stratum)."""
+        out = torch.full((T,), math.nan, dtype=torch.float64)
+        out[0] = self.decoder.mean()
+        for s, value in enumerate(self.per_stratum.tolist()):
+            out[int(self.strata[s]) : int(self.strata[s + 1])] = value
+        return out
 
     def _own_summary(self, prefix: str) -> dict[str, float]:
         return {**super()._own_summary(prefix), f"{self.name(prefix)}_stderr": self.stderr}
@@ -304,12 +315,12 @@ def estimate_bits_per_dim(
             model.train(was_training)
     nats = _gather_pairs(local, N * K, batch_size, dist).cpu().double()
     prior = _prior_bits(sched, images)
-    results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip)
+    results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip, edges)
                for row, clip in ((0, True), (1, False))]
     return _paired(*results, clip_x0)
 
 
-def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip_x0: bool) -> EstimateResult:
+def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip_x0: bool, edges: torch.Tensor) -> EstimateResult:
     """The estimate from the per-call terms ``bits`` [N, K] (decoder, replicate A's strata, replicate B's)."""
     N, S = bits.shape[0], len(sizes)
     decoder = bits[:, 0]
@@ -323,4 +334,5 @@ def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip
     return EstimateResult(
         total=total, prior=prior, vb=vb, decoder=decoder, method="estimate", clip_x0=clip_x0,
         stderr=stderr, stderr_images=stderr_images, calls_per_image=bits.shape[1],
+        strata=edges, per_stratum=(bits[:, 1 : 1 + S] + bits[:, 1 + S :]).mean(dim=0) / 2,
     )

@@ -83,12 +83,16 @@ def sample(
     model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
     try:
-        bar = tqdm(total=len(mine), desc="sampling", unit="image", disable=not (progress and dist.main))
+        bar = tqdm(total=len(mine), desc=f"sampling ({describe_sampler(sched, steps)})", unit="image",
+                   disable=not (progress and dist.main))
+        every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):
             b = min(batch_size, n - start)
             g = keyed_generator(seed, start // batch_size, 2, device=device)
             x = torch.randn(b, *shape, generator=g, device=device)
             for k in reversed(range(len(plan.timesteps))):
+                if k % every == 0:
+                    bar.set_postfix_str(f"{b} in flight, reverse step {len(plan.timesteps) - k}/{len(plan.timesteps)}")
                 t_new = torch.full((b,), k, device=device, dtype=torch.long)
                 net_out = model(x, timesteps[k].expand(b)).float()
                 step = variant.p_mean_variance(net_out, plan.sched, x, t_new, clip_x0=clip_x0)

@@ -173,6 +173,55 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags: who ran it, from what, at which git commit (when known)."""
+    import getpass
+
+    from mlflow.utils import mlflow_tags
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {mlflow_tags.MLFLOW_USER: user, mlflow_tags.MLFLOW_SOURCE_NAME: "elbo-bench",
+            mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags["git_dirty"] = str(commit.endswith("-dirty")).lower()  # uncommitted changes to tracked files
+    return tags
+
+
+@contextmanager
+def system_metrics(uri: str, run_id: str, resume: bool = False):
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, and per GPU
+    utilisation and memory through NVML) for the run while the block runs, sampled every 10 s
+    (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` changes it). Stopped before the run is closed."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    with _quiet("mlflow.system_metrics"):  # its start and stop notices, at every run
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=uri)
+        monitor.start()
+        try:
+            yield monitor
+        finally:
+            monitor.finish()
+
+
+@contextmanager
+def _quiet(logger: str):
+    """The library logger ``logger`` says only errors while the block runs."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -353,6 +402,41 @@ class RunLogger:
 
     def dict(self, data: dict, path: str) -> None:
         self.client.log_dict(self.run_id, data, path)
+
+    def note(self, text: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``, shown as the run page's Description)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        self.tags({MLFLOW_RUN_NOTE: text})
+
+    def note_section(self, heading: str, text: str) -> None:
+        """Set the section ``heading`` of the run's description to ``text`` (replacing an earlier one)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        note = self.client.get_run(self.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+        mark = f"\n\n**{heading}**"
+        self.note(note.split(mark)[0].rstrip() + f"{mark}: {text}")
+
+    def model(self, net, artifact_path: str = "model", metadata: dict | None = None) -> None:
+        """``net`` (a CPU copy is saved) as an MLflow PyTorch model, so ``mlflow.pytorch.load_model(
+        "runs:/<run id>/model")`` returns the module. It is pickled (so loading it runs code: load only
+        models you trust) with this package's source beside it (``code/bench``), which the loader puts on
+        the path; nothing in elbo-bench loads it."""
+        import copy
+        import shutil
+
+        import mlflow.pytorch
+        import torch
+
+        package = Path(__file__).resolve().parent
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / "code" / package.name
+            shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            with _quiet("mlflow.pytorch"):  # its warning that pickles run code when loaded: said in the docstring
+                mlflow.pytorch.save_model(copy.deepcopy(net).cpu().eval(), Path(tmp) / artifact_path,
+                                          serialization_format="pickle", code_paths=[str(code)], metadata=metadata,
+                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)

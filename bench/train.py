@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -289,6 +290,8 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
             if tags and ckpt is not None:
                 log.tags(tags)
             held.enter_context(tracking.heartbeat(client, run_id))
+            if config.system_metrics:
+                held.enter_context(tracking.system_metrics(uri, run_id, resume=ckpt is not None))
         if d.active:
             held.enter_context(_sigterm_fails())
         ctx = _Ctx(config, variant, sched, device, train_images, test_images, log, run_id, uri, d, progress and d.main,
@@ -309,7 +312,8 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
         exp = tracking.experiment_id(client, config.experiment)
         run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(exp, run_name=config.default_run_name,
-                                   tags={**run_tags, **(tags or {}), **tracking.owner_tags()}).info.run_id
+                                   tags={**run_tags, **tracking.source_tags(), **(tags or {}),
+                                         **tracking.owner_tags()}).info.run_id
         held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
     return run_id, client
 
@@ -396,7 +400,8 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
     result = partial(RunResult, ctx.run_id, tracking_uri=ctx.uri, rank=d.rank)
     try:
         if fresh:
-            _log_start(log, config, ctx.variant, ctx.sched, state.net, ctx.train_images, ctx.device, d)
+            _log_start(log, config, ctx.variant, ctx.sched, state.net, ctx.train_images, ctx.device, d,
+                       _checkpoint_path(ctx.run_id))
         with interrupt.installed():
             failure = _loop(state, model, ema_model, ctx, interrupt)
         if failure:
@@ -408,7 +413,8 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         path = _save(state, ctx)
         metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
                                    ctx.device, log, state.step, ctx.progress, d)
-        log.artifact(path, "checkpoints")
+        if d.main:
+            log.model(state.ema.module, metadata=_model_metadata(ctx, state.step))
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
@@ -434,7 +440,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         raise
 
 
-def _log_start(log, config, variant, sched, net, train_images, device, d: Dist) -> None:
+def _log_start(log, config, variant, sched, net, train_images, device, d: Dist, checkpoint: Path) -> None:
     log.params({
         **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
@@ -447,9 +453,46 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist) 
     })
     log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe(),
               "images_per_sec": "images trained per wall-clock second between two logging points, all ranks together "
-                                "(evaluation and checkpoint time left out)"})
+                                "(evaluation and checkpoint time left out)",
+              "checkpoint": str(checkpoint), "checkpoint_host": socket.gethostname(),
+              "loss_quartiles": "loss_q0..loss_q3: the training loss (as minimised) of the examples whose t lies in "
+                                "each quarter of 1..T, means over the logging window"})
+    log.note(_description(config, variant, sched, net, d))
     log.dict(config.to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
+
+
+def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
+    """The run's description in MLflow: what was trained and how it is measured."""
+    world = f", {d.world} data-parallel processes" if d.world > 1 else ""
+    final = f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact" else \
+        f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)"
+    images = f"{config.final_eval_images} test images" if config.final_eval_images else "the whole test split"
+    sampler = describe_sampler(sched, config.sample_steps or None)
+    during = (f" During training, `bpd_estimate` (the unbiased estimate, {config.eval_calls} calls per image, "
+              f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
+    fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
+           "dataset's extractor (tag `fid_extractor`)." if config.fid_samples else "No FID.")
+    return (f"**{variant.label}** trained on **{config.dataset}**: {variant.objective} "
+            f"(mean: {variant.mean_type}, variance: {variant.var_type}). {config.network} U-Net, "
+            f"{count_parameters(net):,} parameters; noise schedule {sched.describe()}. {config.steps} steps of AdamW "
+            f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
+            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}, seed {config.seed}{world}.\n\n"
+            f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
+            f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
+            "of t: `loss_q0`..`loss_q3`.")
+
+
+def _model_metadata(ctx: _Ctx, step: int) -> dict:
+    """What the logged MLflow model is and how to call it."""
+    C, H, W = ctx.train_images.shape[1:]
+    return {"what": f"EMA weights (decay {ctx.config.ema_decay:g}) of {ctx.variant.label} at step {step}",
+            "call": f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, t long [B] in 0..{ctx.sched.T - 1} "
+                    f"(paper time t + 1); returns [B, {ctx.variant.out_channels(C)}, {H}, {W}]: the predicted "
+                    f"{'ε' if ctx.variant.mean_type == 'eps' else 'μ̃'}"
+                    + (" then the variance channels" if ctx.variant.out_channels(C) > C else ""),
+            "schedule": ctx.sched.describe(), "variant": ctx.variant.label, "dataset": ctx.config.dataset,
+            "checkpoint": str(_checkpoint_path(ctx.run_id))}
 
 
 def _backend(d: Dist) -> str:
@@ -459,6 +502,26 @@ def _backend(d: Dist) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Quarters:
+    """The training loss by quarter of t (``loss_q0`` for t in the first quarter of 1..T … ``loss_q3``),
+    summed on the device over a logging window (improved-diffusion logs the same)."""
+
+    def __init__(self, T: int, dtype: torch.dtype, device: torch.device):
+        self.T = T
+        self.sums = torch.zeros(2, 4, dtype=dtype, device=device)  # loss sums, counts
+
+    def add(self, t: torch.Tensor, loss: torch.Tensor) -> None:
+        q = t * 4 // self.T
+        self.sums[0].index_add_(0, q, loss.detach().to(self.sums.dtype))
+        self.sums[1].index_add_(0, q, torch.ones_like(q, dtype=self.sums.dtype))
+
+    def means(self, d: Dist) -> dict[str, float]:
+        """The window's means over all ranks (a quarter no example fell in is left out); starts a new window."""
+        sums, counts = d.reduce(self.sums, "sum").tolist()
+        self.sums.zero_()
+        return {f"loss_q{q}": s / n for q, (s, n) in enumerate(zip(sums, counts)) if n}
 
 
 class _Health:
@@ -492,6 +555,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
     mine = slice(d.rank * config.batch_size // d.world, (d.rank + 1) * config.batch_size // d.world)
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     sums: dict[str, torch.Tensor] = {}
+    quarters = _Quarters(ctx.sched.T, acc_dtype, device)
     health = _Health(device)
     window_images, window_seconds, since_log = 0, 0.0, 0
     bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not ctx.progress)
@@ -532,6 +596,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         state.step += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v.detach().to(acc_dtype).mean()
+        quarters.add(variant.last_t, terms["loss"])
         state.images_seen += config.batch_size
         window_images, since_log = window_images + config.batch_size, since_log + 1
         bar.update(1)
@@ -544,6 +609,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
             window_seconds += now - tick
             tick = now
             means = {("loss" if k == "loss" else f"loss/{k}"): v for k, v in zip(keys, values)}
+            means.update(quarters.means(d))
             ips = window_images / max(window_seconds, 1e-9)
             state.train_seconds += window_seconds
             failure = health.check(d)
@@ -598,6 +664,16 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
     ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images, "
                                          f"seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] (DDPM/iDDPM), "
                                          "bpd_estimate_unclipped: unclipped"})
+    if ctx.dist.main:
+        binned = est.binned_per_t(ctx.sched.T)
+        S = len(est.per_stratum)
+        ctx.log.figure(per_t_figure({ctx.variant.label: binned}, f"estimate at step {step}, mean over each of {S} strata of t"),
+                       f"per_t_estimate/step_{step:08d}.png")
+        ctx.log.dict({"step": step, "images": len(subset), "t_from": [1] + [int(e) + 1 for e in est.strata[:-1]],
+                      "t_to": [1] + [int(e) for e in est.strata[1:]],
+                      "L_t_bits_per_dim_mean": [float(binned[0])] + est.per_stratum.tolist(),
+                      "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
+                              "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
     grid = sample(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
                   config.sample_steps or None, config.seed, device=ctx.device, dist=ctx.dist)
     if ctx.dist.main:
@@ -632,6 +708,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                   "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, "per_t_bound.json")
     log.image(sample_grid(images[: config.sample_grid]), "samples", step)
     sampler = describe_sampler(sched, steps)
+    fid_tags: dict[str, str] = {}
     if config.fid_samples:
         from bench.fid import FidUnavailable, compute_fid, save_samples
 
@@ -642,11 +719,16 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                               cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights,
                               test_images=test_images)
             metrics.update(fid.metrics)
+            fid_tags = fid.tags
             log.tags({**fid.tags, "fid_sampler": sampler})
         except FidUnavailable as err:
             warnings.warn(f"FID skipped: {err}", stacklevel=2)
             log.tags({"fid_skipped": str(err)[:500], "fid_sampler": sampler})
     log.metrics(metrics, step)
+    stderr = f" ± {metrics['bpd_stderr']:.4f} (Monte Carlo)" if "bpd_stderr" in metrics else ""
+    fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
+        if "fid" in metrics else ""
+    log.note_section("Result", f"at step {step}, bpd {metrics['bpd']:.4f}{stderr}, {method}{fid}.")
     return metrics
 
 

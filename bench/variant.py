@@ -218,7 +218,7 @@ class Variant:
     def draw(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None):
         """Draw t (and its weight 1/(T p_t)) and ε on x0's device, form x_t, run the network.
 
-        Returns (t, weight, noise, x_t, out).
+        Returns (t, weight, noise, x_t, out); t is also kept as ``self.last_t``.
         """
         b, d = x0.shape[0], self._dist
         B = b * d.world
@@ -231,6 +231,7 @@ class Variant:
             mine = slice(d.rank * b, (d.rank + 1) * b)
             t, weight, noise = t[mine], weight[mine], noise[mine]
         x_t = sched.q_sample(x0, t, noise)
+        self.last_t = t  # this batch's timesteps, for the trainer's loss by quarter of t
         return t, weight, noise, x_t, model(x_t, t)
 
     def record(self, sched: Schedule, t: torch.Tensor, losses: torch.Tensor) -> None:

@@ -174,6 +174,13 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert int(p["network.parameters"]) == count_parameters(build_network("tiny", 1, 1, 8)) > 0
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", p["code_version"]), p["code_version"]
     assert p["version.torch"] == version("torch")
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == p["code_version"].removesuffix("-dirty")
+    assert tags["mlflow.source.name"] == "elbo-bench" and tags["mlflow.user"]
+    note = tags["mlflow.note.content"]  # the run's description: what was trained, how it was measured, the result
+    assert note.startswith("**simple[small]** trained on **digits**") and f"{STEPS} steps of AdamW" in note
+    assert "exact bound" in note and "8 test images" in note and "No FID" in note
+    assert note.count("**Result**") == 1 and f"at step {STEPS}, bpd " in note
 
     loss = history(c, run_id, "loss")
     assert [s for s, _ in loss] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
@@ -181,6 +188,11 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert all(math.isfinite(v) and v > 0 for _, v in loss)
     # for L_simple the objective is the ε-MSE itself
     assert [v for _, v in history(c, run_id, "loss/mse")] == pytest.approx([v for _, v in loss], rel=1e-9)
+    # the loss by quarter of t: each quarter's mean, and together they average to the loss
+    quarters = [dict(history(c, run_id, f"loss_q{q}")) for q in range(4)]
+    for step, value in loss:
+        present = [qs[step] for qs in quarters if step in qs]
+        assert present and min(present) <= value <= max(present)
     ips = history(c, run_id, "images_per_sec")
     assert [s for s, _ in ips] == [s for s, _ in loss] and all(v > 0 for _, v in ips)
 
@@ -207,7 +219,9 @@ def test_run_end_to_end_records_everything(tiny_run):
 
     # artifacts
     names = {f.path for f in c.list_artifacts(run_id)}
-    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "checkpoints", "images"} <= names
+    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "model", "images", "per_t_estimate"} <= names
+    assert "checkpoints" not in names  # one copy of the checkpoint: in checkpoints/, named by the run's tag
+    assert run.data.tags["checkpoint"] == str(home / "checkpoints" / run_id / "last.pt")
     dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
                                  tracking_uri=f"sqlite:///{home}/mlflow.db"))
     logged_config = json.loads((dl / "config.json").read_text())
@@ -222,8 +236,23 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert sum(per_t["L_t_bits_per_dim"]) + final["bpd/prior"] == pytest.approx(final["bpd"], rel=1e-6)
     assert sum(per_t["L_t_bits_per_dim_unclipped"]) + final["bpd/prior"] == pytest.approx(unclipped["bpd_unclipped"], rel=1e-6)
     assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ckpt = torch.load(dl / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
+    # the EMA network as an MLflow model: mlflow.pytorch.load_model gives the module with the EMA weights
+    import mlflow.pytorch
+
+    from bench.train import ema_weights
+
+    (home / "model_dl").mkdir()
+    model = mlflow.pytorch.load_model(f"{run.info.artifact_uri}/model", dst_path=str(home / "model_dl"))
+    ema = ema_weights(ckpt["ema"])
+    assert model.state_dict().keys() == ema.keys() and all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 7, T - 1])
+    assert model(x, t).shape == (3, 1, 8, 8)
+    # the training-time estimate's per-t curve, binned by its strata
+    est = json.loads((dl / "per_t_estimate" / f"step_{EVAL_EVERY:08d}.json").read_text())
+    assert est["t_from"][0] == 1 and est["t_to"][-1] == T and len(est["t_from"]) == len(est["L_t_bits_per_dim_mean"])
+    assert all(a == b + 1 for a, b in zip(est["t_from"][1:], est["t_to"][:-1]))  # the bins tile 1..T
     # MLflow 3 log_image(key=, step=) writes images/<key>+step+<step>+timestamp+…(.png|+compressed.webp)
     images = sorted(p.name for p in (dl / "images").iterdir())
     steps_logged = {int(m.group(1)) for n in images if (m := re.match(r"samples\+step\+(\d+)\+.*\.png$", n))}
@@ -660,3 +689,14 @@ def test_variants_lists_all_eight(tmp_path):
     assert {line.split()[0] for line in lines} == VARIANT_NAMES
     by_name = {line.split()[0]: line for line in lines}
     assert "mean=mu" in by_name["mu-mse"] and "variance=learned_range" in by_name["hybrid"]
+
+
+def test_system_metrics_are_logged_through_mlflow_and_can_be_turned_off(home, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    on, _ = run_ok(home, [*TINY, "--steps", "30", "--eval-every", "0", "--run-name", "with-system-metrics"])
+    off, _ = run_ok(home, [*TINY, "--steps", "30", "--eval-every", "0", "--no-system-metrics", "--run-name", "without"])
+    c = client(home)
+    logged = c.get_run(on).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(logged), sorted(logged)
+    assert 0 <= logged["system/cpu_utilization_percentage"] <= 100 * os.cpu_count()
+    assert not [k for k in c.get_run(off).data.metrics if k.startswith("system/")]
