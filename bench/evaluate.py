@@ -115,6 +115,11 @@ def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> Non
         raise BenchError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def label(desc: str, what: str) -> str:
+    """A progress bar's name: ``what``, after the caller's ``desc`` when given (``exact bound, trial 3: exact bits/dim``)."""
+    return f"{desc}: {what}" if desc else what
+
+
 def keyed_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator (on ``device``) seeded from a tuple of integers: independent streams for distinct keys."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)
@@ -184,6 +189,7 @@ def bits_per_dim(
     progress: bool = False,
     clip_x0: bool = True,
     dist: Dist = SINGLE,
+    desc: str = "",
 ) -> BoundResult:
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
@@ -204,7 +210,7 @@ def bits_per_dim(
         model.eval()
     noise_image, noise_cache = -1, None
     try:
-        for start in tqdm(starts, desc="exact bits/dim", unit="batch", disable=not (progress and dist.main)):
+        for start in tqdm(starts, desc=label(desc, "exact bits/dim"), unit="batch", disable=not (progress and dist.main)):
             pairs = torch.arange(start, min(start + batch_size, N * T))
             idx, t = pairs // T, pairs % T
             noise = torch.empty(len(pairs), *images.shape[1:])
@@ -257,6 +263,7 @@ def estimate_bits_per_dim(
     progress: bool = False,
     clip_x0: bool = True,
     dist: Dist = SINGLE,
+    desc: str = "",
 ) -> EstimateResult:
     """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
 
@@ -297,7 +304,7 @@ def estimate_bits_per_dim(
     noise_image, noise_cache = -1, None
     try:
         flat_t = ts.reshape(-1)
-        for start in tqdm(starts, desc="estimated bits/dim", unit="batch", disable=not (progress and dist.main)):
+        for start in tqdm(starts, desc=label(desc, "estimated bits/dim"), unit="batch", disable=not (progress and dist.main)):
             pairs = torch.arange(start, min(start + batch_size, N * K))
             idx, call = pairs // K, pairs % K
             noise = torch.empty(len(pairs), *images.shape[1:])

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.evaluate import keyed_generator
+from bench.evaluate import keyed_generator, label
 from bench.schedule import Schedule
 from bench.variant import Variant
 
@@ -62,6 +62,7 @@ def sample(
     clip_x0: bool = True,
     progress: bool = False,
     dist: Dist = SINGLE,
+    desc: str = "",
 ) -> torch.Tensor:
     """Draw ``n`` images [n, C, H, W] as uint8 from p(x_T) = N(0, I) down to x_0.
 
@@ -83,7 +84,7 @@ def sample(
     model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
     try:
-        bar = tqdm(total=len(mine), desc=f"sampling ({describe_sampler(sched, steps)})", unit="image",
+        bar = tqdm(total=len(mine), desc=label(desc, f"sampling ({describe_sampler(sched, steps)})"), unit="image",
                    disable=not (progress and dist.main))
         every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):

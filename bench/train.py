@@ -683,22 +683,24 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
 
 
 def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
-                     progress: bool = True, dist: Dist = SINGLE) -> dict[str, float]:
+                     progress: bool = True, dist: Dist = SINGLE, desc: str = "") -> dict[str, float]:
     """The bound on the test split, the per-t curve, samples and FID; logged at ``step``. Under
-    torchrun every rank shares the bound and the sampling; rank 0 alone scores FID and logs."""
+    torchrun every rank shares the bound and the sampling; rank 0 alone scores FID and logs.
+    ``desc`` names the progress bars (``desc: exact bits/dim``…)."""
     subset = _eval_subset(test_images, config.final_eval_images)
     if config.final_eval == "exact":
-        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress, dist=dist)
+        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress, dist=dist,
+                           desc=desc)
         method = f"exact (all {sched.T} t, {len(subset)} test images)"
     else:
         res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size, EVAL_SEED,
-                                    device, progress, dist=dist)
+                                    device, progress, dist=dist, desc=desc)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     images = sample(model, variant, sched, max(config.fid_samples, config.sample_grid), shape, steps, config.seed,
-                    device=device, progress=progress, dist=dist)
+                    device=device, progress=progress, dist=dist, desc=desc)
     if not dist.main:
         return metrics
     log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
@@ -734,9 +736,10 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
-                        progress: bool = True) -> tuple[dict[str, float], str | None, Dist]:
+                        progress: bool = True, desc: str = "") -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
-    the ranks share the work. Returns (metrics, the run logged into or None, this rank)."""
+    the ranks share the work. Returns (metrics, the run logged into or None, this rank). ``desc`` names
+    the progress bars."""
     ckpt = load_checkpoint(path)
     d, device_name = dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
@@ -752,7 +755,7 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
     with CoreShare():
         metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
-                                   progress and d.main, d)
+                                   progress and d.main, d, desc)
     return metrics, (ckpt["run_id"] if log_to_run else None), d
 
 
