@@ -1,7 +1,14 @@
 """``bench report``: MLflow runs → a comparison table, pictures, report.html (self-contained) and report.md.
 
 The report is written to a temporary folder and moved into place at the end, so a failed report
-leaves nothing half-written; it is then logged to MLflow as the artifacts of a report run.
+leaves nothing half-written; when asked (``--log-to-mlflow``) it is then logged to MLflow as the
+artifacts of a report run. Without that, a report adds no run to the store.
+
+report.html carries everything it shows: its pictures as data: URIs, its style inline, no script and
+no reference to another file. MLflow's artifact viewer loads an HTML artifact from a blob: URL into an
+iframe sandboxed to an opaque origin, where a relative ``<img src="x.png">`` or a stylesheet beside
+it cannot load; a self-contained page shows the same there as opened from disk. Its background and
+text colours are set, so a viewer in a dark theme does not show dark text on its own dark background.
 
 ``--out`` may name a new folder, an empty one, or a previous report: a folder holding the marker file
 ``.elbo-bench-report`` that lists the files the report wrote and nothing else. Anything else is refused
@@ -49,9 +56,16 @@ class Report:
     out_dir: Path
     html: Path
     markdown: Path
-    run_id: str
+    run_id: str | None  # the MLflow run holding the report, when it was logged
     table: pd.DataFrame
     runs: int
+
+
+@dataclass
+class Picture:
+    title: str  # a few words, the image's alt text
+    caption: str  # what was measured, from the runs drawn
+    path: Path
 
 
 def default_out_dir(experiments: list[str] | None) -> Path:
@@ -171,8 +185,9 @@ def _study_material(client, parents, tmp: Path):
 
 
 def build_report(experiments: list[str] | None = None, filter_string: str | None = None, out: str | Path | None = None,
-                 tracking_uri: str | None = None, log_to_mlflow: bool = True) -> Report:
-    """Read the runs, write the report folder, log it to MLflow; returns where it went."""
+                 tracking_uri: str | None = None, log_to_mlflow: bool = False) -> Report:
+    """Read the runs, write the report folder, and with ``log_to_mlflow`` log it as a run of experiment
+    REPORT_EXPERIMENT; returns where it went (``run_id`` None when not logged)."""
     out_dir = check_out_dir(out if out else default_out_dir(experiments))
     client = tracking.client(tracking_uri)
     df, duplicates = deduplicate(load_runs(client, experiments, filter_string))
@@ -183,17 +198,13 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        pictures = _figures(client, df, staging)
         parents = _study_parents(client, sorted(df.experiment_id.unique()))
         study_pictures, pareto = _study_material(client, parents, Path(tempfile.mkdtemp(dir=staging)))
-        if pareto:
-            fig = figures.bpd_vs_fid(df, pareto)
-            if fig is not None:
-                fig.savefig(staging / "bpd_vs_fid.png", dpi=110)
+        pictures = _figures(client, df, staging, pareto)
         for label, src in study_pictures:
-            dst = staging / re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
-            shutil.copyfile(src, dst.with_suffix(".png"))
-            pictures.append((label, dst.with_suffix(".png")))
+            dst = (staging / re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")).with_suffix(".png")
+            shutil.copyfile(src, dst)
+            pictures.append(Picture(label, f"{label} (Optuna's picture, logged by the study's run).", dst))
         table.to_csv(staging / "table.csv", index=False)
         pairs.to_csv(staging / "paired_differences.csv", index=False)
         df.to_csv(staging / "runs.csv", index=False)
@@ -211,7 +222,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    run_id = ""
+    run_id = None
     if log_to_mlflow:
         exp = tracking.experiment_id(client, REPORT_EXPERIMENT)
         run_id = client.create_run(exp, run_name=out_dir.name, tags={
@@ -221,24 +232,28 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     return Report(out_dir, out_dir / "report.html", out_dir / "report.md", run_id, table, len(df))
 
 
-def _figures(client, df: pd.DataFrame, where: Path) -> list[tuple[str, Path]]:
-    made = [
-        ("estimated bits/dim during training (bpd_estimate, x̂_0 clipped; band: ± 2 Monte Carlo standard errors)",
-         "bpd_vs_step.png", figures.metric_history(client, df, "bpd_estimate", "bits/dim (estimate)",
-                                                   "Estimated bits/dim against training step", err_key="bpd_estimate_stderr")),
-        ("training loss", "loss.png", figures.metric_history(client, df, "loss", "loss (variant's own objective)",
-                                                              "Loss curves", log_y=True)),
-        ("per-timestep terms of the bound", "per_t.png", figures.per_t_curves(client, df)),
-        ("bits/dim against FID", "bpd_vs_fid.png", figures.bpd_vs_fid(df)),
-        ("samples", "samples.png", figures.sample_grids(client, df)),
-    ]
+def _figures(client, df: pd.DataFrame, where: Path, pareto: list[tuple[float, float]]) -> list[Picture]:
+    """The report's pictures written into ``where``, each with the caption its data gives."""
+    series = figures.bpd_series(client, df)
+    made = [("bits/dim against training step", "bpd_vs_step.png",
+             (figures.bpd_history(series), figures.bpd_history_caption(series)) if series else None),
+            ("training loss", "loss.png", _with(figures.loss_history(client, df), figures.LOSS_CAPTION)),
+            ("per-timestep terms of the bound", "per_t.png", figures.per_t_curves(client, df)),
+            ("bits/dim against FID", "bpd_vs_fid.png",
+             _with(figures.bpd_vs_fid(df, pareto), figures.bpd_vs_fid_caption(df, pareto))),
+            ("samples", "samples.png", figures.sample_grids(client, df))]
     out = []
-    for label, name, fig in made:
-        if fig is None:
+    for title, name, drawn in made:
+        if drawn is None:
             continue
+        fig, caption = drawn
         fig.savefig(where / name, dpi=110)
-        out.append((label, where / name))
+        out.append(Picture(title, caption, where / name))
     return out
+
+
+def _with(fig, caption: str):
+    return None if fig is None else (fig, caption)
 
 
 def _intro(meta: dict) -> list[str]:
@@ -264,10 +279,13 @@ def _intro(meta: dict) -> list[str]:
 
 
 def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>elbo-bench report</title><style>",
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><meta name='color-scheme' content='light'>"
+             "<title>elbo-bench report</title><style>",
+             "html,body{background:#fff;color:#111}"
              "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left}th{background:#f2f2f2}"
-             "figure{display:inline-block;margin:1em}img{max-width:640px}</style></head><body>",
+             "figure{display:inline-block;vertical-align:top;margin:1em;max-width:720px}img{max-width:100%}"
+             "figcaption{font-size:13px;line-height:1.4}</style></head><body>",
              "<h1>elbo-bench comparison</h1>"]
     parts += [f"<p>{html.escape(p)}</p>" for p in _intro(meta)]
     parts += ["<h2>Comparison by variant</h2>", table.to_html(index=False, escape=True, border=0, table_id="comparison")]
@@ -275,10 +293,10 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
     parts.append(pairs.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, table_id="paired")
                  if not pairs.empty else "<p>No variants share seeds on the same dataset and schedule.</p>")
     parts.append("<h2>Figures</h2>")
-    for label, png in pictures:
-        data = base64.b64encode(png.read_bytes()).decode()
-        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(label)}'>"
-                     f"<figcaption>{html.escape(label)}</figcaption></figure>")
+    for pic in pictures:  # inlined: the page needs no other file (see the module docstring)
+        data = base64.b64encode(pic.path.read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(pic.title)}'>"
+                     f"<figcaption>{html.escape(pic.caption)}</figcaption></figure>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
 
@@ -291,7 +309,9 @@ def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataF
         lines.append("No variants share seeds on the same dataset and schedule.")
     else:
         lines.append(_markdown_table(pairs))
-    lines += ["", "## Figures", ""] + [f"![{label}]({png.name})" for label, png in pictures]
+    lines += ["", "## Figures", ""]
+    for pic in pictures:
+        lines += [f"![{pic.title}]({pic.path.name})", "", pic.caption, ""]
     path.write_text("\n".join(lines) + "\n")
 
 

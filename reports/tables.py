@@ -20,6 +20,8 @@ METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_st
            "fid_ref_noise", "train_seconds", "images_per_sec_overall")
 GROUP = ("dataset", "variant", "schedule")  # what a row of the comparison table is, with SETTINGS
 DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler", "fid_ref_test_samples")  # how obtained
+# More of how a number was obtained, read for the figures' captions only (not table columns).
+CAPTION_TAGS = ("bpd_estimate_method", "bpd_split", "bpd_images", "fid_reference")
 # Everything but the seed that a row's runs must share (a run's logged param → its short name in labels):
 # the budget, the optimiser, and the evaluation protocol. Runs that differ in any of these get separate rows.
 SETTINGS = {
@@ -35,7 +37,7 @@ NOT_CONFIG = {"config.seed", "config.run_name", "config.experiment", "config.tra
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
     """Training runs (those tagged with a variant) of the named experiments (all when none) as one
-    DataFrame: columns run_id, status, seed, the GROUP tags, DESCRIBE_TAGS, diverged, and METRICS.
+    DataFrame: columns run_id, status, seed, the GROUP tags, DESCRIBE_TAGS, CAPTION_TAGS, diverged, and METRICS.
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
@@ -64,11 +66,11 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
         }
         row.update({name: params.get(key, "") for key, name in SETTINGS.items()})
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
-        row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS})
+        row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
     columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study", "config_id",
-               *GROUP, *SETTINGS.values(), *DESCRIBE_TAGS, *METRICS]
+               *GROUP, *SETTINGS.values(), *DESCRIBE_TAGS, *CAPTION_TAGS, *METRICS]
     return pd.DataFrame(rows, columns=columns)
 
 

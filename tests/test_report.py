@@ -1,6 +1,8 @@
 """Reports built from runs logged straight into a temporary MLflow store (no training), the HTML
 rendered in headless Chromium, and `bench ui` answering over HTTP."""
 
+import base64
+import http.server
 import json
 import math
 import os
@@ -9,22 +11,36 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from bench.cli import cli
-from reports.build import build_report
+from bench.plots import sample_grid
+from reports import figures
+from reports.build import REPORT_EXPERIMENT, build_report
+from reports.tables import load_runs
 
 VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
+# What bench.train logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
+BUDGET = [Param("config.steps", "500"), Param("config.T", "1000"), Param("config.sample_steps", "250"),
+          Param("protocol.bpd", "x0-clipped")]
+CONVENTION_TAG = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
+ESTIMATE_TAG = ("estimate (33 calls/image, 128 test images, seed 1234); bpd_estimate: x̂_0 clipped to [-1, 1] "
+                "(DDPM/iDDPM), bpd_estimate_unclipped: unclipped")
 
 
 @pytest.fixture
@@ -50,12 +66,14 @@ def store(tmp_path, monkeypatch):
             history += [Metric("bpd_estimate_stderr", 0.01, now, s * 100) for s in range(1, 4)]
             history += [Metric("loss", 1.0 / (s + 1), now, s * 10) for s in range(1, 6)]
             client.log_batch(rid, metrics=[Metric(k, v, now, 500) for k, v in metrics.items()] + history,
-                             params=[Param("config.seed", str(seed))],
+                             params=[Param("config.seed", str(seed)), *BUDGET],
                              tags=[RunTag("variant", variant), RunTag("dataset", "digits"),
                                    RunTag("schedule", "linear(T=1000, 0.0001..0.02)"),
-                                   RunTag("bpd_method", "exact (all 1000 t, 297 test images)"),
+                                   RunTag("bpd_method", f"exact (all 1000 t, 297 test images); {CONVENTION_TAG}"),
+                                   RunTag("bpd_estimate_method", ESTIMATE_TAG),
                                    RunTag("fid_extractor", "digits-classifier-abcd1234"), RunTag("fid_samples", "1000"),
-                                   RunTag("fid_sampler", "ancestral, 250 of 1000 steps")])
+                                   RunTag("fid_sampler", "ancestral, 250 of 1000 steps (strided, iDDPM respacing)"),
+                                   RunTag("fid_reference", "digits train split, 1500 images")])
             client.log_dict(rid, {"t": list(range(1, 11)), "L_t_bits_per_dim": list(np.geomspace(1, 1e-3, 10))},
                             "per_t_bound.json")
             img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
@@ -63,7 +81,7 @@ def store(tmp_path, monkeypatch):
             client.set_terminated(rid, "FINISHED")
             records.append({"variant": variant, "seed": seed, **metrics})
     bad = client.create_run(exp, run_name="diverged")
-    client.log_batch(bad.info.run_id, params=[Param("config.seed", "3")],
+    client.log_batch(bad.info.run_id, params=[Param("config.seed", "3"), *BUDGET],
                      tags=[RunTag("variant", "elbo[small]"), RunTag("dataset", "digits"),
                            RunTag("schedule", "linear(T=1000, 0.0001..0.02)"), RunTag("diverged", "true")])
     client.set_terminated(bad.info.run_id, "FAILED")
@@ -72,7 +90,7 @@ def store(tmp_path, monkeypatch):
 
 def test_table_values_equal_pandas_on_the_same_records(store):
     uri, records, tmp = store
-    rep = build_report(["fake"], None, tmp / "rep", uri)
+    rep = build_report(["fake"], None, tmp / "rep", uri, log_to_mlflow=True)
     table = rep.table.set_index("variant")
     for variant, g in records.groupby("variant"):
         row = table.loc[variant]
@@ -100,9 +118,40 @@ def test_table_values_equal_pandas_on_the_same_records(store):
         assert (rep.out_dir / name).is_file(), name
     md = (rep.out_dir / "report.md").read_text()
     assert "| digits | elbo[small] |" in md and "![samples](samples.png)" in md
-    logged = {a.path for a in MlflowClient(uri).list_artifacts(rep.run_id)}
+    assert_self_contained(rep.html)
+    captions = _captions(rep.html)
+    assert set(captions) == {"bits/dim against training step", "training loss", "per-timestep terms of the bound",
+                             "bits/dim against FID", "samples"}
+    assert ("against FID (metric fid: 1000 samples drawn by ancestral, 250 of 1000 steps (strided, iDDPM respacing), "
+            "features digits-classifier-abcd1234, reference digits train split, 1500 images) of each of the 9") \
+        in captions["bits/dim against FID"]
+    assert "Final bits/dim (metric bpd: exact (all 1000 t, 297 test images); x̂_0 clipped" in captions["bits/dim against FID"]
+    assert "exact (all 1000 t, 297 test images)" in captions["per-timestep terms of the bound"]
+    assert "(3 grids); sampler ancestral, 250 of 1000 steps (strided)." in captions["samples"]
+    assert all(f"![{title}]" in md and caption in md for title, caption in captions.items())
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(rep.run_id)}  # asked for: the report is a run
     assert {"report.html", "report.md", "table.csv"} <= logged
     assert MlflowClient(uri).get_run(rep.run_id).info.status == "FINISHED"
+
+
+def _report_runs(uri: str) -> list:
+    exp = MlflowClient(uri).get_experiment_by_name(REPORT_EXPERIMENT)
+    return [] if exp is None else MlflowClient(uri).search_runs([exp.experiment_id])
+
+
+def test_report_adds_a_run_only_when_asked(store):
+    uri, _, tmp = store
+    rep = build_report(["fake"], None, tmp / "quiet", uri)
+    assert rep.run_id is None and _report_runs(uri) == []  # the default: a report adds nothing to the store
+    ok = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "quiet2"), "--tracking-uri", uri])
+    assert ok.exit_code == 0 and "logged as MLflow run" not in ok.output and _report_runs(uri) == []
+    logged = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "loud"), "--tracking-uri", uri,
+                                      "--log-to-mlflow"])
+    assert logged.exit_code == 0, logged.output
+    (run,) = _report_runs(uri)
+    assert f"logged as MLflow run {run.info.run_id}" in logged.output and run.info.status == "FINISHED"
+    names = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert names == {p.name for p in (tmp / "loud").iterdir()}  # the folder as written, pictures included
 
 
 def test_report_cli_and_its_errors(store):
@@ -121,6 +170,39 @@ def test_report_cli_and_its_errors(store):
         bad = runner.invoke(cli, ["report", "--tracking-uri", uri, *args])
         assert bad.exit_code == 2 and match in bad.output, bad.output
     assert not (Path(__file__).resolve().parent.parent / "reports" / "x").exists()
+
+
+def assert_self_contained(page: Path) -> None:
+    """report.html needs no other file and no script: MLflow's artifact viewer shows it from a blob: URL in an
+    iframe sandboxed to an opaque origin, where nothing beside it could load. Every picture is inlined as a
+    data: URI holding exactly the bytes of one of the PNGs kept in the folder, and each of those is shown."""
+    class Refs(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.style, self.in_style = [], "", False
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+            self.in_style = tag == "style"
+
+        def handle_data(self, data):
+            if self.in_style:
+                self.style += data
+
+        def handle_endtag(self, tag):
+            self.in_style = False
+
+    refs = Refs()
+    refs.feed(page.read_text())
+    assert not {tag for tag, _ in refs.tags} & {"script", "link", "iframe", "object", "embed", "base", "frame"}
+    assert not [name for _, attrs in refs.tags for name in attrs if name.startswith("on")]  # no inline handlers
+    links = [(tag, name, value) for tag, attrs in refs.tags for name, value in attrs.items()
+             if name in ("src", "href", "srcset", "poster", "data", "action", "background")]
+    assert links and all(tag == "img" and name == "src" and value.startswith("data:image/png;base64,")
+                         for tag, name, value in links), [link[:2] + (link[2][:40],) for link in links]
+    assert "url(" not in refs.style and "@import" not in refs.style and refs.style
+    inlined = sorted(base64.b64decode(value.split(",", 1)[1]) for _, _, value in links)
+    assert inlined == sorted(p.read_bytes() for p in page.parent.glob("*.png"))
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -164,6 +246,94 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_healthy(base: str, proc: subprocess.Popen, what: str, log: Path | None = None) -> None:
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                assert r.read().decode().strip() == "OK"
+                return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                output = log.read_text() if log else proc.stdout.read() if proc.poll() is not None else ""
+                pytest.fail(f"{what} did not answer /health: {output}")
+            time.sleep(0.5)
+
+
+BEACON = """<img id='control' src='samples.png' alt='control'>
+<script>window.addEventListener('load', () => {
+  const loaded = i => i.complete && i.naturalWidth > 0;
+  const report = {imgs: [...document.querySelectorAll('figure img')].map(loaded),
+                  control: loaded(document.getElementById('control')),
+                  rows: document.querySelectorAll('#comparison tbody tr').length,
+                  origin: String(window.origin), scheme: location.protocol,
+                  background: getComputedStyle(document.body).backgroundColor};
+  new Image().src = '%s?' + encodeURIComponent(JSON.stringify(report));
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_report_renders_inside_mlflows_artifact_viewer(small_store):
+    """report.html as MLflow's own UI shows it: logged with --log-to-mlflow and opened at its run's artifact page
+    in headless Chromium. A copy with a measuring script appended (check.html) reports over HTTP what rendered in
+    the viewer's sandboxed iframe; its control, one more picture named by file as a page beside its pictures would
+    name it, shows what the viewer cannot load."""
+    uri, client, log, tmp = small_store
+    log("simple", 30, "exact", 3.1, estimates=[(10, 3.4), (20, 3.3)], losses=[(10, 1.0), (30, 0.9)], grid=True)
+    log("elbo", 30, "estimate", 3.0, estimates=[(10, 3.3), (20, 3.2)], losses=[(10, 2.0), (30, 1.8)], grid=True)
+    rep = build_report(["small"], None, tmp / "rep", uri, log_to_mlflow=True)
+    heard: list[dict] = []
+
+    class Beacon(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            heard.append(json.loads(urllib.parse.unquote(self.path.partition("?")[2])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    beacon = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Beacon)
+    threading.Thread(target=beacon.serve_forever, daemon=True).start()
+    check = tmp / "check.html"
+    check.write_text(rep.html.read_text().replace("</body>", BEACON % f"http://127.0.0.1:{beacon.server_port}/" + "</body>"))
+    client.log_artifact(rep.run_id, str(check))
+    port, server_log = _free_port(), tmp / "mlflow-server.log"
+    with server_log.open("w") as out:  # a file, not a pipe nobody reads while the UI's requests are logged
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                                   "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers
+    base = f"http://127.0.0.1:{port}"
+    browser = None
+    try:
+        _wait_healthy(base, server, "mlflow server", server_log)
+        experiment = client.get_run(rep.run_id).info.experiment_id
+        browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                    f"--user-data-dir={tmp / 'chrome'}", "--window-size=1600,1200",
+                                    f"{base}/#/experiments/{experiment}/runs/{rep.run_id}/artifacts/check.html"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 60  # the browser stays open: wait for the page's report, not for a time budget
+        while not heard and browser.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        for proc in (browser, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+        beacon.shutdown()
+    assert heard, f"the page never reported from MLflow's viewer; server log: {server_log.read_text()[-2000:]}"
+    shown = heard[0]
+    assert shown["scheme"] == "blob:" and shown["origin"] == "null"  # MLflow's sandboxed iframe, an opaque origin
+    assert shown["rows"] == 2 and len(shown["imgs"]) == 3 and all(shown["imgs"]), shown  # the table, every picture
+    assert shown["background"] == "rgb(255, 255, 255)"  # its own background, whatever the viewer's theme
+    assert not shown["control"]  # a picture beside the page, named by file, does not load in there
+
+
 def test_bench_ui_serves_health_and_runs_then_stops(store):
     uri, _, tmp = store
     port = _free_port()
@@ -172,16 +342,7 @@ def test_bench_ui_serves_health_and_runs_then_stops(store):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    assert r.read().decode().strip() == "OK"
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"bench ui did not answer /health: {proc.stdout.read() if proc.poll() is not None else ''}")
-                time.sleep(0.5)
+        _wait_healthy(base, proc, "bench ui")
         exp = MlflowClient(uri).get_experiment_by_name("fake").experiment_id
         req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp], "max_results": 100}).encode(),
@@ -253,3 +414,138 @@ def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
     assert "5.1000 ± 0.1414 (n=2)" in md  # two seeds: mean ± std, no t-interval
     assert "± 0.0000" not in md  # the duplicated seed is not a second sample
     assert "bpd/prior: 2.00e-05 in every run" in md and "| bpd/prior |" not in md  # constant: said once, not a column
+
+
+# ------------------------------------------------------------------------- figures and what their captions say
+@pytest.fixture
+def small_store(tmp_path, monkeypatch, store_template):
+    """An empty store (copied from the session's initialised one) and a helper that logs a finished run as
+    bench.train does: its budget and protocol params, training-time estimates, the final bound and its tags."""
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("small", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    now = int(time.time() * 1000)
+
+    def log(variant: str, steps: int, final: str, bpd: float, estimates=(), losses=(), seed: int = 0,
+            schedule: str = "linear(T=1000, 0.0001..0.02)", grid: bool = False) -> str:
+        rid = client.create_run(exp, run_name=f"{variant}-{steps}-{seed}").info.run_id
+        method = "exact (all 1000 t, 297 test images)" if final == "exact" else "estimate (33 calls/image, 297 test images)"
+        metrics = [Metric("bpd", bpd, now, steps)] + [Metric("bpd_stderr", 0.02, now, steps)] * (final == "estimate")
+        metrics += [m for s, v in estimates for m in (Metric("bpd_estimate", v, now, s), Metric("bpd_estimate_stderr", 0.01, now, s))]
+        metrics += [Metric("loss", v, now, s) for s, v in losses]
+        client.log_batch(rid, metrics=metrics,
+                         params=[Param("config.seed", str(seed)), Param("config.steps", str(steps)),
+                                 Param("config.T", "1000"), Param("config.sample_steps", "250"),
+                                 Param("protocol.bpd", "x0-clipped")],
+                         tags=[RunTag("variant", variant), RunTag("dataset", "digits"), RunTag("schedule", schedule),
+                               RunTag("bpd_method", f"{method}; {CONVENTION_TAG}"), RunTag("bpd_split", "test")]
+                         + [RunTag("bpd_estimate_method", ESTIMATE_TAG)] * bool(estimates))
+        if grid:
+            tiles = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8))
+            client.log_image(rid, sample_grid(tiles), key="samples", step=steps)
+        client.set_terminated(rid, "FINISHED")
+        return rid
+
+    return uri, client, log, tmp_path
+
+
+def _captions(page: Path) -> dict[str, str]:
+    """alt text → caption of each figure in report.html."""
+    class Figures(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found, self.alt, self.text = {}, None, None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.alt = dict(attrs)["alt"]
+            elif tag == "figcaption":
+                self.text = ""
+
+        def handle_data(self, data):
+            if self.text is not None:
+                self.text += data
+
+        def handle_endtag(self, tag):
+            if tag == "figcaption":
+                self.found[self.alt], self.text = self.text, None
+
+    parser = Figures()
+    parser.feed(page.read_text())
+    return parser.found
+
+
+def test_the_bpd_caption_says_exact_or_estimated_from_the_runs(small_store):
+    uri, _, log, tmp = small_store
+    log("simple", 30, "exact", 3.1, estimates=[(20, 3.3)])
+    log("elbo", 30, "estimate", 3.0, estimates=[(20, 3.2)])
+    both = _captions(build_report(["small"], None, tmp / "both", uri).html)["bits/dim against training step"]
+    assert "Stars: the final bound computed exactly (metric bpd), exact (all 1000 t, 297 test images)" in both
+    assert "Hollow diamonds: the final bound estimated without bias (metric bpd), estimate (33 calls/image, 297 " in both
+    assert "(metric bpd_estimate), estimate (33 calls/image, 128 test images, seed 1234); x̂_0 clipped to [-1, 1]" in both
+    assert "test split" in both and "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)" in both
+    rep = build_report(["small"], "tags.variant = 'elbo'", tmp / "estimated", uri)
+    estimated = _captions(rep.html)["bits/dim against training step"]
+    assert "exact" not in estimated and "estimate (33 calls/image, 297 test images)" in estimated
+    assert estimated in rep.markdown.read_text()  # the same caption under the picture in report.md
+
+
+def _multi_point_lines(ax) -> list:
+    return [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+
+
+def test_single_evaluations_are_points_and_budgets_are_not_pooled(small_store):
+    uri, client, log, _ = small_store
+    log("simple", 30, "exact", 3.1, estimates=[(20, 3.3)], losses=[(30, 0.9)])
+    log("simple", 60, "exact", 3.0, estimates=[(20, 3.35), (40, 3.2)], losses=[(50, 0.8), (60, 0.7)])
+    log("elbo", 30, "estimate", 3.05, estimates=[(20, 3.25)], losses=[(30, 2.0)])
+    df = load_runs(client, ["small"])
+    (ax,) = figures.bpd_history(figures.bpd_series(client, df)).axes
+    (line,) = _multi_point_lines(ax)  # the only line joins the 60-step run's two estimates …
+    assert list(line.get_xdata()) == [20, 40] and list(line.get_ydata()) == [3.35, 3.2]
+    legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]  # … and the budgets are groups of their own
+    assert legend == ["elbo · 30 steps", "simple · 30 steps", "simple · 60 steps", "estimate during training",
+                      "final bound, estimated", "final bound, exact"]
+    assert ax.get_xlim()[0] == 0  # a point at step 30 sits on an axis from 0, not alone on a 30-step-wide one
+    (loss_ax,) = figures.loss_history(client, df).axes
+    (loss_line,) = _multi_point_lines(loss_ax)
+    assert list(loss_line.get_xdata()) == [50, 60]
+    colors = {ln.get_label(): ln.get_color() for ln in loss_ax.get_lines()}
+    assert colors["simple · 30 steps"] != colors["simple · 60 steps"]
+
+
+def test_runs_evaluated_at_one_step_only_are_spread_by_group(small_store):
+    uri, client, log, _ = small_store
+    log("simple", 30, "exact", 3.1)
+    log("simple", 30, "exact", 3.12, seed=1)
+    log("hybrid", 30, "estimate", 3.0)
+    (ax,) = figures.bpd_history(figures.bpd_series(client, load_runs(client, ["small"]))).axes
+    assert _multi_point_lines(ax) == []
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["hybrid\n30 steps", "simple\n30 steps"]
+    assert ax.get_xlabel() == "every point at training step 30"
+    markers = sorted((round(ln.get_xdata()[0], 2), ln.get_ydata()[0]) for ln in ax.get_lines() if ln.get_marker() in "*D")
+    assert markers == [(0, 3.0), (0.96, 3.1), (1.04, 3.12)]  # the two seeds side by side in their group's column
+
+
+def test_sample_grid_labels_stay_off_the_images(small_store):
+    uri, client, log, _ = small_store
+    for i, variant in enumerate(["mu-elbo-learned-diag[small]", "elbo-learned-diag", "hybrid"]):
+        for steps, schedule in ((300, "cosine(T=4000, s=0.008)"), (30, "linear(T=1000, 0.0001..0.02)")):
+            log(variant, steps, "exact", 3.0 + i / 10, schedule=schedule, grid=True)
+    fig, caption = figures.sample_grids(client, load_runs(client, ["small"]))
+    canvas = FigureCanvasAgg(fig)  # as savefig draws it
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    tiles = [ax for ax in fig.axes if ax.images]
+    assert len(tiles) == 6
+    images = [ax.images[0].get_window_extent(renderer) for ax in tiles]
+    texts = [ax.title.get_window_extent(renderer) for ax in tiles] + [fig._suptitle.get_window_extent(renderer)]
+    assert not any(t.overlaps(i) for t in texts for i in images)  # no label over any image, its own or another's
+    assert not any(a.overlaps(b) for k, a in enumerate(texts) for b in texts[k + 1:])  # nor over another label
+    assert all(fig.bbox.contains(b.x0, b.y0) and fig.bbox.contains(b.x1, b.y1) for b in texts + images)
+    assert "mu-elbo-learned-diag[small]\ncosine(T=4000, s=0.008)\n300 steps\nstep 300, seed 0" in [
+        ax.get_title() for ax in tiles]
+    assert "sampler ancestral, 250 of 1000 steps (strided)" in caption
