@@ -402,9 +402,10 @@ def grid_defaults(dataset: str) -> dict:
               help=f"Variants (repeat; default: the config file's variant, else {', '.join(GRID_VARIANTS)}).")
 @click.option("--seeds", type=int, default=2, show_default=True, help="Seeds 0..N-1 per variant.")
 @_with(GRID_OPTIONS)
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Report folder (unset: ./report-EXPERIMENT).")
+@click.option("--log-to-mlflow", is_flag=True, help="Also log the report as an MLflow run (experiment elbo-bench-reports).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would be trained, what is already recorded) and exit.")
-def grid_cmd(variants, seeds, out, dry_run, config_file, **values) -> None:
+def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values) -> None:
     """Run variants × seeds with one budget, then the report: from nothing to the table.
 
     Takes every `bench run` option and --config FILE, applied to each run; the grid's own defaults are
@@ -452,8 +453,8 @@ def grid_cmd(variants, seeds, out, dry_run, config_file, **values) -> None:
         click.echo(json.dumps({k: v for k, v in configs[0].to_dict().items() if k not in ("variant", "seed", "run_name")},
                               indent=2))
         return
-    rep = build_report([experiment], None, out, tracking_uri)
-    click.echo(f"report of {rep.runs} runs: {rep.html}")
+    rep = build_report([experiment], None, out, tracking_uri, log_to_mlflow=log_to_mlflow)
+    click.echo(f"report of {rep.runs} runs: {rep.html}" + (f"; logged as MLflow run {rep.run_id}" if rep.run_id else ""))
     click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)"
                + (f"; {skipped} already recorded before this grid, skipped" if skipped else ""))
 
