@@ -1,8 +1,8 @@
-"""A watchdog between ``bench ui`` and the MLflow server, so the server dies with ``bench ui``.
+"""A watchdog between ``bench ui`` (or ``bench dashboard``) and its server, so the server dies with the command.
 
 ``bench ui`` stops the server itself on Ctrl-C and SIGTERM, but a SIGKILL (or a crash) of ``bench ui``
-runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would keep serving. This
-script is started by ``bench ui`` as ``python _ui_guard.py PARENT_PID -- COMMAND...``; it runs COMMAND
+runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would keep serving (as would
+optuna-dashboard). This script is started as ``python _ui_guard.py PARENT_PID -- COMMAND...``; it runs COMMAND
 in a new session and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
 everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole process group.
 
