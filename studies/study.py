@@ -200,6 +200,10 @@ def _open_study(sc: StudyConfig, name: str):
     if len(study.directions) != len(directions):
         raise BenchError(f"study {name!r} exists with {len(study.directions)} objective(s); "
                          f"--objective {sc.objective} needs {len(directions)}: choose another --study-name")
+    if study.metric_names is None:  # so optuna-dashboard (`bench dashboard`) names the axes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES[sc.objective]))
     return study
 
 
