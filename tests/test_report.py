@@ -338,7 +338,7 @@ def test_bench_ui_serves_health_and_runs_then_stops(store):
     uri, _, tmp = store
     port = _free_port()
     bench = Path(sys.executable).with_name("bench")
-    proc = subprocess.Popen([str(bench), "ui", "--port", str(port), "--tracking-uri", uri], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(bench), "ui", "--no-browser", "--port", str(port), "--tracking-uri", uri], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
