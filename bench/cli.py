@@ -329,8 +329,10 @@ STUDY_RUN_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS]
 @click.option("--heartbeat", type=int, default=60, show_default=True,
               help="Seconds between worker heartbeats (a trial silent for twice this is failed and retried).")
 @click.option("--show-space", is_flag=True, help="Print the search space and exit.")
+@click.option("--status", "status_of", metavar="NAME", default=None,
+              help="Print study NAME's state from --storage (trials by state, best so far, workers alive) and exit.")
 @_with(STUDY_RUN_OPTIONS)
-def study_cmd(variants, space_file, tune_lr, show_space, config_file, **values) -> None:
+def study_cmd(variants, space_file, tune_lr, show_space, status_of, config_file, **values) -> None:
     """Tune the noise schedule of one or several variants with Optuna, tracked in MLflow.
 
     Every trial is a `bench run` with this command's --steps, --seed and --fid-samples. The `bench run`
@@ -341,6 +343,11 @@ def study_cmd(variants, space_file, tune_lr, show_space, config_file, **values) 
     from studies.study import StudyConfig, run_study
     from studies.summary import describe_result
 
+    if status_of is not None:
+        from studies.study import study_status
+
+        click.echo(study_status(status_of, values["storage"]))
+        return
     space = load_space(space_file, tune_lr)
     if show_space:
         click.echo(describe_space(space))
@@ -495,6 +502,29 @@ def ui_cmd(host, port, tracking_uri, experiment, browser) -> None:
     from bench.ui import serve
 
     serve(tracking_uri, host, port, experiment=experiment, open_browser=browser)
+
+
+@cli.command("server")
+@click.option("--backend-store-uri", default=None,
+              help="Database of the runs: postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH (unset: mlflow.db in BENCH_HOME).")
+@click.option("--artifacts-destination", default=None,
+              help="Where uploaded artifacts are kept: a folder or an object-store URI such as s3://bucket/path "
+                   "(unset: mlartifacts-served/ in BENCH_HOME).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; workers on other machines need 0.0.0.0 or this machine's address (no authentication).")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="Server processes answering requests.")
+@click.option("--allowed-hosts", default=None,
+              help="Host names workers may use to reach the server, comma-separated (MLflow's DNS-rebinding guard; "
+                   "unset: localhost and private addresses).")
+def server_cmd(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts) -> None:
+    """Start an MLflow tracking server for studies across machines; Ctrl-C stops it.
+
+    Workers then log to it with `--tracking-uri http://HOST:PORT`; artifacts go through the server, so
+    they need no shared disk."""
+    from bench.ui import serve_tracking
+
+    serve_tracking(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
 
 
 @cli.command("dashboard")

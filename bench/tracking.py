@@ -31,6 +31,14 @@ def bench_home() -> Path:
     return home
 
 
+def masked(url: str) -> str:
+    """``url`` with any user and password hidden, for printing and logging."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The explicit URI, else $MLFLOW_TRACKING_URI, else ``sqlite:///<BENCH_HOME>/mlflow.db``."""
     if uri:

@@ -39,6 +39,7 @@ import click
 from bench import tracking
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path
+from bench.tracking import masked
 
 GUARD = Path(__file__).with_name("_ui_guard.py")
 STOP_WAIT_S = 20  # longer than the guard's own grace for the server, so the guard finishes its stop first
@@ -244,15 +245,41 @@ def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None
     _serve(cmd, f"MLflow UI for {uri}", f"{root}/{page}", f"{root}/health", open_browser, "the MLflow server")
 
 
+# ------------------------------------------------------------------------- bench server
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql")
+
+
+def serve_tracking(backend_store: str | None, artifacts: str | None, host: str, port: int, workers: int,
+                   allowed_hosts: str | None = None) -> None:
+    """An MLflow tracking server that study workers on other machines log to: runs in ``backend_store``
+    (a database URI; default the embedded SQLite store), artifacts uploaded and downloaded through the
+    server into ``artifacts`` (a folder or an object-store URI; default ``mlartifacts-served/`` in
+    BENCH_HOME), so workers need no shared disk."""
+    _warn_if_exposed(host, "the MLflow tracking server")
+    _check_port(port)
+    if workers < 1:
+        raise BenchError(f"--workers must be >= 1, got {workers}")
+    uri = backend_store or f"sqlite:///{tracking.bench_home() / 'mlflow.db'}"
+    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        raise BenchError(f"--backend-store-uri {masked(uri)}: give a database URI (postgresql://USER@HOST/DB, "
+                         "sqlite:///PATH); the server is what workers reach over HTTP")
+    tracking.client(uri)  # the database answers, and a fresh one gets its tables (under the store's lock)
+    if artifacts is None:
+        artifacts = (tracking.bench_home() / "mlartifacts-served").as_uri()
+    elif "://" not in artifacts:
+        artifacts = Path(artifacts).expanduser().resolve().as_uri()
+    _check_port_free(host, port)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--serve-artifacts",
+           "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", str(workers)]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
+    root = base_url(host, port)
+    click.echo(f"runs in {masked(uri)}; artifacts in {artifacts}, served through the server")
+    click.echo(f"workers: bench study --tracking-uri http://{socket.gethostname() if not is_loopback(host) else host}:{port} …")
+    _serve(cmd, "MLflow tracking server", root, f"{root}/health", False, "the MLflow server")
+
+
 # ------------------------------------------------------------------------- bench dashboard
-def _masked(url: str) -> str:
-    """``url`` with any password hidden, for printing."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 def check_optuna_storage(url: str) -> None:
     """Refuse, in one line, a storage that is not an existing Optuna RDB storage, without creating
     anything: SQLAlchemy would make an empty file out of a mistyped SQLite path."""
@@ -272,12 +299,12 @@ def check_optuna_storage(url: str) -> None:
             engine = sqlalchemy.create_engine(url)
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     except Exception as err:  # a bad URL, a missing driver, a server that does not answer, a file that is no database
-        raise BenchError(f"cannot open the Optuna storage {_masked(url)}: {first_line(err)}") from None
+        raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
     finally:
         if engine is not None:
             engine.dispose()
     if not {"studies", "trials", "version_info"} <= tables:
-        raise BenchError(f"{_masked(url)} is not an Optuna storage (it has no studies/trials tables); "
+        raise BenchError(f"{masked(url)} is not an Optuna storage (it has no studies/trials tables); "
                          "give --storage the URL that `bench study --storage` used")
 
 
@@ -308,5 +335,5 @@ def serve_dashboard(storage: str | None, host: str, port: int, open_browser: boo
     # choice when installed, drains its workers for up to 30 s first.
     cmd = [exe, url, "--host", host, "--port", str(port), "--server", "wsgiref"]
     root = base_url(host, port)
-    _serve(cmd, f"optuna-dashboard for {_masked(url)}", f"{root}/dashboard/", f"{root}/api/studies", open_browser,
+    _serve(cmd, f"optuna-dashboard for {masked(url)}", f"{root}/dashboard/", f"{root}/api/studies", open_browser,
            "optuna-dashboard")

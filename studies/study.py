@@ -9,9 +9,11 @@ re-evaluated with the exact bound. Optuna keeps its own SQLite file beside the M
 from __future__ import annotations
 
 import multiprocessing
-import re
+import os
+import socket
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -268,18 +270,29 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
     return values[0] if single else tuple(values)
 
 
+WAIT = "wait"  # _next_trial's answer while the study is full but trials still run elsewhere
+
+
 def _next_trial(study, sc: StudyConfig):
-    """The next trial to run (a queued one first: the default schedule, a stale trial's retry), or None
-    once the study holds ``sc.trials`` (retries included) and none is queued. Taken under the storage's
-    lock, so concurrent workers neither take one queued trial twice nor overshoot the count."""
+    """The next trial to run (a queued one first: the default schedule, a stale trial's retry); WAIT
+    while the study holds ``sc.trials`` trials (retries included) but some still run, in this or another
+    process or machine (a dead worker's trial turns stale and comes back queued); None once every trial
+    has finished. Taken under the storage's lock, so concurrent workers neither take one queued trial
+    twice nor overshoot the count."""
+    from optuna.trial import TrialState
+
     with store_lock(sc.storage_url(), "trial"), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         optuna.storages.fail_stale_trials(study)  # a dead worker's RUNNING trial → FAIL, and re-queued
-        queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        if len(study.get_trials(deepcopy=False)) >= sc.trials and not queued:
-            return None
-        return study.ask()
+        trials = study.get_trials(deepcopy=False)
+        if len(trials) < sc.trials or any(t.state == TrialState.WAITING for t in trials):
+            trial = study.ask()
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # under the lock: seen as ours
+            return trial
+        # a bench worker's running trial either finishes or, its worker dead, turns stale and comes back queued;
+        # a trial some other tool left RUNNING (no worker attribute, no heartbeat) is not waited for
+        return WAIT if any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in trials) else None
 
 
 def _heartbeat(study, trial, seconds: int):
@@ -290,32 +303,93 @@ def _heartbeat(study, trial, seconds: int):
 
 
 def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
-    """One worker: take trials from the shared study until it holds ``sc.trials`` trials (or ``sc.timeout``)."""
-    from optuna.trial import TrialState
-
+    """One worker: take trials from the shared study until it holds ``sc.trials`` trials and all of them
+    have finished, wherever they ran (or until ``sc.timeout``)."""
     study = _open_study(sc, name)
     client = tracking.client(sc.tracking_uri)
     experiments = [tracking.experiment_id(client, sc.experiment)]
     deadline = None if sc.timeout is None else time.monotonic() + sc.timeout
-    while deadline is None or time.monotonic() < deadline:
-        trial = _next_trial(study, sc)
-        if trial is None:
-            return
-        tracking.close_dead_runs(client, experiments)  # the MLflow runs of trials whose worker died
-        state, values = TrialState.COMPLETE, None
-        with _heartbeat(study, trial, sc.heartbeat):
-            try:
-                values = _objective(trial, sc, name, variant, space, parent_run_id)
-            except optuna.TrialPruned:
-                state = TrialState.PRUNED
-            except TrialDiverged:
-                state = TrialState.FAIL
-            except BaseException as err:
-                _note_error(trial, err)
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-        # skip_if_finished: another worker may have failed this trial as stale (a heartbeat starved by load)
-        study.tell(trial, values, state=state, skip_if_finished=True)
+    with _registered(study, sc.heartbeat):
+        while deadline is None or time.monotonic() < deadline:
+            trial = _next_trial(study, sc)
+            _close_stale_runs(client, experiments, study, name)
+            if trial is None:
+                return
+            if isinstance(trial, str):  # WAIT
+                time.sleep(min(5.0, sc.heartbeat))
+                continue
+            _run_trial(study, trial, sc, name, variant, space, parent_run_id)
+
+
+def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
+    """Train one trial under its heartbeat and tell the study how it ended."""
+    from optuna.trial import TrialState
+
+    state, values = TrialState.COMPLETE, None
+    with _heartbeat(study, trial, sc.heartbeat):
+        try:
+            values = _objective(trial, sc, name, variant, space, parent_run_id)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except TrialDiverged:
+            state = TrialState.FAIL
+        except BaseException as err:
+            _note_error(trial, err)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+    # skip_if_finished: another worker may have failed this trial as stale (a heartbeat starved by load)
+    study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+WORKER_ATTR = "worker "  # study user attribute "worker HOST:PID" → {"beat": unix time, "every": seconds}
+
+
+@contextmanager
+def _registered(study, every: int):
+    """Keep this worker in the study's register (its heartbeat every ``every`` s) while the block runs,
+    for ``bench study --status``; marked gone at the end."""
+    key = f"{WORKER_ATTR}{socket.gethostname()}:{os.getpid()}"
+
+    def beat(alive: bool = True) -> None:
+        study._storage.set_study_user_attr(study._study_id, key, {"beat": time.time() if alive else 0, "every": every})
+
+    beat()
+    try:
+        with tracking.every(every, beat, "study-worker-heartbeat"):
+            yield
+    finally:
+        try:
+            beat(alive=False)
+        except Exception:  # noqa: BLE001 - the storage may be what failed; its heartbeat then just ages out
+            pass
+
+
+def workers_alive(study, now: float | None = None) -> list[str]:
+    """The workers (HOST:PID) whose heartbeat is fresher than twice its interval."""
+    now = now or time.time()
+    return sorted(k.removeprefix(WORKER_ATTR) for k, v in study.user_attrs.items()
+                  if k.startswith(WORKER_ATTR) and isinstance(v, dict) and now - v.get("beat", 0) < 2 * v.get("every", 60))
+
+
+def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
+    """Mark KILLED the MLflow runs of trials Optuna failed as stale (their worker died or was cut off, on
+    any machine), and of any run whose process on this machine is gone."""
+    from mlflow.entities import RunTag
+    from optuna.trial import TrialState
+
+    tracking.close_dead_runs(client, experiments)
+    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+             if not ({"error", "diverged", "failure_reason"} & set(t.user_attrs))}
+    if not stale:
+        return
+    running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`optuna.study` = '{name}'",
+                                 max_results=5000)
+    for r in running:
+        number = r.data.tags.get("optuna.trial")
+        if number is not None and number.isdigit() and int(number) in stale:
+            client.log_batch(r.info.run_id, tags=[RunTag("killed_reason", "its study worker stopped sending heartbeats "
+                                                                           "(killed, crashed or cut off); the trial is retried")])
+            client.set_terminated(r.info.run_id, "KILLED")
 
 
 def _note_error(trial, err: BaseException) -> None:
@@ -355,17 +429,17 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
         existing = study.user_attrs.get("mlflow_parent_run_id")
         if existing is not None:
             client.update_run(existing, status="RUNNING")
-            tracking.RunLogger(client, existing).tags(tracking.owner_tags())
             return existing
         exp = tracking.experiment_id(client, sc.experiment)
+        # no owner tags: the parent belongs to the study, which whoever finishes it closes (see _finish)
         run_id = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
                                                              "study.dataset": sc.dataset,
-                                                             **tracking.owner_tags()}).info.run_id
+                                                             **tracking.source_tags()}).info.run_id
         tracking.RunLogger(client, run_id).params({
             "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
             "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
             "study.seed": sc.seed, "study.space": describe_space(space),
-            "study.storage": re.sub(r"//[^@/]*@", "//***@", sc.storage_url()),
+            "study.storage": tracking.masked(sc.storage_url()),
         })
         study.set_user_attr("objective", sc.objective)
         study.set_user_attr("space", describe_space(space))
@@ -377,10 +451,30 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
         return run_id
 
 
+def study_status(name: str, storage: str | None = None) -> str:
+    """``bench study --status NAME``: the study's state as ``storage`` (default: the studies' SQLite file)
+    holds it, read without creating anything."""
+    from bench.ui import check_optuna_storage
+    from studies.summary import describe_status
+
+    url = storage or StudyConfig().storage_url()
+    check_optuna_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        names = optuna.get_all_study_names(url)
+        raise BenchError(f"no study named {name!r} in {tracking.masked(url)}; it holds: {', '.join(names) or 'none'}") from None
+    return describe_status(study, url)
+
+
 def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
-    """Run (or resume) one study per variant; returns their summaries. ``progress``: print a line per
-    finished trial and per exact re-evaluation, with bars on a terminal (see :class:`studies.summary.Progress`)."""
-    from studies.summary import Progress, describe_start, exact_reevaluation, log_study
+    """Run (or resume, or join) one study per variant; returns their summaries. ``progress``: print a line
+    per finished trial and per exact re-evaluation, with bars on a terminal (see :class:`studies.summary.Progress`).
+
+    Any number of ``bench study`` processes, on any machines sharing the storage and the tracking store,
+    may work on one study: each returns once every trial has finished, and the first to get there does
+    the exact re-evaluation, records the study in its parent run and closes it FINISHED (:func:`_finish`)."""
+    from studies.summary import Progress, describe_start
 
     sc.validate()
     space = load_space(sc.space_file, sc.tune_lr)
@@ -390,18 +484,54 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
         name = sc.name_for(variant)
         study = _open_study(sc, name)
         parent_run_id = _parent_run(client, study, sc, name, variant, space)
-        log = tracking.RunLogger(client, parent_run_id)
         if progress:
             print(describe_start(sc, name, variant, parent_run_id), flush=True)
         try:
             with Progress(study, sc, variant, progress):
                 _run_workers(sc, name, variant, space, parent_run_id)
-            study = _open_study(sc, name)
-            exact_reevaluation(study, sc, progress)
-            result = log_study(study, sc, name, variant, log)
-        except BaseException:
-            log.end("FAILED")
+            results.append(_finish(client, sc, name, variant, parent_run_id, progress))
+        except BaseException as err:
+            _leave(client, study, parent_run_id, err, progress)
             raise
-        log.end("FINISHED")
-        results.append(result)
     return results
+
+
+def _finish(client, sc: StudyConfig, name: str, variant: str, parent_run_id: str, progress: bool) -> StudyResult:
+    """Once: the exact re-evaluation of the best trials, the study's record in its parent run, the parent
+    closed FINISHED. Under the storage's lock, so of several processes reaching the end together one
+    does it and the others read the result (a study resumed with more trials is finished again)."""
+    from studies.summary import NoLog, exact_reevaluation, log_study
+
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    with store_lock(sc.storage_url(), "finish"):
+        study = _open_study(sc, name)
+        done = study.user_attrs.get("finished")
+        if isinstance(done, dict) and done.get("trials") == len(study.trials):
+            if progress:
+                print(f"study {name}: every trial has finished; {done['by']} recorded it and closed its parent run "
+                      f"{parent_run_id}", flush=True)
+            tracking.RunLogger(client, parent_run_id).end("FINISHED")  # a starter with nothing left reopened it
+            return log_study(study, sc, name, variant, NoLog(parent_run_id))
+        exact_reevaluation(study, sc, progress)
+        log = tracking.RunLogger(client, parent_run_id)
+        result = log_study(study, sc, name, variant, log)
+        log.tags({"finished_by": me})
+        log.end("FINISHED")
+        study.set_user_attr("finished", {"by": me, "trials": len(study.trials), "at": time.time()})
+        return result
+
+
+def _leave(client, study, parent_run_id: str, err: BaseException, progress: bool) -> None:
+    """This process stops before the study is done: its parent run stays RUNNING while other workers
+    carry on (whoever finishes closes it); with none left it ends KILLED (interrupted) or FAILED."""
+    import psutil
+
+    ours = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}  # stopping with us
+    host = socket.gethostname()
+    others = [w for w in workers_alive(study) if not (w.rsplit(":", 1)[0] == host and int(w.rsplit(":", 1)[1]) in ours)]
+    if others:
+        if progress:
+            print(f"study {study.study_name}: {len(others)} other worker(s) carry on ({', '.join(others[:4])}"
+                  f"{' …' if len(others) > 4 else ''}); the one that finishes closes the parent run", flush=True)
+        return
+    tracking.RunLogger(client, parent_run_id).end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")

@@ -71,6 +71,16 @@ def _row(t, exact: dict) -> dict:
             "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
 
 
+class NoLog:
+    """Stands in for the parent run's logger where the study is already recorded (by another process)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def log_study(study, sc, name: str, variant: str, log):
     """Best parameters and values, the Pareto front, history and importance plots and the trials
     table, into the parent run ``log``. Returns a StudyResult."""
@@ -224,6 +234,34 @@ def best_so_far(trials, keys: tuple[str, ...]) -> str:
     front = _pareto(complete)
     ends = ", ".join(f"{k} {min(t.values[i] for t in front):.4g}" for i, k in enumerate(keys))
     return f"Pareto front {len(front)} trial{'s' * (len(front) != 1)} (best {ends})" + tail
+
+
+def describe_status(study, storage: str, now: float | None = None) -> str:
+    """``bench study --status``: the study as its storage holds it now: trials by state, the best so far,
+    the workers alive, the parent run and who finished it."""
+    from optuna.trial import TrialState
+
+    from bench.tracking import masked
+    from studies.study import OBJECTIVES, workers_alive
+
+    now = now or time.time()
+    attrs = study.user_attrs
+    keys = OBJECTIVES.get(attrs.get("objective"), tuple(study.metric_names or ("value",)))
+    trials = study.get_trials(deepcopy=False)
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState)
+    alive = workers_alive(study, now)
+    done = attrs.get("finished")
+    lines = [f"study {study.study_name} in {masked(storage)}",
+             f"  trials: {len(trials)} ({counts})",
+             f"  {best_so_far(trials, keys)}",
+             f"  workers alive: {len(alive)}" + (f" ({', '.join(alive)})" if alive else ""),
+             f"  MLflow parent run: {attrs.get('mlflow_parent_run_id', 'none yet')}"]
+    if isinstance(done, dict):
+        lines.append(f"  finished: by {done['by']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(done['at']))}, "
+                     f"{done['trials']} trials" + ("" if done["trials"] == len(trials) else "; resumed since"))
+    else:
+        lines.append("  finished: not yet")
+    return "\n".join(lines)
 
 
 def describe_start(sc, name: str, variant: str, parent_run_id: str) -> str:
