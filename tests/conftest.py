@@ -104,3 +104,17 @@ def extractor_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
     return seen
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests/postgres.py): ``create_database()``
+    gives a fresh empty database's URL. Stopped and removed at the end; the tests skip, saying why, where
+    no PostgreSQL server programs are installed."""
+    from postgres import throwaway_cluster, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with throwaway_cluster() as cluster:
+        yield cluster
