@@ -13,14 +13,16 @@ import os
 import socket
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import optuna
 
 from bench import tracking
 from bench.config import RunConfig, make_config
+from bench.dist import SINGLE, Dist
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
 from studies.space import Param, describe_space, load_space, suggest
@@ -225,29 +227,42 @@ def _default_point(base: RunConfig, space: dict[str, Param]) -> dict | None:
     return point
 
 
-def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str):
-    import optuna
-
-    from bench.train import StopRun, train
-
+def _trial_config(trial, sc: StudyConfig, name: str, variant: str, space) -> RunConfig:
+    """The run config of ``trial``: the study's base config with the point the sampler suggests."""
     base = sc.base_config(variant)
     params = suggest(trial, space, base.schedule)
     if base.sample_steps > params.get("T", base.T):
         params["sample_steps"] = 0  # a smaller T than the sampler's default steps: sample with all T
-    config = replace(base, **params, run_name=f"{name}/trial-{trial.number}").validate()
+    return replace(base, **params, run_name=f"{name}/trial-{trial.number}").validate()
+
+
+def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d: Dist = SINGLE):
+    """Train ``trial`` and return its objective value(s). Under torchrun every rank trains it (DDP); rank 0
+    alone holds the trial (None elsewhere), draws its point and decides pruning, and shares both."""
+    import optuna
+
+    from bench.train import StopRun, train
+
+    config = d.share(d.main_decides(lambda: _trial_config(trial, sc, name, variant, space)))
     single = len(OBJECTIVES[sc.objective]) == 1
 
     def on_eval(step: int, metrics: dict) -> None:
-        if single and sc.objective == "bpd":
+        why = None
+        if d.main and single and sc.objective == "bpd":
             trial.report(metrics["bpd_estimate"], step)
             if trial.should_prune():
                 why = (f"at step {step} by Optuna's {type(trial.study.pruner).__name__} "
                        f"(estimated bpd {metrics['bpd_estimate']:.4f} bits/dim)")
                 trial.set_user_attr("pruned", why)  # what the study's trial line says
-                raise StopRun(f"pruned {why}")
+        why = d.share(why)
+        if why:
+            raise StopRun(f"pruned {why}")
 
+    number = d.share(trial.number if d.main else None)
     result = train(config, progress=False, parent_run_id=parent_run_id, on_eval=on_eval,
-                   tags={"optuna.study": name, "optuna.trial": trial.number})
+                   tags={"optuna.study": name, "optuna.trial": number})
+    if not d.main:
+        return None
     trial.set_user_attr("mlflow_run_id", result.run_id)
     if result.status == "KILLED":
         raise optuna.TrialPruned(result.reason)
@@ -302,33 +317,46 @@ def _heartbeat(study, trial, seconds: int):
     return tracking.every(seconds, lambda: storage.record_heartbeat(trial_id), f"heartbeat-trial-{trial.number}")
 
 
-def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
+def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d: Dist = SINGLE) -> None:
     """One worker: take trials from the shared study until it holds ``sc.trials`` trials and all of them
-    have finished, wherever they ran (or until ``sc.timeout``)."""
-    study = _open_study(sc, name)
-    client = tracking.client(sc.tracking_uri)
-    experiments = [tracking.experiment_id(client, sc.experiment)]
+    have finished, wherever they ran (or until ``sc.timeout``). Under torchrun the ranks are one worker:
+    rank 0 takes the trials and tells the study; every rank trains each trial."""
+    study = _open_study(sc, name) if d.main else None
+    client = tracking.client(sc.tracking_uri) if d.main else None
+    experiments = [tracking.experiment_id(client, sc.experiment)] if d.main else []
     deadline = None if sc.timeout is None else time.monotonic() + sc.timeout
-    with _registered(study, sc.heartbeat):
-        while deadline is None or time.monotonic() < deadline:
-            trial = _next_trial(study, sc)
-            _close_stale_runs(client, experiments, study, name)
-            if trial is None:
+    with _registered(study, sc.heartbeat) if d.main else nullcontext():
+        while True:
+            trial = plan = None
+            if d.main:
+                late = deadline is not None and time.monotonic() >= deadline
+                trial = None if late else _next_trial(study, sc)
+                _close_stale_runs(client, experiments, study, name)
+                plan = "stop" if trial is None else "wait" if isinstance(trial, str) else "run"
+            plan = d.share(plan)
+            if plan == "stop":
                 return
-            if isinstance(trial, str):  # WAIT
+            if plan == "wait":
                 time.sleep(min(5.0, sc.heartbeat))
                 continue
-            _run_trial(study, trial, sc, name, variant, space, parent_run_id)
+            _run_trial(study, trial, sc, name, variant, space, parent_run_id, d)
 
 
-def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
-    """Train one trial under its heartbeat and tell the study how it ended."""
+def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str,
+               d: Dist = SINGLE) -> None:
+    """Train one trial under its heartbeat and tell the study how it ended (rank 0)."""
     from optuna.trial import TrialState
 
+    if not d.main:
+        try:
+            _objective(None, sc, name, variant, space, parent_run_id, d)
+        except (optuna.TrialPruned, TrialDiverged):
+            pass
+        return
     state, values = TrialState.COMPLETE, None
     with _heartbeat(study, trial, sc.heartbeat):
         try:
-            values = _objective(trial, sc, name, variant, space, parent_run_id)
+            values = _objective(trial, sc, name, variant, space, parent_run_id, d)
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except TrialDiverged:
@@ -474,21 +502,32 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
     Any number of ``bench study`` processes, on any machines sharing the storage and the tracking store,
     may work on one study: each returns once every trial has finished, and the first to get there does
     the exact re-evaluation, records the study in its parent run and closes it FINISHED (:func:`_finish`)."""
+    from bench import dist as dist_mod
     from studies.summary import Progress, describe_start
 
     sc.validate()
     space = load_space(sc.space_file, sc.tune_lr)
-    client = tracking.client(sc.tracking_uri)
+    d, _ = dist_mod.setup(sc.run_overrides.get("device", "auto"))
+    if d.active and sc.workers > 1:
+        raise BenchError("under torchrun the ranks are one study worker that trains each trial on all of them; "
+                         "leave --workers out (start more torchrun jobs for more workers)")
+    client = d.main_decides(lambda: tracking.client(sc.tracking_uri))
     results = []
     for variant in sc.variants:
         name = sc.name_for(variant)
-        study = _open_study(sc, name)
-        parent_run_id = _parent_run(client, study, sc, name, variant, space)
+        study = _open_study(sc, name) if d.main else None
+        parent_run_id = d.share(d.main_decides(partial(_parent_run, client, study, sc, name, variant, space)))
+        if not d.main:
+            _work(sc, name, variant, space, parent_run_id, d)
+            continue
         if progress:
             print(describe_start(sc, name, variant, parent_run_id), flush=True)
         try:
             with Progress(study, sc, variant, progress):
-                _run_workers(sc, name, variant, space, parent_run_id)
+                if d.active:
+                    _work(sc, name, variant, space, parent_run_id, d)
+                else:
+                    _run_workers(sc, name, variant, space, parent_run_id)
             results.append(_finish(client, sc, name, variant, parent_run_id, progress))
         except BaseException as err:
             _leave(client, study, parent_run_id, err, progress)
