@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import optuna
@@ -389,7 +390,9 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_survivor(postgres, tmp_path
     trials = study.trials
     killed = trials[number]
     assert killed.state == TrialState.FAIL, counts(trials)
-    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number]
     assert len(retries) == 1 and retries[0].state in DONE, counts(trials)
     assert retries[0].params == killed.params
     others = [t for t in trials if t.number != number]
@@ -401,4 +404,4 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_survivor(postgres, tmp_path
     assert dead.info.status == "KILLED" and dead.data.tags.get("killed_reason"), dead.data.tags  # closed by the survivor
     check_runs(client, study, trials)
     print(f"\nkilled worker {pid} in trial {number}; trials {counts(trials)}; retry: trial {retries[0].number} "
-          f"{retries[0].state.name}; killed trial's run {dead.info.status}")
+          f"{retries[0].state.name}; killed trial's run {dead.info.status} ({dead.data.tags['killed_reason']})")
