@@ -736,12 +736,13 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
-                        progress: bool = True, desc: str = "") -> tuple[dict[str, float], str | None, Dist]:
+                        progress: bool = True, desc: str = "", alone: bool = False) -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
-    the ranks share the work. Returns (metrics, the run logged into or None, this rank). ``desc`` names
+    the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
+    the others have left). Returns (metrics, the run logged into or None, this rank). ``desc`` names
     the progress bars."""
     ckpt = load_checkpoint(path)
-    d, device_name = dist_mod.setup(device)
+    d, device_name = (SINGLE, device) if alone else dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
     client = d.main_decides(lambda: _run_client(ckpt)) if log_to_run else None
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,

@@ -180,3 +180,27 @@ def test_processes_started_side_by_side_share_the_cores_instead_of_fighting(tmp_
     assert threads_alone == cpu_count()
     assert threads_together == [max(1, cpu_count() // 2)] * 2
     assert together < 5 * alone, (alone, together)
+
+
+def test_a_study_under_torchrun_trains_each_trial_on_both_ranks(tmp_path):
+    """`torchrun -m bench study`: the two ranks are one study worker (a trial that should use several GPUs):
+    rank 0 takes the trials and tells Optuna, both ranks train each trial, one MLflow run per trial."""
+    import optuna
+
+    space = tmp_path / "space.toml"
+    space.write_text("[params.T]\nchoices = [40]\n")
+    res = subprocess.run([*TORCHRUN, "-m", "bench", "study", "--trials", "2", "--steps", "20", "--exact-top", "1",
+                          "--study-name", "ranked", "--space", str(space), "--experiment", "dist", "--batch-size", "16",
+                          "--eval-images", "8", "--eval-calls", "3", "--sample-grid", "4", "--sample-steps", "10",
+                          "--device", "cpu"], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("2 trials of 20 steps") == 1, res.stdout  # rank 0 alone prints
+    study = optuna.load_study(study_name="ranked", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials), [t.state for t in study.trials]
+    runs = _runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["optuna.trial"] for r in trials) == ["0", "1"]  # one run per trial, not one per rank
+    assert all(r.data.params["dist.world_size"] == "2" for r in trials)
