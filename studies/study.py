@@ -433,13 +433,25 @@ def _worker_main(sc, name, variant, space, parent_run_id) -> None:  # a spawned 
     _work(sc, name, variant, space, parent_run_id)
 
 
+def worker_devices(device: str, workers: int, gpus: int) -> list[str]:
+    """The device of each of ``workers`` worker processes: with ``auto`` or ``cuda`` on a machine with
+    several GPUs, worker i trains on GPU i mod ``gpus``; otherwise every worker uses ``device``."""
+    if device in ("auto", "cuda") and gpus > 1:
+        return [f"cuda:{i % gpus}" for i in range(workers)]
+    return [device] * workers
+
+
 def _run_workers(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str) -> None:
     """``sc.workers`` workers on the study: this process alone, or spawned processes waited for."""
     if sc.workers == 1:
         _work(sc, name, variant, space, parent_run_id)
         return
+    import torch
+
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(sc, name, variant, space, parent_run_id)) for _ in range(sc.workers)]
+    devices = worker_devices(sc.run_overrides.get("device", "auto"), sc.workers, torch.cuda.device_count())
+    procs = [ctx.Process(target=_worker_main, args=(replace(sc, run_overrides={**sc.run_overrides, "device": dev}),
+                                                    name, variant, space, parent_run_id)) for dev in devices]
     for p in procs:
         p.start()
     for p in procs:

@@ -802,3 +802,10 @@ def test_a_stale_trial_out_of_retries_says_so():
     t.number = 7
     assert describe_trial(t, ("bpd",)) == ("trial 7 [retry of trial 3] failed (its worker stopped sending heartbeats "
                                            "(killed or stalled); not retried (retried 2 times already))  T=40  (0s)")
+
+
+def test_spawned_workers_spread_over_the_gpus():
+    assert study_mod.worker_devices("auto", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert study_mod.worker_devices("cuda", 2, 4) == ["cuda:0", "cuda:1"]
+    assert study_mod.worker_devices("auto", 2, 0) == ["auto", "auto"]  # no GPU: each picks for itself
+    assert study_mod.worker_devices("cuda:3", 2, 8) == ["cuda:3", "cuda:3"]  # a named device is kept
