@@ -1,0 +1,115 @@
+"""`bench server` (an MLflow tracking server that serves artifacts, for studies across machines) and
+`bench study --status` (a study's state read from its storage)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from bench.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TRIAL = ["--steps", "4", "--batch-size", "16", "--eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
+              "--sample-steps", "10", "--log-every", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "BENCH_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(k, None)
+    return env
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def _space(tmp: Path) -> Path:
+    path = tmp / "t40.toml"
+    path.write_text("[params.T]\nchoices = [40]\n")
+    return path
+
+
+@pytest.mark.slow
+def test_bench_server_takes_runs_and_artifacts_over_http_and_stops(tmp_path):
+    server_home, worker_home, store = tmp_path / "server", tmp_path / "worker", tmp_path / "artifact-store"
+    server_home.mkdir()
+    worker_home.mkdir()
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "server", "--port", str(port), "--workers", "1",
+                             "--artifacts-destination", str(store)], env=_env(server_home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        # a worker elsewhere: its own BENCH_HOME, only the server's URL in common
+        res = subprocess.run([sys.executable, "-m", "bench", "run", "--tracking-uri", url, "--T", "40", *TINY_TRIAL,
+                              "--eval-every", "0", "--final-eval-images", "8", "--fid-samples", "0"],
+                             env=_env(worker_home), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        run = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("elbo-bench").experiment_id])[0]
+        assert run.info.status == "FINISHED" and "bpd" in run.data.metrics
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
+        assert list(store.rglob("MLmodel")) and list(store.rglob("config.json"))  # …into its destination
+        assert (server_home / "mlflow.db").is_file() and not (worker_home / "mlflow.db").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"MLflow tracking server: {url}" in out
+    with socket.socket() as s:  # the port is free again: nothing of the server listens (TIME_WAIT allowed)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_bench_server_refuses_what_is_not_a_database(tmp_path):
+    res = CliRunner().invoke(cli, ["server", "--backend-store-uri", "http://elsewhere:5000"],
+                             env={"BENCH_HOME": str(tmp_path)})
+    assert res.exit_code == 2 and "give a database URI" in res.output, res.output
+
+
+def test_study_status_prints_the_study_from_its_storage(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["study", "--trials", "2", "--study-name", "st", "--exact-top", "0", "--space",
+                              str(_space(tmp_path)), *TINY_TRIAL])
+    assert res.exit_code == 0, res.output
+    status = runner.invoke(cli, ["study", "--status", "st"])
+    assert status.exit_code == 0, status.output
+    lines = status.output.splitlines()
+    assert lines[0].startswith("study st in sqlite:///")
+    assert "trials: 2 (" in lines[1] and "0 running" in lines[1] and "0 waiting" in lines[1]
+    assert lines[2].startswith("  best bpd ") and "bits/dim (trial " in lines[2]
+    assert lines[3] == "  workers alive: 0"  # the worker marked itself gone when it returned
+    assert lines[5].startswith(f"  finished: by {socket.gethostname()}:") and lines[5].endswith(", 2 trials")
+    missing = runner.invoke(cli, ["study", "--status", "nope"])
+    assert missing.exit_code == 2 and "no study named 'nope'" in missing.output and "st" in missing.output
