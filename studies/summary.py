@@ -4,6 +4,7 @@ the exact bound of its best trials, the parent run's record and the text ``bench
 from __future__ import annotations
 
 import math
+import socket
 import sys
 import tempfile
 import threading
@@ -45,7 +46,12 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
     for i, t in enumerate(todo, 1):
         checkpoint = t.user_attrs.get("checkpoint")
         if checkpoint is None or not Path(checkpoint).exists():
-            _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint {checkpoint} is gone")
+            host = str(t.user_attrs.get("worker", "")).rsplit(":", 1)[0]
+            if host and host != socket.gethostname():
+                _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint is on {host}; there, run "
+                               f"`bench eval {checkpoint} --final-eval exact --fid-samples 0 --log-to-run`")
+            else:
+                _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint {checkpoint} is gone")
             continue
         _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): its checkpoint on the test split, all T steps")
         start = time.monotonic()
