@@ -168,12 +168,13 @@ def test_store_lock_serialises_processes_on_postgresql(postgres, tmp_path):
 
 def test_a_killed_holder_releases_its_store_lock(postgres, tmp_path):
     url = postgres.create_database()
-    go, holder_out, waiter_out = tmp_path / "go", tmp_path / "holder.json", tmp_path / "waiter.json"
-    holder = python(HOLDER, url, go, 600, holder_out, log=tmp_path / "holder.log")
-    waiter = python(HOLDER, url, go, 0, waiter_out, log=tmp_path / "waiter.log")
+    holder_out, waiter_out = tmp_path / "holder.json", tmp_path / "waiter.json"
+    holder = python(HOLDER, url, tmp_path / "go-holder", 600, holder_out, log=tmp_path / "holder.log")
+    waiter = python(HOLDER, url, tmp_path / "go-waiter", 0, waiter_out, log=tmp_path / "waiter.log")
     try:
-        go.touch()
+        (tmp_path / "go-holder").touch()
         wait_for("the holder holds the lock", lambda: Path(f"{holder_out}.held").exists(), 60, alive=holder)
+        (tmp_path / "go-waiter").touch()  # only now: the waiter must not be the first to take it
         locks = "SELECT granted FROM pg_locks WHERE locktype = 'advisory' ORDER BY granted DESC"
         assert wait_for("the waiter blocks on the server", lambda: postgres.execute(locks) == [(True,), (False,)], 60,
                         alive=waiter)
