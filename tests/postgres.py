@@ -30,6 +30,12 @@ SEARCH = "/usr/lib/postgresql/*/bin"  # Debian and Ubuntu install the server pro
 COMMAND_TIMEOUT_S = 60  # initdb, pg_ctl start/stop, CREATE DATABASE
 
 
+def runuser() -> str | None:
+    """util-linux's runuser, which root's PATH has but a trimmed PATH may lack."""
+    return shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)),
+                                            None)
+
+
 def server_binaries() -> tuple[Path | None, str]:
     """The folder holding ``initdb`` and ``pg_ctl`` (PATH first, then the newest Debian version), or
     (None, why not)."""
@@ -54,7 +60,7 @@ def unavailable() -> str:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root, and PostgreSQL refuses root, but there is no 'postgres' user to run it as"
-        if shutil.which("runuser") is None:
+        if runuser() is None:
             return "running as root without runuser (util-linux) to start PostgreSQL as the 'postgres' user"
     try:
         import psycopg  # noqa: F401 - the driver SQLAlchemy uses for postgresql:// URLs
@@ -84,7 +90,7 @@ class Cluster:
         """One of the server's programs, as ``postgres`` when we are root; its output in the error on failure."""
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
         if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [runuser(), "-u", "postgres", "--", *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, cwd=self.root)
         if done.returncode != 0:
             log = (self.root / "log").read_text()[-2000:] if (self.root / "log").is_file() else ""
