@@ -307,7 +307,7 @@ STUDY_RUN_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS]
 @click.option("--variant", "variants", multiple=True, type=click.Choice(sorted(VARIANTS)),
               help="Variant to tune (repeat for several: one study each). [default: simple]")
 @click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="digits", show_default=True)
-@click.option("--trials", type=int, default=20, show_default=True, help="Total trials in the study (resumed ones count).")
+@click.option("--trials", type=int, default=20, show_default=True, help="Trials in the study (resumed ones count; a trial lost with its worker is replaced by its retry).")
 @click.option("--timeout", type=float, default=None, help="Seconds per study and worker (unset: no limit).")
 @click.option("--steps", type=int, default=500, show_default=True, help="Optimiser steps per trial.")
 @click.option("--objective", type=click.Choice(["bpd", "fid", "both"]), default="bpd", show_default=True,

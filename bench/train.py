@@ -312,7 +312,7 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
         exp = tracking.experiment_id(client, config.experiment)
         run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(exp, run_name=config.default_run_name,
-                                   tags={**run_tags, **tracking.source_tags(), **(tags or {}),
+                                   tags={**run_tags, **tracking.source_tags(), **{k: str(v) for k, v in (tags or {}).items()},
                                          **tracking.owner_tags()}).info.run_id
         held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
     return run_id, client
