@@ -300,7 +300,7 @@ def _next_trial(study, sc: StudyConfig):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         optuna.storages.fail_stale_trials(study)  # a dead worker's RUNNING trial → FAIL, and re-queued
-        trials = [t for t in study.get_trials(deepcopy=False) if not _lost_worker(t)]  # their retries count instead
+        trials = [t for t in study.get_trials(deepcopy=False) if not lost_worker(t)]  # their retries count instead
         if len(trials) < sc.trials or any(t.state == TrialState.WAITING for t in trials):
             trial = study.ask()
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # under the lock: seen as ours
@@ -399,7 +399,7 @@ def workers_alive(study, now: float | None = None) -> list[str]:
                   if k.startswith(WORKER_ATTR) and isinstance(v, dict) and now - v.get("beat", 0) < 2 * v.get("every", 60))
 
 
-def _lost_worker(t) -> bool:
+def lost_worker(t) -> bool:
     """Whether trial ``t`` failed because its worker stopped sending heartbeats (Optuna failed it as stale
     and queued a retry), not by an error, a divergence or an interrupt its worker recorded."""
     return t.state.name == "FAIL" and not ({"error", "diverged", "failure_reason"} & set(t.user_attrs))
@@ -412,7 +412,7 @@ def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
     from optuna.trial import TrialState
 
     tracking.close_dead_runs(client, experiments)
-    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if _lost_worker(t)}
+    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if lost_worker(t)}
     if not stale:
         return
     running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`optuna.study` = '{name}'",

@@ -105,6 +105,9 @@ def log_study(study, sc, name: str, variant: str, log):
     exact = study.user_attrs.get("bpd_exact", {})
     best = [_row(t, exact) for t in best_trials(study)]
     default = next((_row(t, exact) for t in study.trials if t.user_attrs.get("default_schedule") and t.state == TrialState.COMPLETE), None)
+    result = StudyResult(name, variant, log.run_id, best, default, counts, {int(k): v for k, v in exact.items()})
+    if isinstance(log, NoLog):  # recorded by the process that finished the study: only the summary is wanted
+        return result
     if len(best) == 1:
         b = best[0]
         log.tags({f"best.{k}": v for k, v in b["params"].items()} | {"best.trial": b["trial"]})  # tags: a resume may change them
@@ -131,7 +134,7 @@ def log_study(study, sc, name: str, variant: str, log):
             study, target=(lambda t: t.values[0]) if len(keys) > 1 else None, target_name=keys[0]))
         if len(keys) == 2:
             _plot(log, "pareto_front.png", lambda: ovm.plot_pareto_front(study, target_names=list(keys)))
-    return StudyResult(name, variant, log.run_id, best, default, counts, {int(k): v for k, v in exact.items()})
+    return result
 
 
 def _plot(log, path: str, make) -> None:
@@ -409,9 +412,11 @@ class Progress:
         retries = retried_as(trials)
         finished = sorted((t for t in trials if t.state.is_finished() and t.number not in self.printed),
                           key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
-        total = max(self.sc.trials, len(trials))
+        from studies.study import lost_worker
+
+        total = max(self.sc.trials + sum(lost_worker(t) for t in trials), len(trials))  # a lost trial's retry adds one
         for t in finished:
-            stale = t.state.name == "FAIL" and not {"failure_reason", "error"} & set(t.user_attrs)
+            stale = lost_worker(t)
             if stale and t.number not in retries and t.number not in self.held and not final:
                 self.held.add(t.number)  # the retry is queued right after the failure: look once more
                 continue
