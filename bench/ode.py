@@ -229,6 +229,7 @@ class NllResult:
     draws: torch.Tensor  # [N, K] float64 bits/dim of each (probe, dequantisation) draw
     nfe: torch.Tensor  # [N] drift evaluations of the solve that carried each image (its batch's)
     method: str  # what was computed and how, for the tag nll_ode_method
+    options: OdeOptions  # the solver, tolerances, start time and probes it was computed with
     stderr: float  # std of total over images / √N: covers images, probes and dequantisation draws
     stderr_draws: float  # the draws' part alone, these images held fixed (NaN with one draw per image)
 
@@ -304,4 +305,5 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     stderr_draws = math.sqrt(draws.var(dim=1).mean().item() / (K * N)) if K > 1 else math.nan
     method = (f"probability-flow ODE NLL (not the bound), VP-SDE of {sde.sched.describe()}, "
               f"{'uniform dequantisation of 8-bit data' if dequantised else 'continuous data'}, {options.describe()}")
-    return NllResult(total=total, draws=draws, nfe=both[:, K], method=method, stderr=stderr, stderr_draws=stderr_draws)
+    return NllResult(total=total, draws=draws, nfe=both[:, K], method=method, options=options, stderr=stderr,
+                     stderr_draws=stderr_draws)
