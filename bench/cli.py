@@ -162,6 +162,13 @@ RUN_OPTIONS = [
          help="Final bound on the test split: exact (all T terms) or the unbiased estimate."),
     _opt("final-eval-images", type=int, help="Test images in the final bound (0: the whole split)."),
     _opt("eval-batch-size", type=int, help="(image, t) pairs per network call in evaluation."),
+    _switch("final-eval-ode", help="Also the NLL under the probability-flow ODE at the end (nll_ode: a likelihood "
+                                   "estimate, not a bound; slow: hundreds of network calls per image)."),
+    _opt("ode-rtol", type=float, help="The ODE solver's relative tolerance."),
+    _opt("ode-atol", type=float, help="The ODE solver's absolute tolerance."),
+    _opt("ode-probes", type=int, help="Hutchinson probes per image, each with its own dequantisation draw."),
+    _opt("ode-probe-type", type=click.Choice(["rademacher", "gaussian"]), help="Law of the Hutchinson probes."),
+    _opt("ode-batch-size", type=int, help="Images solved together as one ODE (they share its adaptive steps)."),
     _opt("fid-samples", type=int, help="Samples scored by FID against the train split (0: no FID)."),
     _opt("sample-steps", type=int, help="Ancestral sampler steps (fewer than T: strided; 0: all T)."),
     _opt("sample-grid", type=int, help="Images in each logged sample grid."),
@@ -283,13 +290,17 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
 @click.option("--sample-steps", type=int, default=None, help="Sampler steps (0: all T).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--log-to-run", is_flag=True, help="Log the results into the run that produced the checkpoint.")
-def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run) -> None:
+@click.option("--nll", type=click.Choice(["bound", "ode"]), default=None,
+              help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; "
+                   "solver options as the run's config: ode_rtol, ode_atol, ode_probes…). [default: the run's final_eval_ode]")
+def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run, nll) -> None:
     """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID.
 
     Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
     from bench.train import evaluate_checkpoint, summarize
 
-    metrics, run_id, rank = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device)
+    metrics, run_id, rank = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device,
+                                                ode=None if nll is None else nll == "ode")
     if not rank.main:
         return
     click.echo(summarize(metrics))

@@ -55,6 +55,12 @@ class RunConfig:
     final_eval: str = "exact"  # bound on the whole test split at the end: 'exact' or 'estimate'
     final_eval_images: int = 0  # test images for the final bound (0 = the whole split)
     eval_batch_size: int = 1024  # (image, t) pairs per network call in evaluation
+    final_eval_ode: bool = False  # also the NLL under the probability-flow ODE (nll_ode, not a bound) at the end
+    ode_rtol: float = 1e-5  # the ODE solver's relative tolerance
+    ode_atol: float = 1e-5  # the ODE solver's absolute tolerance
+    ode_probes: int = 1  # Hutchinson probes (each with its own dequantisation draw) per image
+    ode_probe_type: str = "rademacher"  # 'rademacher' or 'gaussian' probes
+    ode_batch_size: int = 64  # images solved together as one ODE (they share its adaptive steps)
     fid_samples: int = 1000  # samples for FID at the end (0 = no FID)
     sample_steps: int = 250  # sampler steps (< T = strided, iDDPM respacing; 0 = all T)
     sample_grid: int = 64  # images in each logged sample grid
@@ -81,6 +87,12 @@ class RunConfig:
     def default_run_name(self) -> str:
         var = f"[{self.variance}]" if self.variance else ""
         return self.run_name or f"{self.variant}{var}-{self.dataset}-seed{self.seed}"
+
+    def ode_options(self):
+        """The probability-flow NLL's solver and estimator options (bench.ode.OdeOptions)."""
+        from bench.ode import OdeOptions
+
+        return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, probe_type=self.ode_probe_type, probes=self.ode_probes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +129,8 @@ class RunConfig:
             raise BenchError(f"sample_steps ({self.sample_steps}) cannot exceed T ({sched.T}); use 0 for all T steps")
         if self.sample_steps == 1:
             raise BenchError("sample_steps must be 0 (all T) or at least 2")
+        self.ode_options()  # raises on bad solver options
+        _positive_int("ode_batch_size", self.ode_batch_size)
         if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
             raise BenchError(f"--fid-weights {self.fid_weights}: no such file")
         return self

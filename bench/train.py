@@ -697,6 +697,13 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                                     device, progress, dist=dist, desc=desc)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
+    nll = None
+    if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
+        from bench.ode import nll_ode
+
+        nll = nll_ode(model, variant, sched, subset, config.ode_options(), config.ode_batch_size, EVAL_SEED, device,
+                      dist, progress, desc=desc)
+        metrics.update(nll.summary())
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     images = sample(model, variant, sched, max(config.fid_samples, config.sample_grid), shape, steps, config.seed,
@@ -704,6 +711,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     if not dist.main:
         return metrics
     log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
+    if nll is not None:
+        log.tags({"nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
     if res.per_t.numel():
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
@@ -730,13 +739,16 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     stderr = f" ± {metrics['bpd_stderr']:.4f} (Monte Carlo)" if "bpd_stderr" in metrics else ""
     fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
         if "fid" in metrics else ""
-    log.note_section("Result", f"at step {step}, bpd {metrics['bpd']:.4f}{stderr}, {method}{fid}.")
+    ode = (f"; nll_ode {metrics['nll_ode']:.4f} ± {metrics['nll_ode_stderr']:.4f} bits/dim ({nll.method})"
+           if nll is not None else "")
+    log.note_section("Result", f"at step {step}, bpd {metrics['bpd']:.4f}{stderr}, {method}{ode}{fid}.")
     return metrics
 
 
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
-                        progress: bool = True, desc: str = "", alone: bool = False) -> tuple[dict[str, float], str | None, Dist]:
+                        progress: bool = True, desc: str = "", alone: bool = False,
+                        ode: bool | None = None) -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
     the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
     the others have left). Returns (metrics, the run logged into or None, this rank). ``desc`` names
@@ -746,7 +758,7 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     # the run must still be there before minutes of evaluation
     client = d.main_decides(lambda: _run_client(ckpt)) if log_to_run else None
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
-                                   "device": device}.items() if v is not None}
+                                   "device": device, "final_eval_ode": ode}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
     dev, train_images, test_images, variant, sched = _setup(config, device_name)
     C, H = train_images.shape[1], train_images.shape[2]

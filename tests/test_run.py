@@ -700,3 +700,33 @@ def test_system_metrics_are_logged_through_mlflow_and_can_be_turned_off(home, mo
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(logged), sorted(logged)
     assert 0 <= logged["system/cpu_utilization_percentage"] <= 100 * os.cpu_count()
     assert not [k for k in c.get_run(off).data.metrics if k.startswith("system/")]
+
+
+def test_the_probability_flow_nll_is_logged_apart_from_the_bound(home):
+    """`--final-eval-ode` (and `bench eval --nll ode`): nll_ode with its error and NFE, the method as a tag,
+    on the bound's test images; `bpd` stays the bound."""
+    run_id, result = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode", "--ode-probes", "2",
+                                   "--ode-batch-size", "4"])
+    c = client(home)
+    run = c.get_run(run_id)
+    m, tags = run.data.metrics, run.data.tags
+    assert {"nll_ode", "nll_ode_stderr", "nll_ode_nfe", "nll_ode_stderr_draws"} <= set(m)
+    assert math.isfinite(m["nll_ode"]) and m["nll_ode_stderr"] > 0 and m["nll_ode_nfe"] >= 2
+    assert m["nll_ode"] != m["bpd"] and sorted(s for s, _ in history(c, run_id, "bpd")) == [STEPS]
+    assert tags["nll_ode_method"].startswith("probability-flow ODE NLL (not the bound)") and "2 rademacher" in tags["nll_ode_method"]
+    assert tags["nll_ode_images"] == "8" and f"nll_ode {m['nll_ode']:.4f}" in result.stdout
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+    again = invoke(home, ["eval", str(ckpt), "--nll", "ode", "--fid-samples", "0", "--device", "cpu"])
+    assert again.exit_code == 0, describe(again)
+    assert f"nll_ode {m['nll_ode']:.4f}" in again.stdout  # the same noise streams: the same number
+    plain = invoke(home, ["eval", str(ckpt), "--nll", "bound", "--fid-samples", "0", "--device", "cpu"])
+    assert plain.exit_code == 0 and "nll_ode" not in plain.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ode-probes", "0"], "probes (draws per image) must be an integer >= 1"),
+    (["--ode-rtol", "-1"], "rtol must be a number > 0"),
+])
+def test_bad_ode_options_are_one_error_line(home, args, message):
+    res = invoke(home, ["run", "--dry-run", *args])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
