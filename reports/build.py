@@ -211,7 +211,8 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         (staging / "table.json").write_text(json.dumps(numeric_summary(table), indent=1, default=str))
         meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
                 "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol}
+                "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
+                "ode": bool(df["nll_ode"].notna().any())}
         _write_html(staging / "report.html", meta, shown, pairs, pictures)
         _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
         for d in staging.iterdir():
@@ -267,6 +268,11 @@ def _intro(meta: dict) -> list[str]:
         "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; an estimated bpd shows its "
         "Monte Carlo standard error (MC se). Diverged runs are counted, not averaged.",
     ]
+    if meta.get("ode"):
+        lines.append("nll_ode is another estimand: the negative log-likelihood under the probability-flow ODE of the same "
+                     "network, on the same test images as the bound (dequantised, Hutchinson trace; MC se over images, "
+                     "probes and dequantisation; nll_ode_nfe network evaluations per solve). It is an estimate of −log p, "
+                     "not a bound; bpd − nll_ode, per run, is how loose the bound is.")
     if meta["mixed"]:
         lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): those runs are kept in separate rows, "
                      "labelled by their settings; compare only rows with the same settings.")

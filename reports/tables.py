@@ -16,10 +16,12 @@ from scipy import stats
 from bench import tracking
 from bench.errors import BenchError, first_line
 
-METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "fid", "isc", "fid_ref_test",
-           "fid_ref_noise", "train_seconds", "images_per_sec_overall")
+METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode", "nll_ode_stderr",
+           "nll_ode_nfe", "fid", "isc", "fid_ref_test", "fid_ref_noise", "train_seconds", "images_per_sec_overall")
+GAP = "bpd − nll_ode"  # per run: how far the bound lies above the probability-flow likelihood on the same images
 GROUP = ("dataset", "variant", "schedule")  # what a row of the comparison table is, with SETTINGS
-DESCRIBE_TAGS = ("bpd_method", "fid_extractor", "fid_samples", "fid_sampler", "fid_ref_test_samples")  # how obtained
+DESCRIBE_TAGS = ("bpd_method", "nll_ode_method", "fid_extractor", "fid_samples", "fid_sampler",
+                 "fid_ref_test_samples")  # how obtained
 # More of how a number was obtained, read for the figures' captions only (not table columns).
 CAPTION_TAGS = ("bpd_estimate_method", "bpd_split", "bpd_images", "fid_reference")
 # Everything but the seed that a row's runs must share (a run's logged param → its short name in labels):
@@ -113,12 +115,13 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     vary in the selection. ``best_bpd`` / ``best_fid`` mark the lowest mean within each dataset."""
     rows = []
     keys, varying = _row_keys(df), varying_settings(df)
+    df = df.assign(**{GAP: df["bpd"] - df["nll_ode"]})
     for key, g in df.groupby(keys, sort=True, dropna=False):
         done = g[g.status == "FINISHED"]
         row = dict(zip(keys, key))
         row["settings"] = ", ".join(f"{name}={row[name]}" for name in varying)
         row.update({"runs": len(g), "finished": len(done), "diverged": int(g.diverged.sum())})
-        for m in METRICS:
+        for m in (*METRICS, GAP):
             mean, std, lo, hi, n = mean_ci(done[m])
             row.update({f"{m} mean": mean, f"{m} std": std, f"{m} ci_low": lo, f"{m} ci_high": hi, f"{m} n": n})
         for t in DESCRIBE_TAGS:
@@ -170,7 +173,7 @@ def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str
     return f"{mean:{spec}} ± {std:{spec}} [{max(lo, 0.0):{spec}}, {hi:{spec}}]"
 
 
-DISPLAY = (("bpd", ".4f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("bpd_unclipped", ".4f"),
+DISPLAY = (("bpd", ".4f"), ("nll_ode", ".4f"), (GAP, ".4f"), ("nll_ode_nfe", ".0f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("bpd_unclipped", ".4f"),
            ("fid", ".2f"), ("isc", ".2f"), ("fid_ref_test", ".2f"), ("fid_ref_noise", ".2f"), ("train_seconds", ".1f"),
            ("images_per_sec_overall", ".0f"))
 RENAME = {"train_seconds": "train s", "images_per_sec_overall": "images/s"}
@@ -190,8 +193,8 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             continue
         cells = [format_cell(r[f"{m} mean"], r[f"{m} std"], r[f"{m} ci_low"], r[f"{m} ci_high"], r[f"{m} n"], spec)
                  for _, r in table.iterrows()]
-        if m == "bpd":  # an estimated bound carries its Monte Carlo error (mean over the runs' standard errors)
-            cells = [c + (f" (MC se {r['bpd_stderr mean']:.4f})" if not math.isnan(r["bpd_stderr mean"]) else "")
+        if m in ("bpd", "nll_ode"):  # an estimate carries its Monte Carlo error (mean over the runs' standard errors)
+            cells = [c + (f" (MC se {r[f'{m}_stderr mean']:.4f})" if not math.isnan(r[f"{m}_stderr mean"]) else "")
                      for c, (_, r) in zip(cells, table.iterrows())]
         star = table.get(f"best_{m}", pd.Series(False, index=table.index))
         out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]

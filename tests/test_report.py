@@ -549,3 +549,40 @@ def test_sample_grid_labels_stay_off_the_images(small_store):
     assert "mu-elbo-learned-diag[small]\ncosine(T=4000, s=0.008)\n300 steps\nstep 300, seed 0" in [
         ax.get_title() for ax in tiles]
     assert "sampler ancestral, 250 of 1000 steps (strided)" in caption
+
+
+def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
+    """Runs that logged nll_ode: the table shows it next to bpd with its MC error, the per-run gap bpd − nll_ode
+    and the NFE, says what it is, and a row without it shows a dash; nll_ode never enters the bpd column."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ode")
+    now = int(time.time() * 1000)
+
+    def run(variant: str, seed: int, bpd: float, nll: float | None) -> None:
+        rid = client.create_run(exp, run_name=f"{variant}-{seed}").info.run_id
+        metrics = [Metric("bpd", bpd, now, 100)]
+        if nll is not None:
+            metrics += [Metric("nll_ode", nll, now, 100), Metric("nll_ode_stderr", 0.05, now, 100),
+                        Metric("nll_ode_nfe", 300.0, now, 100)]
+        client.log_batch(rid, metrics=metrics, params=[Param("config.seed", str(seed)), Param("protocol.bpd", "x0-clipped")],
+                         tags=[RunTag("variant", variant), RunTag("dataset", "digits"), RunTag("schedule", "linear")]
+                         + [RunTag("nll_ode_method", "probability-flow ODE NLL (not the bound), RK45")] * (nll is not None))
+        client.set_terminated(rid, "FINISHED")
+
+    run("simple[small]", 0, 4.6, 4.2)
+    run("simple[small]", 1, 4.8, 4.3)
+    run("hybrid", 0, 4.3, None)
+    rep = build_report(["ode"], None, tmp_path / "rep", uri, log_to_mlflow=False)
+    table = rep.table.set_index("variant")
+    assert table.loc["simple[small]", "bpd mean"] == pytest.approx(4.7)  # the bound alone
+    assert table.loc["simple[small]", "nll_ode mean"] == pytest.approx(4.25)
+    assert table.loc["simple[small]", "bpd − nll_ode mean"] == pytest.approx(0.45)  # the mean of the per-run gaps
+    assert table.loc["hybrid", "nll_ode n"] == 0
+    md = rep.markdown.read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols.index("nll_ode") == cols.index("bpd") + 1 and "bpd − nll_ode" in cols
+    assert "4.2500 ± 0.0707 (n=2) (MC se 0.0500)" in md and "0.4500 ± 0.0707 (n=2)" in md
+    assert "nll_ode is another estimand" in md and "not a bound" in md
+    assert "nll_ode_method: probability-flow ODE NLL (not the bound), RK45" in md or "| nll_ode_method |" in md
