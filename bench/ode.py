@@ -45,6 +45,11 @@ PROBE_STREAM = 4  # keyed_generator(seed, image, 4): the Hutchinson probes
 ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x [B, C, H, W], s) → ∇_x log p_s(x) [B, C, H, W]
 
 
+class FlowDiverged(BenchError):
+    """The probability flow of this network left the finite numbers: its likelihood is not computed (a
+    result to record, like a diverged run)."""
+
+
 @dataclass(frozen=True)
 class OdeOptions:
     """How the probability-flow NLL is computed; validated on construction (one-line BenchError)."""
@@ -200,8 +205,10 @@ def flow_nll_nats(score: ScoreFn, sde: VpSde, z: torch.Tensor, probes: torch.Ten
         ddelta = -half_beta * (D + quad)
         out = torch.cat([dx.flatten(), ddelta]).to(torch.float64).cpu().numpy()
         if not np.isfinite(out).all():
-            raise BenchError(f"the score is not finite at s = {s:.6g} (network index {sde.index(s)}): "
-                             "the network's weights or the data hold NaN or infinity")
+            where = "at the start" if not np.isfinite(y).all() or s <= options.eps else "along the flow"
+            raise FlowDiverged(f"the flow's drift is not finite at s = {s:.6g} (network index {sde.index(s)}, "
+                               f"{where}): the network's score sends x to NaN or infinity there"
+                               + (" or its weights or the data hold them" if where == "at the start" else ""))
         return out
 
     y0 = np.concatenate([z.detach().to(torch.float64).cpu().numpy().reshape(-1), np.zeros(B)])

@@ -697,13 +697,17 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                                     device, progress, dist=dist, desc=desc)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
-    nll = None
+    nll, ode_failed = None, ""
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
-        from bench.ode import nll_ode
+        from bench.ode import FlowDiverged, nll_ode
 
-        nll = nll_ode(model, variant, sched, subset, config.ode_options(), config.ode_batch_size, EVAL_SEED, device,
-                      dist, progress, desc=desc)
-        metrics.update(nll.summary())
+        try:
+            nll = nll_ode(model, variant, sched, subset, config.ode_options(), config.ode_batch_size, EVAL_SEED, device,
+                          dist, progress, desc=desc)
+            metrics.update(nll.summary())
+        except FlowDiverged as err:  # a result about this network, recorded; the rest of the evaluation goes on
+            ode_failed = str(err)
+            warnings.warn(f"nll_ode not computed: {err}", stacklevel=2)
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     images = sample(model, variant, sched, max(config.fid_samples, config.sample_grid), shape, steps, config.seed,
@@ -713,6 +717,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
     if nll is not None:
         log.tags({"nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
+    if ode_failed:
+        log.tags({"nll_ode_failed": ode_failed[:500], "nll_ode_method": config.ode_options().describe()})
     if res.per_t.numel():
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
@@ -740,7 +746,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
         if "fid" in metrics else ""
     ode = (f"; nll_ode {metrics['nll_ode']:.4f} ± {metrics['nll_ode_stderr']:.4f} bits/dim ({nll.method})"
-           if nll is not None else "")
+           if nll is not None else f"; nll_ode not computed ({ode_failed})" if ode_failed else "")
     log.note_section("Result", f"at step {step}, bpd {metrics['bpd']:.4f}{stderr}, {method}{ode}{fid}.")
     return metrics
 

@@ -18,6 +18,7 @@ from oracle import GaussianOracle, gaussian_grid_data
 
 from bench import BenchError, Schedule
 from bench.ode import (
+    FlowDiverged,
     OdeOptions,
     VpSde,
     draw_probes,
@@ -357,6 +358,14 @@ def test_a_non_finite_score_stops_the_solve_with_one_line(sde):
     def broken(x, s):
         return x * float("nan")
 
-    with pytest.raises(BenchError, match="the score is not finite at s = ") as err:
+    with pytest.raises(FlowDiverged, match="the flow's drift is not finite at s = ") as err:
         flow_nll(broken, sde, torch.zeros(2, 1, 2, 2, dtype=torch.float64))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and isinstance(err.value, BenchError)
+
+
+def test_a_flow_that_blows_up_midway_is_a_diverged_flow(sde):
+    def exploding(x, s):  # a tame score at the start, overflowing past s = 0.3 (as a bad network's can)
+        return -x if s < 0.3 else x * float("inf")
+
+    with pytest.raises(FlowDiverged, match="along the flow"):
+        flow_nll(exploding, sde, torch.zeros(2, 1, 2, 2, dtype=torch.float64) + 0.1)

@@ -730,3 +730,17 @@ def test_the_probability_flow_nll_is_logged_apart_from_the_bound(home):
 def test_bad_ode_options_are_one_error_line(home, args, message):
     res = invoke(home, ["run", "--dry-run", *args])
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monkeypatch):
+    import bench.ode
+
+    def diverges(*args, **kwargs):
+        raise bench.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 (network index 113, along the flow)")
+
+    monkeypatch.setattr(bench.ode, "nll_ode", diverges)
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode"])
+    run = client(home).get_run(run_id)
+    assert run.info.status == "FINISHED" and "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
+    assert "network index 113" in run.data.tags["nll_ode_failed"]
+    assert "nll_ode not computed" in run.data.tags["mlflow.note.content"]
