@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are written to files and MLflow
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+FIGURES = threading.RLock()  # matplotlib is not thread-safe: figures are made and drawn under this lock
 
 
 def sample_grid(images: torch.Tensor, min_side: int = 32) -> np.ndarray:
@@ -26,6 +30,11 @@ def sample_grid(images: torch.Tensor, min_side: int = 32) -> np.ndarray:
 
 def per_t_figure(curves: dict[str, torch.Tensor], title: str = ""):
     """L_t in bits/dim against paper time t = 1..T for each labelled curve, log-scaled."""
+    with FIGURES:
+        return _per_t_figure(curves, title)
+
+
+def _per_t_figure(curves: dict[str, torch.Tensor], title: str):
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_t in curves.items():
         values = per_t.detach().cpu().double().numpy()

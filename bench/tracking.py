@@ -403,7 +403,10 @@ class RunLogger:
         self.client.log_image(self.run_id, array, key=key, step=step)
 
     def figure(self, fig, path: str) -> None:
-        self.client.log_figure(self.run_id, fig, path)
+        from bench.plots import FIGURES
+
+        with FIGURES:  # drawn by matplotlib, which is not thread-safe
+            self.client.log_figure(self.run_id, fig, path)
 
     def artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)

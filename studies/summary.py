@@ -141,16 +141,19 @@ def _plot(log, path: str, make) -> None:
     """Log one optuna plot; plots that need more finished trials than the study has are skipped."""
     import matplotlib.pyplot as plt
 
-    try:
-        ax = make()
-    except (ValueError, RuntimeError, ZeroDivisionError) as err:
-        log.tags({f"plot_skipped.{path}": str(err)[:250]})
-        return
-    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-    fig.set_size_inches(7, 4)
-    fig.tight_layout()
-    log.figure(fig, path)
-    plt.close(fig)
+    from bench.plots import FIGURES
+
+    with FIGURES:  # matplotlib is not thread-safe
+        try:
+            ax = make()
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            log.tags({f"plot_skipped.{path}": str(err)[:250]})
+            return
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(7, 4)
+        fig.tight_layout()
+        log.figure(fig, path)
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------- what bench study prints
