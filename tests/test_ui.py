@@ -74,17 +74,7 @@ def _answers(port: int) -> bool:
 
 
 def _wait_for_health(proc: subprocess.Popen, port: int, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.read().decode().strip() == "OK":
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            pytest.fail(f"bench ui did not answer /health (exit status {proc.poll()})")
-        time.sleep(0.5)
+    _wait_until_answers(f"http://127.0.0.1:{port}/health", proc, seconds)
 
 
 @pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="reads the process tree from /proc (Linux)")
@@ -109,13 +99,7 @@ def test_sigkill_of_bench_ui_takes_the_server_and_its_workers_down(tmp_path, sto
         assert not _answers(port), f"port {port} still answers after bench ui was killed"
         assert not [p for p in tree if _alive(p)], "server processes outlived bench ui"
     finally:
-        for pid in [proc.pid, *tree]:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        proc.wait(timeout=10)
+        _kill_all(proc, tree)
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.4.5.6", True), ("::1", True), ("[::1]", True),
@@ -194,8 +178,9 @@ def _ctrl_c_stops_everything(proc: subprocess.Popen, port: int) -> None:
         s.bind(("127.0.0.1", port))
 
 
-def _kill_all(proc: subprocess.Popen) -> None:
-    for pid in [*_descendants(proc.pid), proc.pid]:
+def _kill_all(proc: subprocess.Popen, known: list[int] = ()) -> None:
+    """SIGKILL ``proc``, its descendants and the ``known`` pids still alive (cleanup after a failed test)."""
+    for pid in {*known, *_descendants(proc.pid), proc.pid}:
         if _alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
