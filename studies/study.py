@@ -347,11 +347,8 @@ def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, pa
     """Train one trial under its heartbeat and tell the study how it ended (rank 0)."""
     from optuna.trial import TrialState
 
-    if not d.main:
-        try:
-            _objective(None, sc, name, variant, space, parent_run_id, d)
-        except (optuna.TrialPruned, TrialDiverged):
-            pass
+    if not d.main:  # trains its share; rank 0 records the outcome
+        _objective(None, sc, name, variant, space, parent_run_id, d)
         return
     state, values = TrialState.COMPLETE, None
     with _heartbeat(study, trial, sc.heartbeat):

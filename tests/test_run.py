@@ -744,3 +744,14 @@ def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monke
     assert run.info.status == "FINISHED" and "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
     assert "network index 113" in run.data.tags["nll_ode_failed"]
     assert "nll_ode not computed" in run.data.tags["mlflow.note.content"]
+
+
+def test_loss_quarters_are_the_means_of_each_quarter_of_t():
+    from bench.dist import SINGLE
+    from bench.train import _Quarters
+
+    q = _Quarters(T=8, dtype=torch.float64, device=torch.device("cpu"))
+    q.add(torch.tensor([0, 1, 2, 7, 7]), torch.tensor([1.0, 3.0, 10.0, 4.0, 6.0]))  # t 0-1: q0, 2-3: q1, 6-7: q3
+    q.add(torch.tensor([3]), torch.tensor([20.0]))
+    assert q.means(SINGLE) == {"loss_q0": 2.0, "loss_q1": 15.0, "loss_q3": 5.0}  # no example in q2: left out
+    assert q.means(SINGLE) == {}  # a new window
