@@ -2,8 +2,12 @@
 
 Strided sampling keeps K of the T timesteps, S = {s_1 < … < s_K} (evenly spaced, s_K = T), and
 uses the schedule those steps define: ᾱ'_k = ᾱ_{s_k}, β'_k = 1 − ᾱ'_k/ᾱ'_{k−1}. The network is
-called with the original timestep s_k, and every variance (fixed or learned-range) is re-derived
-from the new β' and β̃', as iDDPM's respacing does.
+called with the original timestep s_k and its output read on the original chain (x̂_0 from ε_θ, or
+from μ_θ through the original one-step posterior); the jump's mean is the strided chain's posterior
+mean at that x̂_0, and every variance (fixed or learned-range) is re-derived from the new β' and β̃',
+as iDDPM's respacing does (:meth:`bench.variant.Variant.p_mean_variance_strided`). A variant with
+DDPM's learned diagonal Σ has no multi-step variance, so it is sampled with all T steps whatever was
+asked, and the sampler's description says so.
 """
 
 from __future__ import annotations
@@ -42,10 +46,23 @@ def respace(sched: Schedule, steps: int | None) -> Respaced:
     return Respaced(Schedule(1 - ab / prev, spec), keep)
 
 
-def describe_sampler(sched: Schedule, steps: int | None) -> str:
-    """How samples were drawn, for tags: e.g. ``ancestral, 1000 of 1000 steps``."""
-    n = sched.T if steps is None else steps
-    return f"ancestral, {n} of {sched.T} steps" + (" (strided, iDDPM respacing)" if n != sched.T else "")
+def sampler_steps(variant: Variant, sched: Schedule, steps: int | None) -> int | None:
+    """The steps ``sample`` takes when asked for ``steps``: all T (None) for a variant that cannot stride."""
+    return steps if variant.strides else None
+
+
+def describe_sampler(sched: Schedule, steps: int | None, variant: Variant) -> str:
+    """How ``variant``'s samples were drawn when ``steps`` were asked, for tags: e.g. ``ancestral, 1000 of
+    1000 steps``, ``ancestral, 250 of 1000 steps (strided, iDDPM respacing; x̂_0 read on the original chain)``."""
+    taken = sampler_steps(variant, sched, steps)
+    n = sched.T if taken is None else taken
+    text = f"ancestral, {n} of {sched.T} steps"
+    if n != sched.T:
+        return text + " (strided, iDDPM respacing; x̂_0 read on the original chain)"
+    if steps is not None and steps != sched.T:
+        return text + (f" ({steps} asked; a learned per-step diagonal Σ has no multi-step variance, "
+                       "so all T steps are taken)")
+    return text
 
 
 @torch.no_grad()
@@ -76,7 +93,8 @@ def sample(
     """
     if n < 1:
         raise BenchError(f"the number of samples must be >= 1, got {n}")
-    plan = respace(sched, steps)
+    plan = respace(sched, sampler_steps(variant, sched, steps))
+    strided = len(plan.timesteps) != sched.T
     device = torch.device(device)
     mine = dist.block(n, unit=batch_size)
     timesteps = plan.timesteps.to(device)
@@ -84,7 +102,7 @@ def sample(
     model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
     try:
-        bar = tqdm(total=len(mine), desc=label(desc, f"sampling ({describe_sampler(sched, steps)})"), unit="image",
+        bar = tqdm(total=len(mine), desc=label(desc, f"sampling ({describe_sampler(sched, steps, variant)})"), unit="image",
                    disable=not (progress and dist.main))
         every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):
@@ -94,9 +112,13 @@ def sample(
             for k in reversed(range(len(plan.timesteps))):
                 if k % every == 0:
                     bar.set_postfix_str(f"{b} in flight, reverse step {len(plan.timesteps) - k}/{len(plan.timesteps)}")
-                t_new = torch.full((b,), k, device=device, dtype=torch.long)
-                net_out = model(x, timesteps[k].expand(b)).float()
-                step = variant.p_mean_variance(net_out, plan.sched, x, t_new, clip_x0=clip_x0)
+                t = timesteps[k].expand(b)
+                net_out = model(x, t).float()
+                if strided:
+                    k_b = torch.full((b,), k, device=device, dtype=torch.long)
+                    step = variant.p_mean_variance_strided(net_out, sched, plan.sched, x, t, k_b, clip_x0=clip_x0)
+                else:
+                    step = variant.p_mean_variance(net_out, sched, x, t, clip_x0=clip_x0)
                 if k > 0:
                     x = step.mean + torch.exp(0.5 * step.log_var) * torch.randn(b, *shape, generator=g, device=device)
                 else:

@@ -468,7 +468,7 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
     final = f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact" else \
         f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)"
     images = f"{config.final_eval_images} test images" if config.final_eval_images else "the whole test split"
-    sampler = describe_sampler(sched, config.sample_steps or None)
+    sampler = describe_sampler(sched, config.sample_steps or None, variant)
     during = (f" During training, `bpd_estimate` (the unbiased estimate, {config.eval_calls} calls per image, "
               f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
     fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
@@ -724,7 +724,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
                   "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, "per_t_bound.json")
     log.image(sample_grid(images[: config.sample_grid]), "samples", step)
-    sampler = describe_sampler(sched, steps)
+    sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
         from bench.fid import FidUnavailable, compute_fid, save_samples

@@ -197,6 +197,35 @@ class Variant:
         log_var = self._log_var_fn(var_out, sched, t, x_t)
         return ReverseStep(mean=mean, log_var=log_var, pred_x0=pred_x0)
 
+    @property
+    def strides(self) -> bool:
+        """Whether the reverse process can take a multi-step jump (strided sampling). DDPM's learned
+        diagonal Σ (``learned``) is a per-step variance of the original chain with no counterpart for a
+        jump over several steps, so those variants are sampled with all T steps."""
+        return self.var_type != "learned"
+
+    def p_mean_variance_strided(
+        self, out: torch.Tensor, sched: Schedule, jump: Schedule, x_t: torch.Tensor, t: torch.Tensor, k: torch.Tensor,
+        clip_x0: bool = False,
+    ) -> ReverseStep:
+        """p_θ(x_{s_{k−1}} | x_{s_k}) of a strided chain ``jump`` whose step k (0-based) is the original
+        chain's step t = s_k (both long [B]).
+
+        The network was trained on the original chain, so its output is read there, at the original
+        timestep: x̂_0 from ε_θ, or by inverting the original one-step posterior mean for μ_θ. The jump's
+        mean is then the jump's posterior μ̃'_k(x_{s_k}, x̂_0) and its variance comes from the jump's β'_k
+        and β̃'_k (fixed or learned-range), as iDDPM respaces. For ε this equals :meth:`p_mean_variance`
+        on ``jump`` (ᾱ'_k = ᾱ_{s_k}); for μ̃ it does not: the jump's own posterior coefficients would
+        invert the network's output as if it were a jump's mean.
+        """
+        if not self.strides:
+            raise BenchError(f"variant {self.name!r} learns a per-step variance ({self.var_type}): it has no "
+                             "multi-step reverse variance, so sample it with all T steps")
+        read = self.p_mean_variance(out, sched, x_t, t, clip_x0=False)
+        pred_x0 = read.pred_x0.clamp(-1, 1) if clip_x0 else read.pred_x0
+        log_var = self._log_var_fn(out[:, x_t.shape[1]:], jump, k, x_t)
+        return ReverseStep(mean=jump.q_posterior_mean(pred_x0, x_t, k), log_var=log_var, pred_x0=pred_x0)
+
     # ----------------------------------------------------------------- training
     def loss(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Per-example loss terms for a batch x_0 [B, C, H, W] on [−1, 1]: a dict of [B] tensors

@@ -2,7 +2,8 @@
 
 For such data x_t ~ N(0, v_t) with v_t = ᾱ_t s² + 1 − ᾱ_t, so E[ε | x_t] = √(1−ᾱ_t) x_t / v_t, and
 q(x_{t−1} | x_t) is Gaussian with variance v_{t−1} − α_t v_{t−1}² / v_t (v_0 = s²). The oracle
-outputs that ε and, for learned variances, that variance in the variant's parameterisation.
+outputs that ε (or, with ``mean_type="mu"``, the one-step posterior mean μ̃_t(x_t, E[x_0 | x_t]) it
+implies) and, for learned variances, that variance in the variant's parameterisation.
 """
 
 import math
@@ -14,8 +15,9 @@ from bench import Schedule
 
 
 class GaussianOracle(torch.nn.Module):
-    def __init__(self, sched: Schedule, s: float, var_type: str):
+    def __init__(self, sched: Schedule, s: float, var_type: str, mean_type: str = "eps"):
         super().__init__()
+        self.sched, self.mean_type = sched, mean_type
         ab, abp = sched.alphas_cumprod, sched.alphas_cumprod_prev
         v, vp = ab * s * s + 1 - ab, abp * s * s + 1 - abp
         self.var_type = var_type
@@ -26,6 +28,8 @@ class GaussianOracle(torch.nn.Module):
 
     def forward(self, x, t):
         eps = Schedule.gather(self.eps_coef, t, x) * x
+        if self.mean_type == "mu":
+            eps = self.sched.q_posterior_mean(self.sched.predict_x0_from_eps(x, t, eps), x, t)
         if self.var_type == "learned_range":
             return torch.cat([eps, Schedule.gather(self.range_v, t, x).expand_as(x)], 1)
         if self.var_type == "learned":
