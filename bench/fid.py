@@ -37,10 +37,11 @@ Feature extractors:
   other network is ever substituted.  The weights are read with ``torch.load(weights_only=True)``
   (torch-fidelity itself would use ``weights_only=False``), so a file holding anything but a state
   dict of tensors is refused with a :class:`~bench.errors.BenchError` before any of it runs.
-* ``digits`` (grey 8x8): a small CNN classifier trained deterministically on the digits train split
-  (labels from scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order), saved as
-  ``<cache_dir>/digits-classifier-<hash8>.pt`` (``hash8``: first 8 hex digits of the file's sha256)
-  and read with ``torch.load(weights_only=True)``; the extractor is named ``digits-classifier-<hash8>``
+* ``digits`` (grey 8x8): a small CNN classifier trained once on the digits train split (labels from
+  scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order) and shipped with the package
+  as ``bench/digits_classifier.npz`` (its tensors as plain arrays, read with ``allow_pickle=False``).  Its
+  sha256 is fixed here (:data:`DIGITS_CLASSIFIER_SHA256`) and checked at every load, so every machine
+  scores digits FIDs in the same feature space; the extractor is named ``digits-classifier-<hash8>``
   and its 64-d penultimate layer (``"64"``) feeds FID, KID and precision/recall.  Its 10 class
   logits (``"logits"``) give an analogue of the Inception Score, tagged ``isc_extractor`` and
   ``isc_note``: it is not comparable with Inception IS (at most 10, the number of classes).
@@ -86,6 +87,8 @@ INCEPTION_WEIGHTS_FILENAME = os.path.basename(URL_INCEPTION_V3)
 DIGITS_EXTRACTOR_PREFIX = "digits-classifier"
 DIGITS_FEATURE_LAYER = "64"
 DIGITS_LOGITS_LAYER = "logits"
+DIGITS_CLASSIFIER_FILE = Path(__file__).with_name("digits_classifier.npz")  # shipped with the package
+DIGITS_CLASSIFIER_SHA256 = "634ef1526a6c79f4dabcd92e7bd0053ed73bc93a6d31792456ce4ecade7260b9"
 DIGITS_TRAIN_SEED = 0
 DIGITS_TRAIN_EPOCHS = 15
 DIGITS_TRAIN_BATCH = 50
@@ -198,34 +201,51 @@ def _train_digits_classifier() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def ensure_digits_classifier(cache_dir: str | Path) -> Path:
-    """Path of the cached digits classifier ``<cache_dir>/digits-classifier-<hash8>.pt``.
+def write_digits_classifier(path: str | Path) -> str:
+    """Train the digits classifier and write its tensors to ``path`` as an ``.npz``; returns its sha256.
 
-    A file whose name matches its own sha256 is reused; otherwise the classifier is trained (a few
-    seconds) and written atomically under its hash name.
+    How ``bench/digits_classifier.npz`` was made (then its hash was put in :data:`DIGITS_CLASSIFIER_SHA256`).
+    Training is deterministic on one machine, but other CPUs and torch builds round differently, which is
+    why the weights are shipped rather than trained where they are used.
     """
-    cache = Path(cache_dir)
-    for path in sorted(cache.glob(f"{DIGITS_EXTRACTOR_PREFIX}-*.pt")):
-        if path.stem == f"{DIGITS_EXTRACTOR_PREFIX}-{_sha256_file(path)[:8]}":
-            return path
-    buf = io.BytesIO()  # not torch.save(path): the archive would embed the (random) temp file name
-    torch.save(_train_digits_classifier(), buf)
-    data = buf.getvalue()
-    path = cache / f"{DIGITS_EXTRACTOR_PREFIX}-{hashlib.sha256(data).hexdigest()[:8]}.pt"
-    write_atomically(path, lambda f: f.write(data))
+    arrays = {k: v.numpy() for k, v in _train_digits_classifier().items()}
+    write_atomically(Path(path), lambda f: np.savez(f, **arrays))
+    return _sha256_file(Path(path))
+
+
+def digits_classifier_file() -> Path:
+    """The shipped digits classifier, after checking its sha256; BenchError if the file is not the one
+    the package was released with (a damaged or edited install)."""
+    path = DIGITS_CLASSIFIER_FILE
+    if not path.is_file():
+        raise BenchError(f"the digits classifier {path} is missing from the installed package: reinstall elbo-bench")
+    digest = _sha256_file(path)
+    if digest != DIGITS_CLASSIFIER_SHA256:
+        raise BenchError(f"the digits classifier {path} has sha256 {digest[:16]}…, not the released "
+                         f"{DIGITS_CLASSIFIER_SHA256[:16]}…: its FIDs would not compare with anyone's; reinstall elbo-bench")
     return path
 
 
+def digits_extractor_name() -> str:
+    """``digits-classifier-<hash8>``: the name FIDs on digits are tagged with (``fid_extractor``)."""
+    return f"{DIGITS_EXTRACTOR_PREFIX}-{DIGITS_CLASSIFIER_SHA256[:8]}"
+
+
 def _load_digits_net(path: str | Path) -> _DigitsNet:
-    """A :class:`_DigitsNet` in eval mode with the weights of ``path``."""
+    """A :class:`_DigitsNet` in eval mode with the weights of the ``.npz`` at ``path`` (no pickle)."""
     net = _DigitsNet()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            state = {k: torch.from_numpy(f[k].copy()) for k in f.files}
+        net.load_state_dict(state)
+    except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as err:
+        raise BenchError(f"cannot read the digits classifier {path}: {first_line(err)}") from None
     return net.requires_grad_(False).eval()
 
 
-def digits_classifier_accuracy(cache_dir: str | Path) -> float:
-    """Accuracy of the cached (or newly trained) digits classifier on the digits test split."""
-    net = _load_digits_net(ensure_digits_classifier(cache_dir))
+def digits_classifier_accuracy() -> float:
+    """Accuracy of the shipped digits classifier on the digits test split."""
+    net = _load_digits_net(digits_classifier_file())
     x, y = load_dataset("digits", "test"), _digits_labels("test")
     with torch.no_grad():
         return float((net(x).argmax(dim=1) == y).to(torch.float64).mean())
@@ -392,9 +412,9 @@ class _Extractor(NamedTuple):
 def _extractor_for(dataset: str, channels: int, cache: Path, fid_weights: str | Path | None) -> _Extractor:
     """The feature extractor of a dataset (see the module docstring)."""
     if dataset == "digits":
-        weights = ensure_digits_classifier(cache)
-        hash8 = weights.stem.rsplit("-", 1)[-1]
-        return _Extractor(f"{DIGITS_EXTRACTOR_PREFIX}-{hash8}", DIGITS_FEATURE_LAYER, DIGITS_LOGITS_LAYER, weights, hash8)
+        weights = digits_classifier_file()
+        return _Extractor(digits_extractor_name(), DIGITS_FEATURE_LAYER, DIGITS_LOGITS_LAYER, weights,
+                          DIGITS_CLASSIFIER_SHA256[:8])
     if channels == 3:
         weights = inception_weights_path(fid_weights)
         return _Extractor(INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, INCEPTION_LOGITS_LAYER, weights,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from bench.fid import (
     FidUnavailable,
     compute_fid,
     digits_classifier_accuracy,
-    ensure_digits_classifier,
     inception_weights_path,
 )
 
@@ -39,10 +38,8 @@ def _uint8(n: int, c: int, size: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir holding a freshly trained digits classifier."""
-    cache = tmp_path_factory.mktemp("fid-digits")
-    ensure_digits_classifier(cache)
-    return cache
+    """A cache dir for the reference statistics (the digits classifier ships with the package)."""
+    return tmp_path_factory.mktemp("fid-digits")
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +72,43 @@ def test_digits_fid_separates_heldout_noise_and_self(digits_fids: dict[str, FidR
 
 
 def test_digits_tags(digits_fids: dict[str, FidResult], digits_cache: Path) -> None:
-    (clf,) = digits_cache.glob("digits-classifier-*.pt")
-    hash8 = hashlib.sha256(clf.read_bytes()).hexdigest()[:8]
-    assert clf.name == f"digits-classifier-{hash8}.pt"
+    hash8 = hashlib.sha256(fid_mod.DIGITS_CLASSIFIER_FILE.read_bytes()).hexdigest()[:8]
+    assert not list(digits_cache.glob("digits-classifier-*"))  # nothing trained or cached per machine
     tags = digits_fids["heldout"].tags
-    assert tags["fid_extractor"] == f"digits-classifier-{hash8}"
+    assert tags["fid_extractor"] == f"digits-classifier-{hash8}" == "digits-classifier-634ef152"
     assert tags["fid_reference"] == "digits train split, 1500 images"
     assert tags["fid_samples"] == "297" and tags["fid_feature_layer"] == "64"
 
 
-def test_digits_classifier_accuracy(digits_cache: Path) -> None:
-    assert digits_classifier_accuracy(digits_cache) > 0.9
+def test_shipped_digits_classifier_accuracy() -> None:
+    assert digits_classifier_accuracy() > 0.95
 
 
-def test_digits_classifier_training_is_deterministic(digits_cache: Path, tmp_path: Path) -> None:
-    first = ensure_digits_classifier(digits_cache)
-    again = ensure_digits_classifier(tmp_path)  # trains anew in an empty dir
-    assert again.name == first.name and again.read_bytes() == first.read_bytes()
+@pytest.mark.parametrize("damage", ["edited", "missing", "planted pickle"])
+def test_a_digits_classifier_other_than_the_released_one_is_refused(
+    damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each machine trained its own classifier before, so digits FIDs did not compare across machines. The
+    shipped file's sha256 is checked at every load: an edited, missing or replaced file is one clear error."""
+    bad = tmp_path / "digits_classifier.npz"
+    if damage == "edited":
+        data = bytearray(fid_mod.DIGITS_CLASSIFIER_FILE.read_bytes())
+        data[-100] ^= 1
+        bad.write_bytes(bytes(data))
+    elif damage == "planted pickle":
+        bad.write_bytes(pickle.dumps({"weights": 1}))
+    monkeypatch.setattr(fid_mod, "DIGITS_CLASSIFIER_FILE", bad)
+    with pytest.raises(BenchError, match="reinstall elbo-bench"):
+        compute_fid(load_dataset("digits", "test")[:10], "digits", load_dataset("digits", "train")[:10],
+                    cache_dir=tmp_path)
 
 
 def test_cache_reuses_classifier_and_reference_stats(
     digits_cache: Path, digits_train: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     extractor_calls: list[int],
 ) -> None:
-    (clf,) = digits_cache.glob("digits-classifier-*.pt")
-    shutil.copy2(clf, tmp_path / clf.name)
-
     def no_training() -> None:
-        raise AssertionError("the cached classifier should have been reused")
+        raise AssertionError("the shipped classifier should be used")
 
     monkeypatch.setattr(fid_mod, "_train_digits_classifier", no_training)
     seen = extractor_calls  # batch sizes the digits extractor sees from here on
@@ -114,7 +120,7 @@ def test_cache_reuses_classifier_and_reference_stats(
     (cached,) = (p for p in files if p.suffix == ".npz")  # features and FID statistics of the reference, no pickles
     assert sorted(p.name.removeprefix(cached.stem) for p in files if p != cached) == [  # the reference points
         "-refnoise-n100-seed0.json", f"-reftest-n100-{hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:8]}.json"]
-    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{clf.stem}-64.npz")
+    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{fid_mod.digits_extractor_name()}-64.npz")
     with np.load(cached, allow_pickle=False) as z:
         assert sorted(z.files) == ["features", "mu", "sigma"]
         assert z["features"].shape == (1500, 64) and z["sigma"].shape == (64, 64)
@@ -123,7 +129,7 @@ def test_cache_reuses_classifier_and_reference_stats(
     assert sum(seen) == 100  # only the samples went through the network
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fidelity").iterdir()} == files
     assert second.metrics == pytest.approx(first.metrics)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([clf.name, "fidelity"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fidelity"]
 
 
 @pytest.mark.parametrize("n", [2, 3])

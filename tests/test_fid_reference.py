@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,8 @@ from bench.errors import BenchError
 from bench.fid import (
     INCEPTION_WEIGHTS_FILENAME,
     compute_fid,
-    ensure_digits_classifier,
+    digits_classifier_file,
+    digits_extractor_name,
     gaussian_noise_images,
     inception_score,
     load_samples,
@@ -44,16 +44,16 @@ class _Mkdir:
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_digits_classifier(tmp_path_factory.mktemp("clf"))
+def classifier() -> Path:
+    """The digits classifier shipped with the package."""
+    return digits_classifier_file()
 
 
 @pytest.fixture
 def cache(classifier: Path, tmp_path: Path) -> Path:
-    """An empty cache folder holding only the (already trained) digits classifier."""
+    """An empty cache folder (the digits classifier ships with the package)."""
     folder = tmp_path / "cache"
     folder.mkdir()
-    shutil.copy2(classifier, folder / classifier.name)
     return folder
 
 
@@ -126,7 +126,7 @@ def test_digits_is_analogue(classifier: Path, cache: Path, train: torch.Tensor, 
     noise = compute_fid(gaussian_noise_images(297, (1, 8, 8)), "digits", train, cache_dir=cache, kid=False,
                         prc=False, reference_points=False)
     assert noise.metrics["isc"] < res.metrics["isc"] - 2.0
-    assert res.tags["isc_extractor"] == res.tags["fid_extractor"] == classifier.stem
+    assert res.tags["isc_extractor"] == res.tags["fid_extractor"] == digits_extractor_name()
     assert res.tags["isc_layer"] == "logits" and res.tags["isc_splits"] == "10"
     assert "not comparable with Inception IS" in res.tags["isc_note"]
 
@@ -223,7 +223,6 @@ def test_bench_fid_reproduces_the_score_of_saved_samples(
 ) -> None:
     home = tmp_path / "home"
     (home / "cache").mkdir(parents=True)
-    shutil.copy2(classifier, home / "cache" / classifier.name)
     samples = torch.cat([test_split[:150], gaussian_noise_images(50, (1, 8, 8))])  # a middling "model"
     expected = compute_fid(samples, "digits", train, cache_dir=cache)  # as a run scores them (another cache)
     save_samples(samples, tmp_path / "samples.npz")

@@ -10,7 +10,6 @@ import codecs
 import hashlib
 import os
 import pickle
-import shutil
 import struct
 import urllib.error
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from bench.data import load_dataset
 from bench.errors import BenchError
-from bench.fid import INCEPTION_WEIGHTS_FILENAME, FidUnavailable, compute_fid, ensure_digits_classifier
+from bench.fid import INCEPTION_WEIGHTS_FILENAME, FidUnavailable, compute_fid, digits_classifier_file, digits_extractor_name
 
 
 class _Mkdir:
@@ -129,8 +128,9 @@ def test_numpy2_protocol2_format_still_loads(cifar10_root):
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_digits_classifier(tmp_path_factory.mktemp("clf"))
+def classifier() -> Path:
+    """The digits classifier shipped with the package."""
+    return digits_classifier_file()
 
 
 def _digits_sets() -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +140,7 @@ def _digits_sets() -> tuple[torch.Tensor, torch.Tensor]:
 def _plant(cache: Path, classifier: Path, reference: torch.Tensor, marker: Path, npz_kind: str) -> list[Path]:
     """Malicious files under every name the reference's cache entry has had (torch-fidelity ``.pt``, ours ``.npz``)."""
     (cache / "fidelity").mkdir(parents=True)
-    shutil.copy2(classifier, cache / classifier.name)
-    extractor = classifier.stem  # digits-classifier-<hash8>
+    extractor = digits_extractor_name()  # digits-classifier-<hash8>
     ref8 = hashlib.sha256(reference.numpy().tobytes()).hexdigest()[:8]
     name = f"digits-train-n{reference.shape[0]}-{ref8}-{extractor}-64"
     folder = cache / "fidelity"
