@@ -382,7 +382,12 @@ def _latest_samples(client, run_id: str, tmp: str):
 
 
 def _sampler(r) -> str:
-    """The ancestral sampler a run's grids were drawn with, from its params (as bench.sample.describe_sampler)."""
+    """The ancestral sampler a run's grids were drawn with: its `fid_sampler` tag (the final grid and FID come
+    from the same samples), else from its params (as bench.sample.describe_sampler, which also knows that a
+    learned per-step Σ is sampled with all T steps whatever was asked)."""
+    tagged = r.get("fid_sampler")
+    if isinstance(tagged, str) and tagged:
+        return tagged
     try:
         T, steps = int(r["T"]), int(r["sampler steps"] or 0)
     except (KeyError, ValueError):
