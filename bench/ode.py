@@ -233,7 +233,7 @@ def flow_nll_nats(score: ScoreFn, sde: VpSde, z: torch.Tensor, probes: torch.Ten
                     t_eval=(1.0,))
     if sol.status != 0:
         raise SolverFailed(f"the ODE solver ({options.method}) stopped before s = 1: {sol.message}; "
-                         "try looser tolerances (rtol/atol)")
+                           "try looser tolerances (rtol/atol)")
     y1 = torch.from_numpy(sol.y[:, -1])
     x1, delta = y1[:-B].view(B, D), y1[-B:]
     prior_logp = -0.5 * (x1**2).sum(1) - 0.5 * D * math.log(2 * math.pi)  # log N(x(1); 0, I)
