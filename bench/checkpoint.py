@@ -1,44 +1,88 @@
 """Checkpoints: written atomically (temp file + rename), read back with a clear error when damaged.
 
 A run's folder ``checkpoints/<run id>/`` is claimed by the one process training that run (a lock
-file, released by the kernel when the process dies); the claimant removes temp files that a writer
-killed mid-save left behind.
+file, released by the kernel when the process dies). A writer killed mid-save leaves its temp file
+``.last.pt.<pid>.<random>.tmp``; whoever next claims a run folder removes such files from its own folder
+and from every other run folder that no live process holds, so a run killed during its first save (which
+nothing will resume) does not keep its half-written file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 from bench.errors import BenchError, first_line
-from bench.locks import file_lock
+from bench.locks import LockBusy, file_lock
 
 FORMAT = "elbo-bench-checkpoint-1"
 REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")
+# the temp names write_atomically gives a checkpoint (.last.pt.<pid>.<random>.tmp; before the pid: .last.pt.<random>.tmp)
+OUR_TEMP = re.compile(r"\.[^/]+\.pt\.(\d+\.)?\w+\.tmp")
+CLAIM_PATIENCE_S = 1.0  # how long a claim waits for a run folder's lock (another claimant's sweep holds it for an instant)
 
 
 @contextmanager
 def claim_run_dir(folder: str | Path, run_id: str) -> Iterator[Path]:
     """Hold the run's checkpoint folder for the ``with`` block: a second process training or resuming
-    the same run is refused in one line. Temp files of an earlier writer that died mid-save are removed."""
+    the same run is refused in one line. Temp files of writers that died mid-save are removed, here and
+    in the other run folders beside it that no live process holds."""
     folder = Path(folder)
-    with file_lock(folder / ".lock", blocking=False, what=f"run {run_id} (its checkpoints in {folder})"):
-        for stale in folder.glob(".*.pt.*.tmp"):  # our own temp names (see save_checkpoint); their writer is gone
-            stale.unlink(missing_ok=True)
+    with _patient_lock(folder / ".lock", f"run {run_id} (its checkpoints in {folder})"):
+        _remove_temp_files(folder)  # ours now: any temp file in it is a dead writer's
+        _sweep_unheld_run_dirs(folder.parent, skip=folder)
         yield folder
 
 
+def _patient_lock(path: Path, what: str) -> ExitStack:
+    """The lock ``path``, waiting at most ``CLAIM_PATIENCE_S`` for it (another claimant's sweep holds a free
+    run folder's lock for an instant); then :class:`LockBusy` naming its holder."""
+    deadline = time.monotonic() + CLAIM_PATIENCE_S
+    while True:
+        held = ExitStack()
+        try:
+            held.enter_context(file_lock(path, blocking=False, what=what))
+            return held
+        except LockBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Delete the checkpoint temp files (names matching ``OUR_TEMP``) in ``folder``; nothing else."""
+    for path in folder.iterdir():
+        if OUR_TEMP.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _sweep_unheld_run_dirs(root: Path, skip: Path) -> None:
+    """Remove the temp files of every run folder under ``root`` whose lock no live process holds (its
+    writer is gone); a folder in use is left alone."""
+    for other in root.iterdir():
+        if other == skip or not (other / ".lock").is_file():  # only run folders (claim_run_dir made the lock)
+            continue
+        try:
+            with file_lock(other / ".lock", blocking=False):
+                _remove_temp_files(other)
+        except (LockBusy, OSError):
+            continue
+
+
 def write_atomically(path: str | Path, write) -> Path:
-    """Create ``path`` (and its folder) through a temp file ``.<name>.*.tmp`` beside it, flushed to disk and
-    renamed into place, so a reader sees the old file or the whole new one. ``write(f)`` fills the binary file."""
+    """Create ``path`` (and its folder) through a temp file ``.<name>.<pid>.<random>.tmp`` beside it, flushed
+    to disk and renamed into place, so a reader sees the old file or the whole new one. ``write(f)`` fills
+    the binary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

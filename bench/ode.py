@@ -45,9 +45,17 @@ PROBE_STREAM = 4  # keyed_generator(seed, image, 4): the Hutchinson probes
 ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x [B, C, H, W], s) → ∇_x log p_s(x) [B, C, H, W]
 
 
-class FlowDiverged(BenchError):
-    """The probability flow of this network left the finite numbers: its likelihood is not computed (a
-    result to record, like a diverged run)."""
+class FlowFailed(BenchError):
+    """The probability flow of this network could not be integrated to s = 1: its likelihood is not computed
+    (a result to record, like a diverged run)."""
+
+
+class FlowDiverged(FlowFailed):
+    """The flow left the finite numbers."""
+
+
+class SolverFailed(FlowFailed):
+    """The adaptive solver gave up before s = 1 (its step fell below what float64 resolves at some s)."""
 
 
 @dataclass(frozen=True)
@@ -139,20 +147,29 @@ def network_score(model, variant: Variant, sde: VpSde) -> ScoreFn:
 
     x̂_0 from ``variant.p_mean_variance`` unclipped (ε-networks: x̂_0 = (x − √(1−ᾱ_i) ε_θ)/√ᾱ_i, so this is
     −ε_θ/√(1 − ᾱ_i); μ-networks invert μ̃). Learned-variance channels are not used. The network runs in
-    its own dtype; the rest in x's dtype.
+    its own dtype (:func:`network_dtype`: float32 for the suite's) with autocast off, whatever the run's
+    precision: the solver's tolerances (1e-5) are far below bf16's resolution, and in bf16 its steps shrink
+    until it barely advances. The rest runs in x's dtype.
     """
     sched = sde.sched
-    net_dtype = next((p.dtype for p in model.parameters()), torch.float32) if hasattr(model, "parameters") else torch.float32
+    net_dtype = network_dtype(model)
 
     def score(x: torch.Tensor, s: float) -> torch.Tensor:
         i = sde.index(s)
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        out = model(x.to(net_dtype), t).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = model(x.to(net_dtype), t).to(x.dtype)
         pred_x0 = variant.p_mean_variance(out, sched, x, t, clip_x0=False).pred_x0
         ab = sched.alphas_cumprod[i].item()
         return -(x - math.sqrt(ab) * pred_x0) / (1 - ab)
 
     return score
+
+
+def network_dtype(model) -> torch.dtype:
+    """The dtype :func:`network_score` runs ``model`` in: its parameters' (float32 when it has none)."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    return next((p.dtype for p in params), torch.float32)
 
 
 # --------------------------------------------------------------------- one solve
@@ -215,8 +232,8 @@ def flow_nll_nats(score: ScoreFn, sde: VpSde, z: torch.Tensor, probes: torch.Ten
     sol = solve_ivp(drift, (options.eps, 1.0), y0, method=options.method, rtol=options.rtol, atol=options.atol,
                     t_eval=(1.0,))
     if sol.status != 0:
-        raise BenchError(f"the ODE solver ({options.method}) stopped before s = 1: {sol.message}; "
-                         "try looser tolerances (rtol/atol)")
+        raise SolverFailed(f"the ODE solver ({options.method}) stopped before s = 1: {sol.message}; "
+                           "try looser tolerances (rtol/atol)")
     y1 = torch.from_numpy(sol.y[:, -1])
     x1, delta = y1[:-B].view(B, D), y1[-B:]
     prior_logp = -0.5 * (x1**2).sum(1) - 0.5 * D * math.log(2 * math.pi)  # log N(x(1); 0, I)
@@ -253,7 +270,8 @@ def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, opti
             progress: bool = False, desc: str = "") -> NllResult:
     """The probability-flow NLL of uint8 ``images`` [N, C, H, W] under ``model`` (its score through
     :func:`network_score`), dequantised, in bits/dim. ``model`` runs in eval mode (restored afterwards)
-    on ``device`` (default: where its parameters are). See :func:`flow_nll` for the rest."""
+    on ``device`` (default: where its parameters are), in its own dtype without autocast (:func:`network_dtype`).
+    See :func:`flow_nll` for the rest. Raises :class:`FlowFailed` when the flow cannot be integrated."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         raise BenchError("nll_ode needs uint8 images [N, C, H, W] with pixels 0..255")
     device = torch.device(device) if device is not None else _model_device(model)

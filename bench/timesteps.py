@@ -94,7 +94,8 @@ class LossSecondMomentSampler(UniformSampler):
         values = losses.detach().to(torch.float64).reshape(-1)
         order = torch.argsort(t, stable=True)  # grouped by t, batch order kept within a group
         t_sorted, v_sorted = t[order], values[order]
-        new = torch.bincount(t, minlength=self.T)  # values arriving per t
+        # values arriving per t (not bincount: on a GPU it reads t's min and max back to the host)
+        new = torch.zeros(self.T, dtype=torch.long, device=device).index_add_(0, t, torch.ones_like(t))
         first = torch.cumsum(new, 0) - new  # where each t's group starts in t_sorted
         rank = torch.arange(len(t_sorted), device=device) - first[t_sorted]  # 0-based place within its group
         # Row t is (its `count` old values) ++ (its `new` values), trimmed to the last H: everything moves

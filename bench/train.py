@@ -32,7 +32,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from bench import dist as dist_mod
@@ -42,6 +41,7 @@ from bench.config import RunConfig, flatten
 from bench.cores import CoreShare
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
+from bench.ema import Ema, ema_weights
 from bench.errors import BenchError
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
@@ -132,6 +132,11 @@ class _Autocast(torch.nn.Module):
             return self.net(x, t).float()
 
 
+def _without_autocast(model):
+    """The network an :class:`_Autocast` wraps (any other model as it is): for what must not run in bf16."""
+    return model.net if isinstance(model, _Autocast) else model
+
+
 class _Interrupt:
     """Ctrl-C (SIGINT) inside the step loop is deferred to the end of the current iteration, so a
     checkpoint never holds half a step; a second Ctrl-C, or one outside the loop, interrupts at once."""
@@ -167,10 +172,11 @@ class _State:
     """Everything the loop changes, as one checkpointable unit."""
 
     net: torch.nn.Module
-    ema: AveragedModel  # the EMA of the weights (``ema.module``), what evaluation and sampling use
+    ema: Ema  # the EMA of the weights (``ema.module``), what evaluation and sampling use
     opt: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
     data_gen: torch.Generator
+    window: _Window  # the loss sums of the logging window under way
     step: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
@@ -183,6 +189,7 @@ def _checkpoint_path(run_id: str) -> Path:
 def _save(state: _State, ctx: _Ctx) -> Path:
     """Write the run's checkpoint (rank 0 only; every rank holds the same state). Returns its path."""
     path = _checkpoint_path(ctx.run_id)
+    window = state.window.state_dict(ctx.dist)  # every rank takes part
     if not ctx.dist.main:
         return path
     cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
@@ -192,27 +199,8 @@ def _save(state: _State, ctx: _Ctx) -> Path:
         "variant": ctx.variant.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
         "run_id": ctx.run_id, "tracking_uri": ctx.uri, "images_seen": state.images_seen,
-        "train_seconds": state.train_seconds,
+        "train_seconds": state.train_seconds, "window": window,
     })
-
-
-def make_ema(net: torch.nn.Module, decay: float) -> AveragedModel:
-    """The EMA of ``net``'s weights (torch's AveragedModel with its EMA rule), started at ``net``'s
-    current weights: after each step, W_ema ← decay·W_ema + (1 − decay)·W. Its step counter
-    ``n_averaged`` stays on the CPU, so AveragedModel's per-update check of it does not wait for the GPU
-    (handing it to the update rule is still a small copy to the device each step)."""
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
-    ema.requires_grad_(False).eval()
-    ema.update_parameters(net)  # the first update copies: the EMA starts at the initial weights
-    return ema
-
-
-def ema_weights(saved: dict) -> dict:
-    """The EMA network's own state dict from a checkpoint's ``ema`` entry (an AveragedModel's, or the bare
-    network's in checkpoints from before it was one)."""
-    if "n_averaged" not in saved:
-        return saved
-    return {k.removeprefix("module."): v for k, v in saved.items() if k != "n_averaged"}
 
 
 def warmup_factor(warmup_steps: int, step: int) -> float:
@@ -267,11 +255,11 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     net = build_network(config.network, C, variant.out_channels(C), H).to(device)
     if channels_last(config, device):
         net = net.to(memory_format=torch.channels_last)
-    ema = make_ema(net, config.ema_decay)
+    ema = Ema(net, config.ema_decay)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_factor, config.warmup_steps))
-    state = _State(net, ema, opt, lr_schedule, torch.Generator().manual_seed(config.seed))
+    state = _State(net, ema, opt, lr_schedule, torch.Generator().manual_seed(config.seed), _Window(sched.T, device))
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
 
     with ExitStack() as held:
@@ -281,7 +269,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
             or (None, None)
         run_id = d.share(run_id)
         if ckpt is not None:
-            _load_state(state, variant, sched, ckpt, device)
+            _load_state(state, variant, sched, ckpt, device, d)
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
         if d.main:
             if ckpt is not None:
@@ -368,7 +356,7 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
         raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
 
 
-def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device) -> None:
+def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device, d: Dist) -> None:
     state.net.load_state_dict(ckpt["model"])
     state.ema.module.load_state_dict(ema_weights(ckpt["ema"]))
     state.ema.n_averaged.fill_(int(ckpt["ema"].get("n_averaged", ckpt["step"] + 1)))
@@ -385,6 +373,8 @@ def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device)
     if ckpt["rng"]["cuda"] and device.type == "cuda":  # the saving rank's device stream, on this rank's device
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
     state.step, state.images_seen, state.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
+    if "window" in ckpt:  # older checkpoints: the first window after the resume starts empty
+        state.window.load_state_dict(ckpt["window"], d)
 
 
 def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
@@ -504,6 +494,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Window:
+    """The training loss of the logging window under way, summed on the device: each term's per-step means
+    and the loss by quarter of t (:class:`_Quarters`). It goes into checkpoints, so the first window after
+    a resume averages the same steps as it would have without the interruption."""
+
+    def __init__(self, T: int, device: torch.device):
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}  # term → sum over the window's steps of this rank's batch mean
+        self.quarters = _Quarters(T, self.dtype, device)
+        self.steps = 0
+
+    def add(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> None:
+        """One step's per-example terms [B] (this rank's share) and timesteps t [B]."""
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().to(self.dtype).mean()
+        self.quarters.add(t, terms["loss"])
+        self.steps += 1
+
+    def means(self, d: Dist) -> dict[str, float]:
+        """The window's means over all ranks (``loss``, ``loss/<term>``, ``loss_q0``..): waits for the
+        device; starts a new window."""
+        keys = sorted(self.sums)
+        values = (d.reduce(torch.stack([self.sums[k] for k in keys]), "sum") / (d.world * self.steps)).tolist()
+        means = {("loss" if k == "loss" else f"loss/{k}"): v for k, v in zip(keys, values)}
+        means.update(self.quarters.means(d))
+        self.sums, self.steps = {}, 0
+        return means
+
+    def state_dict(self, d: Dist) -> dict:
+        """The window so far, on the CPU, with every rank's part summed (every rank must call it): ``sums``
+        holds each term's sum of global-batch means, ``quarters`` the loss sums and counts per quarter."""
+        keys = sorted(self.sums)
+        sums = d.reduce(torch.stack([self.sums[k] for k in keys]), "sum") / d.world if keys else torch.zeros(0)
+        return {"steps": self.steps, "sums": dict(zip(keys, sums.cpu().clone())),
+                "quarters": d.reduce(self.quarters.sums, "sum").cpu().clone()}
+
+    def load_state_dict(self, state: dict, d: Dist) -> None:
+        """Continue a checkpointed window at any number of ranks: rank 0 holds what all ranks had summed."""
+        mine = 1 if d.main else 0  # rank 0 carries the window's past, the others start from zero
+        self.steps = state["steps"]
+        # means() divides the ranks' total by the world size
+        self.sums = {k: (v * d.world * mine).to(self.device, self.dtype) for k, v in state["sums"].items()}
+        self.quarters.sums = (state["quarters"] * mine).to(self.device, self.dtype)
+
+
 class _Quarters:
     """The training loss by quarter of t (``loss_q0`` for t in the first quarter of 1..T … ``loss_q3``),
     summed on the device over a logging window (improved-diffusion logs the same)."""
@@ -553,11 +589,9 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
     config, variant, device, log, d = ctx.config, ctx.variant, ctx.device, ctx.log, ctx.dist
     data = ctx.train_images.to(device)
     mine = slice(d.rank * config.batch_size // d.world, (d.rank + 1) * config.batch_size // d.world)
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    sums: dict[str, torch.Tensor] = {}
-    quarters = _Quarters(ctx.sched.T, acc_dtype, device)
+    window = state.window
     health = _Health(device)
-    window_images, window_seconds, since_log = 0, 0.0, 0
+    window_images, window_seconds = 0, 0.0
     bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not ctx.progress)
     interrupt = interrupt or _Interrupt()
     tick = time.perf_counter()
@@ -594,22 +628,17 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         state.lr_schedule.step()
         state.ema.update_parameters(state.net)
         state.step += 1
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0) + v.detach().to(acc_dtype).mean()
-        quarters.add(variant.last_t, terms["loss"])
+        window.add(terms, variant.last_t)
         state.images_seen += config.batch_size
-        window_images, since_log = window_images + config.batch_size, since_log + 1
+        window_images += config.batch_size
         bar.update(1)
         evaluating = bool(config.eval_every) and state.step % config.eval_every == 0 and state.step < config.steps
         saving = state.step % config.checkpoint_every == 0 and state.step < config.steps
         if state.step % config.log_every == 0 or state.step == config.steps:
-            keys = sorted(sums)
-            values = (d.reduce(torch.stack([sums[k] for k in keys]), "sum") / (d.world * since_log)).tolist()
-            now = time.perf_counter()  # the values above were waited for: the window's work is done
+            means = window.means(d)
+            now = time.perf_counter()  # the means were waited for: the window's work is done
             window_seconds += now - tick
             tick = now
-            means = {("loss" if k == "loss" else f"loss/{k}"): v for k, v in zip(keys, values)}
-            means.update(quarters.means(d))
             ips = window_images / max(window_seconds, 1e-9)
             state.train_seconds += window_seconds
             failure = health.check(d)
@@ -620,7 +649,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
             if ctx.cores is not None:
                 ctx.cores.apply()  # another elbo-bench process may have started or ended on this machine
             bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
-            sums, window_images, window_seconds, since_log = {}, 0, 0.0, 0
+            window_images, window_seconds = 0, 0.0
         if evaluating or saving:
             window_seconds += pause()
             failure = health.check(d)
@@ -697,16 +726,18 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                                     device, progress, dist=dist, desc=desc)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
     metrics = res.summary()
-    nll, ode_failed = None, ""
+    nll, ode_failed, ode_tags = None, "", {}
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
-        from bench.ode import FlowDiverged, nll_ode
+        from bench.ode import FlowFailed, network_dtype, nll_ode
 
+        flow_net = _without_autocast(model)  # the network in float32 whatever the run's precision (network_score)
+        ode_tags["nll_ode_precision"] = str(network_dtype(flow_net)).removeprefix("torch.")
         try:
-            nll = nll_ode(model, variant, sched, subset, config.ode_options(), config.ode_batch_size, EVAL_SEED, device,
-                          dist, progress, desc=desc)
+            nll = nll_ode(flow_net, variant, sched, subset, config.ode_options(), config.ode_batch_size,
+                          EVAL_SEED, device, dist, progress, desc=desc)
             metrics.update(nll.summary())
-        except FlowDiverged as err:  # a result about this network, recorded; the rest of the evaluation goes on
-            ode_failed = str(err)
+        except FlowFailed as err:  # diverged, or the solver gave up: a result about this network, recorded; the
+            ode_failed = str(err)  # rest of the evaluation goes on
             warnings.warn(f"nll_ode not computed: {err}", stacklevel=2)
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
@@ -716,9 +747,9 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         return metrics
     log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
     if nll is not None:
-        log.tags({"nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
+        log.tags({**ode_tags, "nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
     if ode_failed:
-        log.tags({"nll_ode_failed": ode_failed[:500], "nll_ode_method": config.ode_options().describe()})
+        log.tags({**ode_tags, "nll_ode_failed": ode_failed[:500], "nll_ode_method": config.ode_options().describe()})
     if res.per_t.numel():
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import traceback
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -62,6 +64,7 @@ def network_calls(monkeypatch) -> list[dict]:
             "weights_nhwc": all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                                 for p in kernels),
             "input_nhwc": x.is_contiguous(memory_format=torch.channels_last),
+            "in_dtype": x.dtype,
             "out_dtype": out.dtype,
             "grad": torch.is_grad_enabled(),
         })
@@ -181,3 +184,130 @@ def test_bf16_bound_of_a_trained_digits_model_is_within_a_hundredth_of_a_bit_of_
     assert fp32["bpd"] < 6  # trained: the untrained network's bound here is 6.84 bits/dim
     assert 0 < abs(diff["bpd"]) < BOUND_TOLERANCE  # bf16 changed the outputs, but not the bound by 0.01
     assert abs(diff["bpd_unclipped"]) < BOUND_TOLERANCE
+
+
+# ----------------------------------------------------------------------------- (d) the ODE likelihood in float32
+def test_the_probability_flow_runs_the_network_in_float32_in_a_bf16_run(home, network_calls, monkeypatch):
+    """Under bf16 autocast the flow's score moves in steps far coarser than the solver's tolerances (on CPU the
+    solve had not reached s = 0.56 after more evaluations than fp32 needed for all of it): whatever the run's
+    precision, the flow's network calls see float32 inputs with autocast off, and the tag says so."""
+    import bench.ode
+
+    in_flow = []
+    score_and_quadratic = bench.ode.score_and_quadratic
+
+    def marked(*args, **kwargs):
+        in_flow.append(len(network_calls))  # the network call this drift evaluation makes is the next one
+        return score_and_quadratic(*args, **kwargs)
+
+    monkeypatch.setattr(bench.ode, "score_and_quadratic", marked)
+    config = digits_config(home, precision="bf16", final_eval_ode=True, final_eval_images=2, ode_batch_size=2,
+                           ode_rtol=1e-3, ode_atol=1e-3)
+    run = assert_finished_with_finite_bounds(train(config, progress=False), home)
+    flow = [network_calls[i] for i in in_flow]
+    assert len(flow) >= 2 and math.isfinite(run.data.metrics["nll_ode"])
+    assert all(not c["autocast"] and c["in_dtype"] == torch.float32 and c["out_dtype"] == torch.float32 for c in flow)
+    others = [c for i, c in enumerate(network_calls) if i not in set(in_flow)]
+    assert others and all(c["autocast"] for c in others)  # training, the bound and sampling stay in bf16
+    assert run.data.tags["nll_ode_precision"] == "float32"
+
+
+# ----------------------------------------------------------------------------- (e) a step never waits for the device
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+STEADY_VARIANT = "elbo-learned"  # learned variance and the importance sampler of t: the most a step does
+
+
+def steady_steps(monkeypatch, start, stop, first: int = 2, last: int = 5) -> None:
+    """Call ``start()`` as training step ``first`` of a ``STEADY_VARIANT`` run computes its loss (earlier
+    steps warm up: tables and histories move to the device once) and ``stop()`` as step ``last + 1`` does:
+    steps first..last run between them, and no logging step (those read the window's means) when
+    log_every > last + 1."""
+    cls = type(get_variant(STEADY_VARIANT))
+    loss, calls = cls.loss, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == first:
+            start()
+        elif len(calls) == last + 1:
+            stop()
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "loss", counted)
+
+
+def _target_device(args, kwargs) -> torch.device | None:
+    """The device a ``Tensor.to(...)`` call names, if any."""
+    for a in (*args, kwargs.get("device"), kwargs.get("other")):
+        if isinstance(a, (torch.device, str)):
+            return torch.device(a)
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_steps_read_nothing_back_from_the_device(home, monkeypatch, device):
+    """Between two logging points a training step (data, loss, backward, clipping, AdamW, EMA, the loss window)
+    makes no host read of a tensor (.item(), .cpu(), .tolist(), .numpy(), bool/float/int of a tensor) and no
+    copy of unpinned host memory to the device: on a GPU each waits for the queued work. On the CPU the spy sees
+    the reads (which are where a GPU run would wait); the copies show on a GPU. AdamW runs fused, as it does
+    on a GPU (its unfused step reads a step counter that lives on the host by design)."""
+    seen: list[str] = []
+    armed = [False]
+
+    def record(what: str) -> None:
+        armed[0] = False  # the spy's own tensor calls are not the step's
+        caller = next(f for f in reversed(traceback.extract_stack()[:-2]) if "test_gpu_features" not in f.filename)
+        seen.append(f"{what} at {caller.filename.split('/')[-1]}:{caller.lineno} ({caller.name})")
+        armed[0] = True
+
+    def reads(name):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, **kwargs):
+            if armed[0]:
+                record(f"Tensor.{name}")
+            return real(self, *args, **kwargs)
+        return spy
+
+    def copies(name):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, **kwargs):
+            if armed[0]:
+                src, dst = (args[0], self) if name == "copy_" else (self, None)
+                target = dst.device if dst is not None else _target_device(args, kwargs)
+                if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and target is not None
+                        and target.type != "cpu" and not src.is_pinned()):
+                    record(f"Tensor.{name} of unpinned host memory to {target}")
+            return real(self, *args, **kwargs)
+        return spy
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, reads(name))
+    for name in ("to", "copy_", "cuda"):
+        monkeypatch.setattr(torch.Tensor, name, copies(name))
+    monkeypatch.setattr(torch.optim, "AdamW", partial(torch.optim.AdamW, fused=True))
+    steady_steps(monkeypatch, start=lambda: armed.__setitem__(0, True), stop=lambda: armed.__setitem__(0, False))
+    config = digits_config(home, variant=STEADY_VARIANT, device=device, steps=8, log_every=8, final_eval_images=2)
+    assert train(config, progress=False).status == "FINISHED"
+    assert seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_whole_training_steps_never_synchronise(home, monkeypatch):
+    """The same steps under CUDA's sync debug mode, which raises at any synchronising call (a device-to-host
+    read, a copy from unpinned memory, a blocking allocator or stream call), with the GPU path's defaults:
+    bf16 autocast, channels_last, fused AdamW, the importance sampler of a learned-variance variant."""
+    steady_steps(monkeypatch, start=lambda: torch.cuda.set_sync_debug_mode("error"),
+                 stop=lambda: torch.cuda.set_sync_debug_mode(0))
+    try:
+        result = train(digits_config(home, variant=STEADY_VARIANT, device="cuda", steps=8, log_every=8,
+                                     final_eval_images=2), progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert result.status == "FINISHED", result.reason

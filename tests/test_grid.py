@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -159,3 +160,28 @@ def test_bad_input_is_one_error_line_and_nothing_trained(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_an_ode_solver_failure_is_a_result_the_run_finishes_and_a_rerun_skips_it(home, monkeypatch):
+    """The solver giving up on the probability flow (scipy's status -1, e.g. "Required step size is less than
+    spacing between numbers.") is recorded like a diverged flow: the run ends FINISHED with the reason in
+    tag nll_ode_failed and its bound logged, the grid exits 0, and a second grid does not retrain it."""
+    import bench.ode
+
+    gave_up = []
+
+    def solver_gives_up(*args, **kwargs):
+        gave_up.append(1)
+        return SimpleNamespace(status=-1, message="Required step size is less than spacing between numbers.", nfev=9)
+
+    monkeypatch.setattr(bench.ode, "solve_ivp", solver_gives_up)
+    args = ["--variant", "simple", "--seeds", "1", *TINY, "--final-eval-ode", "--experiment", "g",
+            "--out", str(home / "rep")]
+    assert "1 runs, 0 diverged" in grid_ok(home, args)
+    (run,) = training_runs(home, "g")
+    assert gave_up and run.info.status == "FINISHED"
+    assert "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
+    assert "stopped before s = 1: Required step size" in run.data.tags["nll_ode_failed"]
+    assert run.data.tags["nll_ode_precision"] == "float32"
+    out = grid_ok(home, args)
+    assert f"skipped: already recorded as run {run.info.run_id}" in out and len(training_runs(home, "g")) == 1

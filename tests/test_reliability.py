@@ -268,6 +268,49 @@ def test_resume_after_sigkill_logs_every_step_once_and_cleans_stale_temp_files(t
     assert not list(ckpt.parent.glob("*.tmp"))
 
 
+KILL_INSIDE_THE_FIRST_SAVE = """
+import os, signal, sys
+from bench.checkpoint import claim_run_dir, save_checkpoint
+
+def killed(state, f):  # the first checkpoint's bytes half on disk, then SIGKILL
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+import torch
+torch.save = killed
+with claim_run_dir(sys.argv[1], "dead"):
+    save_checkpoint(os.path.join(sys.argv[1], "last.pt"), {})
+"""
+
+
+def test_a_writer_killed_in_its_first_save_leaves_a_temp_file_the_next_claim_removes(tmp_path):
+    """A run SIGKILLed inside its first checkpoint write has no checkpoint, so nothing ever resumes it and its own
+    folder is never claimed again: whoever claims the next run folder removes the dead writer's temp file (its
+    folder's lock is free) and nothing else: not a user's file, not the temp file of a writer that is alive."""
+    root = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_INSIDE_THE_FIRST_SAVE, str(root / "dead")], env=env_for(tmp_path))
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    (stale,) = (root / "dead").glob("*.tmp")
+    assert stale.name.startswith(f".last.pt.{proc.pid}.") and stale.read_bytes() == b"half a checkpoint"
+    assert not (root / "dead" / "last.pt").exists()
+    users = [root / "dead" / "notes.txt", root / "dead" / "last.pt.bak.tmp", root / "dead" / ".last.pt.notes"]
+    for path in users:
+        path.write_text("not ours")
+    live = root / "live" / f".last.pt.{os.getpid()}.abc123.tmp"
+    live.parent.mkdir()
+    live.write_bytes(b"being written")
+
+    from bench.checkpoint import claim_run_dir
+
+    with file_lock(root / "live" / ".lock"):  # a live run's folder: its writer holds the lock
+        with claim_run_dir(root / "next", "next"):
+            pass
+    assert not stale.exists()
+    assert all(path.read_text() == "not ours" for path in users)
+    assert live.read_bytes() == b"being written"
+
+
 @pytest.fixture
 def finished(tmp_path, store_template):
     (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())

@@ -442,8 +442,8 @@ def test_resume_after_an_interrupt_inside_a_step_equals_the_uninterrupted_run(ho
 
 
 def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(home, monkeypatch, uninterrupted):
-    """Checkpoints written before the EMA was an AveragedModel and the warmup a LambdaLR (a bare EMA state
-    dict, no ``lr_schedule``) resume to the same weights and bound."""
+    """Checkpoints written before the EMA was an AveragedModel, the warmup a LambdaLR and the logging window
+    saved (a bare EMA state dict, no ``lr_schedule``, no ``window``) resume to the same weights and bound."""
     import bench.tracking
 
     real = bench.tracking.RunLogger.metrics
@@ -460,7 +460,7 @@ def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(ho
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["ema"]["n_averaged"].item() == 5  # the initial weights, then 4 updates
     state["ema"] = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-    del state["lr_schedule"]
+    del state["lr_schedule"], state["window"]
     for group in state["optimizer"]["param_groups"]:
         group.pop("initial_lr")
     torch.save(state, ckpt)
@@ -470,6 +470,44 @@ def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(ho
     assert _same_weights(after["ema"], uninterrupted[0]["ema"])
     assert _same_weights(after["model"], uninterrupted[0]["model"])
     assert client(home).get_run(ckpt.parent.name).data.metrics["bpd"] == uninterrupted[1]
+
+
+WINDOW_ARGS = ["--T", str(T), "--batch-size", "16", "--log-every", "5", "--checkpoint-every", "7", "--steps", "20",
+               "--eval-every", "0", "--final-eval-images", "8", "--fid-samples", "0", "--sample-steps", "10"]
+
+
+def test_a_resume_logs_the_same_loss_windows_as_the_uninterrupted_run(home, tmp_path_factory, store_template,
+                                                                      monkeypatch):
+    """--checkpoint-every 7, --log-every 5: a run that dies at step 9 resumes from its step-7 checkpoint, and its
+    step-10 window still averages steps 6..10 (6 and 7 come from the checkpoint); every logged loss, loss term
+    and loss quarter equals the uninterrupted run's."""
+    from variants import get_variant
+
+    straight = tmp_path_factory.mktemp("straight")
+    shutil.copyfile(store_template, straight / "mlflow.db")
+    straight_id, _ = run_ok(straight, WINDOW_ARGS)
+    cls = type(get_variant("simple"))
+    real, calls = cls.loss, []
+
+    def dies_at_step_9(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # after the checkpoint at 7, before the window of 6..10 is logged
+            raise RuntimeError("the machine went away")
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "loss", dies_at_step_9)
+        assert invoke(home, ["run", *WINDOW_ARGS]).exit_code != 0
+    (ckpt,) = list((home / "checkpoints").glob("*/last.pt"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 7
+    resumed = invoke(home, ["run", "--resume", str(ckpt)])
+    assert resumed.exit_code == 0, describe(resumed)
+    a, b = client(straight), client(home)
+    keys = sorted(k for k in a.get_run(straight_id).data.metrics if k.startswith("loss"))
+    assert {"loss", "loss_q0", "loss_q3"} <= set(keys)
+    for key in keys:
+        assert history(b, ckpt.parent.name, key) == history(a, straight_id, key), key
+    assert [s for s, _ in history(b, ckpt.parent.name, "loss")] == [5, 10, 15, 20]
 
 
 def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch):
