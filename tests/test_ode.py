@@ -148,7 +148,7 @@ def test_exact_divergence_gives_the_closed_form_up_to_the_tolerances(sde):
     nats, nfe = flow_nll_nats(score, sde, rows, probes, OdeOptions(rtol=1e-8, atol=1e-8))
     exact = score.flow_nll_nats(x, 1e-5)
     # rtol 1e-8 is the solver's local tolerance; its global error over the solve reached 1.04e-6 relative on
-    # one CPU (the BLAS's reduction order moves it), so the check allows 5e-6: still 100x below any wrong trace.
+    # one CPU (the BLAS's reduction order moves it), so the check allows 5e-6.
     np.testing.assert_allclose(nats.view(3, D).mean(1).numpy(), exact.numpy(), rtol=5e-6)
     assert nfe > 0
 
