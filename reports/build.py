@@ -260,7 +260,7 @@ def _with(fig, caption: str):
 def _intro(meta: dict) -> list[str]:
     lines = [
         f"Runs: {meta['runs']} from experiment(s) {', '.join(meta['experiments'])}"
-        + (f", filter `{meta['filter']}`" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
+        + (f", filter \"{meta['filter']}\"" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
         "A row pools only runs that agree on everything but the seed (dataset, variant and its variance, schedule and T, "
         "network, steps, batch, lr, the bound's method, images and convention, FID samples and sampler). Cells: "
         "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds); "
@@ -308,7 +308,9 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
 
 
 def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
-    lines = ["# elbo-bench comparison", "", *_intro(meta), "", "## Comparison by variant", "",
+    """report.md. Markdown renders raw HTML, so every text from the runs and the command line (experiment,
+    run and tag values, the filter) goes in with HTML escaped, as in report.html."""
+    lines = ["# elbo-bench comparison", "", *map(_md_text, _intro(meta)), "", "## Comparison by variant", "",
              _markdown_table(table), "",
              "## Paired differences (same seeds)", ""]
     if pairs.empty:
@@ -317,14 +319,20 @@ def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataF
         lines.append(_markdown_table(pairs))
     lines += ["", "## Figures", ""]
     for pic in pictures:
-        lines += [f"![{pic.title}]({pic.path.name})", "", pic.caption, ""]
+        alt = _md_text(pic.title).replace("[", "\\[").replace("]", "\\]")
+        lines += [f"![{alt}]({pic.path.name})", "", _md_text(pic.caption), ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _md_text(text: str) -> str:
+    """``text`` for report.md: its HTML escaped (``<img onerror=…>`` in a run name shows as text, runs nothing)."""
+    return html.escape(text, quote=False)
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
     def cell(v) -> str:
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|").replace("\n", " ")
+        return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
     rows = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
