@@ -315,8 +315,15 @@ def _fid_reference_lines(ax, done: pd.DataFrame) -> list[float]:
 
 
 def fid_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs a bits/dim-against-FID picture shows: finished, with both numbers."""
-    return df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    """The runs a bits/dim-against-FID picture shows: finished, with both numbers, their FID from one feature
+    extractor (the one most of them used): FIDs of different extractors are not comparable, so never share an axis."""
+    done = df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    return done[done.fid_extractor == _main_extractor(done)] if "fid_extractor" in done else done
+
+
+def _main_extractor(done: pd.DataFrame) -> str:
+    counts = done["fid_extractor"].value_counts()
+    return min(counts.index, key=lambda e: (-counts[e], e)) if len(counts) else ""
 
 
 def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None):
@@ -358,6 +365,11 @@ def bpd_vs_fid_caption(df: pd.DataFrame, pareto: list[tuple[float, float]] | Non
                f"{tag('fid_sampler', 'a sampler not recorded')}, features {tag('fid_extractor', 'not recorded')}, "
                f"reference {tag('fid_reference', 'not recorded')}) of each of the {len(done)} finished runs with "
                "both; colour: variant · training budget.")
+    scored = df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    if len(scored) > len(done):
+        caption += (f" Left out: {len(scored) - len(done)} run(s) whose FID another feature extractor computed "
+                    f"({'; '.join(sorted(set(scored.fid_extractor) - {_main_extractor(scored)}))}); FIDs of "
+                    "different extractors are not comparable.")
     if done.get("fid_ref_test", pd.Series(dtype=float)).notna().any():
         caption += " Dotted: the FID of test-split images against the train split (the floor a perfect model reaches)."
     if done.get("fid_ref_noise", pd.Series(dtype=float)).notna().any():
