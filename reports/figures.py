@@ -21,8 +21,8 @@ import torch
 from matplotlib.lines import Line2D
 
 from bench.plots import per_t_figure, plt
+from reports.tables import EXTRACTOR, SETTINGS
 
-TRAINING_SETTINGS = ("network", "batch", "lr")  # settings that change what a run learns, named when they vary
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
                "x0-unclipped": "x̂_0 not clipped"}
 
@@ -50,8 +50,11 @@ def _legend_below(fig, handles, labels) -> None:
 
 def run_groups(df: pd.DataFrame) -> pd.Series:
     """Each run's legend label: its variant and training budget ("elbo[small] · 300 steps"), with the dataset,
-    schedule and training settings where the selection mixes them, so runs that differ there are not one group."""
+    schedule, the other settings of a table row's key and the FID's feature extractor where the selection mixes
+    them, so runs that differ there are not one group (as they are not one row)."""
     budgets = "steps" in df and df["steps"].astype(bool).any()
+    mixed = [name for name in [*SETTINGS.values(), EXTRACTOR]
+             if name != "steps" and not name.startswith("config.") and _mixed(df, name)]  # config.*: GROUP shows them
 
     def label(r) -> str:
         parts = [r["dataset"]] if _mixed(df, "dataset") else []
@@ -60,7 +63,7 @@ def run_groups(df: pd.DataFrame) -> pd.Series:
             parts.append(r["schedule"])
         if budgets:
             parts.append(f"{r['steps']} steps" if r["steps"] else "steps not recorded")
-        parts += [f"{name}={r[name]}" for name in TRAINING_SETTINGS if _mixed(df, name)]
+        parts += [f"{name}={r[name]}" for name in mixed]
         return " · ".join(parts)
 
     return df.apply(label, axis=1) if len(df) else pd.Series([], dtype=str)

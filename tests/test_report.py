@@ -643,6 +643,8 @@ def test_the_row_key_is_every_config_field_but_a_few_that_cannot_change_a_result
 @pytest.mark.parametrize("field", __import__("reports.tables", fromlist=["KEY_FIELDS"]).KEY_FIELDS)
 def test_runs_that_differ_in_one_setting_are_not_pooled(key_store, field):
     """Two seeds that differ in ``field`` alone are two rows of one run each, not one row of two seeds."""
+    from reports.tables import IN_GROUP
+
     client, exp = key_store
     _config_run(client, exp, 0, 3.0)
     _config_run(client, exp, 1, 3.5, **{field: _other_value(field)})
@@ -650,6 +652,8 @@ def test_runs_that_differ_in_one_setting_are_not_pooled(key_store, field):
     table = comparison_table(df)
     assert dropped == 0 and list(table["runs"]) == [1, 1], table
     assert sorted(table["bpd mean"]) == [3.0, 3.5]
+    if field not in IN_GROUP:  # those change the run's tags too (variant, dataset, schedule), which the labels show
+        assert figures.run_groups(df).nunique() == 2  # nor one group of the figures (a per-t mean, a colour)
 
 
 def test_seeds_of_one_configuration_are_pooled(key_store):
