@@ -355,7 +355,9 @@ class RunLogger:
 
     def skip_logged(self) -> None:
         """From now on, drop metrics (and images) at steps the run's history already holds."""
-        keys = self.client.get_run(self.run_id).data.metrics
+        # MLflow's own ``system/*`` metrics count their steps in samples (one per 10 s), not training steps:
+        # taken for ours, their larger steps would make every later sample grid look logged already.
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("system/")]
         self._logged = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
 
     def _new(self, key: str, step: int) -> bool:

@@ -54,6 +54,13 @@ from variants import get_variant
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
 BPD_CONVENTIONS = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
+HEADLINE = "bpd"  # a run's final bound; `bpd_method` says whether it is exact or an estimate
+
+
+def other_method_name(method: str) -> str:
+    """Where a re-evaluation by ``method`` ('exact' or 'estimate') logs its bound in a run whose ``bpd`` came from the
+    other method: ``bpd_eval_exact`` or ``bpd_eval_estimate`` (with ``…_stderr``, ``…/vb``…, ``…_method``)."""
+    return f"{HEADLINE}_eval_{method}"
 
 
 class StopRun(Exception):
@@ -712,10 +719,12 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
 
 
 def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
-                     progress: bool = True, dist: Dist = SINGLE, desc: str = "") -> dict[str, float]:
+                     progress: bool = True, dist: Dist = SINGLE, desc: str = "", bound: str = HEADLINE) -> dict[str, float]:
     """The bound on the test split, the per-t curve, samples and FID; logged at ``step``. Under
     torchrun every rank shares the bound and the sampling; rank 0 alone scores FID and logs.
-    ``desc`` names the progress bars (``desc: exact bits/dim``…)."""
+    ``desc`` names the progress bars (``desc: exact bits/dim``…). ``bound``: the name the bound is logged under
+    (its tags ``<bound>_method``…, its per-t curve ``per_t_<bound>.json``), when it is not the run's headline ``bpd``
+    (see :func:`other_method_name`); the description then gets a section of its own instead of its Result."""
     subset = _eval_subset(test_images, config.final_eval_images)
     if config.final_eval == "exact":
         res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress, dist=dist,
@@ -725,7 +734,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size, EVAL_SEED,
                                     device, progress, dist=dist, desc=desc)
         method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
-    metrics = res.summary()
+    metrics = res.summary(bound)
     nll, ode_failed, ode_tags = None, "", {}
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
         from bench.ode import FlowFailed, network_dtype, nll_ode
@@ -745,15 +754,17 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                     device=device, progress=progress, dist=dist, desc=desc)
     if not dist.main:
         return metrics
-    log.tags({"bpd_method": f"{method}; {BPD_CONVENTIONS}", "bpd_split": "test", "bpd_images": len(subset)})
+    conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
+    log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset)})
     if nll is not None:
         log.tags({**ode_tags, "nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
     if ode_failed:
         log.tags({**ode_tags, "nll_ode_failed": ode_failed[:500], "nll_ode_method": config.ode_options().describe()})
     if res.per_t.numel():
-        log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), "per_t_bound.png")
+        per_t = "per_t_bound" if bound == HEADLINE else f"per_t_{bound}"
+        log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), f"{per_t}.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
-                  "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, "per_t_bound.json")
+                  "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, f"{per_t}.json")
     log.image(sample_grid(images[: config.sample_grid]), "samples", step)
     sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
@@ -773,12 +784,16 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
             warnings.warn(f"FID skipped: {err}", stacklevel=2)
             log.tags({"fid_skipped": str(err)[:500], "fid_sampler": sampler})
     log.metrics(metrics, step)
-    stderr = f" ± {metrics['bpd_stderr']:.4f} (Monte Carlo)" if "bpd_stderr" in metrics else ""
+    stderr = f" ± {metrics[f'{bound}_stderr']:.4f} (Monte Carlo)" if f"{bound}_stderr" in metrics else ""
     fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
         if "fid" in metrics else ""
     ode = (f"; nll_ode {metrics['nll_ode']:.4f} ± {metrics['nll_ode_stderr']:.4f} bits/dim ({nll.method})"
            if nll is not None else f"; nll_ode not computed ({ode_failed})" if ode_failed else "")
-    log.note_section("Result", f"at step {step}, bpd {metrics['bpd']:.4f}{stderr}, {method}{ode}{fid}.")
+    result = f"at step {step}, {bound} {metrics[bound]:.4f}{stderr}, {method}{ode}{fid}."
+    if bound == HEADLINE:
+        log.note_section("Result", result)
+    else:  # the Result keeps saying what `bpd` is; this number is another method's, under its own name
+        log.note_section(f"Re-evaluation ({method.split(' ')[0]})", f"{result} The run's bpd is unchanged.")
     return metrics
 
 
@@ -803,10 +818,21 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     ema.load_state_dict(ema_weights(ckpt["ema"]))
     model = _Autocast(ema.to(dev).eval(), config, dev)
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
+    bound = _bound_name(client, ckpt["run_id"], config.final_eval) if client is not None else HEADLINE  # rank 0's
     with CoreShare():
         metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
-                                   progress and d.main, d, desc)
+                                   progress and d.main, d, desc, bound)
     return metrics, (ckpt["run_id"] if log_to_run else None), d
+
+
+def _bound_name(client, run_id: str, method: str) -> str:
+    """Where a re-evaluation by ``method`` logs its bound in the run: ``bpd`` when the run has none yet or its
+    ``bpd`` came from the same method (``bpd_method``), else its own name (:func:`other_method_name`). So a run's
+    ``bpd`` history never mixes an exact bound with an estimate, and ``bpd_method`` never changes."""
+    run = client.get_run(run_id).data
+    if HEADLINE not in run.metrics:
+        return HEADLINE
+    return HEADLINE if run.tags.get(f"{HEADLINE}_method", "").split(" ")[0] == method else other_method_name(method)
 
 
 def _run_client(ckpt: dict):

@@ -38,6 +38,7 @@ from reports.tables import (
     comparison_table,
     deduplicate,
     display_table,
+    extractor_conflicts,
     load_runs,
     numeric_summary,
     paired_differences,
@@ -212,6 +213,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
                 "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
+                "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
                 "ode": bool(df["nll_ode"].notna().any())}
         _write_html(staging / "report.html", meta, shown, pairs, pictures)
         _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
@@ -260,9 +262,10 @@ def _with(fig, caption: str):
 def _intro(meta: dict) -> list[str]:
     lines = [
         f"Runs: {meta['runs']} from experiment(s) {', '.join(meta['experiments'])}"
-        + (f", filter `{meta['filter']}`" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
-        "A row pools only runs that agree on everything but the seed (dataset, variant and its variance, schedule and T, "
-        "network, steps, batch, lr, the bound's method, images and convention, FID samples and sampler). Cells: "
+        + (f", filter \"{meta['filter']}\"" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
+        "A row pools only runs that agree on everything that can change a result but the seed: every setting of the "
+        "run's config but where it is stored, how it is logged and which device ran it (the precision it implied "
+        "counts), the bound's convention, and the FID's feature extractor. Cells: "
         "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds); "
         "★ marks the lowest mean per dataset. bpd is the variational bound on the test split with x̂_0 clipped to "
         "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; an estimated bpd shows its "
@@ -276,6 +279,10 @@ def _intro(meta: dict) -> list[str]:
     if meta["mixed"]:
         lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): those runs are kept in separate rows, "
                      "labelled by their settings; compare only rows with the same settings.")
+    if len(meta.get("extractors", [])) > 1:
+        lines.append(f"FIDs come from {len(meta['extractors'])} feature extractors ({', '.join(meta['extractors'])}): "
+                     "FIDs of different extractors are not comparable, so their runs are kept in separate rows, "
+                     "starred and paired only against FIDs of the same extractor.")
     if meta["duplicates"]:
         lines.append(f"{meta['duplicates']} duplicate run(s) of the same config and seed are left out (the latest "
                      "FINISHED one counts).")
@@ -298,6 +305,7 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
     parts.append("<h2>Paired differences (same seeds)</h2>")
     parts.append(pairs.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, table_id="paired")
                  if not pairs.empty else "<p>No variants share seeds on the same dataset and schedule.</p>")
+    parts += [f"<p>{html.escape(line)}.</p>" for line in meta["unpaired"]]
     parts.append("<h2>Figures</h2>")
     for pic in pictures:  # inlined: the page needs no other file (see the module docstring)
         data = base64.b64encode(pic.path.read_bytes()).decode()
@@ -308,23 +316,32 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
 
 
 def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
-    lines = ["# elbo-bench comparison", "", *_intro(meta), "", "## Comparison by variant", "",
+    """report.md. Markdown renders raw HTML, so every text from the runs and the command line (experiment,
+    run and tag values, the filter) goes in with HTML escaped, as in report.html."""
+    lines = ["# elbo-bench comparison", "", *map(_md_text, _intro(meta)), "", "## Comparison by variant", "",
              _markdown_table(table), "",
              "## Paired differences (same seeds)", ""]
     if pairs.empty:
         lines.append("No variants share seeds on the same dataset and schedule.")
     else:
         lines.append(_markdown_table(pairs))
+    lines += [line for u in meta["unpaired"] for line in ("", _md_text(u) + ".")]
     lines += ["", "## Figures", ""]
     for pic in pictures:
-        lines += [f"![{pic.title}]({pic.path.name})", "", pic.caption, ""]
+        alt = _md_text(pic.title).replace("[", "\\[").replace("]", "\\]")
+        lines += [f"![{alt}]({pic.path.name})", "", _md_text(pic.caption), ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _md_text(text: str) -> str:
+    """``text`` for report.md: its HTML escaped (``<img onerror=…>`` in a run name shows as text, runs nothing)."""
+    return html.escape(text, quote=False)
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
     def cell(v) -> str:
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|").replace("\n", " ")
+        return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
     rows = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]

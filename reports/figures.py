@@ -21,8 +21,8 @@ import torch
 from matplotlib.lines import Line2D
 
 from bench.plots import per_t_figure, plt
+from reports.tables import EXTRACTOR, SETTINGS
 
-TRAINING_SETTINGS = ("network", "batch", "lr")  # settings that change what a run learns, named when they vary
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
                "x0-unclipped": "x̂_0 not clipped"}
 
@@ -50,8 +50,11 @@ def _legend_below(fig, handles, labels) -> None:
 
 def run_groups(df: pd.DataFrame) -> pd.Series:
     """Each run's legend label: its variant and training budget ("elbo[small] · 300 steps"), with the dataset,
-    schedule and training settings where the selection mixes them, so runs that differ there are not one group."""
+    schedule, the other settings of a table row's key and the FID's feature extractor where the selection mixes
+    them, so runs that differ there are not one group (as they are not one row)."""
     budgets = "steps" in df and df["steps"].astype(bool).any()
+    mixed = [name for name in [*SETTINGS.values(), EXTRACTOR]
+             if name != "steps" and not name.startswith("config.") and _mixed(df, name)]  # config.*: GROUP shows them
 
     def label(r) -> str:
         parts = [r["dataset"]] if _mixed(df, "dataset") else []
@@ -60,7 +63,7 @@ def run_groups(df: pd.DataFrame) -> pd.Series:
             parts.append(r["schedule"])
         if budgets:
             parts.append(f"{r['steps']} steps" if r["steps"] else "steps not recorded")
-        parts += [f"{name}={r[name]}" for name in TRAINING_SETTINGS if _mixed(df, name)]
+        parts += [f"{name}={r[name]}" for name in mixed]
         return " · ".join(parts)
 
     return df.apply(label, axis=1) if len(df) else pd.Series([], dtype=str)
@@ -315,8 +318,15 @@ def _fid_reference_lines(ax, done: pd.DataFrame) -> list[float]:
 
 
 def fid_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs a bits/dim-against-FID picture shows: finished, with both numbers."""
-    return df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    """The runs a bits/dim-against-FID picture shows: finished, with both numbers, their FID from one feature
+    extractor (the one most of them used): FIDs of different extractors are not comparable, so never share an axis."""
+    done = df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    return done[done.fid_extractor == _main_extractor(done)] if "fid_extractor" in done else done
+
+
+def _main_extractor(done: pd.DataFrame) -> str:
+    counts = done["fid_extractor"].value_counts()
+    return min(counts.index, key=lambda e: (-counts[e], e)) if len(counts) else ""
 
 
 def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None):
@@ -358,6 +368,11 @@ def bpd_vs_fid_caption(df: pd.DataFrame, pareto: list[tuple[float, float]] | Non
                f"{tag('fid_sampler', 'a sampler not recorded')}, features {tag('fid_extractor', 'not recorded')}, "
                f"reference {tag('fid_reference', 'not recorded')}) of each of the {len(done)} finished runs with "
                "both; colour: variant · training budget.")
+    scored = df[(df.status == "FINISHED") & df.bpd.notna() & df.fid.notna()]
+    if len(scored) > len(done):
+        caption += (f" Left out: {len(scored) - len(done)} run(s) whose FID another feature extractor computed "
+                    f"({'; '.join(sorted(set(scored.fid_extractor) - {_main_extractor(scored)}))}); FIDs of "
+                    "different extractors are not comparable.")
     if done.get("fid_ref_test", pd.Series(dtype=float)).notna().any():
         caption += " Dotted: the FID of test-split images against the train split (the floor a perfect model reaches)."
     if done.get("fid_ref_noise", pd.Series(dtype=float)).notna().any():

@@ -6,6 +6,7 @@ can recompute it with pandas from the same records.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -14,6 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from bench import tracking
+from bench.config import RunConfig
 from bench.errors import BenchError, first_line
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode", "nll_ode_stderr",
@@ -24,22 +26,47 @@ DESCRIBE_TAGS = ("bpd_method", "nll_ode_method", "fid_extractor", "fid_samples",
                  "fid_ref_test_samples")  # how obtained
 # More of how a number was obtained, read for the figures' captions only (not table columns).
 CAPTION_TAGS = ("bpd_estimate_method", "bpd_split", "bpd_images", "fid_reference")
-# Everything but the seed that a row's runs must share (a run's logged param → its short name in labels):
-# the budget, the optimiser, and the evaluation protocol. Runs that differ in any of these get separate rows.
-SETTINGS = {
-    "config.network": "network", "config.steps": "steps", "config.batch_size": "batch", "config.lr": "lr",
-    "config.T": "T", "config.final_eval": "bound", "config.final_eval_images": "bound images",
-    "config.eval_calls": "estimate calls", "config.fid_samples": "FID samples", "config.sample_steps": "sampler steps",
-    "protocol.bpd": "bpd convention",
+# The RunConfig fields that cannot change a run's numbers, each with the reason. Every other field is part of
+# a row's key (SETTINGS), so a field added to RunConfig splits rows until it is listed here with a reason.
+RESULT_FREE = {
+    "seed": "what a row pools: its runs are the seeds of one configuration",
+    "run_name": "a label in MLflow", "experiment": "where the run is recorded",
+    "tracking_uri": "where the run is recorded",
+    "data_dir": "where the dataset's files are read from; which dataset is in the key",
+    "download": "whether a missing dataset may be fetched",
+    "log_every": "how often the training loss is logged, as means over the same steps",
+    "eval_every": "when training-time estimates are logged; they draw from their own keyed noise streams, so "
+                  "training and the final evaluation do not depend on it",
+    "checkpoint_every": "when checkpoints are written; a resume continues bit-exactly",
+    "system_metrics": "whether CPU/GPU utilisation is logged",
+    "sample_grid": "how many images a logged grid shows; sample j depends on (seed, j) only, not on how many are drawn",
+    "eval_batch_size": "how (image, t) pairs are batched; the bound does not depend on it (a tested invariance)",
+    "device": "which card or the CPU: the same arithmetic up to float rounding; the precision it implies under "
+              "precision=auto (bf16 on CUDA) is resolved into the key's precision",
+    "compile": "torch.compile runs the same arithmetic, up to float rounding",
+    "channels_last": "a memory layout: the same arithmetic, up to float rounding",
+    "fid_weights": "the file the Inception weights are read from; the extractor and its weights' hash are in the key "
+                   "from the run's tags (fid_extractor, fid_weights)",
 }
+KEY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in RESULT_FREE)
+IN_GROUP = {"dataset", "variant", "variance", "schedule"}  # fields the GROUP tags show (a variant tag is 'name[variance]')
+LABELS = {"batch_size": "batch", "final_eval": "bound", "final_eval_images": "bound images", "eval_calls": "estimate calls",
+          "fid_samples": "FID samples", "sample_steps": "sampler steps"}  # shorter names in labels; others by field name
+HEADLINE = ("network", "steps", "batch_size", "lr", "T", "final_eval", "final_eval_images", "eval_calls", "fid_samples",
+            "sample_steps")  # the settings said once above the table when every row shares them
+# A row's key beyond GROUP (a run's logged param → its column and name in labels): every field of KEY_FIELDS, and
+# the bound's convention. Runs that differ in any of these get separate rows.
+SETTINGS = {f"config.{f}": f"config.{f}" if f in IN_GROUP else LABELS.get(f, f) for f in KEY_FIELDS}
+SETTINGS["protocol.bpd"] = "bpd convention"
+EXTRACTOR = "fid_extractor"  # part of a row's key too: FIDs of different feature extractors are never pooled or compared
+FEATURE_METRICS = ("fid", "isc", "fid_ref_test", "fid_ref_noise")  # numbers the feature extractor computes
 LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
-NOT_CONFIG = {"config.seed", "config.run_name", "config.experiment", "config.tracking_uri", "config.device",
-              "config.data_dir", "config.download", "config.compile"}  # params that do not change a run's result
 
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
     """Training runs (those tagged with a variant) of the named experiments (all when none) as one
-    DataFrame: columns run_id, status, seed, the GROUP tags, DESCRIBE_TAGS, CAPTION_TAGS, diverged, and METRICS.
+    DataFrame: columns run_id, status, seed, the GROUP tags, SETTINGS, DESCRIBE_TAGS, CAPTION_TAGS, diverged, and
+    METRICS. ``fid_extractor`` names the extractor with its weights' hash (see :func:`_extractor_of_rows`).
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
@@ -63,35 +90,64 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
             "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
             "experiment_id": r.info.experiment_id, "seed": params.get("config.seed"), "start_time": r.info.start_time,
             "diverged": tags.get("diverged") == "true", "study": tags.get("optuna.study", ""),
-            "config_id": "|".join(f"{k}={v}" for k, v in sorted(params.items())
-                                  if k.startswith("config.") and k not in NOT_CONFIG),
         }
-        row.update({name: params.get(key, "") for key, name in SETTINGS.items()})
+        row.update({name: params.get(key, "") for key, name in SETTINGS.items()})  # '' where a run predates a field
+        row["precision"] = _precision(params)
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})
+        row[EXTRACTOR] = _extractor(tags)
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
-    columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study", "config_id",
+    columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study",
                *GROUP, *SETTINGS.values(), *DESCRIBE_TAGS, *CAPTION_TAGS, *METRICS]
-    return pd.DataFrame(rows, columns=columns)
+    return _extractor_of_rows(pd.DataFrame(rows, columns=columns))
+
+
+def _extractor_of_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """A run without a FID (diverged, or not finished) joins the row of its settings where exactly one feature
+    extractor scored the others: it takes that extractor in its EXTRACTOR column, which is part of a row's key."""
+    if df.empty:
+        return df
+    rest = [k for k in row_key() if k != EXTRACTOR]
+    scored = df[EXTRACTOR].where(df[EXTRACTOR] != "")
+    only = scored.groupby([df[k] for k in rest], dropna=False).transform(lambda e: e.dropna().iloc[0] if e.nunique() == 1 else "")
+    return df.assign(**{EXTRACTOR: df[EXTRACTOR].mask(df[EXTRACTOR] == "", only.fillna(""))})
+
+
+def _precision(params: dict) -> str:
+    """The precision a run computed in: ``precision=auto`` resolved as bench.train does (bf16 autocast on CUDA,
+    fp32 elsewhere) from the device the run logged; 'auto' where that is not recorded."""
+    asked = params.get("config.precision", "")
+    if asked != "auto" or "device" not in params:
+        return asked
+    return "bf16" if params["device"].startswith("cuda") else "fp32"
+
+
+def _extractor(tags: dict) -> str:
+    """Which feature extractor scored the run's FID: its name, with its weights' hash where the name lacks it."""
+    name, weights = tags.get("fid_extractor", ""), tags.get("fid_weights", "")
+    return f"{name} (weights {weights})" if name and weights and weights not in name else name
 
 
 def deduplicate(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """One run per (config, seed): the latest FINISHED one, else the latest. Returns (runs, how many dropped)."""
+    """One run per row key and seed: the latest FINISHED one, else the latest. Returns (runs, how many dropped)."""
     if df.empty:
         return df, 0
     order = df.assign(_finished=df.status == "FINISHED").sort_values(["_finished", "start_time"])
-    kept = order.drop_duplicates([*GROUP, "config_id", "seed"], keep="last").drop(columns="_finished")
+    kept = order.drop_duplicates([*row_key(), "seed"], keep="last").drop(columns="_finished")
     return kept.sort_index(), len(df) - len(kept)
 
 
+def row_key() -> list[str]:
+    """The columns whose values a row's runs share: everything that can change a result but the seed."""
+    return [*GROUP, *SETTINGS.values(), EXTRACTOR]
+
+
 def varying_settings(df: pd.DataFrame) -> list[str]:
-    """The SETTINGS that take more than one value in the selection (so rows are split by them)."""
-    return [name for name in SETTINGS.values() if df[name].nunique(dropna=False) > 1]
-
-
-def _row_keys(df: pd.DataFrame) -> list[str]:
-    return [*GROUP, *SETTINGS.values()]
+    """The SETTINGS that take more than one value in the selection (so rows are split by them), but those the
+    GROUP columns show already."""
+    return [name for key, name in SETTINGS.items()
+            if key.removeprefix("config.") not in IN_GROUP and df[name].nunique(dropna=False) > 1]
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, float, float, int]:
@@ -114,7 +170,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     seeds the mean, std and 95% interval; ``settings`` names the row's values of the settings that
     vary in the selection. ``best_bpd`` / ``best_fid`` mark the lowest mean within each dataset."""
     rows = []
-    keys, varying = _row_keys(df), varying_settings(df)
+    keys, varying = row_key(), varying_settings(df)
     df = df.assign(**{GAP: df["bpd"] - df["nll_ode"]})
     for key, g in df.groupby(keys, sort=True, dropna=False):
         done = g[g.status == "FINISHED"]
@@ -130,35 +186,61 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    for m in ("bpd", "fid"):
-        col = table[f"{m} mean"]
-        table[f"best_{m}"] = col.notna() & (col == col.groupby(table["dataset"]).transform("min"))
+    for m in ("bpd", "fid"):  # FIDs are compared only with those of the same feature extractor
+        col, among = table[f"{m} mean"], [table["dataset"]] + [table[EXTRACTOR]] * (m in FEATURE_METRICS)
+        table[f"best_{m}"] = col.notna() & (col == col.groupby(among).transform("min"))
     return table
 
 
+def _pairing(metric: str) -> list[str]:
+    """What two variants' runs must share for their per-seed differences in ``metric``: the row key but the variant,
+    and the feature extractor only for the numbers it computes (a bound does not depend on it)."""
+    variant = {"variant", *(SETTINGS[f"config.{f}"] for f in ("variant", "variance"))}
+    return [k for k in row_key() if k not in variant and (k != EXTRACTOR or metric in FEATURE_METRICS)]
+
+
 def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame:
-    """For each pair of variants on the same dataset, schedule and SETTINGS, the per-seed differences
-    A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
+    """For each pair of variants on the same dataset, schedule and SETTINGS (FIDs: and feature extractor), the
+    per-seed differences A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
     rows = []
     done = df[df.status == "FINISHED"]
-    like, varying = ["dataset", "schedule", *SETTINGS.values()], varying_settings(df)
-    for key, g in done.groupby(like, sort=True, dropna=False):
-        dataset, schedule = key[0], key[1]
-        settings = ", ".join(f"{name}={value}" for name, value in zip(like[2:], key[2:]) if name in varying)
-        by_variant = {v: gv.groupby("seed")[list(metrics)].mean() for v, gv in g.groupby("variant")}
-        for a, b in itertools.combinations(sorted(by_variant), 2):
-            seeds = by_variant[a].index.intersection(by_variant[b].index)
-            if len(seeds) == 0:
-                continue
-            for m in metrics:
-                diff = by_variant[a].loc[seeds, m] - by_variant[b].loc[seeds, m]
-                mean, std, lo, hi, n = mean_ci(diff)
+    varying = varying_settings(df)
+    for m in metrics:
+        like = _pairing(m)
+        for key, g in done.groupby(like, sort=True, dropna=False):
+            where = dict(zip(like, key))
+            settings = ", ".join(f"{name}={where[name]}" for name in varying if name in where)
+            by_variant = {v: gv.groupby("seed")[m].mean() for v, gv in g.groupby("variant")}
+            for a, b in itertools.combinations(sorted(by_variant), 2):
+                seeds = by_variant[a].index.intersection(by_variant[b].index)
+                mean, std, lo, hi, n = mean_ci(by_variant[a].loc[seeds] - by_variant[b].loc[seeds])
                 if n:
-                    rows.append({"dataset": dataset, "schedule": schedule, "settings": settings, "metric": m, "A": a,
-                                 "B": b, "pairs": n, "mean A−B": mean, "std": std, "ci_low": lo, "ci_high": hi})
+                    rows.append({"dataset": where["dataset"], "schedule": where["schedule"], "settings": settings,
+                                 "metric": m, "A": a, "B": b, "pairs": n, "mean A−B": mean, "std": std, "ci_low": lo,
+                                 "ci_high": hi})
     columns = ["dataset", "schedule", "settings", "metric", "A", "B", "pairs", "mean A−B", "std", "ci_low", "ci_high"]
-    out = pd.DataFrame(rows, columns=columns)
+    out = pd.DataFrame(rows, columns=columns).sort_values(["dataset", "schedule", "settings", "A", "B"], kind="stable")
+    out = out.reset_index(drop=True)
     return out if varying else out.drop(columns="settings")
+
+
+def extractor_conflicts(df: pd.DataFrame) -> list[str]:
+    """One line for each pair of variants whose FIDs are not compared because different feature extractors scored
+    them (runs that would otherwise be paired: the same dataset, settings and seeds)."""
+    done = df[(df.status == "FINISHED") & df["fid"].notna()]
+    like, lines = _pairing("bpd"), []
+    for key, g in done.groupby(like, sort=True, dropna=False):
+        by_variant = dict(list(g.groupby("variant")))
+        for a, b in itertools.combinations(sorted(by_variant), 2):
+            ra, rb = by_variant[a], by_variant[b]
+            for seed in sorted(set(ra.seed) & set(rb.seed)):
+                ea, eb = set(ra[ra.seed == seed][EXTRACTOR]), set(rb[rb.seed == seed][EXTRACTOR])
+                if not ea & eb:
+                    lines.append(f"FIDs of {a} ({'; '.join(sorted(ea)) or 'extractor not recorded'}) and {b} "
+                                 f"({'; '.join(sorted(eb)) or 'extractor not recorded'}) on {key[0]} are not compared: "
+                                 "different feature extractors")
+                    break
+    return lines
 
 
 def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str = ".4f") -> str:
@@ -200,7 +282,8 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
-    protocol = [f"{name}: {table[name].iloc[0]}" for name in SETTINGS.values()
+    said = [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
+    protocol = [f"{name}: {table[name].iloc[0]}" for name in said
                 if table[name].nunique(dropna=False) == 1 and table[name].iloc[0]]
     if len(out) > 1:  # what is the same in every row is said once, not repeated in a column
         for m, spec in DISPLAY:

@@ -311,6 +311,29 @@ def test_a_writer_killed_in_its_first_save_leaves_a_temp_file_the_next_claim_rem
     assert live.read_bytes() == b"being written"
 
 
+def test_a_resumed_run_logs_its_sample_grids_whatever_the_system_metrics_steps(tmp_path, store_template):
+    """MLflow's system/* metrics count samples, not training steps: a larger step there does not make the
+    resumed run's later sample grids look logged already (only what the run logged at a step is skipped)."""
+    import numpy as np
+    from mlflow.entities import Metric
+
+    (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
+    c = mlflow(tmp_path)
+    run_id = c.create_run(c.create_experiment("resumed")).info.run_id
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric("loss", 0.5, now, 10), Metric("system/cpu_utilization_percentage", 40.0, now, 900)])
+    log = tracking.RunLogger(c, run_id)
+    log.skip_logged()  # as bench.train does on a resume
+    grid = np.zeros((8, 8, 3), dtype=np.uint8)
+    log.image(grid, "samples", 10)  # the checkpoint's step: logged before the interruption
+    log.image(grid, "samples", 20)  # after it: new
+    log.metrics({"loss": 0.4}, 10)
+    log.metrics({"loss": 0.3}, 20)
+    pngs = [a.path for a in c.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert [p.split("+")[:3] for p in pngs] == [["images/samples", "step", "20"]]  # MLflow's image file names
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(10, 0.5), (20, 0.3)]
+
+
 @pytest.fixture
 def finished(tmp_path, store_template):
     (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())

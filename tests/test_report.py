@@ -32,7 +32,7 @@ from bench.cli import cli
 from bench.plots import sample_grid
 from reports import figures
 from reports.build import REPORT_EXPERIMENT, build_report
-from reports.tables import load_runs
+from reports.tables import comparison_table, deduplicate, load_runs
 
 VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
 # What bench.train logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
@@ -586,3 +586,116 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
     assert "4.2500 ± 0.0707 (n=2) (MC se 0.0500)" in md and "0.4500 ± 0.0707 (n=2)" in md
     assert "nll_ode is another estimand" in md and "not a bound" in md
     assert "nll_ode_method: probability-flow ODE NLL (not the bound), RK45" in md or "| nll_ode_method |" in md
+
+
+# ------------------------------------------------------------------------- what a row pools (its key)
+def _config_run(client, exp: str, seed: int, bpd: float, variant: str = "simple", extractor: str = "",
+                fid: float | None = None, **config) -> str:
+    """A finished run logged as bench.train logs one: its whole RunConfig as `config.*` params (``config``: fields
+    changed from the defaults), the protocol, its tags, the final bound and, with ``fid``, a FID and its extractor."""
+    from bench.config import RunConfig, flatten
+
+    rid = client.create_run(exp, run_name=f"{variant}-{seed}").info.run_id
+    params = {**flatten(RunConfig(variant=variant, seed=seed)), **{f"config.{k}": str(v) for k, v in config.items()}}
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric("bpd", bpd, now, 100)] + [Metric("fid", fid, now, 100)] * (fid is not None),
+                     params=[Param(k, v) for k, v in params.items()] + [Param("protocol.bpd", "x0-clipped")],
+                     tags=[RunTag("variant", variant), RunTag("dataset", "digits"), RunTag("schedule", "linear")]
+                     + [RunTag("fid_extractor", extractor)] * bool(extractor))
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _other_value(field: str) -> str:
+    """A value of RunConfig field ``field`` other than its default, as its param would hold it."""
+    from bench.config import RunConfig
+
+    default = getattr(RunConfig(), field)
+    if isinstance(default, bool):
+        return str(not default)
+    if isinstance(default, int | float):
+        return str(default * 2 + 1)
+    return f"{default}-other"
+
+
+@pytest.fixture
+def key_store(tmp_path, store_template):
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client, client.create_experiment("key", artifact_location=(tmp_path / "mlartifacts").as_uri())
+
+
+def test_the_row_key_is_every_config_field_but_a_few_that_cannot_change_a_result():
+    from dataclasses import fields
+
+    from bench.config import RunConfig
+    from reports.tables import KEY_FIELDS, RESULT_FREE, SETTINGS, row_key
+
+    names = [f.name for f in fields(RunConfig)]
+    assert set(RESULT_FREE) <= set(names)  # a renamed or removed field is not silently left out of the key
+    assert list(KEY_FIELDS) == [n for n in names if n not in RESULT_FREE]
+    assert {"ema_decay", "warmup_steps", "weight_decay", "grad_clip", "hflip", "precision", "ode_rtol", "ode_atol",
+            "ode_probes", "ode_probe_type", "ode_batch_size", "final_eval_ode"} <= set(KEY_FIELDS)  # issue 18's list
+    assert "seed" not in KEY_FIELDS and {f"config.{n}" for n in KEY_FIELDS} <= set(SETTINGS)
+    assert "fid_extractor" in row_key()
+
+
+@pytest.mark.parametrize("field", __import__("reports.tables", fromlist=["KEY_FIELDS"]).KEY_FIELDS)
+def test_runs_that_differ_in_one_setting_are_not_pooled(key_store, field):
+    """Two seeds that differ in ``field`` alone are two rows of one run each, not one row of two seeds."""
+    from reports.tables import IN_GROUP
+
+    client, exp = key_store
+    _config_run(client, exp, 0, 3.0)
+    _config_run(client, exp, 1, 3.5, **{field: _other_value(field)})
+    df, dropped = deduplicate(load_runs(client, ["key"]))
+    table = comparison_table(df)
+    assert dropped == 0 and list(table["runs"]) == [1, 1], table
+    assert sorted(table["bpd mean"]) == [3.0, 3.5]
+    if field not in IN_GROUP:  # those change the run's tags too (variant, dataset, schedule), which the labels show
+        assert figures.run_groups(df).nunique() == 2  # nor one group of the figures (a per-t mean, a colour)
+
+
+def test_seeds_of_one_configuration_are_pooled(key_store):
+    client, exp = key_store
+    _config_run(client, exp, 0, 3.0)
+    _config_run(client, exp, 1, 3.5)
+    _config_run(client, exp, 2, 4.0, run_name="renamed", experiment="elsewhere", eval_every=7, device="cpu",
+                sample_grid=9, eval_batch_size=3)  # settings that cannot change a number
+    table = comparison_table(deduplicate(load_runs(client, ["key"]))[0])
+    assert list(table["runs"]) == [3] and table["bpd mean"].iloc[0] == pytest.approx(3.5)
+
+
+def test_precision_auto_counts_as_what_the_device_made_it(key_store):
+    """precision=auto is bf16 on CUDA and fp32 on the CPU: those runs are kept apart; two CUDA cards are not."""
+    client, exp = key_store
+    for seed, device in enumerate(["cuda:0", "cuda:1", "cpu"]):
+        rid = _config_run(client, exp, seed, 3.0 + seed, device=device)
+        client.log_param(rid, "device", device)  # the device the run resolved, as bench.train logs it
+    table = comparison_table(deduplicate(load_runs(client, ["key"]))[0]).set_index("precision")
+    assert table["runs"].to_dict() == {"bf16": 2, "fp32": 1}
+
+
+def test_fids_of_different_feature_extractors_are_never_pooled_or_compared(key_store, tmp_path):
+    client, exp = key_store
+    x, y = "digits-classifier-aaaa1111", "digits-classifier-bbbb2222"
+    _config_run(client, exp, 0, 3.0, "simple", x, 10.0)
+    _config_run(client, exp, 1, 3.1, "simple", x, 11.0)
+    _config_run(client, exp, 2, 3.4, "simple", y, 30.0)  # the same settings, scored by another classifier
+    _config_run(client, exp, 0, 3.2, "hybrid", y, 20.0)
+    _config_run(client, exp, 1, 3.3, "hybrid", y, 21.0)
+    rep = build_report(["key"], None, tmp_path / "rep", client.tracking_uri)
+    table = rep.table.set_index(["variant", "fid_extractor"])
+    assert table["runs"].to_dict() == {("hybrid", y): 2, ("simple", x): 2, ("simple", y): 1}
+    assert table.loc[("simple", x), "fid mean"] == pytest.approx(10.5)  # not (10 + 11 + 30) / 3
+    assert table["best_fid"].to_dict() == {("hybrid", y): True, ("simple", x): True, ("simple", y): False}
+    pairs = pd.read_csv(rep.out_dir / "paired_differences.csv")
+    assert list(pairs.metric) == ["bpd"]  # no FID difference across extractors ...
+    assert (pairs.A.iloc[0], pairs.B.iloc[0], pairs["pairs"].iloc[0]) == ("hybrid", "simple", 2)  # ... the bound is
+    assert pairs["mean A−B"].iloc[0] == pytest.approx(0.2)  # paired, whatever scored the FIDs
+    md = rep.markdown.read_text()
+    assert f"FIDs of hybrid ({y}) and simple ({x}) on digits are not compared: different feature extractors" in md
+    assert "FIDs come from 2 feature extractors" in md
+    caption = _captions(rep.html)["bits/dim against FID"]
+    assert f"features {y}, " in caption and f"Left out: 2 run(s) whose FID another feature extractor computed ({x})" \
+        in caption  # the picture shows the FIDs of one extractor only, the one most runs used

@@ -206,3 +206,33 @@ def test_a_folder_filled_while_the_report_ran_is_not_replaced(home, tmp_path, mo
         build.build_report(["fake"], None, out, log_to_mlflow=False)
     assert (out / "added-meanwhile.txt").read_text() == "theirs" and (out / "report.html").is_file()
     assert _leftovers(tmp_path, "rep") == []
+
+
+def test_report_md_escapes_html_from_experiment_run_and_tag_names(tmp_path, monkeypatch, store_template):
+    """Markdown renders raw HTML: a name holding a tag shows as text in report.md, as it does in report.html."""
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    evil = "<img src=x onerror=alert(1)>"
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(evil, artifact_location=(tmp_path / "mlartifacts").as_uri())
+    for seed in range(2):
+        rid = client.create_run(exp, run_name=evil).info.run_id
+        client.log_batch(rid, metrics=[Metric("bpd", 3.0 + seed / 10, int(time.time() * 1000), 10)],
+                         params=[Param("config.seed", str(seed))],
+                         tags=[RunTag("variant", evil), RunTag("dataset", "digits"), RunTag("schedule", evil)])
+        client.set_terminated(rid, "FINISHED")
+    study = client.create_run(exp, run_name=evil, tags={"optuna.study": evil}).info.run_id  # its picture's title
+    plt.imsave(tmp_path / "optimization_history.png", np.zeros((4, 4)))
+    client.log_artifact(study, str(tmp_path / "optimization_history.png"))
+    client.set_terminated(study, "FINISHED")
+    rep = build.build_report([evil], None, tmp_path / "rep", uri)
+    md = rep.markdown.read_text()
+    assert "<img" not in md and "onerror=alert(1)>" not in md
+    assert md.count("&lt;img src=x onerror=alert(1)&gt;") >= 4  # the experiment, the variant, schedule and study
+    assert "![study &lt;img src=x onerror=alert(1)&gt;: optimization history]" in md
+    assert "<img src=x" not in rep.html.read_text()

@@ -559,15 +559,40 @@ def test_eval_prints_bpd_and_logs_into_the_run(home):
     assert "logged into run" not in plain.stdout
     assert len(history(c, run_id, "bpd")) == 1  # nothing was logged
 
-    logged = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--log-to-run"])
-    assert logged.exit_code == 0, describe(logged)
-    assert f"logged into run {run_id}" in logged.stdout
-    assert re.search(r"\bbpd \d+\.\d{4}", logged.stdout) and "bpd_stderr" in logged.stdout
-    run = c.get_run(run_id)
-    assert [s for s, _ in history(c, run_id, "bpd")] == [STEPS, STEPS]
-    assert [s for s, _ in history(c, run_id, "bpd_stderr")] == [STEPS]
-    assert run.data.tags["bpd_method"].startswith("estimate")
+    again = invoke(home, ["eval", str(ckpt), "--log-to-run"])  # the run's own method: bpd is extended
+    assert again.exit_code == 0 and "logged as" not in again.stdout, describe(again)
+    assert history(c, run_id, "bpd") == [(STEPS, logged_bpd)] * 2
     assert [r.info.run_id for r in experiment_runs(home)] == [run_id]
+
+
+def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline(home):
+    """Issue 18, item 9: an exact run re-evaluated with `--nll ode --final-eval estimate --log-to-run` kept its bpd
+    history as [exact, estimate] at one step, flipped bpd_method to the estimate and was reported as an exact row
+    with a Monte Carlo error. The estimate goes under its own name; bpd, bpd_method and the Result stay."""
+    from reports.tables import comparison_table, deduplicate, display_table, load_runs
+
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    c = client(home)
+    before = c.get_run(run_id).data
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+    logged = invoke(home, ["eval", str(ckpt), "--nll", "ode", "--final-eval", "estimate", "--log-to-run"])
+    assert logged.exit_code == 0, describe(logged)
+    assert "this bound is logged as bpd_eval_estimate" in logged.stdout
+    after = c.get_run(run_id).data
+    assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])]
+    assert after.tags["bpd_method"] == before.tags["bpd_method"] and before.tags["bpd_method"].startswith("exact")
+    assert "bpd_stderr" not in after.metrics
+    estimate = after.metrics["bpd_eval_estimate"]
+    assert [s for s, _ in history(c, run_id, "bpd_eval_estimate")] == [STEPS] and estimate != before.metrics["bpd"]
+    assert after.metrics["bpd_eval_estimate_stderr"] > 0 and f"bpd_eval_estimate {estimate:.4f}" in logged.stdout
+    assert after.tags["bpd_eval_estimate_method"].startswith("estimate (33 calls/image, 8 test images)")
+    note = after.tags["mlflow.note.content"]
+    result = note.split("**Result**: ")[1].split("\n\n")[0]
+    assert f"bpd {before.metrics['bpd']:.4f}, exact" in result and "estimate" not in result
+    assert f"**Re-evaluation (estimate)**: at step {STEPS}, bpd_eval_estimate {estimate:.4f} ± " in note
+    shown, _ = display_table(comparison_table(deduplicate(load_runs(c, [EXPERIMENT]))[0]))
+    assert shown["bpd"].iloc[0] == f"{before.metrics['bpd']:.4f} (n=1) ★"  # exact: no Monte Carlo error
+    assert shown["bpd_method"].iloc[0].startswith("exact")
 
 
 # ----------------------------------------------------------------------------- 7. CIFAR-10

@@ -228,11 +228,13 @@ def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
     exact = study.user_attrs["bpd_exact"]
     assert set(exact) == {str(best.number)}  # --exact-top 1
     assert parent.data.metrics["best_bpd_exact"] == pytest.approx(exact[str(best.number)])
-    assert runs[best.number].data.tags["bpd_method"].startswith("exact")
-    assert runs[best.number].data.metrics["bpd"] == pytest.approx(exact[str(best.number)])
+    # logged beside the trial's estimated bpd, under its own name: a bound never replaces another method's
+    assert runs[best.number].data.metrics["bpd_eval_exact"] == pytest.approx(exact[str(best.number)])
+    assert runs[best.number].data.tags["bpd_eval_exact_method"].startswith("exact")
+    assert runs[best.number].data.metrics["bpd"] == pytest.approx(best.value)
     for t in trials:
-        if t.number != best.number:
-            assert runs[t.number].data.tags["bpd_method"].startswith("estimate")
+        assert runs[t.number].data.tags["bpd_method"].startswith("estimate")
+        assert ("bpd_eval_exact" in runs[t.number].data.metrics) == (t.number == best.number)
 
     # the parent's artifacts
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
