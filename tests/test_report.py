@@ -127,7 +127,7 @@ def test_table_values_equal_pandas_on_the_same_records(store):
         in captions["bits/dim against FID"]
     assert "Final bits/dim (metric bpd: exact (all 1000 t, 297 test images); x̂_0 clipped" in captions["bits/dim against FID"]
     assert "exact (all 1000 t, 297 test images)" in captions["per-timestep terms of the bound"]
-    assert "(3 grids); sampler ancestral, 250 of 1000 steps (strided)." in captions["samples"]
+    assert "(3 grids); sampler ancestral, 250 of 1000 steps (strided, iDDPM respacing)." in captions["samples"]  # its fid_sampler tag
     assert all(f"![{title}]" in md and caption in md for title, caption in captions.items())
     logged = {a.path for a in MlflowClient(uri).list_artifacts(rep.run_id)}  # asked for: the report is a run
     assert {"report.html", "report.md", "table.csv"} <= logged
