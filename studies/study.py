@@ -126,7 +126,7 @@ class _Storage(optuna.storages.RDBStorage):
 
     Optuna judges a trial by its heartbeat row alone, so a trial whose worker died (or failed) after taking
     it and before its first heartbeat, or one some tool asked for and left, stayed RUNNING for good and the
-    workers waited on it forever. A worker now records the first heartbeat under the lock it takes the trial
+    workers waited on it forever. A worker records a trial's first heartbeat under the lock it takes the trial
     under; whoever looks for stale trials (under that lock too) and finds one without any gives it one, so
     unless its worker beats it is stale a grace period later, failed and retried like any other."""
 
@@ -159,7 +159,7 @@ def _storage(sc: StudyConfig):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
             return _Storage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except BenchError:
         raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
