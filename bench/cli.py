@@ -431,10 +431,13 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
 
     Takes every `bench run` option and --config FILE, applied to each run; the grid's own defaults are
     --steps 1000, --fid-samples 500 and --experiment grid-<dataset>. A (config, seed) pair whose run is
-    already in the experiment, FINISHED or diverged, is skipped, so an interrupted grid resumes where it stopped."""
+    already in the experiment, FINISHED or diverged, is skipped, so an interrupted grid resumes where it stopped.
+    Grids started together on one store share the pairs: each is trained by one of them."""
+    from contextlib import ExitStack
     from dataclasses import replace
 
-    from bench.grid import recorded_runs
+    from bench.grid import claim, recorded_runs
+    from bench.locks import LockBusy
     from bench.train import train
     from reports.build import build_report, check_out_dir, default_out_dir
 
@@ -451,7 +454,24 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     if not dry_run:
         check_out_dir(out or default_out_dir([experiment]))  # refused before hours of training, not after
     recorded = recorded_runs(configs)
-    diverged = skipped = 0
+    diverged = skipped = elsewhere = 0
+    deferred = []
+
+    def train_claimed(config) -> None:
+        """Train ``config``, its claim held, unless another grid recorded its result since the plan was made."""
+        nonlocal diverged, elsewhere
+        (rec,) = recorded_runs([config])
+        if rec is not None and rec.is_result:
+            elsewhere += 1
+            diverged += rec.diverged
+            click.echo(f"  skipped: recorded meanwhile by another grid as {rec.describe()}")
+            return
+        if rec is not None:
+            click.echo(f"  training (again: {rec.describe()})")
+        result = train(config)
+        diverged += result.status == "FAILED"
+        click.echo(f"  {result.status}" + (f" ({result.reason} at step {result.step})" if result.reason else ""))
+
     for i, (config, rec) in enumerate(zip(configs, recorded), 1):
         click.echo(f"[{i}/{len(configs)}] {config.default_run_name}")
         if rec is not None and rec.is_result:
@@ -459,15 +479,21 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
             diverged += rec.diverged
             click.echo(f"  skipped: already recorded as {rec.describe()}")
             continue
-        again = f" (again: {rec.describe()})" if rec is not None else ""
         if dry_run:
-            click.echo(f"  to train{again}")
+            click.echo("  to train" + (f" (again: {rec.describe()})" if rec is not None else ""))
             continue
-        if again:
-            click.echo(f"  training{again}")
-        result = train(config)
-        diverged += result.status == "FAILED"
-        click.echo(f"  {result.status}" + (f" ({result.reason} at step {result.step})" if result.reason else ""))
+        with ExitStack() as held:
+            try:
+                held.enter_context(claim(config))
+            except LockBusy as busy:  # another grid trains it: its result is waited for at the end
+                click.echo(f"  deferred: {busy.holder} is training it; back to it after the others")
+                deferred.append(config)
+                continue
+            train_claimed(config)
+    for config in deferred:
+        click.echo(f"[deferred] {config.default_run_name}: waiting for the process training it")
+        with claim(config, wait=True):  # it finished, or died and left the pair to this grid
+            train_claimed(config)
     if dry_run:
         click.echo(f"{len(configs)} runs: {len(configs) - skipped} to train, {skipped} already recorded; "
                    "every run's config but its variant and seed:")
@@ -477,7 +503,8 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     rep = build_report([experiment], None, out, tracking_uri, log_to_mlflow=log_to_mlflow)
     click.echo(f"report of {rep.runs} runs: {rep.html}" + (f"; logged as MLflow run {rep.run_id}" if rep.run_id else ""))
     click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)"
-               + (f"; {skipped} already recorded before this grid, skipped" if skipped else ""))
+               + (f"; {skipped} already recorded before this grid, skipped" if skipped else "")
+               + (f"; {elsewhere} trained meanwhile by another grid" if elsewhere else ""))
 
 
 @cli.command("runs")

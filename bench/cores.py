@@ -15,10 +15,14 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import torch
+
+PENDING = ".pending"  # suffix of an entry while it is being registered (not yet counted)
+ABANDONED_AFTER = 60  # seconds after which a pending entry is a killed process's
 
 
 def cpu_count() -> int:
@@ -44,9 +48,14 @@ class CoreShare:
 
     def __enter__(self) -> CoreShare:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # locked under a name no one counts, then renamed into place: an entry created where the others
+        # look would be free of any lock for a moment, and taken for a dead process's and unlinked
+        pending = self.folder / f".{name}{PENDING}"
+        self._fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path = self.folder / f"{name}.lock"
+        os.rename(pending, self.path)
         self.apply()
         return self
 
@@ -74,7 +83,18 @@ class CoreShare:
                 count += 1
             finally:
                 os.close(fd)
+        self._remove_abandoned()
         return max(count, 1)
+
+    def _remove_abandoned(self) -> None:
+        """Remove the pending entries of processes killed while registering (between creating and renaming
+        one: microseconds, so an entry still pending after ABANDONED_AFTER seconds is a dead process's)."""
+        for entry in self.folder.glob(f".*{PENDING}"):
+            try:
+                if time.time() - entry.stat().st_mtime > ABANDONED_AFTER:
+                    entry.unlink()
+            except FileNotFoundError:  # another process removed it first
+                continue
 
     def apply(self) -> int:
         """Take this process's share of the cores now (unless ``OMP_NUM_THREADS`` is set)."""

@@ -4,15 +4,20 @@ A grid that is interrupted (Ctrl-C, a lost machine) and started again trains onl
 counts as done when its experiment holds a run with the same full config (the flattened ``RunConfig`` that
 every run logs as its ``config.*`` params; a field the run predates counts at its default) that ended FINISHED, or FAILED because it diverged: divergence
 is a result the report counts. A KILLED, RUNNING or crashed run is no result, so the pair is trained again.
+
+Grids running at the same time on one store (two machines, or two terminals) share the work: a pair is
+trained under its claim (:func:`claim`), which a live process holds while it trains it and which its death
+frees, so a second grid leaves a claimed pair to its claimant and takes it over if that one dies first.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from bench import tracking
 from bench.config import RunConfig, flatten
-from bench.locks import sqlite_path
+from bench.locks import file_lock, is_server_database, sqlite_path, store_lock
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,23 @@ def recorded_runs(configs: list[RunConfig]) -> list[Recorded | None]:
                 if found[i] is None or (rec.is_result and not found[i].is_result):
                     found[i] = rec
     return found
+
+
+def claim(config: RunConfig, wait: bool = False):
+    """Hold ``config``'s (config, seed) pair for the ``with`` block, so that grids sharing its store train it once.
+
+    Held by another live process, it raises :class:`bench.locks.LockBusy` (naming the holder), or with ``wait``
+    waits until it is free: the holder finished, or died (a ``flock``, or a PostgreSQL/MySQL advisory lock,
+    dies with its process). A SQLite store keeps the claims in a folder beside it (``mlflow.db.grid-claims``);
+    with an MLflow server they are kept in BENCH_HOME, so only grids on the same machine see them.
+    """
+    uri = tracking.resolve_tracking_uri(config.tracking_uri)
+    pair = hashlib.sha256(repr(_key(flatten(config))).encode()).hexdigest()[:16]
+    if is_server_database(uri):
+        return store_lock(uri, f"grid-{pair}", blocking=wait)
+    store = sqlite_path(uri)
+    folder = store.with_name(f"{store.name}.grid-claims") if store is not None else tracking.bench_home() / "grid-claims"
+    return file_lock(folder / f"{pair}.lock", blocking=wait, what=f"the grid's pair {config.default_run_name}")
 
 
 def _key(params: dict[str, str]) -> tuple:

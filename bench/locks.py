@@ -20,7 +20,11 @@ from bench.errors import BenchError
 
 
 class LockBusy(BenchError):
-    """A non-blocking lock is held by another live process."""
+    """A non-blocking lock is held by another live process (``holder``: the pid and host it wrote, if known)."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
 
 
 @contextmanager
@@ -37,7 +41,7 @@ def file_lock(path: str | Path, blocking: bool = True, what: str = "") -> Iterat
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = Path(path).read_text().strip() or "another process"
-            raise LockBusy(f"{what or path} is in use by {holder}; wait for it to finish or stop it") from None
+            raise LockBusy(f"{what or path} is in use by {holder}; wait for it to finish or stop it", holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield path
@@ -57,24 +61,28 @@ def _advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-_ADVISORY = {  # dialect → (take, release): session-level locks the server drops when the connection dies
-    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
-    "mysql": ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"),
+_ADVISORY = {  # dialect → (take, try to take, release): session-level locks the server drops when the connection dies
+    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_try_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+    "mysql": ("SELECT GET_LOCK(:k, -1)", "SELECT GET_LOCK(:k, 0)", "SELECT RELEASE_LOCK(:k)"),
 }
 
 
 @contextmanager
-def _server_lock(url: str, name: str) -> Iterator[None]:
-    """An advisory lock named ``name`` in a PostgreSQL or MySQL/MariaDB database."""
+def _server_lock(url: str, name: str, blocking: bool = True) -> Iterator[None]:
+    """An advisory lock named ``name`` in a PostgreSQL or MySQL/MariaDB database (:class:`LockBusy` when held
+    elsewhere and not ``blocking``)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
     engine = create_engine(url, poolclass=NullPool)
-    take, release = _ADVISORY["postgresql" if engine.dialect.name == "postgresql" else "mysql"]
+    take, attempt, release = _ADVISORY["postgresql" if engine.dialect.name == "postgresql" else "mysql"]
     key = _advisory_key(name) if engine.dialect.name == "postgresql" else f"elbo-bench-{_advisory_key(name):x}"[:64]
     try:
         with engine.connect() as conn:
-            conn.execute(text(take), {"k": key})
+            if blocking:
+                conn.execute(text(take), {"k": key})
+            elif not conn.execute(text(attempt), {"k": key}).scalar():
+                raise LockBusy(f"{name} is in use by another process; wait for it to finish or stop it")
             try:
                 yield
             finally:
@@ -83,16 +91,22 @@ def _server_lock(url: str, name: str) -> Iterator[None]:
         engine.dispose()
 
 
-def store_lock(url: str, purpose: str = "create"):
+def is_server_database(url: str) -> bool:
+    """Whether ``url`` is a PostgreSQL or MySQL/MariaDB database (SQLAlchemy's spelling)."""
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb")
+
+
+def store_lock(url: str, purpose: str = "create", blocking: bool = True):
     """Serialise ``purpose`` (store creation, taking a trial) among all processes that use the store ``url``.
 
     SQLite: a file lock ``<database>.<purpose>.lock`` beside the file (``mlflow.db.create.lock``…).
     PostgreSQL and MySQL: an advisory lock in the database. Anything else (an MLflow server over
-    HTTP, an in-memory SQLite) serialises on its own side: no lock is taken.
+    HTTP, an in-memory SQLite) serialises on its own side: no lock is taken. Not ``blocking``, a lock
+    held by another live process raises :class:`LockBusy`.
     """
     path = sqlite_path(url)
     if path is not None:
-        return file_lock(path.with_name(f"{path.name}.{purpose}.lock"), what=f"the store {path}")
-    if url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb"):
-        return _server_lock(url, f"{url.split('@')[-1]}:{purpose}")
+        return file_lock(path.with_name(f"{path.name}.{purpose}.lock"), blocking, what=f"the store {path}")
+    if is_server_database(url):
+        return _server_lock(url, f"{url.split('@')[-1]}:{purpose}", blocking)
     return nullcontext()

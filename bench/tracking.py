@@ -270,23 +270,39 @@ def _alive(pid: int, start: str) -> bool:
     return True
 
 
+def _read(path: str, link: bool = False) -> str:
+    try:
+        return os.readlink(path) if link else Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _machine() -> dict[str, str]:
+    """What tells this kernel and PID namespace apart from others of the same hostname (containers, a
+    reboot): the boot id and the PID namespace; empty where /proc does not tell (macOS)."""
+    return {"owner.boot": _read("/proc/sys/kernel/random/boot_id"), "owner.pidns": _read("/proc/self/ns/pid", link=True)}
+
+
 def owner_tags() -> dict[str, str]:
     """Tags that let a later command tell whether this process, which owns a RUNNING run, is still alive."""
     pid = os.getpid()
     return {"owner.host": socket.gethostname(), "owner.pid": str(pid), "owner.start": _process_start(pid),
-            "owner.heartbeat": str(int(time.time()))}
+            **_machine(), "owner.heartbeat": str(int(time.time()))}
 
 
 def owner_gone(tags: dict[str, str], now: float | None = None) -> str:
     """Why the process that owns a RUNNING run is known to be gone ('' while it may be alive).
 
-    On this host the pid and its start time decide; on another host a heartbeat older than
-    STALE_AFTER_SECONDS does. A run without owner tags (written by an older version) is never judged.
+    Where its pid means the same process as here (same host, boot and PID namespace) the pid and its start
+    time decide; elsewhere (another host, or a container or boot of the same hostname) a heartbeat older
+    than STALE_AFTER_SECONDS does. Owner tags without the boot and namespace (written by an older version)
+    are judged by the host alone; a run without owner tags is never judged.
     """
     if "owner.pid" not in tags:
         return ""
     host, pid = tags.get("owner.host", ""), int(tags["owner.pid"])
-    if host == socket.gethostname():
+    here = _machine()
+    if host == socket.gethostname() and all(tags.get(k, mine) == mine for k, mine in here.items()):
         return f"its process {pid} on {host} is gone" if not _alive(pid, tags.get("owner.start", "")) else ""
     beat = float(tags.get("owner.heartbeat") or 0)
     silent = (now or time.time()) - beat
@@ -304,7 +320,10 @@ def close_dead_runs(c, experiment_ids: list[str]) -> list[str]:
     runs = c.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY,
                          max_results=5000)
     for r in runs:
-        reason = owner_gone(r.data.tags)
+        if not owner_gone(r.data.tags):
+            continue
+        r = c.get_run(r.info.run_id)  # read again: a resume may have taken the run over since the search
+        reason = owner_gone(r.data.tags) if r.info.status == "RUNNING" else ""
         if not reason:
             continue
         c.log_batch(r.info.run_id, tags=[RunTag("killed_reason", f"{reason}; found by a later command"),

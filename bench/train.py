@@ -280,7 +280,6 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
         if d.main:
             if ckpt is not None:
-                log.tags(tracking.owner_tags())
                 log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
             if tags and ckpt is not None:
                 log.tags(tags)
@@ -302,6 +301,9 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
         run_id = ckpt["run_id"]
         held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))  # before the status check
         _check_resumable(client, run_id, uri, ckpt["step"], config.steps, reopen)
+        # this process's owner tags first: a run RUNNING under its last owner's tags (a dead process) is
+        # what `bench runs --cleanup`, a report or a study worker marks KILLED
+        tracking.RunLogger(client, run_id).tags(tracking.owner_tags())
         client.update_run(run_id, status="RUNNING")
     else:
         exp = tracking.experiment_id(client, config.experiment)

@@ -121,11 +121,32 @@ class StudyResult:
 
 
 # ------------------------------------------------------------------------- Optuna plumbing
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, in which a RUNNING trial that never had a heartbeat turns stale too.
+
+    Optuna judges a trial by its heartbeat row alone, so a trial whose worker died (or failed) after taking
+    it and before its first heartbeat, or one some tool asked for and left, stayed RUNNING for good and the
+    workers waited on it forever. A worker records a trial's first heartbeat under the lock it takes the trial
+    under; whoever looks for stale trials (under that lock too) and finds one without any gives it one, so
+    unless its worker beats it is stale a grace period later, failed and retried like any other."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from sqlalchemy import text
+
+        never = text("SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                     "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
+        with self.engine.connect() as conn:
+            silent = [row[0] for row in conn.execute(never, {"study": study_id})]
+        for trial_id in silent:
+            self.record_heartbeat(trial_id)
+        return super()._get_stale_trial_ids(study_id)
+
+
 def _storage(sc: StudyConfig):
     import warnings
 
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     url = sc.storage_url()
     path = sqlite_path(url)
@@ -137,8 +158,8 @@ def _storage(sc: StudyConfig):
                 tracking.refuse_half_migrated(path, f"optuna storage upgrade --storage {url}")
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+            return _Storage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
+                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except BenchError:
         raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
@@ -303,11 +324,11 @@ def _next_trial(study, sc: StudyConfig):
         trials = [t for t in study.get_trials(deepcopy=False) if not lost_worker(t)]  # their retries count instead
         if len(trials) < sc.trials or any(t.state == TrialState.WAITING for t in trials):
             trial = study.ask()
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # under the lock: seen as ours
+            study._storage.record_heartbeat(trial._trial_id)  # still under the lock: no one sees it without one
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             return trial
-        # a bench worker's running trial either finishes or, its worker dead, turns stale and comes back queued;
-        # a trial some other tool left RUNNING (no worker attribute, no heartbeat) is not waited for
-        return WAIT if any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in trials) else None
+        # a running trial either finishes or, its worker dead, turns stale (see _Storage) and comes back queued
+        return WAIT if any(t.state == TrialState.RUNNING for t in trials) else None
 
 
 def _heartbeat(study, trial, seconds: int):
@@ -412,11 +433,11 @@ def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
     stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if lost_worker(t)}
     if not stale:
         return
-    running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`optuna.study` = '{name}'",
-                                 max_results=5000)
+    # the study's name is compared here, not in the filter: MLflow's filter syntax cannot quote every name (o'hara)
+    running = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=5000)
     for r in running:
         number = r.data.tags.get("optuna.trial")
-        if number is not None and number.isdigit() and int(number) in stale:
+        if r.data.tags.get("optuna.study") == name and number is not None and number.isdigit() and int(number) in stale:
             client.log_batch(r.info.run_id, tags=[RunTag("killed_reason", "its study worker stopped sending heartbeats "
                                                                            "(killed, crashed or cut off); the trial is retried")])
             client.set_terminated(r.info.run_id, "KILLED")

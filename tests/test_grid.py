@@ -138,6 +138,59 @@ def test_config_file_and_run_options_reach_every_run(home):
     assert "2 runs: 2 to train, 0 already recorded" in grid_ok(home, [*args, "--ema-decay", "0.9", "--dry-run"])
 
 
+@pytest.mark.parametrize("claimant", ["finishes", "dies"])
+def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monkeypatch, claimant):
+    """Two grids on one experiment train each pair once: a pair another live grid holds is deferred to the end,
+    then skipped once that grid recorded its result, or trained if that grid died (its claim freed) without one."""
+    import threading
+
+    import bench.train
+    from bench.grid import claim
+
+    for key, value in {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}.items():
+        monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
+    seed0 = make_config(variant="simple", seed=0, steps=3, T=40, batch_size=16, log_every=1, eval_every=0,
+                        eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10,
+                        experiment="g")  # the grid's first pair
+    train, trained, held, grid_waits = bench.train.train, [], threading.Event(), threading.Event()
+
+    def the_other_grid():
+        with claim(seed0):
+            held.set()
+            assert grid_waits.wait(300)
+            if claimant == "finishes":
+                train(seed0, progress=False)
+        # the claim is freed here: on finishing, or as by its process's death
+
+    def grid_trains(config, *args, **kwargs):
+        trained.append(config.seed)
+        result = train(config, *args, **kwargs)
+        if config.seed == 1:
+            grid_waits.set()  # the grid has trained its own pair; next it waits for the deferred one
+        return result
+
+    monkeypatch.setattr(bench.train, "train", grid_trains)
+    other = threading.Thread(target=the_other_grid)
+    other.start()
+    try:
+        assert held.wait(60)
+        out = grid_ok(home, ["--variant", "simple", "--seeds", "2", *TINY, "--experiment", "g", "--out", str(home / "rep")])
+    finally:
+        grid_waits.set()
+        other.join()
+    assert "[1/2] simple-digits-seed0\n  deferred: pid " in out, out
+    assert "[deferred] simple-digits-seed0: waiting for the process training it" in out, out
+    runs = training_runs(home, "g")
+    assert sorted(r.data.params["config.seed"] for r in runs) == ["0", "1"]  # each pair once
+    assert all(r.info.status == "FINISHED" for r in runs)
+    if claimant == "finishes":
+        assert trained == [1]
+        assert "skipped: recorded meanwhile by another grid as run" in out and "1 trained meanwhile by another grid" in out
+    else:
+        assert trained == [1, 0]
+        assert "2 runs, 0 diverged" in out and "meanwhile" not in out
+
+
 BAD = {
     "unknown option": (["--nope", "1"], "No such option"),
     "a run-only option": (["--resume", "x.pt"], "No such option"),

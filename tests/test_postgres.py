@@ -191,6 +191,24 @@ def test_a_killed_holder_releases_its_store_lock(postgres, tmp_path):
     assert postgres.execute(locks) == []
 
 
+def test_a_grid_pair_claimed_by_another_session_is_busy_until_released(postgres):
+    """`bench grid`'s claims on a PostgreSQL store: advisory locks, tried without waiting."""
+    from dataclasses import replace
+
+    from bench.config import make_config
+    from bench.grid import claim
+    from bench.locks import LockBusy
+
+    pair = make_config(variant="simple", seed=0, tracking_uri=postgres.create_database())
+    with claim(pair):  # one session holds it …
+        with pytest.raises(LockBusy), claim(pair):  # … another is refused at once
+            pass
+        with claim(replace(pair, seed=1)):  # another pair is free
+            pass
+    with claim(pair):  # released
+        pass
+
+
 # ----------------------------------------------------------------------------- MLflow's tables
 def mlflow_tables(postgres, url: str) -> set[str]:
     rows = postgres.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", url.rsplit("/", 1)[1])

@@ -238,6 +238,40 @@ def test_owner_on_another_host_is_judged_by_its_heartbeat():
     assert tracking.owner_gone({}, now) == ""  # no owner tags: never judged
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("key", ["owner.pidns", "owner.boot"])
+def test_an_owner_in_another_pid_namespace_or_boot_is_judged_by_its_heartbeat(key, tmp_path, store_template):
+    """Containers that share a hostname but not a PID namespace (or a host rebooted since): the owner's pid
+    means nothing here, so a pid that is free here is no proof of death, nor a live one of life."""
+    now = time.time()
+    mine = tracking.owner_tags()
+    assert mine["owner.boot"] and mine["owner.pidns"].startswith("pid:[")  # Linux: both known
+    elsewhere = {**mine, key: "other", "owner.heartbeat": str(int(now))}
+    assert tracking.owner_gone({**elsewhere, "owner.pid": str(_dead_pid()), "owner.start": ""}, now + 60) == ""
+    assert tracking.owner_gone(elsewhere, now + 60) == ""
+    assert "no heartbeat from process" in tracking.owner_gone(elsewhere, now + tracking.STALE_AFTER_SECONDS + 1)
+    # the same host, boot and namespace: the pid decides, heartbeat or not
+    dead = {**mine, "owner.pid": str(_dead_pid()), "owner.start": ""}
+    assert "is gone" in tracking.owner_gone(dead, now)
+    assert tracking.owner_gone(mine, now + tracking.STALE_AFTER_SECONDS + 1) == ""
+    # owner tags from before the boot id and namespace were recorded: judged by the host, as then
+    older = {k: v for k, v in dead.items() if k not in ("owner.boot", "owner.pidns")}
+    assert "is gone" in tracking.owner_gone(older, now)
+
+    # `bench runs --cleanup` leaves such a run alone while its heartbeat is fresh
+    (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
+    c = mlflow(tmp_path)
+    run_id = c.create_run(c.create_experiment("x"), tags={**elsewhere, "owner.pid": str(_dead_pid())}).info.run_id
+    res = invoke(tmp_path, ["runs", "--cleanup"])
+    assert "marked 0 run(s) KILLED" in res.stdout, describe(res)
+    assert c.get_run(run_id).info.status == "RUNNING"
+
+
 # ----------------------------------------------------------------------------- 6 and 7. resume
 def test_resume_after_sigkill_logs_every_step_once_and_cleans_stale_temp_files(tmp_path, store_template):
     home = tmp_path
@@ -356,6 +390,50 @@ def test_resuming_a_finished_run_is_refused_unless_reopened(finished):
     assert res.exit_code == 0, describe(res)
     assert [m.step for m in c.get_metric_history(run_id, "bpd")] == [4, 6]
     assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_writes_its_owner_tags_before_the_run_is_running(finished, monkeypatch):
+    """Between a resume setting the run RUNNING and writing its owner tags, the run is RUNNING under its
+    dead last owner's tags, and a `bench runs --cleanup`, a report or a study worker marks it KILLED."""
+    home, run_id, ckpt = finished
+    c = mlflow(home)
+    c.set_tag(run_id, "owner.pid", str(_dead_pid()))  # the last owner, gone
+    c.set_terminated(run_id, "KILLED")
+    update_run, seen = MlflowClient.update_run, []
+
+    def spy(self, run_id_, status=None, **kw):
+        if status == "RUNNING":  # the owner tags the run has at the moment it is RUNNING
+            seen.append({k: v for k, v in mlflow(home).get_run(run_id_).data.tags.items() if k.startswith("owner.")})
+        return update_run(self, run_id_, status=status, **kw)
+
+    monkeypatch.setattr(MlflowClient, "update_run", spy)
+    res = invoke(home, ["run", "--resume", str(ckpt), "--steps", "6"])
+    assert res.exit_code == 0, describe(res)
+    assert len(seen) == 1
+    mine = tracking.owner_tags()
+    assert {k: seen[0].get(k) for k in ("owner.host", "owner.pid", "owner.start", "owner.boot", "owner.pidns")} == \
+        {k: mine[k] for k in ("owner.host", "owner.pid", "owner.start", "owner.boot", "owner.pidns")}
+    assert c.get_run(run_id).info.status == "FINISHED"
+
+
+def test_cleanup_reads_a_run_again_before_marking_it_killed(tmp_path, store_template, monkeypatch):
+    """A resume that takes a dead owner's run over between a cleanup's search and its verdict is not killed."""
+    from mlflow.entities import RunTag
+
+    (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
+    c = mlflow(tmp_path)
+    exp = c.create_experiment("x")
+    run_id = c.create_run(exp, tags={**tracking.owner_tags(), "owner.pid": str(_dead_pid()), "owner.start": ""}).info.run_id
+    search = c.search_runs
+
+    def search_then_resumed(*args, **kwargs):
+        found = search(*args, **kwargs)  # the dead owner's tags …
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.owner_tags().items()])  # … then a resume's
+        return found
+
+    monkeypatch.setattr(c, "search_runs", search_then_resumed)
+    assert tracking.close_dead_runs(c, [exp]) == []
+    assert c.get_run(run_id).info.status == "RUNNING"
 
 
 def test_a_checkpoint_another_live_process_is_resuming_is_refused(finished):

@@ -457,10 +457,26 @@ def test_experiment_created_by_another_process_in_between_is_used(home, monkeypa
     assert tracking.experiment_id(client, EXPERIMENT) == existing[0]
 
 
-def test_a_study_whose_trials_all_run_elsewhere_is_summarised(home):
-    other = optuna.create_study(study_name="busy", storage=optuna_url(home))
-    other.ask()  # another worker's trial, still RUNNING
-    [result] = run_study(study_config(trials=1, study_name="busy"), progress=False)
+def test_a_study_whose_trials_all_run_elsewhere_is_summarised(home, monkeypatch):
+    """A worker waits while the study's trials run elsewhere (their heartbeats fresh); stopped by its
+    timeout, it summarises the study as it stands."""
+    sc = study_config(trials=1, study_name="busy", heartbeat=1, timeout=4.0, exact_top=0)
+    study = study_mod._open_study(sc, "busy")
+    trial = study.ask()  # another worker's trial, still RUNNING: its heartbeat is fresh
+    beat = lambda: study._storage.record_heartbeat(trial._trial_id)  # noqa: E731
+    beat()
+    finish, waited = study_mod._finish, []
+
+    def timed_finish(*args, **kwargs):
+        waited.append(time.monotonic() - start)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "_finish", timed_finish)
+    start = time.monotonic()
+    with tracking.every(0.3, beat, "elsewhere"):
+        [result] = run_study(sc, progress=False)
+    assert waited[0] >= sc.timeout  # waited for it: neither gave up nor failed it
+    assert [t.state for t in load(home, "busy").trials] == [TrialState.RUNNING]
     assert result.counts["running"] == 1 and result.best == []
     assert mlflow_client(home).get_run(result.parent_run_id).info.status == "FINISHED"
 
@@ -635,6 +651,52 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space, capsys):
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     (dead,) = [r for r in client.search_runs([exp]) if r.data.tags.get("optuna.trial") == "0"]
     assert dead.info.status == "KILLED" and "is gone" in dead.data.tags["killed_reason"]
+
+
+LEFT_BY_A_DEAD_WORKER = {
+    "taken": "killed between taking its trial and the trial's first heartbeat",
+    "claimed": "killed before the first heartbeat, as an older version left it (worker attribute, no heartbeat)",
+    "training": "killed while training (a heartbeat, gone stale, and a RUNNING MLflow run on another host)",
+}
+
+
+@pytest.mark.parametrize("name, left", [("lost", "taken"), ("lost", "claimed"), ("o'hara", "training")])
+def test_a_trial_left_running_by_a_dead_worker_is_retried_and_the_study_finishes(home, t40_space, name, left):
+    """The trial a dead worker leaves RUNNING, heartbeat or none, turns stale and is retried: a later
+    `bench study` of the same name (or the workers still on it) finishes with every trial, whatever the
+    study is called. Without the fix: "taken" stopped with the trial RUNNING, "claimed" waited forever, and
+    "o'hara" went into an MLflow filter unquoted and crashed the worker."""
+    sc = study_config(trials=2, heartbeat=1, study_name=name, exact_top=0, space_file=str(t40_space),
+                      run_overrides={**CLI_DEFAULTS, "final_eval_images": 8, "eval_every": 0},
+                      timeout=240.0)  # the timeout: a hang fails, not hangs
+    client = tracking.client()
+    study = study_mod._open_study(sc, name)
+    study_mod._parent_run(client, study, sc, name, "simple", load_space(sc.space_file))  # the dead worker's start: trial 0 queued
+    lost = study.ask()  # … and taken: RUNNING
+    dead_run = None
+    if left != "taken":
+        lost.set_user_attr("worker", "elsewhere.invalid:4242")
+    if left == "training":
+        study._storage.record_heartbeat(lost._trial_id)
+        dead_run = client.create_run(tracking.experiment_id(client, EXPERIMENT), tags={
+            "optuna.study": name, "optuna.trial": "0", "variant": "simple", "owner.host": "elsewhere.invalid",
+            "owner.pid": "4242", "owner.heartbeat": str(int(time.time()))}).info.run_id  # alive as far as MLflow knows
+
+    [result] = run_study(sc, progress=False)
+    trials = load(home, name).trials
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].state == TrialState.FAIL and study_mod.lost_worker(trials[0])
+    assert {t.state for t in trials[1:]} == {TrialState.COMPLETE}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        (retry,) = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert retry.params == {**DEFAULT_PARAMS, "T": 40} and retry.user_attrs["default_schedule"] is True  # trial 0's
+    assert result.counts["complete"] == 2 and result.counts["running"] == 0
+    c = mlflow_client(home)
+    assert c.get_run(result.parent_run_id).info.status == "FINISHED"
+    if dead_run is not None:
+        run = c.get_run(dead_run)
+        assert run.info.status == "KILLED" and "stopped sending heartbeats" in run.data.tags["killed_reason"]
 
 
 # ----------------------------------------------------------------------------- 8. bad input, --show-space
