@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from tools import CHROMIUM
 
 import bench.ui as ui
 from bench import tracking
@@ -123,9 +124,7 @@ def test_ui_warns_once_that_a_non_loopback_host_has_no_authentication(tmp_path, 
 
 
 # ------------------------------------------------------------------------- helpers: processes, pages
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                                    "(Debian package 'chromium'; .ci/run installs it)")
+needs_chromium = pytest.mark.usefixtures("chromium")  # skips without it, fails under CI=true (tests/tools.py)
 needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="reads the process tree from /proc (Linux)")
 
 
