@@ -5,6 +5,9 @@ runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would 
 optuna-dashboard). This script is started as ``python _ui_guard.py PARENT_PID -- COMMAND...``; it runs COMMAND
 in a new session and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
 everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole process group.
+Should the guard itself be killed (SIGKILL, which it cannot catch), COMMAND gets SIGTERM from Linux
+(PR_SET_PDEATHSIG, set in COMMAND's process before it starts), which ``mlflow server`` passes on to its
+uvicorn workers and optuna-dashboard's wsgiref server obeys: the port is freed either way.
 
 It runs as a plain script (not ``-m bench._ui_guard``): importing the ``bench`` package loads torch,
 which would delay the server by seconds for nothing.
@@ -32,6 +35,18 @@ def _signal_on_parent_death(signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
         pass
+
+
+def _dies_with(guard: int):
+    """For ``preexec_fn``: in the server's process, before it runs the command, ask Linux to send it SIGTERM
+    when the guard (pid ``guard``) dies; a guard already gone by then (it died in between) ends it at once."""
+
+    def arm() -> None:
+        _signal_on_parent_death(signal.SIGTERM)
+        if os.getppid() != guard:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _exited(pid: int) -> bool:
@@ -71,7 +86,7 @@ def main(argv: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _frame: stop.append(s))
     _signal_on_parent_death(signal.SIGTERM)
-    child = subprocess.Popen(cmd, start_new_session=True)
+    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_dies_with(os.getpid()))
     try:
         while not stop and os.getppid() == parent and not _exited(child.pid):
             time.sleep(POLL_S)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.schedule import Schedule
+from bench.urls import masked
 
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -96,6 +97,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def redacted(self) -> RunConfig:
+        """This config as it is shown and stored (MLflow params, config.json, checkpoints, --dry-run): the
+        tracking URI's password masked (bench.urls.masked). A run resumed from a record gets the real URI
+        again from --tracking-uri or $MLFLOW_TRACKING_URI (bench.tracking.recorded_store)."""
+        return self if self.tracking_uri is None else dataclasses.replace(self, tracking_uri=masked(self.tracking_uri))
 
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
@@ -216,5 +223,5 @@ def make_config(dataset: str = "digits", **overrides) -> RunConfig:
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
-    """The config as MLflow params (str values, None shown as '')."""
-    return {f"config.{k}": "" if v is None else str(v) for k, v in config.to_dict().items()}
+    """The config as MLflow params (str values, None shown as '', the tracking URI's password masked)."""
+    return {f"config.{k}": "" if v is None else str(v) for k, v in config.redacted().to_dict().items()}

@@ -49,6 +49,7 @@ from bench.plots import per_t_figure, sample_grid
 from bench.sample import describe_sampler, sample
 from bench.schedule import Schedule
 from bench.unet import build_network, count_parameters
+from bench.urls import masked
 from bench.variant import Variant
 from variants import get_variant
 
@@ -187,11 +188,11 @@ def _save(state: _State, ctx: _Ctx) -> Path:
         return path
     cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
     return save_checkpoint(path, {
-        "config": ctx.config.to_dict(), "step": state.step, "model": state.net.state_dict(),
+        "config": ctx.config.redacted().to_dict(), "step": state.step, "model": state.net.state_dict(),
         "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "lr_schedule": state.lr_schedule.state_dict(),
         "variant": ctx.variant.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
-        "run_id": ctx.run_id, "tracking_uri": ctx.uri, "images_seen": state.images_seen,
+        "run_id": ctx.run_id, "tracking_uri": masked(ctx.uri), "images_seen": state.images_seen,
         "train_seconds": state.train_seconds,
     })
 
@@ -234,10 +235,13 @@ def _setup(config: RunConfig, device_name: str | None = None):
     return device, train_images, test_images, get_variant(config.variant, config.variance), config.build_schedule()
 
 
-def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None) -> RunConfig:
-    """The config a checkpoint's run continues with: its own, with a new step target or device if given."""
+def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None,
+                  tracking_uri: str | None = None) -> RunConfig:
+    """The config a checkpoint's run continues with: its own, with a new step target or device if given, and
+    its store's real URI (the checkpoint holds it masked: see :func:`bench.tracking.recorded_store`)."""
     config = RunConfig(**ckpt["config"])
-    return replace(config, steps=config.steps if steps is None else steps, device=device or config.device)
+    return replace(config, steps=config.steps if steps is None else steps, device=device or config.device,
+                   tracking_uri=tracking.recorded_store(ckpt["tracking_uri"], tracking_uri))
 
 
 def train(config: RunConfig, resume: str | Path | dict | None = None, progress: bool = True,
@@ -254,7 +258,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
         config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]), device=config.device,
-                         tracking_uri=ckpt["tracking_uri"])
+                         tracking_uri=tracking.recorded_store(ckpt["tracking_uri"], config.tracking_uri))
     d, device_name = dist_mod.setup(config.device)
     device, train_images, test_images, variant, sched = _setup(config, device_name)
     if config.batch_size % d.world:
@@ -458,7 +462,7 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist, 
               "loss_quartiles": "loss_q0..loss_q3: the training loss (as minimised) of the examples whose t lies in "
                                 "each quarter of 1..T, means over the logging window"})
     log.note(_description(config, variant, sched, net, d))
-    log.dict(config.to_dict(), "config.json")
+    log.dict(config.redacted().to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
 
 
@@ -754,15 +758,15 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
                         progress: bool = True, desc: str = "", alone: bool = False,
-                        ode: bool | None = None) -> tuple[dict[str, float], str | None, Dist]:
+                        ode: bool | None = None, tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
     the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
     the others have left). Returns (metrics, the run logged into or None, this rank). ``desc`` names
-    the progress bars."""
+    the progress bars; ``tracking_uri``: the store's URI with its password, where the checkpoint's is masked."""
     ckpt = load_checkpoint(path)
     d, device_name = (SINGLE, device) if alone else dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
-    client = d.main_decides(lambda: _run_client(ckpt)) if log_to_run else None
+    client = d.main_decides(lambda: _run_client(ckpt, tracking_uri)) if log_to_run else None
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device, "final_eval_ode": ode}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
@@ -778,9 +782,10 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     return metrics, (ckpt["run_id"] if log_to_run else None), d
 
 
-def _run_client(ckpt: dict):
-    """A client on the checkpoint's store, checked to still hold the checkpoint's run."""
-    client = tracking.client(ckpt["tracking_uri"], must_exist=True)
+def _run_client(ckpt: dict, tracking_uri: str | None = None):
+    """A client on the checkpoint's store (``tracking_uri`` when its recorded URI hides a password), checked to
+    still hold the checkpoint's run."""
+    client = tracking.client(tracking.recorded_store(ckpt["tracking_uri"], tracking_uri), must_exist=True)
     try:
         client.get_run(ckpt["run_id"])
     except Exception:

@@ -57,7 +57,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
         start = time.monotonic()
         metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
                                             progress=progress and sys.stderr.isatty(), desc=f"exact bound, trial {t.number}",
-                                            alone=True)
+                                            alone=True, tracking_uri=sc.tracking_uri)
         done[t.number] = metrics["bpd"]
         study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})  # each kept as soon as known
         estimate = t.user_attrs.get("bpd_estimate")
