@@ -207,8 +207,14 @@ def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: 
     variables added to the server's environment (store URIs with passwords go there, never on its command
     line, which every user of the machine can read)."""
     browser = graphical_browser() if open_browser else None
-    proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    read_end, write_end = os.pipe()  # the guard writes the server's process group id here
+    try:
+        proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--pid-fd", str(write_end), "--", *cmd],
+                                start_new_session=True, env={**os.environ, **(env or {})}, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as report:
+        server_group = report.readline().strip()  # '' when the guard ended before starting the server
     stop = {"now": False}
 
     def on_term(signum, frame):
@@ -238,10 +244,38 @@ def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    if proc.returncode is not None and proc.returncode < 0 and proc.returncode != -signal.SIGTERM and not stop["now"]:
-        raise BenchError(f"the watchdog of {what} was killed by signal {-proc.returncode}; {what} was stopped with it")
+    if proc.returncode is not None and proc.returncode < 0 and server_group.isdigit():
+        _stop_orphaned_group(int(server_group))  # the guard was killed before it could stop the server
+        if proc.returncode != -signal.SIGTERM and not stop["now"]:
+            raise BenchError(f"the watchdog of {what} was killed by signal {-proc.returncode}; {what} was stopped with it")
     if proc.returncode not in (0, -signal.SIGTERM, None) and not stop["now"]:
         raise BenchError(f"{what} exited with status {proc.returncode} (its messages are above)")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_orphaned_group(pgid: int) -> None:
+    """SIGTERM the process group ``pgid`` (a server whose guard is gone), then SIGKILL what is left of it after
+    STOP_WAIT_S. Its id cannot have been reused while any process of the group lives."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None = None, open_browser: bool = False) -> None:
