@@ -9,6 +9,7 @@ rank 0 alone prints results.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -47,6 +48,13 @@ class BenchGroup(click.Group):
             sys.exit(err.exit_code or 1)
         except BenchError as err:
             click.echo(f"error{where}: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:  # a full disk wherever it strikes (checkpoints say more: bench.checkpoint)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            place = f" writing {err.filename}" if err.filename else ""
+            click.echo(f"error{where}: {os.strerror(err.errno).lower()}{place}; free some space, then run the command "
+                       "again (a run resumes from its last checkpoint: bench run --resume)", err=True)
             sys.exit(2)
         except (KeyboardInterrupt, click.Abort):
             click.echo("interrupted", err=True)

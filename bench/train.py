@@ -42,7 +42,7 @@ from bench.config import RunConfig, flatten
 from bench.cores import CoreShare
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
 from bench.plots import per_t_figure, sample_grid
@@ -276,6 +276,8 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_factor, config.warmup_steps))
     state = _State(net, ema, opt, lr_schedule, torch.Generator().manual_seed(config.seed))
+    if ckpt is not None:  # before the run is reopened: weights that do not fit are refused with the store untouched
+        _load_state(state, variant, sched, ckpt, device)
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
 
     with ExitStack() as held:
@@ -284,8 +286,6 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         run_id, client = d.main_decides(lambda: _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)) \
             or (None, None)
         run_id = d.share(run_id)
-        if ckpt is not None:
-            _load_state(state, variant, sched, ckpt, device)
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
         if d.main:
             if ckpt is not None:
@@ -372,9 +372,19 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
         raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
 
 
+def load_weights(net: torch.nn.Module, weights: dict, what: str) -> None:
+    """``net.load_state_dict(weights)``, a mismatch (missing or extra tensors, other shapes) refused in one line."""
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:300]
+        raise BenchError(f"the checkpoint's {what} do not fit the network its config builds ({detail or first_line(err)}); "
+                         "it was written by another version of elbo-bench or altered") from None
+
+
 def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device) -> None:
-    state.net.load_state_dict(ckpt["model"])
-    state.ema.module.load_state_dict(ema_weights(ckpt["ema"]))
+    load_weights(state.net, ckpt["model"], "weights")
+    load_weights(state.ema.module, ema_weights(ckpt["ema"]), "EMA weights")
     state.ema.n_averaged.fill_(int(ckpt["ema"].get("n_averaged", ckpt["step"] + 1)))
     state.opt.load_state_dict(ckpt["optimizer"])
     if "lr_schedule" in ckpt:
@@ -773,7 +783,7 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
     dev, train_images, test_images, variant, sched = _setup(config, device_name)
     C, H = train_images.shape[1], train_images.shape[2]
     ema = build_network(config.network, C, variant.out_channels(C), H)
-    ema.load_state_dict(ema_weights(ckpt["ema"]))
+    load_weights(ema, ema_weights(ckpt["ema"]), "EMA weights")
     model = _Autocast(ema.to(dev).eval(), config, dev)
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
     with CoreShare():
