@@ -2,9 +2,13 @@
 
 ``bench ui`` stops the server itself on Ctrl-C and SIGTERM, but a SIGKILL (or a crash) of ``bench ui``
 runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would keep serving (as would
-optuna-dashboard). This script is started as ``python _ui_guard.py PARENT_PID -- COMMAND...``; it runs COMMAND
-in a new session and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
+optuna-dashboard). This script is started as ``python _ui_guard.py PARENT_PID [--pid-fd FD] -- COMMAND...``; it runs COMMAND
+in a new session (writing its process group id to FD when given) and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
 everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole process group.
+Should the guard itself be killed (SIGKILL, which it cannot catch), ``bench ui`` stops COMMAND's group
+in its place (it learnt the group's id through FD), and COMMAND gets SIGTERM from Linux as well
+(PR_SET_PDEATHSIG, set in COMMAND's process before it starts; for when ``bench ui`` died too), which
+``mlflow server`` passes on to its uvicorn workers and optuna-dashboard's wsgiref server obeys.
 
 It runs as a plain script (not ``-m bench._ui_guard``): importing the ``bench`` package loads torch,
 which would delay the server by seconds for nothing.
@@ -32,6 +36,18 @@ def _signal_on_parent_death(signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
         pass
+
+
+def _dies_with(guard: int):
+    """For ``preexec_fn``: in the server's process, before it runs the command, ask Linux to send it SIGTERM
+    when the guard (pid ``guard``) dies; a guard already gone by then (it died in between) ends it at once."""
+
+    def arm() -> None:
+        _signal_on_parent_death(signal.SIGTERM)
+        if os.getppid() != guard:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _exited(pid: int) -> bool:
@@ -63,15 +79,21 @@ def _stop_group(child: subprocess.Popen) -> None:
 
 def main(argv: list[str]) -> int:
     """Run the command until it exits, our parent dies, or we are told to stop; 0 when stopped on purpose."""
+    pid_fd = None
+    if len(argv) > 3 and argv[1] == "--pid-fd" and argv[2].isdigit():
+        pid_fd, argv = int(argv[2]), [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
-        print("usage: _ui_guard.py PARENT_PID -- COMMAND...", file=sys.stderr)
+        print("usage: _ui_guard.py PARENT_PID [--pid-fd FD] -- COMMAND...", file=sys.stderr)
         return 2
     parent, cmd = int(argv[0]), argv[2:]
     stop: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _frame: stop.append(s))
     _signal_on_parent_death(signal.SIGTERM)
-    child = subprocess.Popen(cmd, start_new_session=True)
+    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+    if pid_fd is not None:
+        with os.fdopen(pid_fd, "w") as report:
+            report.write(f"{child.pid}\n")
     try:
         while not stop and os.getppid() == parent and not _exited(child.pid):
             time.sleep(POLL_S)

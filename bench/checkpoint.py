@@ -9,8 +9,10 @@ nothing will resume) does not keep its half-written file.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.config import FIELD_NAMES
 from bench.errors import BenchError, first_line
 from bench.locks import LockBusy, file_lock
 
@@ -79,20 +82,37 @@ def _sweep_unheld_run_dirs(root: Path, skip: Path) -> None:
 def write_atomically(path: str | Path, write) -> Path:
     """Create ``path`` (and its folder) through a temp file ``.<name>.<pid>.<random>.tmp`` beside it, flushed
     to disk and renamed into place, so a reader sees the old file or the whole new one. ``write(f)`` fills
-    the binary file."""
+    the binary file. A full disk (or quota) is refused in one line naming the path and the space left; the
+    old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BenchError(f"cannot write {path}: {os.strerror(err.errno).lower()} ({_free_space(path.parent)} free "
+                             f"there); free some space{' (the previous file is intact)' if path.exists() else ''}, "
+                             "then resume") from None
         raise
     return path
+
+
+def _free_space(folder: Path) -> str:
+    """The space left to unprivileged writers on ``folder``'s file system, in words."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    unit = next((u for u, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if free >= size), "bytes")
+    return f"{free:,} bytes" if unit == "bytes" else f"{free / dict(GB=1e9, MB=1e6, kB=1e3)[unit]:.1f} {unit}"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -113,4 +133,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise BenchError(f"checkpoint {path} is damaged or not an elbo-bench checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
         raise BenchError(f"checkpoint {path} is not an elbo-bench checkpoint (expected format {FORMAT})")
+    unknown = sorted(set(state["config"]) - set(FIELD_NAMES)) if isinstance(state["config"], dict) else ["(not a dict)"]
+    if unknown:
+        raise BenchError(f"checkpoint {path}: its config has unknown key(s) {', '.join(map(str, unknown))}; it was written "
+                         "by another version of elbo-bench or altered, so it cannot be read as a RunConfig")
     return state

@@ -9,6 +9,7 @@ rank 0 alone prints results.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from bench.config import FINAL_EVALS, PRECISIONS, SCHEDULES, RunConfig, make_con
 from bench.data import DATASETS
 from bench.errors import BenchError
 from bench.unet import NETWORK_PRESETS
+from bench.urls import masked
 from variants import VARIANTS, get_variant
 
 EXIT_DIVERGED = 3  # `bench run`: the run diverged and is recorded FAILED (a result, yet a script must tell)
@@ -46,6 +48,13 @@ class BenchGroup(click.Group):
             sys.exit(err.exit_code or 1)
         except BenchError as err:
             click.echo(f"error{where}: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:  # a full disk wherever it strikes (checkpoints say more: bench.checkpoint)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            place = f" writing {err.filename}" if err.filename else ""
+            click.echo(f"error{where}: {os.strerror(err.errno).lower()}{place}; free some space, then run the command "
+                       "again (a run resumes from its last checkpoint: bench run --resume)", err=True)
             sys.exit(2)
         except (KeyboardInterrupt, click.Abort):
             click.echo("interrupted", err=True)
@@ -248,19 +257,19 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     if nproc and "WORLD_SIZE" in os.environ:
         raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
     if resume:
-        extra = sorted(k for k, v in values.items() if v is not None and k not in ("steps", "device"))
+        extra = sorted(k for k, v in values.items() if v is not None and k not in ("steps", "device", "tracking_uri"))
         if extra or config_file:
             given = ", ".join("--" + k.replace("_", "-") for k in extra) + (" --config" if config_file else "")
-            raise BenchError(f"--resume continues a run with its own config; only --steps and --device may be given with it "
-                             f"(got {given.strip(', ')})")
+            raise BenchError(f"--resume continues a run with its own config; only --steps, --device and --tracking-uri "
+                             f"(the run's store, with its password) may be given with it (got {given.strip(', ')})")
         resume = load_checkpoint(resume)
-        config = resume_config(resume, values["steps"], values["device"]).validate()
+        config = resume_config(resume, values["steps"], values["device"], values["tracking_uri"]).validate()
     else:
         if reopen:
             raise BenchError("--reopen goes with --resume CHECKPOINT (it continues a FINISHED run)")
         config = build_config("digits", config_file, values)
     if dry_run:
-        click.echo(json.dumps(config.to_dict(), indent=2))
+        click.echo(json.dumps(config.redacted().to_dict(), indent=2))
         return 0
     if nproc and nproc > 1:
         if config.batch_size % nproc:
@@ -277,8 +286,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     else:
         click.echo(f"  {summarize(result.metrics)}")
         click.echo(f"  checkpoint: {result.checkpoint}")
-    click.echo(f"  tracking store: {result.tracking_uri}")
-    click.echo(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}   (or: bench ui)")
+    click.echo(f"  tracking store: {masked(result.tracking_uri)}")
+    click.echo(f"  browse: bench ui   (or: mlflow ui --backend-store-uri {masked(result.tracking_uri)})")
     return EXIT_DIVERGED if result.status == "FAILED" else 0
 
 
@@ -293,14 +302,16 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
 @click.option("--nll", type=click.Choice(["bound", "ode"]), default=None,
               help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; "
                    "solver options as the run's config: ode_rtol, ode_atol, ode_probes…). [default: the run's final_eval_ode]")
-def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run, nll) -> None:
+@click.option("--tracking-uri", default=None,
+              help="With --log-to-run: the run's store, where the checkpoint holds its URI with the password masked.")
+def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run, nll, tracking_uri) -> None:
     """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID.
 
     Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
     from bench.train import HEADLINE, evaluate_checkpoint, summarize
 
     metrics, run_id, rank = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device,
-                                                ode=None if nll is None else nll == "ode")
+                                                ode=None if nll is None else nll == "ode", tracking_uri=tracking_uri)
     if not rank.main:
         return
     click.echo(summarize(metrics))
@@ -497,7 +508,7 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     if dry_run:
         click.echo(f"{len(configs)} runs: {len(configs) - skipped} to train, {skipped} already recorded; "
                    "every run's config but its variant and seed:")
-        click.echo(json.dumps({k: v for k, v in configs[0].to_dict().items() if k not in ("variant", "seed", "run_name")},
+        click.echo(json.dumps({k: v for k, v in configs[0].redacted().to_dict().items() if k not in ("variant", "seed", "run_name")},
                               indent=2))
         return
     rep = build_report([experiment], None, out, tracking_uri, log_to_mlflow=log_to_mlflow)
@@ -546,8 +557,9 @@ def ui_cmd(host, port, tracking_uri, experiment, browser) -> None:
 
 
 @cli.command("server")
-@click.option("--backend-store-uri", default=None,
-              help="Database of the runs: postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH (unset: mlflow.db in BENCH_HOME).")
+@click.option("--backend-store-uri", default=None, envvar="MLFLOW_BACKEND_STORE_URI",
+              help="Database of the runs: postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH (unset: "
+                   "$MLFLOW_BACKEND_STORE_URI, which keeps a password off the command line, else mlflow.db in BENCH_HOME).")
 @click.option("--artifacts-destination", default=None,
               help="Where uploaded artifacts are kept: a folder or an object-store URI such as s3://bucket/path "
                    "(unset: mlartifacts-served/ in BENCH_HOME).")

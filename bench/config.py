@@ -16,10 +16,15 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.schedule import Schedule
+from bench.urls import masked
 
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 FINAL_EVALS = ("exact", "estimate")
+# Upper bounds that refuse, in one line, a value that could only end in an allocation failure.
+MAX_T = 100_000  # diffusion steps (the schedule's tables and the exact bound grow with T)
+MAX_BATCH = 65_536  # images or (image, t) pairs in one network call
+MAX_SAMPLES = 1_000_000  # images generated for FID or a grid
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def redacted(self) -> RunConfig:
+        """This config as it is shown and stored (MLflow params, config.json, checkpoints, --dry-run): the
+        tracking URI's password masked (bench.urls.masked). A run resumed from a record gets the real URI
+        again from --tracking-uri or $MLFLOW_TRACKING_URI (bench.tracking.recorded_store)."""
+        return self if self.tracking_uri is None else dataclasses.replace(self, tracking_uri=masked(self.tracking_uri))
+
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
         from bench.data import DATASETS
@@ -116,6 +127,9 @@ class RunConfig:
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "final_eval_images", "fid_samples", "sample_steps", "seed"):
             _positive_int(name, getattr(self, name), allow_zero=True)
+        for name, most in (("T", MAX_T), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH),
+                           ("ode_batch_size", MAX_BATCH), ("sample_grid", MAX_SAMPLES), ("fid_samples", MAX_SAMPLES)):
+            _at_most(name, getattr(self, name), most)
         if self.eval_calls < 3:
             raise BenchError(f"eval_calls must be >= 3, got {self.eval_calls}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -156,6 +170,11 @@ def _check_types(config: RunConfig) -> None:
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise BenchError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_most(name: str, value, most: int) -> None:
+    if isinstance(value, int) and value > most:
+        raise BenchError(f"{name} must be at most {most:,}, got {value:,}")
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
@@ -216,5 +235,5 @@ def make_config(dataset: str = "digits", **overrides) -> RunConfig:
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
-    """The config as MLflow params (str values, None shown as '')."""
-    return {f"config.{k}": "" if v is None else str(v) for k, v in config.to_dict().items()}
+    """The config as MLflow params (str values, None shown as '', the tracking URI's password masked)."""
+    return {f"config.{k}": "" if v is None else str(v) for k, v in config.redacted().to_dict().items()}

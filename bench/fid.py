@@ -738,6 +738,8 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
                          "refusing it (pickled objects could run code)") from None
+    if not isinstance(arr, np.ndarray):  # a member that is no .npy (a raw pickle, say) is handed back as bytes
+        raise BenchError(f"{what}: {SAMPLES_KEY!r} is not a numpy array (raw bytes: a pickle, say); refusing it")
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"{what}: {SAMPLES_KEY!r} must be uint8 [N, C, H, W], got {arr.dtype} {arr.shape}")
     images = torch.from_numpy(np.ascontiguousarray(arr))

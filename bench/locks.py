@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.urls import database_name
 
 
 class LockBusy(BenchError):
@@ -108,5 +109,12 @@ def store_lock(url: str, purpose: str = "create", blocking: bool = True):
     if path is not None:
         return file_lock(path.with_name(f"{path.name}.{purpose}.lock"), blocking, what=f"the store {path}")
     if is_server_database(url):
-        return _server_lock(url, f"{url.split('@')[-1]}:{purpose}", blocking)
+        return _server_lock(url, advisory_name(url, purpose), blocking)
     return nullcontext()
+
+
+def advisory_name(url: str, purpose: str) -> str:
+    """The advisory lock's name for ``purpose`` in the database of ``url``: the database's name and the purpose
+    only, so every spelling of the URL (user, password, driver, host alias, port, query) takes the same lock.
+    The lock lives in that database (PostgreSQL's are per database; MySQL's per server, hence the name)."""
+    return f"{database_name(url)}:{purpose}"

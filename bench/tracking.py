@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
+from bench.urls import hides_secret, masked, scrubbed
 
 HOME_ENV = "BENCH_HOME"
 
@@ -31,12 +32,23 @@ def bench_home() -> Path:
     return home
 
 
-def masked(url: str) -> str:
-    """``url`` with any user and password hidden, for printing and logging."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+def recorded_store(stored: str, given: str | None = None, what: str = "the checkpoint") -> str:
+    """The real URI of the store that ``what`` recorded as ``stored`` (its password :func:`masked`, as every
+    record holds it): ``given`` (--tracking-uri) when it is that store, else ``stored`` itself when nothing in it
+    was masked, else $MLFLOW_TRACKING_URI when it is that store. The password is never read back from a record,
+    so resuming a run on a store with a password needs the URI again; anything else is refused in one line."""
+    if given and given != stored:
+        if masked(given) != stored:
+            raise BenchError(f"--tracking-uri {masked(given)} is not the store {what} belongs to ({stored}); "
+                             "give that store's URI, or leave --tracking-uri out")
+        return given
+    if not hides_secret(stored):
+        return stored
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and masked(env) == stored:
+        return env
+    raise BenchError(f"{what} belongs to the store {stored}, recorded without its password; give the URI with the "
+                     "password as --tracking-uri (or in $MLFLOW_TRACKING_URI)")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -135,7 +147,7 @@ def client(uri: str | None = None, must_exist: bool = False):
         raise
     except Exception as err:  # MLflow raises many types for a store it cannot reach
         first = first_line(err)
-        raise BenchError(f"cannot reach the MLflow tracking store {uri!r} ({first}); check --tracking-uri") from None
+        raise BenchError(f"cannot reach the MLflow tracking store {masked(uri)!r} ({scrubbed(first, uri)}); check --tracking-uri") from None
     return c
 
 

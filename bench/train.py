@@ -42,13 +42,14 @@ from bench.cores import CoreShare
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
 from bench.ema import Ema, ema_weights
-from bench.errors import BenchError
+from bench.errors import BenchError, first_line
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
 from bench.plots import per_t_figure, sample_grid
 from bench.sample import describe_sampler, sample
 from bench.schedule import Schedule
 from bench.unet import build_network, count_parameters
+from bench.urls import masked
 from bench.variant import Variant
 from variants import get_variant
 
@@ -201,11 +202,11 @@ def _save(state: _State, ctx: _Ctx) -> Path:
         return path
     cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
     return save_checkpoint(path, {
-        "config": ctx.config.to_dict(), "step": state.step, "model": state.net.state_dict(),
+        "config": ctx.config.redacted().to_dict(), "step": state.step, "model": state.net.state_dict(),
         "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "lr_schedule": state.lr_schedule.state_dict(),
         "variant": ctx.variant.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
-        "run_id": ctx.run_id, "tracking_uri": ctx.uri, "images_seen": state.images_seen,
+        "run_id": ctx.run_id, "tracking_uri": masked(ctx.uri), "images_seen": state.images_seen,
         "train_seconds": state.train_seconds, "window": window,
     })
 
@@ -229,10 +230,13 @@ def _setup(config: RunConfig, device_name: str | None = None):
     return device, train_images, test_images, get_variant(config.variant, config.variance), config.build_schedule()
 
 
-def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None) -> RunConfig:
-    """The config a checkpoint's run continues with: its own, with a new step target or device if given."""
+def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None,
+                  tracking_uri: str | None = None) -> RunConfig:
+    """The config a checkpoint's run continues with: its own, with a new step target or device if given, and
+    its store's real URI (the checkpoint holds it masked: see :func:`bench.tracking.recorded_store`)."""
     config = RunConfig(**ckpt["config"])
-    return replace(config, steps=config.steps if steps is None else steps, device=device or config.device)
+    return replace(config, steps=config.steps if steps is None else steps, device=device or config.device,
+                   tracking_uri=tracking.recorded_store(ckpt["tracking_uri"], tracking_uri))
 
 
 def train(config: RunConfig, resume: str | Path | dict | None = None, progress: bool = True,
@@ -249,7 +253,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
         config = replace(RunConfig(**ckpt["config"]), steps=max(config.steps, ckpt["step"]), device=config.device,
-                         tracking_uri=ckpt["tracking_uri"])
+                         tracking_uri=tracking.recorded_store(ckpt["tracking_uri"], config.tracking_uri))
     d, device_name = dist_mod.setup(config.device)
     device, train_images, test_images, variant, sched = _setup(config, device_name)
     if config.batch_size % d.world:
@@ -267,6 +271,8 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_factor, config.warmup_steps))
     state = _State(net, ema, opt, lr_schedule, torch.Generator().manual_seed(config.seed), _Window(sched.T, device))
+    if ckpt is not None:  # before the run is reopened: weights that do not fit are refused with the store untouched
+        _load_state(state, variant, sched, ckpt, device, d)
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
 
     with ExitStack() as held:
@@ -275,8 +281,6 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         run_id, client = d.main_decides(lambda: _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)) \
             or (None, None)
         run_id = d.share(run_id)
-        if ckpt is not None:
-            _load_state(state, variant, sched, ckpt, device, d)
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
         if d.main:
             if ckpt is not None:
@@ -365,9 +369,19 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
         raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
 
 
+def load_weights(net: torch.nn.Module, weights: dict, what: str) -> None:
+    """``net.load_state_dict(weights)``, a mismatch (missing or extra tensors, other shapes) refused in one line."""
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:300]
+        raise BenchError(f"the checkpoint's {what} do not fit the network its config builds ({detail or first_line(err)}); "
+                         "it was written by another version of elbo-bench or altered") from None
+
+
 def _load_state(state: _State, variant, sched, ckpt: dict, device: torch.device, d: Dist) -> None:
-    state.net.load_state_dict(ckpt["model"])
-    state.ema.module.load_state_dict(ema_weights(ckpt["ema"]))
+    load_weights(state.net, ckpt["model"], "weights")
+    load_weights(state.ema.module, ema_weights(ckpt["ema"]), "EMA weights")
     state.ema.n_averaged.fill_(int(ckpt["ema"].get("n_averaged", ckpt["step"] + 1)))
     state.opt.load_state_dict(ckpt["optimizer"])
     if "lr_schedule" in ckpt:
@@ -457,7 +471,7 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist, 
               "loss_quartiles": "loss_q0..loss_q3: the training loss (as minimised) of the examples whose t lies in "
                                 "each quarter of 1..T, means over the logging window"})
     log.note(_description(config, variant, sched, net, d))
-    log.dict(config.to_dict(), "config.json")
+    log.dict(config.redacted().to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
 
 
@@ -802,22 +816,22 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
                         progress: bool = True, desc: str = "", alone: bool = False,
-                        ode: bool | None = None) -> tuple[dict[str, float], str | None, Dist]:
+                        ode: bool | None = None, tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
     the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
     the others have left). Returns (metrics, the run logged into or None, this rank). ``desc`` names
-    the progress bars."""
+    the progress bars; ``tracking_uri``: the store's URI with its password, where the checkpoint's is masked."""
     ckpt = load_checkpoint(path)
     d, device_name = (SINGLE, device) if alone else dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
-    client = d.main_decides(lambda: _run_client(ckpt)) if log_to_run else None
+    client = d.main_decides(lambda: _run_client(ckpt, tracking_uri)) if log_to_run else None
     overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
                                    "device": device, "final_eval_ode": ode}.items() if v is not None}
     config = replace(RunConfig(**ckpt["config"]), **overrides)
     dev, train_images, test_images, variant, sched = _setup(config, device_name)
     C, H = train_images.shape[1], train_images.shape[2]
     ema = build_network(config.network, C, variant.out_channels(C), H)
-    ema.load_state_dict(ema_weights(ckpt["ema"]))
+    load_weights(ema, ema_weights(ckpt["ema"]), "EMA weights")
     model = _Autocast(ema.to(dev).eval(), config, dev)
     log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
     bound = _bound_name(client, ckpt["run_id"], config.final_eval) if client is not None else HEADLINE  # rank 0's
@@ -837,9 +851,10 @@ def _bound_name(client, run_id: str, method: str) -> str:
     return HEADLINE if run.tags.get(f"{HEADLINE}_method", "").split(" ")[0] == method else other_method_name(method)
 
 
-def _run_client(ckpt: dict):
-    """A client on the checkpoint's store, checked to still hold the checkpoint's run."""
-    client = tracking.client(ckpt["tracking_uri"], must_exist=True)
+def _run_client(ckpt: dict, tracking_uri: str | None = None):
+    """A client on the checkpoint's store (``tracking_uri`` when its recorded URI hides a password), checked to
+    still hold the checkpoint's run."""
+    client = tracking.client(tracking.recorded_store(ckpt["tracking_uri"], tracking_uri), must_exist=True)
     try:
         client.get_run(ckpt["run_id"])
     except Exception:

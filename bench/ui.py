@@ -39,7 +39,7 @@ import click
 from bench import tracking
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path
-from bench.tracking import masked
+from bench.urls import masked
 
 GUARD = Path(__file__).with_name("_ui_guard.py")
 STOP_WAIT_S = 20  # longer than the guard's own grace for the server, so the guard finishes its stop first
@@ -55,6 +55,15 @@ ML_VIEW = {"workflowType": "machine_learning"}  # MLflow's "Model training" side
 BENCH_RUNS = "params.`protocol.bpd` LIKE '%' AND tags.`variant` LIKE '%'"
 TEXT_BROWSERS = {"www-browser", "links", "links2", "elinks", "lynx", "w3m", "browsh"}  # they take the terminal
 NAMES_SHOWN = 20  # experiments listed when a name is unknown
+# Store URIs go to the servers in their environment: `mlflow server` reads its --backend-store-uri and
+# --artifacts-destination from these; optuna-dashboard, which takes its storage only as an argument, is
+# started by DASHBOARD_MAIN, which puts the URL into its argument list inside the process.
+BACKEND_STORE_ENV = "MLFLOW_BACKEND_STORE_URI"
+ARTIFACTS_DESTINATION_ENV = "MLFLOW_ARTIFACTS_DESTINATION"
+DASHBOARD_STORAGE_ENV = "BENCH_DASHBOARD_STORAGE"
+DASHBOARD_MAIN = ("import os, runpy, sys; script = sys.argv[1]; "
+                  f"sys.argv = [script, os.environ.pop('{DASHBOARD_STORAGE_ENV}'), *sys.argv[2:]]; "
+                  "runpy.run_path(script, run_name='__main__')")
 
 
 def is_loopback(host: str) -> bool:
@@ -116,7 +125,7 @@ def pick_experiment(c, name: str | None):
             return found
         names = sorted(e.name for e in active)
         listed = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
-        raise BenchError(f"{source} {name!r}: no such experiment in {c.tracking_uri}; "
+        raise BenchError(f"{source} {name!r}: no such experiment in {masked(c.tracking_uri)}; "
                          f"it has {listed or 'no experiments'}")
     if not active:
         return None
@@ -191,11 +200,21 @@ def _answers(url: str) -> bool:
 
 
 # ------------------------------------------------------------------------- serving
-def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: bool, what: str) -> None:
+def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: bool, what: str,
+           env: dict[str, str] | None = None) -> None:
     """Run ``cmd`` in its own session under the guard until it exits or Ctrl-C / SIGTERM arrives; print
-    ``banner: url`` at once, and open ``url`` in a graphical browser once ``ready_url`` answers."""
+    ``banner: url`` at once, and open ``url`` in a graphical browser once ``ready_url`` answers. ``env``:
+    variables added to the server's environment (store URIs with passwords go there, never on its command
+    line, which every user of the machine can read)."""
     browser = graphical_browser() if open_browser else None
-    proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], start_new_session=True)
+    read_end, write_end = os.pipe()  # the guard writes the server's process group id here
+    try:
+        proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--pid-fd", str(write_end), "--", *cmd],
+                                start_new_session=True, env={**os.environ, **(env or {})}, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as report:
+        server_group = report.readline().strip()  # '' when the guard ended before starting the server
     stop = {"now": False}
 
     def on_term(signum, frame):
@@ -225,8 +244,38 @@ def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    if proc.returncode is not None and proc.returncode < 0 and server_group.isdigit():
+        _stop_orphaned_group(int(server_group))  # the guard was killed before it could stop the server
+        if proc.returncode != -signal.SIGTERM and not stop["now"]:
+            raise BenchError(f"the watchdog of {what} was killed by signal {-proc.returncode}; {what} was stopped with it")
     if proc.returncode not in (0, -signal.SIGTERM, None) and not stop["now"]:
         raise BenchError(f"{what} exited with status {proc.returncode} (its messages are above)")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_orphaned_group(pgid: int) -> None:
+    """SIGTERM the process group ``pgid`` (a server whose guard is gone), then SIGKILL what is left of it after
+    STOP_WAIT_S. Its id cannot have been reused while any process of the group lives."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None = None, open_browser: bool = False) -> None:
@@ -237,12 +286,12 @@ def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None
     c = tracking.client(uri)  # the store answers (and a fresh SQLite store gets its tables) before the server starts
     page, note = runs_page(c, pick_experiment(c, experiment))
     _check_port_free(host, port)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
     root = base_url(host, port)
     if note:
         click.echo(note)
-    _serve(cmd, f"MLflow UI for {uri}", f"{root}/{page}", f"{root}/health", open_browser, "the MLflow server")
+    _serve(cmd, f"MLflow UI for {masked(uri)}", f"{root}/{page}", f"{root}/health", open_browser, "the MLflow server",
+           env={BACKEND_STORE_ENV: uri})
 
 
 # ------------------------------------------------------------------------- bench server
@@ -269,14 +318,15 @@ def serve_tracking(backend_store: str | None, artifacts: str | None, host: str, 
     elif "://" not in artifacts:
         artifacts = Path(artifacts).expanduser().resolve().as_uri()
     _check_port_free(host, port)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--serve-artifacts",
-           "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--host", host, "--port", str(port),
+           "--workers", str(workers)]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     root = base_url(host, port)
-    click.echo(f"runs in {masked(uri)}; artifacts in {artifacts}, served through the server")
+    click.echo(f"runs in {masked(uri)}; artifacts in {masked(artifacts)}, served through the server")
     click.echo(f"workers: bench study --tracking-uri http://{socket.gethostname() if not is_loopback(host) else host}:{port} …")
-    _serve(cmd, "MLflow tracking server", root, f"{root}/health", False, "the MLflow server")
+    _serve(cmd, "MLflow tracking server", root, f"{root}/health", False, "the MLflow server",
+           env={BACKEND_STORE_ENV: uri, ARTIFACTS_DESTINATION_ENV: artifacts})
 
 
 # ------------------------------------------------------------------------- bench dashboard
@@ -332,8 +382,9 @@ def serve_dashboard(storage: str | None, host: str, port: int, open_browser: boo
     exe = _dashboard_command()
     _check_port_free(host, port)
     # wsgiref (threaded) is one process that SIGTERM ends at once; gunicorn, optuna-dashboard's "auto"
-    # choice when installed, drains its workers for up to 30 s first.
-    cmd = [exe, url, "--host", host, "--port", str(port), "--server", "wsgiref"]
+    # choice when installed, drains its workers for up to 30 s first. The storage URL reaches it through
+    # the environment (DASHBOARD_MAIN), not its command line.
+    cmd = [sys.executable, "-c", DASHBOARD_MAIN, exe, "--host", host, "--port", str(port), "--server", "wsgiref"]
     root = base_url(host, port)
     _serve(cmd, f"optuna-dashboard for {masked(url)}", f"{root}/dashboard/", f"{root}/api/studies", open_browser,
-           "optuna-dashboard")
+           "optuna-dashboard", env={DASHBOARD_STORAGE_ENV: url})

@@ -211,7 +211,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         df.to_csv(staging / "runs.csv", index=False)
         (staging / "table.json").write_text(json.dumps(numeric_summary(table), indent=1, default=str))
         meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
-                "tracking_uri": client.tracking_uri, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "tracking_uri": tracking.masked(client.tracking_uri), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
                 "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
                 "ode": bool(df["nll_ode"].notna().any())}

@@ -25,6 +25,7 @@ from bench.config import RunConfig, make_config
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
+from bench.urls import scrubbed
 from studies.space import Param, describe_space, load_space, suggest
 
 OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
@@ -90,7 +91,7 @@ class StudyConfig:
     def storage_url(self) -> str:
         url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
         if _same_store(url, tracking.resolve_tracking_uri(self.tracking_uri)):
-            raise BenchError(f"the Optuna storage {url} is the MLflow store; give --storage another database")
+            raise BenchError(f"the Optuna storage {tracking.masked(url)} is the MLflow store; give --storage another database")
         return url
 
     def name_for(self, variant: str) -> str:
@@ -163,7 +164,8 @@ def _storage(sc: StudyConfig):
     except BenchError:
         raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {url!r}: {first_line(err)}") from None
+        raise BenchError(f"cannot open the Optuna storage {tracking.masked(url)!r}: "
+                         f"{scrubbed(first_line(err), url)}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -57,7 +57,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
         start = time.monotonic()
         metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
                                             progress=progress and sys.stderr.isatty(), desc=f"exact bound, trial {t.number}",
-                                            alone=True)
+                                            alone=True, tracking_uri=sc.tracking_uri)
         # logged as bpd_eval_exact into a trial run whose bpd is its estimate (an exact bound never replaces it)
         done[t.number] = exact = metrics.get("bpd", metrics.get(other_method_name("exact")))
         study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})  # each kept as soon as known

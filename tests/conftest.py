@@ -106,15 +106,24 @@ def extractor_calls(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.fixture
+def chromium() -> str:
+    """The headless Chromium binary; the test skips without one (and fails under CI=true: tools.missing)."""
+    from tools import need_chromium
+
+    return need_chromium()
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests/postgres.py): ``create_database()``
     gives a fresh empty database's URL. Stopped and removed at the end; the tests skip, saying why, where
-    no PostgreSQL server programs are installed."""
+    no PostgreSQL server programs are installed (and fail under CI=true: tools.missing)."""
     from postgres import throwaway_cluster, unavailable
+    from tools import missing
 
     why = unavailable()
     if why:
-        pytest.skip(why)
+        missing(why)
     with throwaway_cluster() as cluster:
         yield cluster

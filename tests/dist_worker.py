@@ -7,13 +7,13 @@ from __future__ import annotations
 import sys
 
 import torch
+from nets import nonzero_network, output_scale  # tests/nets.py: this script runs from tests/
 
 from bench import dist
 from bench.data import load_dataset
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim
 from bench.sample import sample
 from bench.schedule import Schedule
-from bench.unet import build_network
 from variants import get_variant
 
 
@@ -22,7 +22,7 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     variant = get_variant("hybrid")  # a learned variance: both halves of the output matter
     sched = Schedule.linear(T=40)
-    net = build_network("tiny", 1, variant.out_channels(1), 8).eval()
+    net = nonzero_network("tiny", 1, variant.out_channels(1), 8).eval()  # a fresh one outputs zeros
     images = load_dataset("digits", "test")[:7]  # 7 images, 280 pairs: batches of 64 split unevenly
     shared = {
         "exact": bits_per_dim(net, variant, sched, images, batch_size=64, seed=3, dist=d),
@@ -45,6 +45,7 @@ def main(out: str) -> None:
             flat[f"{how}.exact.per_t"] = results["exact"].per_t
             flat[f"{how}.samples"] = results["samples"]
         flat["world"] = torch.tensor(d.world)
+        flat["output_scale"] = torch.tensor(output_scale(net, 1, 8, sched.T))
         torch.save(flat, out)
     dist.teardown()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from postgres import free_port
@@ -166,11 +167,21 @@ def test_store_lock_serialises_processes_on_postgresql(postgres, tmp_path):
     assert second["entered"] - second["asked"] > 0.3
 
 
-def test_a_killed_holder_releases_its_store_lock(postgres, tmp_path):
+def another_spelling(url: str) -> str:
+    """The same database as ``url`` (postgresql://bench@127.0.0.1:PORT/DB) spelled otherwise: driver, a password
+    (trust authentication ignores it), host alias and a query."""
+    port_db = url.split("@127.0.0.1:", 1)[1]
+    return f"postgresql+psycopg://bench:pw@LOCALHOST:{port_db}?connect_timeout=20"
+
+
+@pytest.mark.parametrize("spelling", ["the same", "another"])
+def test_a_killed_holder_releases_its_store_lock(postgres, tmp_path, spelling):
+    """The waiter asks for the lock through the holder's URL, or through another spelling of the same database."""
     url = postgres.create_database()
     holder_out, waiter_out = tmp_path / "holder.json", tmp_path / "waiter.json"
     holder = python(HOLDER, url, tmp_path / "go-holder", 600, holder_out, log=tmp_path / "holder.log")
-    waiter = python(HOLDER, url, tmp_path / "go-waiter", 0, waiter_out, log=tmp_path / "waiter.log")
+    waiter_url = url if spelling == "the same" else another_spelling(url)
+    waiter = python(HOLDER, waiter_url, tmp_path / "go-waiter", 0, waiter_out, log=tmp_path / "waiter.log")
     try:
         (tmp_path / "go-holder").touch()
         wait_for("the holder holds the lock", lambda: Path(f"{holder_out}.held").exists(), 60, alive=holder)
@@ -207,6 +218,94 @@ def test_a_grid_pair_claimed_by_another_session_is_busy_until_released(postgres)
             pass
     with claim(pair):  # released
         pass
+
+
+# ----------------------------------------------------------------------------- a password in the URL
+SECRET = "s3cretpw"  # trust authentication: the server ignores it, so it can be any word
+TINY_RUN = ["--T", "40", "--batch-size", "16", "--log-every", "2", "--eval-every", "0", "--checkpoint-every", "2",
+            "--final-eval", "estimate", "--final-eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
+            "--sample-steps", "10", "--fid-samples", "0", "--no-system-metrics", "--experiment", "pw"]
+
+
+def run_bench(args: list, home: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], env={**env(home), **(extra_env or {})},
+                          cwd=home, capture_output=True, text=True, timeout=300)
+
+
+def test_a_password_in_the_tracking_uri_is_never_shown_or_stored_and_resume_asks_for_it(postgres, tmp_path):
+    url = postgres.create_database()
+    secret_url = url.replace("bench@", f"bench:{SECRET}@")
+    shown = url.replace("bench@", "bench:***@")
+    home = tmp_path / "home"
+    done = run_bench(["run", "--tracking-uri", secret_url, "--steps", "4", *TINY_RUN], home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert SECRET not in done.stdout + done.stderr and f"tracking store: {shown}" in done.stdout
+    c = MlflowClient(url)
+    [run] = c.search_runs([c.get_experiment_by_name("pw").experiment_id])
+    assert run.data.params["config.tracking_uri"] == shown
+    assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if SECRET in v]
+    config_json = Path(c.download_artifacts(run.info.run_id, "config.json", str(tmp_path)))
+    assert json.loads(config_json.read_text())["tracking_uri"] == shown
+    [ckpt] = (home / "checkpoints").glob("*/last.pt")
+    assert SECRET.encode() not in ckpt.read_bytes()
+    # the checkpoint cannot connect by itself: the password is asked for, in one line, and nothing is changed
+    refused = run_bench(["run", "--resume", ckpt, "--reopen", "--steps", "6"], home)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert "recorded without its password" in refused.stderr
+    assert c.get_run(run.info.run_id).info.status == "FINISHED"
+    resumed = run_bench(["run", "--resume", ckpt, "--reopen", "--steps", "6", "--tracking-uri", secret_url], home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = run_bench(["run", "--resume", ckpt, "--reopen", "--steps", "8"], home, {"MLFLOW_TRACKING_URI": secret_url})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert SECRET not in resumed.stdout + resumed.stderr + again.stdout + again.stderr
+    assert c.get_run(run.info.run_id).info.status == "FINISHED"
+    assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == 8
+
+
+def cmdlines(root: int) -> list[str]:
+    """The command lines of the descendants of ``root`` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    tree, frontier = {root}, {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - tree
+        tree |= frontier
+    lines = []
+    for pid in tree - {root}:
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            pass
+    return lines
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads command lines from /proc (Linux)")
+@pytest.mark.parametrize("command, option", [("server", "--backend-store-uri"), ("ui", "--tracking-uri")])
+def test_a_password_never_reaches_the_servers_command_line(postgres, tmp_path, command, option):
+    url = postgres.create_database()
+    secret_url = url.replace("bench@", f"bench:{SECRET}@")
+    port, home = free_port(), tmp_path / "home"
+    log = tmp_path / "server.log"
+    extra = ["--no-browser"] if command == "ui" else ["--workers", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", command, option, secret_url, "--port", str(port), *extra],
+                                env=env(home), cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        wait_for("the server answers", lambda: answers(f"http://127.0.0.1:{port}/health"), 120, alive=proc)
+        lines = cmdlines(proc.pid)  # bench's own shows what it was given (MLFLOW_TRACKING_URI keeps it off there too)
+        assert any(" mlflow server" in line or "uvicorn" in line for line in lines), lines
+        assert not [line for line in lines if SECRET in line]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_all([proc], time.monotonic() + 30)
+    printed = log.read_text()
+    assert SECRET not in printed and "bench:***@127.0.0.1" in printed, printed[-2000:]
 
 
 # ----------------------------------------------------------------------------- MLflow's tables

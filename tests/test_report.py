@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
+from tools import CHROMIUM
 
 from bench.cli import cli
 from bench.plots import sample_grid
@@ -205,7 +206,6 @@ def assert_self_contained(page: Path) -> None:
     assert inlined == sorted(p.read_bytes() for p in page.parent.glob("*.png"))
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHECK = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => i.complete && i.naturalWidth > 0);
   const rows = document.querySelectorAll('#comparison tbody tr').length;
@@ -218,7 +218,7 @@ CHECK = """<script>window.addEventListener('load', () => {
 });</script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+@pytest.mark.usefixtures("chromium")  # skips without it, fails under CI=true (tests/tools.py)
 def test_report_html_renders_with_table_and_every_image(store):
     uri, _, tmp = store
     rep = build_report(["fake"], None, tmp / "rep", uri)
@@ -272,7 +272,7 @@ BEACON = """<img id='control' src='samples.png' alt='control'>
 });</script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+@pytest.mark.usefixtures("chromium")  # skips without it, fails under CI=true (tests/tools.py)
 def test_report_renders_inside_mlflows_artifact_viewer(small_store):
     """report.html as MLflow's own UI shows it: logged with --log-to-mlflow and opened at its run's artifact page
     in headless Chromium. A copy with a measuring script appended (check.html) reports over HTTP what rendered in

@@ -538,12 +538,14 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(home, monkeypatch, t40_sp
 # ----------------------------------------------------------------------------- 6. resuming by name
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, store_template):
-    """A study run with trials=2, then resumed by name with trials=3 (the second session trains longer)."""
+    """A study run with trials=2, then resumed by name with trials=3. The first session's trials barely move
+    from their initial weights (lr 1e-9), the second trains longer at the default lr: its trial is the best."""
     home = tmp_path_factory.mktemp("resumed")
     shutil.copyfile(store_template, home / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, home)
-        [first] = run_study(study_config(trials=2, study_name="resume"), progress=False)
+        [first] = run_study(study_config(trials=2, study_name="resume", run_overrides={**LIB, "lr": 1e-9}),
+                            progress=False)
         best_after_first = load(home, "resume").best_trial.number
         [second] = run_study(study_config(trials=3, steps=16, study_name="resume",
                                           run_overrides={**LIB, "warmup_steps": 1}), progress=False)
@@ -575,8 +577,7 @@ def test_a_resumed_study_draws_new_points(resumed):
 
 def test_a_resumed_study_updates_the_best_params(resumed):
     study = resumed["study"]
-    if study.best_trial.number == resumed["best_after_first"]:
-        pytest.skip("the resumed session did not change the best trial")
+    assert resumed["best_after_first"] in (0, 1) and study.best_trial.number == 2
     parent = mlflow_client(resumed["home"]).get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.metrics["best_bpd"] == pytest.approx(study.best_value)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)

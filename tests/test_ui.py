@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from tools import CHROMIUM
 
 import bench.ui as ui
 from bench import tracking
@@ -102,6 +103,32 @@ def test_sigkill_of_bench_ui_takes_the_server_and_its_workers_down(tmp_path, sto
         _kill_all(proc, tree)
 
 
+@pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_sigkill_of_the_watchdog_takes_the_server_down_and_bench_ui_says_so(tmp_path, store_template):
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    port = _free_port()
+    bench = Path(sys.executable).with_name("bench")
+    proc = subprocess.Popen([str(bench), "ui", "--port", str(port), "--no-browser"], env=_env(tmp_path), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tree: set[int] = set()
+    try:
+        _wait_for_health(proc, port, 120)
+        tree = _descendants(proc.pid)
+        [guard] = [p for p in tree if _stat(p) and _stat(p)[1] == proc.pid]
+        assert "_ui_guard.py" in (PROC / str(guard) / "cmdline").read_text()
+        os.kill(guard, signal.SIGKILL)  # the watchdog alone: it cannot stop the server itself
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (_answers(port) or any(_alive(p) for p in tree - {guard})):
+            time.sleep(0.1)
+        assert not _answers(port), f"port {port} still answers 10 s after the watchdog was killed"
+        assert not [p for p in tree if _alive(p)], "server processes outlived the watchdog"
+        assert proc.wait(timeout=10) == 2
+        err = proc.stderr.read().splitlines()  # the server's log lines, then bench ui's
+        assert err[-1] == "error: the watchdog of the MLflow server was killed by signal 9; the MLflow server was stopped with it"
+    finally:
+        _kill_all(proc, tree)
+
+
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.4.5.6", True), ("::1", True), ("[::1]", True),
                                             ("localhost", True), ("LOCALHOST", True), ("0.0.0.0", False), ("::", False),
                                             ("192.168.1.5", False), ("example.org", False), ("", False)])
@@ -123,9 +150,7 @@ def test_ui_warns_once_that_a_non_loopback_host_has_no_authentication(tmp_path, 
 
 
 # ------------------------------------------------------------------------- helpers: processes, pages
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                                    "(Debian package 'chromium'; .ci/run installs it)")
+needs_chromium = pytest.mark.usefixtures("chromium")  # skips without it, fails under CI=true (tests/tools.py)
 needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="reads the process tree from /proc (Linux)")
 
 
