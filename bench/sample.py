@@ -46,7 +46,7 @@ def respace(sched: Schedule, steps: int | None) -> Respaced:
     return Respaced(Schedule(1 - ab / prev, spec), keep)
 
 
-def sampler_steps(variant: Variant, sched: Schedule, steps: int | None) -> int | None:
+def sampler_steps(variant: Variant, steps: int | None) -> int | None:
     """The steps ``sample`` takes when asked for ``steps``: all T (None) for a variant that cannot stride."""
     return steps if variant.strides else None
 
@@ -54,7 +54,7 @@ def sampler_steps(variant: Variant, sched: Schedule, steps: int | None) -> int |
 def describe_sampler(sched: Schedule, steps: int | None, variant: Variant) -> str:
     """How ``variant``'s samples were drawn when ``steps`` were asked, for tags: e.g. ``ancestral, 1000 of
     1000 steps``, ``ancestral, 250 of 1000 steps (strided, iDDPM respacing; x̂_0 read on the original chain)``."""
-    taken = sampler_steps(variant, sched, steps)
+    taken = sampler_steps(variant, steps)
     n = sched.T if taken is None else taken
     text = f"ancestral, {n} of {sched.T} steps"
     if n != sched.T:
@@ -93,7 +93,7 @@ def sample(
     """
     if n < 1:
         raise BenchError(f"the number of samples must be >= 1, got {n}")
-    plan = respace(sched, sampler_steps(variant, sched, steps))
+    plan = respace(sched, sampler_steps(variant, steps))
     strided = len(plan.timesteps) != sched.T
     device = torch.device(device)
     mine = dist.block(n, unit=batch_size)

@@ -186,13 +186,7 @@ class Variant:
         self, out: torch.Tensor, sched: Schedule, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False
     ) -> ReverseStep:
         """Turn the network output [B, out_channels, H, W] into p_θ(x_{t−1} | x_t)."""
-        C = x_t.shape[1]
-        if out.shape[1] != self.out_channels(C):
-            raise BenchError(
-                f"variant {self.name!r} needs {self.out_channels(C)} output channels for {C} input channels, "
-                f"the network gives {out.shape[1]}"
-            )
-        mean_out, var_out = out[:, :C], out[:, C:]
+        mean_out, var_out = self._split(out, x_t)
         mean, pred_x0 = self._mean_fn(mean_out, sched, x_t, t, clip_x0)
         log_var = self._log_var_fn(var_out, sched, t, x_t)
         return ReverseStep(mean=mean, log_var=log_var, pred_x0=pred_x0)
@@ -221,10 +215,20 @@ class Variant:
         if not self.strides:
             raise BenchError(f"variant {self.name!r} learns a per-step variance ({self.var_type}): it has no "
                              "multi-step reverse variance, so sample it with all T steps")
-        read = self.p_mean_variance(out, sched, x_t, t, clip_x0=False)
-        pred_x0 = read.pred_x0.clamp(-1, 1) if clip_x0 else read.pred_x0
-        log_var = self._log_var_fn(out[:, x_t.shape[1]:], jump, k, x_t)
+        mean_out, var_out = self._split(out, x_t)
+        _, pred_x0 = self._mean_fn(mean_out, sched, x_t, t, clip_x0)  # x̂_0 on the original chain (clipped if asked)
+        log_var = self._log_var_fn(var_out, jump, k, x_t)
         return ReverseStep(mean=jump.q_posterior_mean(pred_x0, x_t, k), log_var=log_var, pred_x0=pred_x0)
+
+    def _split(self, out: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network output [B, out_channels, H, W] as (mean part, variance part), its channels checked."""
+        C = x_t.shape[1]
+        if out.shape[1] != self.out_channels(C):
+            raise BenchError(
+                f"variant {self.name!r} needs {self.out_channels(C)} output channels for {C} input channels, "
+                f"the network gives {out.shape[1]}"
+            )
+        return out[:, :C], out[:, C:]
 
     # ----------------------------------------------------------------- training
     def loss(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
