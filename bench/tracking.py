@@ -16,12 +16,15 @@ import threading
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench.errors import BenchError, first_line
 from bench.locks import sqlite_path, store_lock
 from bench.urls import hides_secret, masked, scrubbed
 
 HOME_ENV = "BENCH_HOME"
+_CONNECT_TIMEOUT_S = 5  # a tracking server that does not accept a connection in this long is taken as absent
+_READ_TIMEOUT_S = 120  # MLflow's own default: a busy server is waited for
 
 
 def bench_home() -> Path:
@@ -61,11 +64,24 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 @contextmanager
-def _quick_http():
-    """Fail fast (no retries, short timeout) while checking that a server answers."""
+def _quick_http(uri: str):
+    """Fail fast on a server that is not there, and wait on one that is there but busy.
+
+    A TCP connect with a short timeout tells a missing server (refused, unroutable) in seconds; the API call
+    after it then gets MLflow's usual read timeout without retries, so a loaded server that answers slowly
+    (eight workers on two cores) is not taken for a missing one.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise BenchError(f"cannot reach the MLflow tracking store {masked(uri)!r} (nothing answers at "
+                             f"{parts.hostname}:{port}: {err.strerror or err}); check --tracking-uri") from None
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(_READ_TIMEOUT_S)
     try:
         yield
     finally:
@@ -138,7 +154,7 @@ def client(uri: str | None = None, must_exist: bool = False):
     if path is not None:
         check_sqlite_store(path, "--tracking-uri")
     try:
-        with _quick_http(), store_lock(uri):
+        with _quick_http(uri), store_lock(uri):
             if path is not None:
                 refuse_half_migrated(path)
             c = MlflowClient(tracking_uri=uri)

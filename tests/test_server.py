@@ -113,3 +113,49 @@ def test_study_status_prints_the_study_from_its_storage(tmp_path, monkeypatch):
     assert lines[5].startswith(f"  finished: by {socket.gethostname()}:") and lines[5].endswith(", 2 trials")
     missing = runner.invoke(cli, ["study", "--status", "nope"])
     assert missing.exit_code == 2 and "no study named 'nope'" in missing.output and "st" in missing.output
+
+
+def test_a_tracking_server_that_answers_slowly_is_waited_for_and_one_that_is_absent_is_refused_at_once(tmp_path):
+    # The CI failure this guards: eight workers on two cores kept `bench server` busy for over 5 s, and the store
+    # check took the late answer for an absent server. A server that accepts the connection is waited for.
+    import http.server
+    import json
+    import threading
+
+    from bench.errors import BenchError
+    from bench.tracking import client
+
+    delay_s = 6.5
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # MLflow searches experiments with a POST
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(delay_s)
+            body = json.dumps({"experiments": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        c = client(f"http://127.0.0.1:{server.server_address[1]}")
+        assert time.monotonic() - started >= delay_s and c is not None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(BenchError, match=f"nothing answers at 127.0.0.1:{port}"):
+        client(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 5
