@@ -137,4 +137,5 @@ def load_checkpoint(path: str | Path) -> dict:
     if unknown:
         raise BenchError(f"checkpoint {path}: its config has unknown key(s) {', '.join(map(str, unknown))}; it was written "
                          "by another version of elbo-bench or altered, so it cannot be read as a RunConfig")
+    state["config"].setdefault("ema_warmup", False)  # written before the EMA's warm-up existed: its run had none
     return state

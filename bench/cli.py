@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import fields
@@ -104,14 +105,17 @@ def variants_cmd() -> None:
 
 
 # ------------------------------------------------------------------------- bench run
+def _show(v) -> str:
+    """A default as the help states it: unset, true/false, 800,000."""
+    return "unset" if v is None else str(v).lower() if isinstance(v, bool) else f"{v:_}".replace("_", ",") \
+        if isinstance(v, int) and abs(v) >= 10_000 else str(v)
+
+
 def _default_text(field: str) -> str:
     """``default: 3000 (digits), 800000 (cifar10)``: the RunConfig default, per dataset where it differs."""
     from bench.config import DATASET_DEFAULTS, RunConfig
 
-    def show(v):
-        return "unset" if v is None else str(v).lower() if isinstance(v, bool) else f"{v:_}".replace("_", ",") \
-            if isinstance(v, int) and abs(v) >= 10_000 else str(v)
-
+    show = _show
     generic = getattr(RunConfig(), field)
     per = {d: DATASET_DEFAULTS[d].get(field, generic) for d in sorted(DATASET_DEFAULTS)}
     if all(v is None for v in per.values()):
@@ -160,6 +164,8 @@ RUN_OPTIONS = [
     _opt("weight-decay", type=float, help="AdamW weight decay."),
     _opt("grad-clip", type=float, help="Largest global gradient norm (0: no clipping)."),
     _opt("ema-decay", type=float, help="Per-step decay of the weights' EMA, which evaluation and sampling use."),
+    _switch("ema-warmup", help="Warm the EMA's decay up: update n uses min(--ema-decay, (1+n)/(10+n)), so a short "
+                               "run's EMA is not its initial network (0.995 is reached after 1,790 updates)."),
     _switch("hflip", help="Random horizontal flips of training images."),
     _opt("seed", type=int, help="Seed of weights, batches, noise, evaluation and sampling."),
     # evaluation and samples
@@ -191,7 +197,7 @@ RUN_OPTIONS = [
     _opt("checkpoint-every", type=int, help="Steps between checkpoints (one is always written at the end)."),
     _switch("system-metrics", help="Log CPU/GPU utilisation and memory through MLflow's system metrics."),
     # tracking
-    _opt("experiment", help="MLflow experiment (unset: $MLFLOW_EXPERIMENT_NAME, else elbo-bench).", show_default=False),
+    _opt("experiment", help="MLflow experiment (unset: $MLFLOW_EXPERIMENT_NAME, else the default)."),
     _opt("run-name", help="MLflow run name (unset: VARIANT-DATASET-seedN)."),
     _opt("tracking-uri", help="MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME)."),
     # this invocation
@@ -202,6 +208,22 @@ RUN_OPTIONS = [
                  help="Train with N data-parallel processes on this machine (torch's elastic launcher, like "
                       "`torchrun --standalone --nproc_per_node N -m bench run …`): one per GPU, or gloo on CPU."),
 ]
+
+
+def _stating(options, defaults: dict) -> list:
+    """``options`` (of RUN_OPTIONS) with the help of those named in ``defaults`` ending in that default instead
+    of `bench run`'s: a command's own defaults, stated as its --dry-run resolves them."""
+    return [_restated(o, defaults[_param_name(o)]) if _param_name(o) in defaults else o for o in options]
+
+
+def _restated(option, default):
+    def decorate(f):
+        f = option(f)
+        param = f.__click_params__[-1]  # the Option that ``option`` just added
+        param.help = re.sub(r" \[default: [^\]]*\]$", "", param.help) + f" [default: {_show(default)}]"
+        return f
+
+    return decorate
 
 
 def _with(options):
@@ -238,6 +260,15 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _warn_short_budget(config: RunConfig, tuned=()) -> None:
+    """One line on stderr (rank 0) when ``config``'s steps end inside a warm-up (bench.train.short_budget)."""
+    from bench.train import short_budget
+
+    line = short_budget(config, tuned)
+    if line and os.environ.get("RANK", "0") == "0":
+        click.echo(line, err=True)
+
+
 def _param_name(option) -> str:
     """The parameter name that an option decorator of RUN_OPTIONS declares."""
     return option(lambda: None).__click_params__[-1].name
@@ -268,6 +299,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
         if reopen:
             raise BenchError("--reopen goes with --resume CHECKPOINT (it continues a FINISHED run)")
         config = build_config("digits", config_file, values)
+    if dry_run or not nproc or nproc == 1:  # else the launched ranks say it (rank 0)
+        _warn_short_budget(config)
     if dry_run:
         click.echo(json.dumps(config.redacted().to_dict(), indent=2))
         return 0
@@ -325,7 +358,9 @@ def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run, 
 # ------------------------------------------------------------------------- bench study
 STUDY_OWNS = ("variant", "dataset", "steps", "seed", "experiment", "tracking_uri", "fid_samples", "run_name", "resume",
               "reopen", "dry_run", "nproc")  # `bench study` options of its own, or options that act on one run
-STUDY_RUN_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS]
+# the trials' own defaults (studies.study.StudyConfig.base_config), stated in the options' help
+STUDY_RUN_OPTIONS = _stating([o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS],
+                             {"final_eval": "estimate", "eval_every": "--steps/4", "checkpoint_every": "--steps"})
 
 
 @cli.command("study")
@@ -350,7 +385,7 @@ STUDY_RUN_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in STUDY_OWNS]
 @click.option("--space", "space_file", default=None, help="Study TOML (path or a name in studies/; see --show-space).")
 @click.option("--tune-lr", is_flag=True, help="Add the learning rate to the search space.")
 @click.option("--exact-top", type=int, default=3, show_default=True, help="Best trials re-evaluated with the exact bound.")
-@click.option("--fid-samples", type=int, default=500, show_default=True, help="Samples per trial when FID is an objective.")
+@click.option("--fid-samples", type=int, default=500, show_default=True, help="Samples per trial when FID is an objective (else none).")
 @click.option("--heartbeat", type=int, default=60, show_default=True,
               help="Seconds between worker heartbeats (a trial silent for twice this is failed and retried).")
 @click.option("--show-space", is_flag=True, help="Print the search space and exit.")
@@ -394,6 +429,7 @@ def study_cmd(variants, space_file, tune_lr, show_space, status_of, config_file,
         or "elbo-bench-studies"
     sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr,
                      run_overrides=overrides, **study_values).validate()
+    _warn_short_budget(sc.base_config(sc.variants[0]), tuned=space)
     for r in run_study(sc):
         click.echo(describe_result(r, sc))
 
@@ -420,13 +456,15 @@ TABLE2_VARIANTS = (  # DDPM Table 2's rows: μ̃ prediction, then ε prediction
 )
 GRID_VARIANTS = (*TABLE2_VARIANTS, "hybrid", "elbo-learned")  # and iDDPM's learned-range Σ: `bench grid`'s default
 # `bench run` options a grid has no use for: it sets these itself (--variant repeats, --seeds), or they act on one run
-GRID_OPTIONS = [o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen", "dry_run",
-                                                                 "nproc")]
 
 
 def grid_defaults(dataset: str) -> dict:
     """The grid's own budget: above the dataset's defaults, below a --config file and the options."""
     return {"steps": 1000, "fid_samples": 500, "experiment": f"grid-{dataset}"}
+
+
+GRID_OPTIONS = _stating([o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen",
+                                                                          "dry_run", "nproc")], grid_defaults("DATASET"))
 
 
 @cli.command("grid")
@@ -462,6 +500,7 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     configs = [replace(build_config("digits", config_file, {**values, "variant": v, "seed": s}, grid_defaults),
                        run_name=None) for v in dict.fromkeys(variants) for s in range(seeds)]  # all validated up front
     experiment, tracking_uri = configs[0].experiment, configs[0].tracking_uri
+    _warn_short_budget(configs[0])
     if not dry_run:
         check_out_dir(out or default_out_dir([experiment]))  # refused before hours of training, not after
     recorded = recorded_runs(configs)

@@ -50,6 +50,7 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     ema_decay: float = 0.995  # EMA of the weights, per step; evaluation and sampling use the EMA
+    ema_warmup: bool = True  # the EMA's decay at update n is min(ema_decay, (1+n)/(10+n)) (bench.ema.warmup_decay)
     hflip: bool = False  # random horizontal flips of training images
     seed: int = 0  # seeds weights, batches, noise, evaluation and sampling
     # evaluation and samples

@@ -41,7 +41,7 @@ from bench.config import RunConfig, flatten
 from bench.cores import CoreShare
 from bench.data import load_dataset
 from bench.dist import SINGLE, Dist
-from bench.ema import Ema, ema_weights
+from bench.ema import Ema, ema_weights, horizon, initial_share
 from bench.errors import BenchError, first_line
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
@@ -216,6 +216,33 @@ def warmup_factor(warmup_steps: int, step: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+EMA_LEFTOVER = 0.01  # a budget after which the initial network still makes more of the EMA than this is "short"
+
+
+def short_budget(config: RunConfig, tuned=()) -> str | None:
+    """One line saying that ``config.steps`` ends inside the learning-rate warm-up or leaves more than
+    ``EMA_LEFTOVER`` of the initial network in the EMA, and what to do; None when neither. Fields in ``tuned``
+    (a study's search space) are not judged: their configured value is not the one trained."""
+    steps, problems, remedies, enough = config.steps, [], [], 0
+    if "warmup_steps" not in tuned and steps < config.warmup_steps:
+        problems.append(f"ends inside the learning-rate warm-up (--warmup-steps {config.warmup_steps}: its last step "
+                        f"trains at {steps / config.warmup_steps:.0%} of --lr)")
+        remedies.append("lower --warmup-steps")
+        enough = config.warmup_steps
+    left = initial_share(config.ema_decay, steps, config.ema_warmup)
+    if not {"ema_decay", "ema_warmup"} & set(tuned) and left > EMA_LEFTOVER:
+        needed = horizon(config.ema_decay, config.ema_warmup, EMA_LEFTOVER)
+        problems.append(f"leaves {left:.0%} of the initial network in the EMA that evaluation and sampling use "
+                        f"(--ema-decay {config.ema_decay:g}{'' if config.ema_warmup else ', --no-ema-warmup'}; under "
+                        f"{EMA_LEFTOVER:.0%} from {needed} steps)")
+        remedies += [] if config.ema_warmup else ["use --ema-warmup"]
+        enough = max(enough, needed)
+    if not problems:
+        return None
+    return (f"warning: --steps {steps} {' and '.join(problems)}; raise --steps to {enough} or more"
+            + "".join(f", or {r}" for r in remedies))
+
+
 def _eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
     return test[: min(n, len(test))] if n else test
 
@@ -266,7 +293,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     net = build_network(config.network, C, variant.out_channels(C), H).to(device)
     if channels_last(config, device):
         net = net.to(memory_format=torch.channels_last)
-    ema = Ema(net, config.ema_decay)
+    ema = Ema(net, config.ema_decay, config.ema_warmup)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, **fused)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_factor, config.warmup_steps))
@@ -459,7 +486,8 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist, 
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
         "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
         "lr_schedule": "LambdaLR: linear warmup over warmup_steps, then constant",
-        "ema": "torch AveragedModel, get_ema_multi_avg_fn(ema_decay), from the initial weights",
+        "ema": "torch AveragedModel from the initial weights, decay min(ema_decay, (1+n)/(10+n)) at update n"
+               if config.ema_warmup else "torch AveragedModel from the initial weights, decay ema_decay",
         "code_version": tracking.git_commit(), **tracking.versions(),
         "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
         "dist.world_size": d.world, "dist.backend": _backend(d),
@@ -490,7 +518,7 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
             f"(mean: {variant.mean_type}, variance: {variant.var_type}). {config.network} U-Net, "
             f"{count_parameters(net):,} parameters; noise schedule {sched.describe()}. {config.steps} steps of AdamW "
             f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
-            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}, seed {config.seed}{world}.\n\n"
+            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, seed {config.seed}{world}.\n\n"
             f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
             f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")

@@ -7,12 +7,14 @@ import json
 import re
 from dataclasses import fields
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from bench import cli as cli_mod
 from bench.cli import RUN_OPTIONS, STUDY_OWNS, STUDY_RUN_OPTIONS, _param_name, cli
 from bench.config import DATASET_DEFAULTS, RunConfig
+from bench.data import DATASETS
 
 
 def _invoke(args, **env):
@@ -104,3 +106,109 @@ def test_study_run_options_leave_out_what_the_study_sets():
     assert not names & set(STUDY_OWNS)
     assert {"lr", "batch_size", "network", "eval_calls", "hflip", "device", "system_metrics"} <= names
     assert cli_mod.cli.commands["study"].params  # the options are on the command
+
+
+# ----------------------------------------------------------------------------- a budget shorter than a warm-up
+def _warnings(res) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_a_run_shorter_than_the_learning_rate_warm_up_says_so_in_one_line(tmp_path):
+    res = _invoke(["run", "--dry-run", "--steps", "30"], BENCH_HOME=str(tmp_path))
+    assert res.exit_code == 0 and json.loads(res.stdout)["steps"] == 30
+    assert _warnings(res) == ["warning: --steps 30 ends inside the learning-rate warm-up (--warmup-steps 100: its last "
+                              "step trains at 30% of --lr); raise --steps to 100 or more, or lower --warmup-steps"]
+    res = _invoke(["run", "--dry-run", "--steps", "200", "--no-ema-warmup"], BENCH_HOME=str(tmp_path))
+    assert _warnings(res) == ["warning: --steps 200 leaves 37% of the initial network in the EMA that evaluation and "
+                              "sampling use (--ema-decay 0.995, --no-ema-warmup; under 1% from 919 steps); raise --steps "
+                              "to 919 or more, or use --ema-warmup"]
+    (both,) = _warnings(_invoke(["run", "--dry-run", "--steps", "30", "--no-ema-warmup"], BENCH_HOME=str(tmp_path)))
+    assert "warm-up" in both and "86% of the initial network" in both and both.endswith(
+        "raise --steps to 919 or more, or lower --warmup-steps, or use --ema-warmup")
+    for quiet in (["--steps", "200"], ["--steps", "100"], ["--steps", "1000", "--no-ema-warmup"], []):
+        res = _invoke(["run", "--dry-run", *quiet], BENCH_HOME=str(tmp_path))
+        assert res.exit_code == 0 and _warnings(res) == [], quiet
+
+
+def test_a_grid_and_a_study_say_it_once(tmp_path, captured_study):
+    res = _invoke(["grid", "--dry-run", "--steps", "30", "--variant", "simple", "--variant", "elbo"],
+                  BENCH_HOME=str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert len(_warnings(res)) == 1 and _warnings(res)[0].startswith("warning: --steps 30 ends inside")
+    assert _warnings(_invoke(["grid", "--dry-run", "--variant", "simple"], BENCH_HOME=str(tmp_path))) == []
+    res = _invoke(["study", "--steps", "30", "--variant", "simple", "--variant", "elbo"], BENCH_HOME=str(tmp_path))
+    assert res.exit_code == 0 and len(_warnings(res)) == 1 and "--steps 30 ends inside" in _warnings(res)[0]
+    assert _warnings(_invoke(["study"], BENCH_HOME=str(tmp_path))) == []  # 500 steps a trial
+    space = tmp_path / "warmup.toml"  # a tuned warm-up is not the configured one: nothing to say about it
+    space.write_text("[params.warmup_steps]\nlow = 10\nhigh = 200\n")
+    assert _warnings(_invoke(["study", "--steps", "30", "--space", str(space)], BENCH_HOME=str(tmp_path))) == []
+
+
+# ----------------------------------------------------------------------------- help that agrees with --dry-run
+def _stated_defaults(command) -> dict[str, str]:
+    """Parameter name → the default its help states (``[default: …]``, the end of click's help record)."""
+    ctx = click.Context(command, info_name=command.name)
+    stated = {}
+    for param in command.get_params(ctx):
+        record = param.get_help_record(ctx)
+        m = re.search(r"\[(?:[^\]]*; )?default: ([^\]]*)\]$", record[1]) if record else None
+        if m:
+            stated[param.name] = m[1]
+    return stated
+
+
+def _for_dataset(text: str, dataset: str, steps: int) -> str:
+    """The default a help text states for ``dataset`` (``3000 (digits), 800,000 (cifar10)``: per dataset), with
+    DATASET and --steps (a study's --steps/4) filled in."""
+    per = dict(re.fullmatch(r"(.+) \((\w+)\)", part).groups()[::-1] for part in text.split(", ")) \
+        if all(re.fullmatch(r".+ \((\w+)\)", p) and p.rsplit("(", 1)[1][:-1] in DATASETS for p in text.split(", ")) \
+        else None
+    text = per[dataset] if per else text
+    text = text.replace("DATASET", dataset)
+    if m := re.fullmatch(r"--steps(?:/(\d+))?", text):
+        text = str(max(1, steps // int(m[1] or 1)))
+    return text
+
+
+def _agrees(stated: str, value) -> bool:
+    if value is None or isinstance(value, bool):
+        return stated == ("unset" if value is None else str(value).lower())
+    if isinstance(value, int | float):
+        return float(stated.replace(",", "")) == value
+    return stated == value
+
+
+def _resolved(command: str, dataset: str, tmp_path) -> tuple[dict, int]:
+    """(the config ``bench <command>`` resolves with its defaults for ``dataset``, the run steps it uses)."""
+    if command == "study":  # no --dry-run: the trials' config, with run_study replaced by a recorder
+        seen = []
+        import studies.study
+
+        real = studies.study.run_study
+        studies.study.run_study = lambda sc: seen.append(sc) or []
+        try:
+            # --objective both: --fid-samples is the trials' own only where FID is an objective (its help says so)
+            res = _invoke(["study", "--dataset", dataset, "--objective", "both"], BENCH_HOME=str(tmp_path))
+        finally:
+            studies.study.run_study = real
+        assert res.exit_code == 0, res.output
+        return seen[0].base_config("simple").to_dict(), seen[0].steps
+    extra = ["--variant", "simple", "--seeds", "1"] if command == "grid" else []
+    res = _invoke([command, "--dry-run", "--dataset", dataset, *extra], BENCH_HOME=str(tmp_path))
+    assert res.exit_code == 0, res.output
+    config = json.loads(res.stdout[res.stdout.index("{"):])
+    return config, config["steps"]
+
+
+@pytest.mark.parametrize("command", ["run", "grid", "study"])
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_every_default_the_help_states_is_what_the_command_resolves(command, dataset, tmp_path):
+    """Generic over options: each `[default: …]` of a config field in `bench <command> -h` is the value its
+    --dry-run prints (a study: its trials' config), for each dataset."""
+    stated = _stated_defaults(cli.commands[command])
+    config, steps = _resolved(command, dataset, tmp_path)
+    compared = {name: text for name, text in stated.items() if name in config and name != "dataset"}  # given
+    assert len(compared) > 20  # the run options are there, not a hand list
+    wrong = {name: (_for_dataset(text, dataset, steps), config[name]) for name, text in compared.items()
+             if not _agrees(_for_dataset(text, dataset, steps), config[name])}
+    assert wrong == {}, f"bench {command} -h states defaults that --dry-run does not resolve (stated, resolved): {wrong}"
