@@ -115,14 +115,13 @@ def _default_text(field: str) -> str:
     """``default: 3000 (digits), 800000 (cifar10)``: the RunConfig default, per dataset where it differs."""
     from bench.config import DATASET_DEFAULTS, RunConfig
 
-    show = _show
     generic = getattr(RunConfig(), field)
     per = {d: DATASET_DEFAULTS[d].get(field, generic) for d in sorted(DATASET_DEFAULTS)}
     if all(v is None for v in per.values()):
         return ""  # the help says what unset means
     if len(set(map(repr, per.values()))) == 1:
-        return f"default: {show(generic)}"
-    return "default: " + ", ".join(f"{show(v)} ({d})" for d, v in per.items())
+        return f"default: {_show(generic)}"
+    return "default: " + ", ".join(f"{_show(v)} ({d})" for d, v in per.items())
 
 
 def _opt(name: str, *decls, help: str, field: str | None = None, show_default: bool = True, **kw):
@@ -455,7 +454,6 @@ TABLE2_VARIANTS = (  # DDPM Table 2's rows: μ̃ prediction, then ε prediction
     "mu-elbo-learned-diag", "mu-elbo", "mu-mse", "elbo-learned-diag", "elbo", "simple",
 )
 GRID_VARIANTS = (*TABLE2_VARIANTS, "hybrid", "elbo-learned")  # and iDDPM's learned-range Σ: `bench grid`'s default
-# `bench run` options a grid has no use for: it sets these itself (--variant repeats, --seeds), or they act on one run
 
 
 def grid_defaults(dataset: str) -> dict:
@@ -463,6 +461,8 @@ def grid_defaults(dataset: str) -> dict:
     return {"steps": 1000, "fid_samples": 500, "experiment": f"grid-{dataset}"}
 
 
+# `bench run` options a grid has no use for: it sets these itself (--variant repeats, --seeds), or they act on one run;
+# the help of the others states the grid's own defaults
 GRID_OPTIONS = _stating([o for o in RUN_OPTIONS if _param_name(o) not in ("variant", "seed", "run_name", "resume", "reopen",
                                                                           "dry_run", "nproc")], grid_defaults("DATASET"))
 

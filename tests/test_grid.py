@@ -77,8 +77,13 @@ def test_default_set_is_table_2_and_iddpm(tmp_path):
 
 def test_a_rerun_trains_only_the_pairs_without_a_result(home):
     args = [*PAIR, *TINY, "--experiment", "g", "--out", str(home / "rep")]
-    out = grid_ok(home, args)
+    first = invoke(home, args)
+    out = first.stdout
+    assert first.exit_code == 0, describe(first)
     assert "2 runs, 0 diverged" in out and "skipped" not in out
+    # 3 steps, inside the 100-step learning-rate warm-up: said once for the grid, not once per run
+    (warning,) = [w for w in first.stderr.splitlines() if w.startswith("warning:")]
+    assert warning.startswith("warning: --steps 3 ends inside the learning-rate warm-up")
     runs = {r.data.tags["variant"]: r for r in training_runs(home, "g")}
     assert sorted(runs) == ["mu-elbo-learned-diag", "simple[small]"]
     assert all(r.info.status == "FINISHED" for r in runs.values())

@@ -182,6 +182,10 @@ def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
     res = invoke(monkeypatch, ["study", "--trials", "3", "--steps", str(STEPS), "--study-name", "e2e",
                                "--exact-top", "1", "--space", str(t40_space)])
     assert res.exit_code == 0, describe(res)
+    # 4 steps a trial, inside the 100-step learning-rate warm-up: said once for the study, not once per trial
+    assert [w for w in res.stderr.splitlines() if w.startswith("warning:")] == [
+        "warning: --steps 4 ends inside the learning-rate warm-up (--warmup-steps 100: its last step trains at 4% of "
+        "--lr); raise --steps to 100 or more, or lower --warmup-steps"]
 
     # Optuna: its own SQLite file, not MLflow's
     optuna_db, mlflow_db = home / "optuna.db", home / "mlflow.db"
