@@ -1,5 +1,5 @@
 """The EMA of the network's weights that evaluation and sampling use (torch's ``AveragedModel`` with an EMA
-rule whose decay warms up with the update count), updated without waiting for the device."""
+rule whose decay warms up with the step count), updated without waiting for the device."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-WARMUP_OFFSET = 9  # update n uses decay min(decay, (1 + n) / (10 + n)): the 9 of (n_averaged + 9)
-
 
 def warmup_decay(decay: float, n: int, warmup: bool = True) -> float:
     """The decay of the EMA's update ``n`` (0-based): min(decay, (1 + n) / (10 + n)) with the warm-up
     (TensorFlow's ``ExponentialMovingAverage(num_updates=…)``, diffusers' ``EMAModel``, LDM's ``LitEma``),
     else ``decay``."""
-    return min(decay, (1 + n) / (1 + WARMUP_OFFSET + n)) if warmup else decay
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
 def initial_share(decay: float, updates: int, warmup: bool = True) -> float:
@@ -41,13 +39,15 @@ class Ema(AveragedModel):
 
     The warm-up keeps a short run's EMA from being its initial network: at decay 0.995 without it the
     initial weights still make 37% of the EMA after 200 updates (0.995²⁰⁰); with it, 10% after one update,
-    0.45% after three and 6·10⁻¹⁶ after 200. The decay reaches its cap after 1,790 updates at 0.995 (90,000
-    at 0.9999); until then the EMA averages about the last n/9 updates.
+    0.45% after three and 6·10⁻¹⁶ after 200. The decay reaches its cap after 1,790 updates at 0.995 (89,990
+    at 0.9999); until then the EMA averages about the last n/9 updates, and from then on an update is the
+    flat decay's, to the bit.
 
-    Its state dict is AveragedModel's (``module.*`` and the update count ``n_averaged``, the initial copy
-    counting as one), so the decay of a resumed run comes from the saved count. The count lives on ``net``'s
-    device and :meth:`update_parameters` never reads it on the host: AveragedModel's own update branches on
-    it (``bool(n_averaged == 0)``) and copies it to the device, each a wait for the GPU every step.
+    n is the trainer's step, a host number restored with the rest of a checkpoint, so a resumed run decays as
+    the uninterrupted one and the update stays one fused lerp by a number. Its state dict is AveragedModel's
+    (``module.*`` and the update count ``n_averaged``, the initial copy counting as one). The count lives on
+    ``net``'s device and is never read on the host: AveragedModel's own update branches on it
+    (``bool(n_averaged == 0)``) and copies it to the device, each a wait for the GPU every step.
     """
 
     def __init__(self, net: torch.nn.Module, decay: float, warmup: bool = True):
@@ -57,21 +57,13 @@ class Ema(AveragedModel):
         self.requires_grad_(False).eval()
         self.n_averaged.fill_(1)  # the copy of net's weights counts as the first average, as in AveragedModel
 
-    def current_decay(self) -> torch.Tensor | float:
-        """The next update's decay (update n = n_averaged − 1, see :func:`warmup_decay`): with the warm-up a
-        tensor on the count's device (fp32, MPS having no fp64), else ``decay``."""
-        if not self.warmup:
-            return self.decay
-        return (self.n_averaged / (self.n_averaged + WARMUP_OFFSET)).clamp(max=self.decay)
-
     @torch.no_grad()
-    def update_parameters(self, model: torch.nn.Module) -> None:
-        """One EMA step towards ``model``'s weights (same architecture, same device)."""
-        mine, theirs = list(self.module.parameters()), [p.detach() for p in model.parameters()]
-        weight = 1 - self.current_decay()
-        torch._foreach_lerp_(mine, theirs, weight.to(mine[0].dtype) if torch.is_tensor(weight) else weight)
-        for mine_b, theirs_b in zip(self.module.buffers(), model.buffers(), strict=True):
-            mine_b.copy_(theirs_b)
+    def update_parameters(self, model: torch.nn.Module, n: int) -> None:
+        """Update ``n`` (0-based: the training step) towards ``model``'s weights (same architecture, same device)."""
+        weight = 1 - warmup_decay(self.decay, n, self.warmup)
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], weight)
+        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
         self.n_averaged += 1
 
 

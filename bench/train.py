@@ -677,7 +677,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         state.opt.step()
         lr = state.opt.param_groups[0]["lr"]  # this step's
         state.lr_schedule.step()
-        state.ema.update_parameters(state.net)
+        state.ema.update_parameters(state.net, state.step)  # its decay warms up with the step
         state.step += 1
         window.add(terms, variant.last_t)
         state.images_seen += config.batch_size

@@ -1,6 +1,6 @@
 """The weights' EMA (bench.ema): its warm-up pinned numerically against the closed form, the cap reached where
-min(decay, (1+n)/(10+n)) says, and a resumed EMA equal to the uninterrupted one (the decay comes from the
-saved update count)."""
+min(decay, (1+n)/(10+n)) says and then the flat decay's update to the bit, and a restored EMA continuing as the
+uninterrupted one. (Whole runs resumed bit-exactly: tests/test_run.py, "exact resume".)"""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _share_of_initial_weights(decay: float, updates: int, warmup: bool) -> float
     torch.nn.init.ones_(net.weight)
     ema = Ema(net, decay, warmup)
     torch.nn.init.zeros_(net.weight)
-    for _ in range(updates):
-        ema.update_parameters(net)
+    for n in range(updates):
+        ema.update_parameters(net, n)
     return ema.module.weight.item()
 
 
@@ -40,17 +40,30 @@ def test_the_warm_up_leaves_no_initial_network_after_200_steps_where_a_flat_deca
 
 
 def test_the_decay_ramps_as_1_plus_n_over_10_plus_n_and_stays_at_its_cap():
-    ema = Ema(torch.nn.Linear(2, 2), 0.995)
+    net = torch.nn.Linear(1, 1, bias=False)
     for n in (0, 1, 9, 90, 1000, 1789, 1790, 1791, 50_000):
-        ema.n_averaged.fill_(n + 1)  # update n follows the initial copy and n updates
+        torch.nn.init.ones_(net.weight)
+        ema = Ema(net, 0.995)
+        torch.nn.init.zeros_(net.weight)
+        ema.update_parameters(net, n)  # from 1 towards 0: what is left is the decay
         expected = min(0.995, (1 + n) / (10 + n))
-        assert ema.current_decay().item() == pytest.approx(expected, rel=1e-6), n
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6), n
         assert warmup_decay(0.995, n) == expected
     assert [n for n in range(1789, 1792) if warmup_decay(0.995, n) == 0.995] == [1790, 1791]  # capped from 1,790
-    ema.n_averaged.fill_(1791)
-    assert ema.current_decay().item() == torch.tensor(0.995).item()  # the cap itself, not a value near it
     assert min(n for n in range(100_000) if warmup_decay(0.9999, n) == 0.9999) == 89_990  # cifar10's 0.9999
-    assert Ema(torch.nn.Linear(2, 2), 0.995, warmup=False).current_decay() == 0.995
+
+
+@pytest.mark.parametrize("n, same", [(1790, True), (5000, True), (1789, False), (100, False)])
+def test_a_capped_update_is_the_flat_decays_to_the_bit(n, same):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    warm, flat = Ema(net, 0.995), Ema(net, 0.995, warmup=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    warm.update_parameters(net, n)
+    flat.update_parameters(net, n)
+    assert all(torch.equal(a, b) for a, b in zip(warm.module.parameters(), flat.module.parameters())) == same
 
 
 def test_an_ema_restored_from_its_state_dict_continues_bit_exactly():
@@ -59,16 +72,16 @@ def test_an_ema_restored_from_its_state_dict_continues_bit_exactly():
     steps = [{k: torch.randn_like(v) for k, v in net.state_dict().items()} for _ in range(12)]
     straight = Ema(net, 0.995)
     saved = None
-    for i, weights in enumerate(steps):
+    for n, weights in enumerate(steps):
         net.load_state_dict(weights)
-        straight.update_parameters(net)
-        if i == 4:
+        straight.update_parameters(net, n)
+        if n == 4:
             saved = {k: v.clone() for k, v in straight.state_dict().items()}
     resumed = Ema(torch.nn.Linear(4, 3), 0.995)
     resumed.load_state_dict(saved)
-    for weights in steps[5:]:
+    for n, weights in enumerate(steps[5:], start=5):
         net.load_state_dict(weights)
-        resumed.update_parameters(net)
+        resumed.update_parameters(net, n)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
     assert resumed.n_averaged.item() == 13
 
