@@ -788,7 +788,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         from bench.fid import FidUnavailable, compute_fid, save_samples
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
-            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz"), "samples")
+            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
         try:
             fid = compute_fid(images[: config.fid_samples], config.dataset, train_images,
                               cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights,

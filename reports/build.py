@@ -165,6 +165,13 @@ def _install(staging: Path, out: Path) -> None:
         pass
 
 
+def _umask() -> int:
+    """This process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _study_parents(client, experiment_ids: list[str]) -> list:
     runs = client.search_runs(experiment_ids, filter_string="tags.`optuna.study` != ''", max_results=1000)
     return [r for r in runs if "variant" not in r.data.tags]
@@ -199,6 +206,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the report is for others to read too
         parents = _study_parents(client, sorted(df.experiment_id.unique()))
         study_pictures, pareto = _study_material(client, parents, Path(tempfile.mkdtemp(dir=staging)))
         pictures = _figures(client, df, staging, pareto)

@@ -294,7 +294,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
                               tracking_uri=f"sqlite:///{home}/mlflow.db")
     saved = load_samples(path)
     assert saved.shape == (64, 1, 8, 8) and saved.dtype == torch.uint8
-    rescored = invoke(home, ["fid", path, "--dataset", "digits"])
+    rescored = invoke(home, ["fid", path])  # the file records its dataset
     assert rescored.exit_code == 0, describe(rescored)
     assert f"{fid[STEPS]:.4f}" in rescored.stdout  # the same samples, the same FID
 

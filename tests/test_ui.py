@@ -425,6 +425,28 @@ def _study(storage: str, name: str, trials: int) -> None:
     study.optimize(lambda t: t.suggest_float("beta_end", 0.01, 0.05) * 100, n_trials=trials)
 
 
+def test_dashboard_opens_the_page_of_the_study_asked_about(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    storage = f"sqlite:///{home / 'optuna.db'}"
+    for name in ("schedule-digits-bpd-simple", "schedule-digits-bpd-hybrid"):
+        _study(storage, name, 1)
+    served = []
+    monkeypatch.setattr(ui, "_serve", lambda cmd, banner, url, *args, **kwargs: served.append(url))
+    monkeypatch.setattr(ui, "_dashboard_command", lambda: "optuna-dashboard")
+    port = _free_port()
+    ok = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "schedule-digits-bpd-hybrid"],
+                            env={"BENCH_HOME": str(home)})
+    assert ok.exit_code == 0, ok.output
+    study_id = optuna.storages.RDBStorage(storage).get_study_id_from_name("schedule-digits-bpd-hybrid")  # as the dashboard
+    assert served == [f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"] and study_id == 2  # numbers its pages
+    bad = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "nope"], env={"BENCH_HOME": str(home)})
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --study-name 'nope': no such study in {storage}; it has schedule-digits-bpd-hybrid, "
+        "schedule-digits-bpd-simple"], bad.stderr
+    assert len(served) == 1
+
+
 @needs_chromium
 @needs_proc
 def test_dashboard_shows_the_studies_and_stops_cleanly(tmp_path):
