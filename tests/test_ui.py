@@ -378,6 +378,7 @@ def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never
     view = json.loads(c.get_experiment(real.experiment_id).tags[ui.VIEW_TAG])
     state = json.loads(view["state"])
     assert view["name"] == ui.VIEW_KEY and state["selectedColumns"] == list(ui.VIEW_COLUMNS)
+    assert state["selectedColumns"][1:4] == ["metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`"]  # how got
     assert state["orderByKey"] == "metrics.`bpd`" and state["orderByAsc"] is True
 
     c.set_experiment_tag(real.experiment_id, ui.VIEW_TAG, "edited by its user")
