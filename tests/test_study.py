@@ -300,8 +300,9 @@ def test_objective_both_is_a_pareto_study_without_intermediate_reports(home, mon
     lines = trial_lines(res.stdout)
     assert sorted(lines) == [0, 1], res.stdout
     for t in study.trials:
-        assert f"complete  bpd {t.values[0]:.4f} bits/dim (estimate, test split)  fid {t.values[1]:.2f} (n=16, vs train split)" \
-            in lines[t.number][2]
+        se = runs[t.number].data.metrics["bpd_stderr"]
+        assert f"complete  bpd {t.values[0]:.4f} ± {se:.4f} (se) bits/dim (estimate, test split)  fid {t.values[1]:.2f} " \
+               "(n=16, vs train split)" in lines[t.number][2]
     # the Pareto front as a table: a header, then one row per front trial, lowest bpd first
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     exact = {int(k): v for k, v in study.user_attrs["bpd_exact"].items()}
