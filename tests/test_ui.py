@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -378,7 +379,10 @@ def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never
     view = json.loads(c.get_experiment(real.experiment_id).tags[ui.VIEW_TAG])
     state = json.loads(view["state"])
     assert view["name"] == ui.VIEW_KEY and state["selectedColumns"] == list(ui.VIEW_COLUMNS)
-    assert state["selectedColumns"][1:4] == ["metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`"]  # how got
+    assert state["selectedColumns"][1:5] == ["tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`",
+                                             "tags.`bpd_method`"]  # the bound as read, to every digit, its se, how got
+    tags = c.search_runs([real.experiment_id])[0].data.tags
+    assert re.fullmatch(r"\d+\.\d{4} ± \d\.\d{4} bits/dim \(estimate\)", tags["bpd_rounded"]), tags["bpd_rounded"]
     assert state["orderByKey"] == "metrics.`bpd`" and state["orderByAsc"] is True
 
     c.set_experiment_tag(real.experiment_id, ui.VIEW_TAG, "edited by its user")
