@@ -624,17 +624,19 @@ def server_cmd(backend_store_uri, artifacts_destination, host, port, workers, al
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (beyond 127.0.0.1: no authentication).")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--browser/--no-browser", default=True, show_default=True, help="Open the page in a browser when one is available.")
-def dashboard_cmd(storage, host, port, browser) -> None:
+@click.option("--study-name", default=None, help="Open this study's page (default: the list of studies).")
+def dashboard_cmd(storage, host, port, browser, study_name) -> None:
     """Start optuna-dashboard on the studies' storage; Ctrl-C stops it."""
     from bench.ui import serve_dashboard
 
-    serve_dashboard(storage, host, port, open_browser=browser)
+    serve_dashboard(storage, host, port, open_browser=browser, study_name=study_name)
 
 
 # ------------------------------------------------------------------------- bench fid
 @cli.command("fid")
 @click.argument("samples_file", metavar="SAMPLES.npz", type=click.Path(dir_okay=False))
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)), required=True, help="What the samples imitate.")
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
+              help="What the samples imitate (default: the dataset the samples file records).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Data root (else $BENCH_DATA_DIR).")
 @click.option("--fid-weights", type=click.Path(dir_okay=False), default=None, help="Inception weights file for RGB FID.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
@@ -642,8 +644,9 @@ def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
     """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
     FID, KID, precision/recall, IS and the reference points, with how they were computed."""
     from bench import tracking
-    from bench.fid import score_samples
+    from bench.fid import samples_dataset, score_samples
 
+    dataset = samples_dataset(samples_file, dataset)
     res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,
                         fid_weights=fid_weights, device=device)
     width = max(len(k) for k in (*res.metrics, *res.tags))

@@ -25,8 +25,8 @@ small JSON files (``{"fid": ..., "samples": ...}``), which cannot run code eithe
 
 Samples are saved for re-scoring by :func:`save_samples` (uint8 ``[N, C, H, W]`` under key
 ``"samples"`` of an ``.npz``) and read back by :func:`load_samples` (``allow_pickle=False``);
-:func:`score_samples` scores such a file (``bench fid SAMPLES.npz --dataset D``).  These live here,
-with the metrics, because they are one pipeline: the file is what the metrics were computed from.
+:func:`score_samples` scores such a file (``bench fid SAMPLES.npz``, its dataset as the file records it, else
+``--dataset D``).  These live here, with the metrics, because they are one pipeline: the file is what the metrics were computed from.
 
 Feature extractors:
 
@@ -101,6 +101,7 @@ NOISE_SEED = 0  # fid_ref_noise images: numpy default_rng(NOISE_SEED)
 NOISE_MEAN, NOISE_STD = 127.5, 64.0  # pixel values of the noise, before clipping to [0, 255]
 NOISE_CHUNK = 1000  # images drawn at a time (50k CIFAR-sized images in float64 would be 1.2 GB)
 SAMPLES_KEY = "samples"  # the array's name in a saved-samples .npz
+DATASET_KEY = "dataset"  # the dataset the samples imitate, a 0-d unicode array beside them (files written since)
 _CACHE_KEYS = ("features", "mu", "sigma")
 
 _METRIC_KEYS = {
@@ -698,17 +699,45 @@ def compute_fid(
 # ---------------------------------------------------------------- saved samples
 
 
-def save_samples(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
-    """Write uint8 images ``[N, C, H, W]`` to the ``.npz`` file ``path`` (array ``"samples"``), atomically.
+def save_samples(images: torch.Tensor | np.ndarray, path: str | Path, dataset: str | None = None) -> Path:
+    """Write uint8 images ``[N, C, H, W]`` to the ``.npz`` file ``path`` (array ``"samples"``), atomically;
+    with ``dataset``, the name of the dataset they imitate too (array ``"dataset"``, a unicode string, which
+    ``allow_pickle=False`` reads), so that ``bench fid`` needs no ``--dataset``.
 
     The file is exactly ``path`` (no ``.npz`` is appended); :func:`load_samples` reads it back.
     """
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"save_samples needs uint8 images [N, C, H, W], got {arr.dtype} {arr.shape}")
+    arrays = {SAMPLES_KEY: np.ascontiguousarray(arr)} | ({DATASET_KEY: np.array(dataset, dtype=str)} if dataset else {})
     path = Path(path)
-    write_atomically(path, lambda f: np.savez_compressed(f, **{SAMPLES_KEY: np.ascontiguousarray(arr)}))
+    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
     return path
+
+
+def samples_dataset(path: str | Path, dataset: str | None = None) -> str:
+    """The dataset a saved-samples file's images are scored against: ``dataset`` (``--dataset``) or the one the
+    file records (:func:`save_samples`); refused in one line when neither names one or when they disagree."""
+    what = f"samples file {path}"
+    if not Path(path).is_file():
+        raise BenchError(f"{what}: no such file")
+    recorded = None
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):  # else a bare .npy: load_samples refuses it
+            with loaded as z:
+                value = z[DATASET_KEY] if DATASET_KEY in z.files else None
+            if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.ndim == 0:
+                recorded = str(value)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # load_samples says what is wrong with the file
+    if dataset is None and recorded is None:
+        raise BenchError(f"{what} does not record its dataset (written before it did, or by another tool); "
+                         f"give --dataset ({', '.join(sorted(DATASETS))})")
+    if dataset is not None and recorded is not None and dataset != recorded:
+        raise BenchError(f"--dataset {dataset}, but {what} holds samples of {recorded}; "
+                         f"leave out --dataset or give --dataset {recorded}")
+    return dataset or recorded
 
 
 def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:

@@ -28,17 +28,18 @@ def sample_grid(images: torch.Tensor, min_side: int = 32) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy().copy()
 
 
-def per_t_figure(curves: dict[str, torch.Tensor], title: str = ""):
-    """L_t in bits/dim against paper time t = 1..T for each labelled curve, log-scaled."""
+def per_t_figure(curves: dict[str, torch.Tensor], title: str = "", colors: dict | None = None):
+    """L_t in bits/dim against paper time t = 1..T for each labelled curve, log-scaled, in the order given;
+    ``colors``: a colour per label (else matplotlib's cycle)."""
     with FIGURES:
-        return _per_t_figure(curves, title)
+        return _per_t_figure(curves, title, colors or {})
 
 
-def _per_t_figure(curves: dict[str, torch.Tensor], title: str):
+def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_t in curves.items():
         values = per_t.detach().cpu().double().numpy()
-        ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2)
+        ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2, color=colors.get(label))
     ax.set_yscale("log")
     ax.set_xlabel("diffusion step t (t = 1: decoder L_0)")
     ax.set_ylabel("L_t term of the bound (bits/dim)")

@@ -799,7 +799,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     if not dist.main:
         return metrics
     conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
-    log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset)})
+    log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset),
+              f"{bound}_rounded": _rounded(metrics, bound, method)})
     if nll is not None:
         log.tags({**ode_tags, "nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
     if ode_failed:
@@ -816,7 +817,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         from bench.fid import FidUnavailable, compute_fid, save_samples
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
-            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz"), "samples")
+            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
         try:
             fid = compute_fid(images[: config.fid_samples], config.dataset, train_images,
                               cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights,
@@ -867,6 +868,14 @@ def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_sam
         metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
                                    progress and d.main, d, desc, bound)
     return metrics, (ckpt["run_id"] if log_to_run else None), d
+
+
+def _rounded(metrics: dict[str, float], bound: str, method: str) -> str:
+    """The bound as the MLflow runs table should show it, which prints every digit of a metric: rounded, with its
+    Monte Carlo standard error and method ('3.1235 ± 0.0123 bits/dim (estimate)'). A tag beside the metric,
+    which keeps every digit."""
+    se = f" ± {metrics[f'{bound}_stderr']:.4f}" if f"{bound}_stderr" in metrics else ""
+    return f"{metrics[bound]:.4f}{se} bits/dim ({method.split(' ')[0]})"
 
 
 def _bound_name(client, run_id: str, method: str) -> str:

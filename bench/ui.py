@@ -47,8 +47,11 @@ READY_POLL_S = 0.5  # how often a starting server is asked whether it answers (t
 
 VIEW_KEY = "elbo-bench"  # the saved view's id, in its tag name and in the URL
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_COLUMNS = ("tags.`variant`", "metrics.`bpd`", "metrics.`bpd_estimate`", "metrics.`fid`",
-                "params.`config.steps`", "tags.`dataset`")  # MLflow's column ids, in this order after the run name
+VIEW_COLUMNS = ("tags.`variant`", "tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`",
+                 "metrics.`bpd_estimate`", "metrics.`fid`", "params.`config.steps`", "tags.`dataset`")  # MLflow's column
+# ids, in this order after the run name. The runs table prints a metric with all its digits and has no setting to round
+# them: bpd_rounded, a tag bench.train writes beside the metric, shows it rounded with its Monte Carlo standard error
+# and method; the metrics themselves (bpd, sortable; bpd_stderr, none for an exact bound) keep every digit.
 VIEW_SORT = "metrics.`bpd`"  # ascending: the best bound first
 ML_VIEW = {"workflowType": "machine_learning"}  # MLflow's "Model training" side, not GenAI
 # A run `bench run` made: every run logs the protocol of its bpd as a param and its variant as a tag.
@@ -153,7 +156,8 @@ def holds_bench_runs(c, experiment_id: str) -> bool:
 def runs_page(c, exp) -> tuple[str, str | None]:
     """The URL fragment of ``exp``'s runs table in the model-training view, and a note for the user
     (None when all is as intended). On an experiment holding elbo-bench runs the page opens the saved
-    view :data:`VIEW_KEY` (columns variant, bpd, bpd_estimate, fid, steps, dataset; sorted by bpd),
+    view :data:`VIEW_KEY` (columns variant, bpd_rounded, bpd, bpd_stderr, bpd_method, bpd_estimate, fid, steps,
+    dataset; sorted by bpd),
     writing its tag when missing; other experiments are left untouched and open with MLflow's columns."""
     if exp is None:
         return "#/experiments", "note: the store holds no experiment yet; `bench run` records one"
@@ -330,9 +334,10 @@ def serve_tracking(backend_store: str | None, artifacts: str | None, host: str, 
 
 
 # ------------------------------------------------------------------------- bench dashboard
-def check_optuna_storage(url: str) -> None:
+def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
     """Refuse, in one line, a storage that is not an existing Optuna RDB storage, without creating
-    anything: SQLAlchemy would make an empty file out of a mistyped SQLite path."""
+    anything: SQLAlchemy would make an empty file out of a mistyped SQLite path. With ``study_name``, the
+    study's id in the storage (what optuna-dashboard's page addresses hold), refusing a name it lacks."""
     if "://" not in url:
         raise BenchError(f"--storage {url}: give an RDB URL such as sqlite:///{url} or postgresql://HOST/DB")
     path = sqlite_path(url)
@@ -348,6 +353,10 @@ def check_optuna_storage(url: str) -> None:
         else:
             engine = sqlalchemy.create_engine(url)
         tables = set(sqlalchemy.inspect(engine).get_table_names())
+        studies = {}
+        if study_name is not None and {"studies", "trials", "version_info"} <= tables:
+            with engine.connect() as conn:
+                studies = dict(conn.execute(sqlalchemy.text("SELECT study_name, study_id FROM studies")).all())
     except Exception as err:  # a bad URL, a missing driver, a server that does not answer, a file that is no database
         raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
     finally:
@@ -356,6 +365,13 @@ def check_optuna_storage(url: str) -> None:
     if not {"studies", "trials", "version_info"} <= tables:
         raise BenchError(f"{masked(url)} is not an Optuna storage (it has no studies/trials tables); "
                          "give --storage the URL that `bench study --storage` used")
+    if study_name is None:
+        return None
+    if study_name not in studies:
+        names = sorted(studies)
+        listed = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+        raise BenchError(f"--study-name {study_name!r}: no such study in {masked(url)}; it has {listed or 'no studies'}")
+    return int(studies[study_name])
 
 
 def _dashboard_command() -> str:
@@ -373,12 +389,14 @@ def default_storage() -> str:
     return StudyConfig().storage_url()
 
 
-def serve_dashboard(storage: str | None, host: str, port: int, open_browser: bool = False) -> None:
-    """optuna-dashboard on ``storage`` (default: the studies' storage, :func:`default_storage`)."""
+def serve_dashboard(storage: str | None, host: str, port: int, open_browser: bool = False,
+                    study_name: str | None = None) -> None:
+    """optuna-dashboard on ``storage`` (default: the studies' storage, :func:`default_storage`), opened on the
+    page of ``study_name`` when given (optuna-dashboard's ``/dashboard/studies/<study id>``), else its study list."""
     _warn_if_exposed(host, "optuna-dashboard")
     _check_port(port)
     url = storage or default_storage()
-    check_optuna_storage(url)
+    study_id = check_optuna_storage(url, study_name)
     exe = _dashboard_command()
     _check_port_free(host, port)
     # wsgiref (threaded) is one process that SIGTERM ends at once; gunicorn, optuna-dashboard's "auto"
@@ -386,5 +404,6 @@ def serve_dashboard(storage: str | None, host: str, port: int, open_browser: boo
     # the environment (DASHBOARD_MAIN), not its command line.
     cmd = [sys.executable, "-c", DASHBOARD_MAIN, exe, "--host", host, "--port", str(port), "--server", "wsgiref"]
     root = base_url(host, port)
-    _serve(cmd, f"optuna-dashboard for {masked(url)}", f"{root}/dashboard/", f"{root}/api/studies", open_browser,
+    page = f"{root}/dashboard/studies/{study_id}" if study_id is not None else f"{root}/dashboard/"
+    _serve(cmd, f"optuna-dashboard for {masked(url)}", page, f"{root}/api/studies", open_browser,
            "optuna-dashboard", env={DASHBOARD_STORAGE_ENV: url})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from bench import tracking
 from bench.errors import BenchError
 from reports import figures
 from reports.tables import (
+    ROW,
     comparison_table,
     deduplicate,
     display_table,
@@ -42,6 +44,8 @@ from reports.tables import (
     load_runs,
     numeric_summary,
     paired_differences,
+    row_numbers,
+    split_display,
     varying_settings,
 )
 
@@ -165,6 +169,13 @@ def _install(staging: Path, out: Path) -> None:
         pass
 
 
+def _umask() -> int:
+    """This process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _study_parents(client, experiment_ids: list[str]) -> list:
     runs = client.search_runs(experiment_ids, filter_string="tags.`optuna.study` != ''", max_results=1000)
     return [r for r in runs if "variant" not in r.data.tags]
@@ -195,10 +206,12 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     if df.empty:
         raise BenchError("no training runs match (runs are those tagged with a variant); check --experiment and --filter")
     table, pairs = comparison_table(df), paired_differences(df)
+    df = df.assign(**{ROW: row_numbers(df)})  # the figures colour and order their groups by the table's rows
     shown, protocol = display_table(table)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the report is for others to read too
         parents = _study_parents(client, sorted(df.experiment_id.unique()))
         study_pictures, pareto = _study_material(client, parents, Path(tempfile.mkdtemp(dir=staging)))
         pictures = _figures(client, df, staging, pareto)
@@ -266,7 +279,8 @@ def _intro(meta: dict) -> list[str]:
         "A row pools only runs that agree on everything that can change a result but the seed: every setting of the "
         "run's config but where it is stored, how it is logged and which device ran it (the precision it implied "
         "counts), the bound's convention, and the FID's feature extractor. Cells: "
-        "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds); "
+        "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds; "
+        "a value every seed gave alike is shown once, '(n=3, identical)'); "
         "★ marks the lowest mean per dataset. bpd is the variational bound on the test split with x̂_0 clipped to "
         "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; an estimated bpd shows its "
         "Monte Carlo standard error (MC se). Diverged runs are counted, not averaged.",
@@ -286,9 +300,28 @@ def _intro(meta: dict) -> list[str]:
     if meta["duplicates"]:
         lines.append(f"{meta['duplicates']} duplicate run(s) of the same config and seed are left out (the latest "
                      "FINISHED one counts).")
-    if meta["protocol"]:
-        lines.append("Every row: " + "; ".join(meta["protocol"]) + ".")
     return lines
+
+
+COMMON = "Common settings (the same in every row):"  # then the protocol lines, a list above the comparison
+
+
+def _pairs_shown(pairs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The paired differences as shown: a dataset, schedule or settings column holding one value in every line is
+    said once above the table instead ('dataset: digits')."""
+    same = [c for c in ("dataset", "schedule", "settings") if c in pairs and len(pairs) and pairs[c].nunique() == 1]
+    return pairs.drop(columns=same), [f"{c}: {pairs[c].iloc[0]}" for c in same if pairs[c].iloc[0]]
+
+
+PAIRS_CAPTION = ("Each line compares variants A and B on the runs they share: the same dataset, schedule and settings, "
+                 "and the same seeds (pairs: how many). mean A−B is the mean of the per-seed differences A − B; std is "
+                 "the sample standard deviation of those differences (across seeds, not a standard error); ci_low..ci_high "
+                 "is the 95% t-interval of their mean (empty under 2 pairs). bpd and FID are lower-is-better, so a "
+                 "negative A − B favours A and a positive one favours B; an interval that excludes 0 is a difference "
+                 "these seeds resolve.")
+DETAILS_CAPTION = ("The same rows: the bound's terms (bpd/prior, bpd/vb, bpd/decoder; bits/dim), the unclipped bound, "
+                   "the FID's reference points and the Inception score, the cost (train s, images/s), and how each "
+                   "number was obtained (measured: the method tags that differ between rows); cells as in the comparison.")
 
 
 def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
@@ -298,12 +331,23 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
              "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left}th{background:#f2f2f2}"
              "figure{display:inline-block;vertical-align:top;margin:1em;max-width:720px}img{max-width:100%}"
-             "figcaption{font-size:13px;line-height:1.4}</style></head><body>",
+             "figcaption{font-size:13px;line-height:1.4}ul.common{font-size:13px;margin-top:0;columns:3}</style></head><body>",
              "<h1>elbo-bench comparison</h1>"]
     parts += [f"<p>{html.escape(p)}</p>" for p in _intro(meta)]
-    parts += ["<h2>Comparison by variant</h2>", table.to_html(index=False, escape=True, border=0, table_id="comparison")]
+    main, details = split_display(table)
+    parts.append("<h2>Comparison by variant</h2>")
+    if meta["protocol"]:
+        parts.append(f"<p>{COMMON}</p><ul class='common'>" + "".join(f"<li>{html.escape(p)}</li>" for p in meta["protocol"])
+                     + "</ul>")
+    parts.append(main.to_html(index=False, escape=True, border=0, table_id="comparison"))
+    if not details.empty:
+        parts += ["<h2>Details by row</h2>", f"<p>{html.escape(DETAILS_CAPTION)}</p>",
+                  details.to_html(index=False, escape=True, border=0, table_id="details")]
     parts.append("<h2>Paired differences (same seeds)</h2>")
-    parts.append(pairs.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, table_id="paired")
+    shown_pairs, same = _pairs_shown(pairs)
+    parts.append(f"<p>{html.escape(PAIRS_CAPTION)}" + "".join(f" Every line: {html.escape(c)}." for c in same) + "</p>"
+                 + shown_pairs.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, table_id="paired",
+                                       na_rep="")
                  if not pairs.empty else "<p>No variants share seeds on the same dataset and schedule.</p>")
     parts += [f"<p>{html.escape(line)}.</p>" for line in meta["unpaired"]]
     parts.append("<h2>Figures</h2>")
@@ -318,13 +362,18 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
 def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
     """report.md. Markdown renders raw HTML, so every text from the runs and the command line (experiment,
     run and tag values, the filter) goes in with HTML escaped, as in report.html."""
+    main, details = split_display(table)
     lines = ["# elbo-bench comparison", "", *map(_md_text, _intro(meta)), "", "## Comparison by variant", "",
-             _markdown_table(table), "",
-             "## Paired differences (same seeds)", ""]
+             *([COMMON, "", *(f"- {_md_text(p)}" for p in meta["protocol"]), ""] if meta["protocol"] else []),
+             _markdown_table(main), ""]
+    if not details.empty:
+        lines += ["## Details by row", "", _md_text(DETAILS_CAPTION), "", _markdown_table(details), ""]
+    lines += ["## Paired differences (same seeds)", ""]
     if pairs.empty:
         lines.append("No variants share seeds on the same dataset and schedule.")
     else:
-        lines.append(_markdown_table(pairs))
+        shown_pairs, same = _pairs_shown(pairs)
+        lines += [_md_text(PAIRS_CAPTION + "".join(f" Every line: {c}." for c in same)), "", _markdown_table(shown_pairs)]
     lines += [line for u in meta["unpaired"] for line in ("", _md_text(u) + ".")]
     lines += ["", "## Figures", ""]
     for pic in pictures:
@@ -340,7 +389,7 @@ def _md_text(text: str) -> str:
 
 def _markdown_table(df: pd.DataFrame) -> str:
     def cell(v) -> str:
-        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        text = ("" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else str(v)
         return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
     rows = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]

@@ -3,7 +3,9 @@
 A caption says what was measured, composed from the same runs' tags and params as the picture (the
 bound's method and images, the convention, the FID extractor, sample count and sampler), never assumed.
 Runs are coloured by group, their variant and training budget, so runs of different budgets never
-share a colour; a run with one evaluation is drawn as a point, never as a line.
+share a colour; a run with one evaluation is drawn as a point, never as a line. Where the runs carry their
+comparison-table row (column ROW, as the report passes them), a group's colour is its row's, the same in every
+figure, and legends list the groups in the table's order.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ import torch
 from matplotlib.lines import Line2D
 
 from bench.plots import per_t_figure, plt
-from reports.tables import EXTRACTOR, SETTINGS
+from reports.tables import EXTRACTOR, ROW, SETTINGS
 
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
                "x0-unclipped": "x̂_0 not clipped"}
 
 
-def _colors(labels) -> dict:
+def _colors(df: pd.DataFrame, groups) -> dict:
+    """Group label → colour, in legend order: by the table row of the group's runs (ROW) where known, so the
+    same row has the same colour in every figure whichever rows a figure leaves out; else by label."""
     cmap = plt.get_cmap("tab10")
-    return {v: cmap(i % 10) for i, v in enumerate(sorted(labels))}
+    groups = pd.Series(list(groups), index=df.index)
+    if ROW in df:
+        first = df[ROW].groupby(groups.to_numpy()).min()
+        return {g: cmap(int(first[g]) % 10) for g in sorted(first.index, key=lambda g: (first[g], g))}
+    return {v: cmap(i % 10) for i, v in enumerate(sorted(groups.unique()))}
 
 
 def _mixed(df: pd.DataFrame, column: str) -> bool:
@@ -138,10 +146,10 @@ def bpd_history(series: list[RunSeries]):
     when estimated). When every point sits at one step, the groups are spread along x instead."""
     if not series:
         return None
-    colors = _colors({s.group for s in series})
+    colors = _colors(pd.DataFrame([s.row for s in series]), [s.group for s in series])
     steps = _steps(series)
     one_step = len(steps) == 1
-    slots = {g: i for i, g in enumerate(sorted({s.group for s in series}))}
+    slots = {g: i for i, g in enumerate(colors)}  # the table's order
     apart = 0.2 if any(s.estimates for s in series) and any(s.final for s in series) else 0.0
     fig, ax = _axes()
     for i, s in enumerate(series):
@@ -168,7 +176,7 @@ def bpd_history(series: list[RunSeries]):
             ax.errorbar([final_x if one_step else step], [value], yerr=[2 * err] if math.isfinite(err) else None,
                         fmt=marker, ms=11 if marker == "*" else 7, color=color, mfc=color if filled else "white",
                         mec=color, mew=1.5, capsize=3, lw=1)
-    handles = [Line2D([], [], color=colors[g], lw=6, label=g) for g in sorted(colors)]
+    handles = [Line2D([], [], color=colors[g], lw=6, label=g) for g in colors]
     if any(s.estimates for s in series):
         handles.append(Line2D([], [], color="0.4", marker="o", ms=4, lw=1, label="estimate during training"))
     for kind in sorted({s.final_kind for s in series if s.final}):
@@ -223,7 +231,7 @@ def bpd_history_caption(series: list[RunSeries]) -> str:
 def loss_history(client, df: pd.DataFrame):
     """The training loss of each run against step, coloured by group, log-scaled; a run with one point is a point."""
     groups = run_groups(df)
-    colors = _colors(groups.unique())
+    colors = _colors(df, groups)
     fig, ax = _axes()
     seen, drew = set(), 0
     for (_, r), group in zip(df.iterrows(), groups):
@@ -245,7 +253,7 @@ def loss_history(client, df: pd.DataFrame):
     ax.set_title("Training loss", fontsize=10)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=labels.__getitem__)
+    order = sorted(range(len(labels)), key=lambda i: list(colors).index(labels[i]))
     _legend_below(fig, [handles[i] for i in order], [labels[i] for i in order])
     plt.close(fig)
     return fig
@@ -266,6 +274,7 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
     groups = run_groups(done)
     mixed_conventions = _mixed(done, "bpd convention")
     curves: dict[str, list[np.ndarray]] = {}
+    of_group: dict[str, str] = {}  # curve label → its group
     used = []
     with tempfile.TemporaryDirectory() as tmp:
         for (_, r), group in zip(done.iterrows(), groups):
@@ -276,13 +285,17 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
             values = np.asarray(json.loads(Path(path).read_text())["L_t_bits_per_dim"], dtype=float)
             label = group + (f" · {r['bpd convention']}" if mixed_conventions else "")
             curves.setdefault(label, []).append(values)
+            of_group[label] = group
             used.append(r)
     if not curves:
         return None
-    means = {}
-    for label, cs in curves.items():
+    colors = _colors(done, groups)
+    means, line_colors = {}, {}
+    for label in sorted(curves, key=lambda label: (list(colors).index(of_group[label]), label)):  # the table's order
+        cs = curves[label]
         length = min(len(c) for c in cs)
         means[f"{label} (n={len(cs)})"] = torch.tensor(np.mean([c[:length] for c in cs], axis=0))
+        line_colors[f"{label} (n={len(cs)})"] = colors[of_group[label]]
     used = pd.DataFrame(used)
     caption = ("Per-timestep terms L_t of the final bound (per_t_bound.json, logged by an exact final evaluation), "
                "bits/dim, mean over each group's finished runs (n in the legend): "
@@ -290,7 +303,7 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
                           "method not recorded") + "; "
                + _counted(_convention(r) for _, r in used.iterrows()) + "; schedule "
                + _counted(used["schedule"]) + ".")
-    return per_t_figure(means, "mean over runs"), caption
+    return per_t_figure(means, "mean over runs", line_colors), caption
 
 
 # ---------------------------------------------------------------------------------------------- bpd against FID
@@ -337,8 +350,9 @@ def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None
         return None
     fig, ax = _axes()
     groups = run_groups(done)
-    colors = _colors(groups.unique())
-    for group, g in done.groupby(groups.to_numpy()):
+    colors = _colors(done, groups)
+    for group in colors:
+        g = done[groups.to_numpy() == group]
         ax.scatter(g.bpd, g.fid, color=colors[group], label=group, s=25)
     if pareto:
         pts = sorted(pareto)
@@ -416,7 +430,9 @@ def sample_grids(client, df: pd.DataFrame) -> tuple[object, str] | None:
     each image in wrapped lines the layout makes room for; with its caption."""
     done = df[df.status == "FINISHED"]
     done = done.assign(_group=run_groups(done), _seed=pd.to_numeric(done.seed, errors="coerce")).sort_values("_seed")
-    picks = done.groupby("_group", sort=True).head(1).sort_values("_group")
+    order = list(_colors(done, done["_group"]))  # the table's order
+    picks = done.groupby("_group", sort=True).head(1)
+    picks = picks.iloc[sorted(range(len(picks)), key=lambda i: order.index(picks["_group"].iloc[i]))]
     shown = []
     with tempfile.TemporaryDirectory() as tmp:
         for _, r in picks.iterrows():

@@ -143,6 +143,14 @@ def row_key() -> list[str]:
     return [*GROUP, *SETTINGS.values(), EXTRACTOR]
 
 
+ROW = "table row"  # a run's row in the comparison table (0-based, in its order): the figures colour and order by it
+
+
+def row_numbers(df: pd.DataFrame) -> pd.Series:
+    """Each run's row in :func:`comparison_table` (which groups by the same key, sorted the same way)."""
+    return df.groupby(row_key(), sort=True, dropna=False).ngroup() if len(df) else pd.Series([], dtype=int)
+
+
 def varying_settings(df: pd.DataFrame) -> list[str]:
     """The SETTINGS that take more than one value in the selection (so rows are split by them), but those the
     GROUP columns show already."""
@@ -245,11 +253,14 @@ def extractor_conflicts(df: pd.DataFrame) -> list[str]:
 
 def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str = ".4f") -> str:
     """'mean ± std [lo, hi]' in format ``spec`` from 3 seeds on; 'mean ± std (n=2)' below, where a t-interval
-    says little; 'mean (n=1)' for one seed. Every metric here is positive, so an interval stops at 0."""
+    says little; 'mean (n=1)' for one seed; 'mean (n=3, identical)' when every seed gave the same value (at
+    ``spec``'s precision), instead of a zero spread. Every metric here is positive, so an interval stops at 0."""
     if math.isnan(mean):
         return "–"
     if n < 2 or math.isnan(std):
         return f"{mean:{spec}} (n={n})"
+    if float(f"{std:{spec}}") == 0.0:
+        return f"{mean:{spec}} (n={n}, identical)"
     if n < 3:
         return f"{mean:{spec}} ± {std:{spec}} (n={n})"
     return f"{mean:{spec}} ± {std:{spec}} [{max(lo, 0.0):{spec}}, {hi:{spec}}]"
@@ -261,15 +272,30 @@ DISPLAY = (("bpd", ".4f"), ("nll_ode", ".4f"), (GAP, ".4f"), ("nll_ode_nfe", ".0
 RENAME = {"train_seconds": "train s", "images_per_sec_overall": "images/s"}
 
 
+def _runs_cell(r) -> str:
+    """'3', or '4 (3 finished, 1 diverged)' where not every run finished."""
+    if r["finished"] == r["runs"] and not r["diverged"]:
+        return str(r["runs"])
+    return f"{r['runs']} ({r['finished']} finished" + (f", {r['diverged']} diverged" if r["diverged"] else "") + ")"
+
+
 def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The comparison table as strings, for HTML and Markdown, and the protocol lines: what every row
-    shares (constant settings, tags and columns) is said once above the table instead of in each cell."""
+    shares (constant settings, tags and columns) is said once above the table instead of in each cell.
+    Of the row's key, the variant has a column; a dataset or schedule that differs between rows, and the
+    settings that do (``settings``), share one compact column, ``settings``."""
     if table.empty:
         return table, []
-    out = table[list(GROUP)].copy()
-    if table["settings"].astype(bool).any():
-        out["settings"] = table["settings"]
-    out[["runs", "finished", "diverged"]] = table[["runs", "finished", "diverged"]]
+    several = len(table) > 1
+    out = table[["variant"]].copy()
+    varying = [c for c in ("dataset", "schedule") if several and table[c].nunique(dropna=False) > 1]
+    keys = [[f"{c}={r[c]}" for c in varying] + ([r["settings"]] if r["settings"] else []) for _, r in table.iterrows()]
+    if any(keys):
+        out["settings"] = [", ".join(k) for k in keys]
+    if not several:  # one row: nothing to fold into the header; its dataset and schedule are its columns
+        out.insert(0, "dataset", table["dataset"])
+        out["schedule"] = table["schedule"]
+    out["runs"] = [_runs_cell(r) for _, r in table.iterrows()]
     for m, spec in DISPLAY:
         if f"{m} mean" not in table or table[f"{m} n"].sum() == 0:
             continue
@@ -282,7 +308,7 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
-    said = [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
+    said = ["dataset", "schedule"] * several + [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
     protocol = [f"{name}: {table[name].iloc[0]}" for name in said
                 if table[name].nunique(dropna=False) == 1 and table[name].iloc[0]]
     if len(out) > 1:  # what is the same in every row is said once, not repeated in a column
@@ -297,6 +323,25 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                     protocol.append(f"{t}: {out[t].iloc[0]}")
                 out = out.drop(columns=t)
     return out, protocol
+
+
+HEADLINE_METRICS = ("bpd", "nll_ode", GAP, "fid")  # the comparison itself; the rest (terms, references, cost, how
+# each number was obtained) go in a second table, so neither is wider than a page
+
+
+def split_display(shown: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The displayed table as (comparison, details): both keep the columns that name a row; the comparison has the
+    run counts and HEADLINE_METRICS, the details the other metrics and one column, ``measured``, saying how the
+    numbers were obtained (the DESCRIBE_TAGS that differ between rows, 'tag: value' each); details are empty when
+    there is nothing to put in them."""
+    names = [c for c in ("dataset", "variant", "schedule", "settings") if c in shown]
+    main = [c for c in ("runs", *HEADLINE_METRICS) if c in shown]
+    tags = [t for t in DESCRIBE_TAGS if t in shown]
+    rest = [c for c in shown if c not in names and c not in main and c not in tags]
+    details = shown[names + rest].copy()
+    if tags:
+        details["measured"] = ["; ".join(f"{t}: {r[t]}" for t in tags if r[t]) for _, r in shown.iterrows()]
+    return shown[names + main], (details if rest or tags else shown.iloc[:, :0])
 
 
 def _constant(table: pd.DataFrame, m: str, spec: str) -> bool:

@@ -295,8 +295,12 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
         raise TrialDiverged(f"{result.reason} at step {result.step}")
     trial.set_user_attr("checkpoint", str(result.checkpoint))
     trial.set_user_attr("bpd_estimate", result.metrics["bpd"])
+    if "bpd_stderr" in result.metrics:  # its Monte Carlo standard error, for the trial's line
+        trial.set_user_attr("bpd_stderr", result.metrics["bpd_stderr"])
+    tags = tracking.client(config.tracking_uri).get_run(result.run_id).data.tags
+    if tags.get("bpd_images"):  # the test images the estimate used, which the exact re-evaluation uses too
+        trial.set_user_attr("bpd_images", int(tags["bpd_images"]))
     if "fid" in result.metrics:  # what the FID was measured with, for the study's lines and summary
-        tags = tracking.client(config.tracking_uri).get_run(result.run_id).data.tags
         trial.set_user_attr("fid_samples", config.fid_samples)
         trial.set_user_attr("fid_extractor", tags.get("fid_extractor"))
     values = []

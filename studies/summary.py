@@ -53,7 +53,9 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
             else:
                 _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint {checkpoint} is gone")
             continue
-        _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): its checkpoint on the test split, all T steps")
+        images = t.user_attrs.get("bpd_images")
+        _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): its checkpoint on the test split, all T steps, "
+                       + (f"{images} test images (as its estimate)" if images else "the test images of its estimate"))
         start = time.monotonic()
         metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
                                             progress=progress and sys.stderr.isatty(), desc=f"exact bound, trial {t.number}",
@@ -63,7 +65,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
         study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})  # each kept as soon as known
         estimate = t.user_attrs.get("bpd_estimate")
         _say(progress, f"exact bound, trial {t.number}: bpd {exact:.4f} {BPD_EXACT}"
-                       + (f"; estimate {estimate:.4f}" if estimate is not None else "")
+                       + (f"; estimate {_estimate(estimate, t.user_attrs.get('bpd_stderr'))}" if estimate is not None else "")
                        + f"  ({format_duration(time.monotonic() - start)})")
 
 
@@ -74,7 +76,8 @@ def _say(progress: bool, line: str) -> None:
 
 def _row(t, exact: dict) -> dict:
     return {"trial": t.number, "params": dict(t.params), "values": list(t.values or []),
-            "bpd_estimate": t.user_attrs.get("bpd_estimate"), "bpd_exact": exact.get(str(t.number)),
+            "bpd_estimate": t.user_attrs.get("bpd_estimate"), "bpd_stderr": t.user_attrs.get("bpd_stderr"),
+            "bpd_exact": exact.get(str(t.number)),
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule")),
             "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
 
@@ -186,6 +189,11 @@ def _number(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _estimate(value: float, stderr) -> str:
+    """An estimated bpd with its Monte Carlo standard error where the trial recorded one: '3.1234 ± 0.0123 (se)'."""
+    return f"{value:.4f}" + (f" ± {stderr:.4f} (se)" if stderr is not None else "")
+
+
 def _fid(value: float, n) -> str:
     return f"fid {value:.2f} (n={n if n is not None else '?'}, vs train split)"
 
@@ -215,7 +223,9 @@ def describe_trial(t, keys: tuple[str, ...], retry: int | None = None) -> str:
     head = f"trial {t.number}" + (f" [{', '.join(notes)}]" if notes else "") + f" {STATES[t.state.name]}"
     if t.state.name == "COMPLETE":
         n = t.user_attrs.get("fid_samples")
-        head += "  " + "  ".join(f"bpd {v:.4f} {BPD_ESTIMATE}" if k == "bpd" else _fid(v, n) for k, v in zip(keys, t.values))
+        se = t.user_attrs.get("bpd_stderr")
+        head += "  " + "  ".join(f"bpd {_estimate(v, se)} {BPD_ESTIMATE}" if k == "bpd" else _fid(v, n)
+                                 for k, v in zip(keys, t.values))
     elif t.state.name == "PRUNED":
         head += f" {t.user_attrs['pruned']}" if "pruned" in t.user_attrs else ""
     else:
@@ -290,7 +300,8 @@ def describe_start(sc, name: str, variant: str, parent_run_id: str) -> str:
 
 def _legend(sc, keys: tuple[str, ...], rows: list[dict]) -> list[str]:
     which = "on the Pareto front, lowest bpd first" if len(keys) > 1 else f"by {keys[0]}"
-    lines = ["bpd: bits/dim on the test split, lower is better; 'estimate': the unbiased estimate every trial gets, "
+    lines = ["bpd: bits/dim on the test split, lower is better; 'estimate': the unbiased estimate every trial gets "
+             "(± its Monte Carlo standard error, se), "
              f"'exact bound': the bound over all T steps, for the {sc.exact_top} best {which}"]
     if "fid" in keys:
         n = sorted({r["fid_samples"] for r in rows if r["fid_samples"] is not None}) or [sc.fid_samples]
@@ -302,7 +313,7 @@ def _legend(sc, keys: tuple[str, ...], rows: list[dict]) -> list[str]:
 
 def _values(row: dict, keys: tuple[str, ...]) -> str:
     """The objectives in order, and the bpd (estimate, exact bound where computed) even when not one of them."""
-    bpd = (f"bpd {row['bpd_estimate']:.4f} bits/dim (estimate)"
+    bpd = (f"bpd {_estimate(row['bpd_estimate'], row.get('bpd_stderr'))} bits/dim (estimate)"
            + (f", {row['bpd_exact']:.4f} bits/dim (exact bound)" if row["bpd_exact"] is not None else ""))
     parts = [bpd if k == "bpd" else _fid(v, row["fid_samples"]) for k, v in zip(keys, row["values"])]
     if "bpd" not in keys and row["bpd_estimate"] is not None:

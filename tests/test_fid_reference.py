@@ -29,6 +29,7 @@ from bench.fid import (
     gaussian_noise_images,
     inception_score,
     load_samples,
+    samples_dataset,
     save_samples,
 )
 
@@ -218,6 +219,27 @@ def test_save_and_load_samples_round_trip(tmp_path: Path) -> None:
         save_samples(images.float(), tmp_path / "f.npz")
 
 
+def test_a_samples_file_records_its_dataset_and_bench_fid_holds_to_it(tmp_path: Path) -> None:
+    images = gaussian_noise_images(3, (1, 8, 8))
+    path = save_samples(images, tmp_path / "s.npz", "digits")
+    with np.load(path, allow_pickle=False) as z:  # plain arrays: read without unpickling anything
+        assert sorted(z.files) == ["dataset", "samples"] and str(z["dataset"]) == "digits"
+    assert torch.equal(load_samples(path, "digits"), images)
+    assert samples_dataset(path) == "digits" and samples_dataset(path, "digits") == "digits"
+    older = save_samples(images, tmp_path / "old.npz")  # a file from before datasets were recorded
+    assert samples_dataset(older, "digits") == "digits"
+    home = tmp_path / "home"
+    for args, message in [([str(path), "--dataset", "cifar10"],
+                           f"error: --dataset cifar10, but samples file {path} holds samples of digits; leave out "
+                           "--dataset or give --dataset digits"),
+                          ([str(older)], f"error: samples file {older} does not record its dataset (written before it "
+                                         "did, or by another tool); give --dataset (cifar10, digits)"),
+                          ([str(tmp_path / "none.npz")], f"error: samples file {tmp_path / 'none.npz'}: no such file")]:
+        result = _bench(home, "fid", *args)
+        assert result.exit_code == 2 and result.stderr.strip().splitlines() == [message], result.output
+    assert not home.exists()  # refused before anything was computed or cached
+
+
 def test_bench_fid_reproduces_the_score_of_saved_samples(
     classifier: Path, cache: Path, train: torch.Tensor, test_split: torch.Tensor, tmp_path: Path
 ) -> None:
@@ -225,8 +247,8 @@ def test_bench_fid_reproduces_the_score_of_saved_samples(
     (home / "cache").mkdir(parents=True)
     samples = torch.cat([test_split[:150], gaussian_noise_images(50, (1, 8, 8))])  # a middling "model"
     expected = compute_fid(samples, "digits", train, cache_dir=cache)  # as a run scores them (another cache)
-    save_samples(samples, tmp_path / "samples.npz")
-    result = _bench(home, "fid", str(tmp_path / "samples.npz"), "--dataset", "digits", "--device", "cpu")
+    save_samples(samples, tmp_path / "samples.npz", "digits")  # as a run saves them: the file names its dataset
+    result = _bench(home, "fid", str(tmp_path / "samples.npz"), "--device", "cpu")
     assert result.exit_code == 0, result.output
     printed = dict(re.findall(r"^  (\S+)\s+(\S.*)$", result.stdout, flags=re.M))
     assert set(expected.metrics) <= set(printed)

@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,16 +25,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 from tools import CHROMIUM
 
 from bench.cli import cli
-from bench.plots import sample_grid
+from bench.plots import plt, sample_grid
 from reports import figures
 from reports.build import REPORT_EXPERIMENT, build_report
-from reports.tables import comparison_table, deduplicate, load_runs
+from reports.tables import ROW, comparison_table, deduplicate, load_runs, row_numbers
 
 VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
 # What bench.train logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
@@ -118,7 +120,8 @@ def test_table_values_equal_pandas_on_the_same_records(store):
                  "samples.png"):
         assert (rep.out_dir / name).is_file(), name
     md = (rep.out_dir / "report.md").read_text()
-    assert "| digits | elbo[small] |" in md and "![samples](samples.png)" in md
+    assert "| elbo[small] | 4 (3 finished, 1 diverged) |" in md and "![samples](samples.png)" in md
+    assert "Common settings (the same in every row):\n\n- dataset: digits\n- schedule: linear(T=1000, 0.0001..0.02)\n" in md
     assert_self_contained(rep.html)
     captions = _captions(rep.html)
     assert set(captions) == {"bits/dim against training step", "training loss", "per-timestep terms of the bound",
@@ -430,15 +433,16 @@ def small_store(tmp_path, monkeypatch, store_template):
     now = int(time.time() * 1000)
 
     def log(variant: str, steps: int, final: str, bpd: float, estimates=(), losses=(), seed: int = 0,
-            schedule: str = "linear(T=1000, 0.0001..0.02)", grid: bool = False) -> str:
+            schedule: str = "linear(T=1000, 0.0001..0.02)", grid: bool = False, T: int = 1000,
+            fid: float | None = None) -> str:
         rid = client.create_run(exp, run_name=f"{variant}-{steps}-{seed}").info.run_id
         method = "exact (all 1000 t, 297 test images)" if final == "exact" else "estimate (33 calls/image, 297 test images)"
         metrics = [Metric("bpd", bpd, now, steps)] + [Metric("bpd_stderr", 0.02, now, steps)] * (final == "estimate")
         metrics += [m for s, v in estimates for m in (Metric("bpd_estimate", v, now, s), Metric("bpd_estimate_stderr", 0.01, now, s))]
-        metrics += [Metric("loss", v, now, s) for s, v in losses]
+        metrics += [Metric("loss", v, now, s) for s, v in losses] + [Metric("fid", fid, now, steps)] * (fid is not None)
         client.log_batch(rid, metrics=metrics,
                          params=[Param("config.seed", str(seed)), Param("config.steps", str(steps)),
-                                 Param("config.T", "1000"), Param("config.sample_steps", "250"),
+                                 Param("config.T", str(T)), Param("config.sample_steps", "250"),
                                  Param("protocol.bpd", "x0-clipped")],
                          tags=[RunTag("variant", variant), RunTag("dataset", "digits"), RunTag("schedule", schedule),
                                RunTag("bpd_method", f"{method}; {CONVENTION_TAG}"), RunTag("bpd_split", "test")]
@@ -517,6 +521,36 @@ def test_single_evaluations_are_points_and_budgets_are_not_pooled(small_store):
     assert colors["simple · 30 steps"] != colors["simple · 60 steps"]
 
 
+def test_each_table_row_has_one_colour_in_every_figure_and_legends_follow_the_table(small_store):
+    """Rows sort by the key (T before steps); labels would sort by steps first: the figures follow the table."""
+    uri, client, log, tmp = small_store
+    for variant, T, steps, bpd in (("simple", 1000, 2000, 3.0), ("simple", 4000, 200, 3.1), ("hybrid", 1000, 200, 3.2)):
+        rid = log(variant, steps, "exact", bpd, estimates=[(100, bpd + .2), (200, bpd + .1)], losses=[(10, 1.), (20, .9)],
+                  T=T, fid=20 + bpd, grid=True)
+        client.log_dict(rid, {"t": [1, 2, 3], "L_t_bits_per_dim": [1.0, 0.1, bpd / 100]}, "per_t_bound.json")
+    rep = build_report(["small"], None, tmp / "rep", uri)
+    rows = ["hybrid · 200 steps · T=1000", "simple · 2000 steps · T=1000", "simple · 200 steps · T=4000"]
+    assert [f"{r.variant} · {r.steps} steps · T={r['T']}" for _, r in rep.table.iterrows()] == rows
+    md = rep.markdown.read_text()
+    assert md.index("| hybrid | T=1000, steps=200 |") < md.index("| simple | T=1000, steps=2000 |") \
+        < md.index("| simple | T=4000, steps=200 |")  # the key column names what differs, in the table's order
+    df = load_runs(client, ["small"])
+    df = df.assign(**{ROW: row_numbers(df)})  # as build_report hands the runs to the figures
+    tab10 = [to_hex(c) for c in plt.get_cmap("tab10").colors[:3]]
+    legend = figures.bpd_history(figures.bpd_series(client, df)).legends[0]
+    assert [t.get_text() for t in legend.get_texts()][:3] == rows
+    assert [to_hex(h.get_color()) for h in legend.legend_handles[:3]] == tab10
+    loss = figures.loss_history(client, df).legends[0]
+    assert [t.get_text() for t in loss.get_texts()] == rows and [to_hex(h.get_color()) for h in loss.legend_handles] == tab10
+    (fid_ax,) = figures.bpd_vs_fid(df).axes
+    assert [(c.get_label(), to_hex(c.get_facecolor()[0])) for c in fid_ax.collections] == list(zip(rows, tab10))
+    per_t, _ = figures.per_t_curves(client, df)
+    assert [(ln.get_label(), to_hex(ln.get_color())) for ln in per_t.axes[0].get_lines()] == [
+        (f"{r} (n=1)", c) for r, c in zip(rows, tab10)]
+    grids, _ = figures.sample_grids(client, df)
+    assert [ax.get_title().split("\nstep")[0].replace("\n", " · ") for ax in grids.axes if ax.images] == rows
+
+
 def test_runs_evaluated_at_one_step_only_are_spread_by_group(small_store):
     uri, client, log, _ = small_store
     log("simple", 30, "exact", 3.1)
@@ -580,7 +614,7 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
     assert table.loc["simple[small]", "bpd − nll_ode mean"] == pytest.approx(0.45)  # the mean of the per-run gaps
     assert table.loc["hybrid", "nll_ode n"] == 0
     md = rep.markdown.read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols.index("nll_ode") == cols.index("bpd") + 1 and "bpd − nll_ode" in cols
     assert "4.2500 ± 0.0707 (n=2) (MC se 0.0500)" in md and "0.4500 ± 0.0707 (n=2)" in md
@@ -699,3 +733,47 @@ def test_fids_of_different_feature_extractors_are_never_pooled_or_compared(key_s
     caption = _captions(rep.html)["bits/dim against FID"]
     assert f"features {y}, " in caption and f"Left out: 2 run(s) whose FID another feature extractor computed ({x})" \
         in caption  # the picture shows the FIDs of one extractor only, the one most runs used
+
+
+def _header(md: str, after: str) -> list[str]:
+    """The column names of the first Markdown table after the line ``after``."""
+    rest = md[md.index(after):].splitlines()
+    return [c.strip() for c in next(line for line in rest if line.startswith("|")).strip("|").split("|")]
+
+
+def test_a_report_over_mixed_settings_stays_narrow_and_says_what_it_shows(key_store, tmp_path):
+    """Three variants × two budgets × two seeds, an exact and an estimated bound: the settings every row shares are
+    said once above the table, those that differ in one key column, the rest of the numbers in a details table; the
+    paired differences say what their numbers are; a value identical in every seed is printed once."""
+    client, exp = key_store
+    for variant in ("simple", "hybrid", "elbo"):
+        for steps, T, final in ((200, 1000, "exact"), (2000, 4000, "estimate")):
+            for seed in (0, 1):
+                rid = _config_run(client, exp, seed, 3.0 + seed / 10 + (variant == "hybrid") / 5, variant,
+                                  "digits-classifier-abcd1234", 20.0 + seed, steps=steps, T=T, final_eval=final)
+                now = int(time.time() * 1000)
+                prior = 2.1e-5 if T == 1000 else 1.3e-5  # the same in both seeds of a row: no spread to print
+                client.log_batch(rid, metrics=[Metric("bpd/prior", prior, now, 100), Metric("train_seconds", 60.0 + seed, now, 100)],
+                                 tags=[RunTag("bpd_method", f"{final} (…, 297 test images)"), RunTag("fid_samples", "500")])
+    rep = build_report(["key"], None, tmp_path / "rep", client.tracking_uri)
+    md, page = rep.markdown.read_text(), rep.html.read_text()
+    for text in (md, page.replace("<li>", "- ").replace("</li>", "\n")):
+        assert "Common settings (the same in every row):" in text and "- dataset: digits" in text
+        assert "- fid_samples: 500" in text and "- network: " in text
+    main = _header(md, "## Comparison by variant")
+    assert main == ["variant", "settings", "runs", "bpd", "fid"]
+    assert "| elbo | T=1000, steps=200, bound=exact | 2 |" in md  # the key column: only what differs
+    details = _header(md, "## Details by row")
+    assert details == ["variant", "settings", "bpd/prior", "train s", "measured"]
+    assert "| elbo | T=1000, steps=200, bound=exact | 2.10e-05 (n=2, identical) | 60.5 ± 0.7 (n=2) | bpd_method: exact " \
+           "(…, 297 test images) |" in md and "± 0.00e+00" not in md  # a zero spread is not printed as one
+    for text in (md, page):
+        assert "std is the sample standard deviation of those differences (across seeds, not a standard error)" in text
+        assert "95% t-interval of their mean" in text and "a negative A − B favours A" in text
+        assert "Every line: dataset: digits. Every line: schedule: linear." in text
+    assert _header(md, "## Paired differences") == ["settings", "metric", "A", "B", "pairs", "mean A−B",
+                                                     "std", "ci_low", "ci_high"]
+    for table_id in ("comparison", "details", "paired"):  # a page of 1400 px holds about 12 columns of these cells
+        table = page[page.index(f'id="{table_id}"'):].split("</table>")[0]
+        assert 0 < len(re.findall(r"<th[ >]", table.split("<tbody>")[0])) <= 10, table_id
+

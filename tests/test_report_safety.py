@@ -7,7 +7,10 @@ anything else is refused with one line before any work, and nothing is touched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -128,6 +131,31 @@ def test_an_empty_folder_is_used(home, tmp_path):
     out.mkdir()
     rep = build.build_report(["fake"], None, out, log_to_mlflow=False)
     assert rep.out_dir == out.resolve() and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("umask, folder, files", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_the_report_folder_is_as_readable_as_the_umask_makes_new_files(home, tmp_path, umask, folder, files):
+    """Not mkdtemp's private 0700: others may read a report (0755 / 0644 under the usual umask 022)."""
+    saved = os.umask(umask)
+    try:
+        rep = build.build_report(["fake"], None, tmp_path / "rep", log_to_mlflow=False)
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE(rep.out_dir.stat().st_mode) == folder
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in rep.out_dir.iterdir()}
+    assert "report.html" in modes and set(modes.values()) == {files}, modes
+
+
+def test_what_the_tool_writes_into_a_clone_is_ignored_by_git(tmp_path):
+    shutil.copyfile(REPO / ".gitignore", tmp_path / ".gitignore")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    written = ["checkpoints/last.pt", "cache/fid/ref.npz", "optuna.db", "report-grid-digits/report.html", "mlflow.db",
+               "mlartifacts/1/a.png"]
+    ignored = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", *written], capture_output=True, text=True)
+    assert ignored.stdout.split() == written
+    kept = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", "reports/build.py", "bench/cache.py"],
+                          capture_output=True, text=True)
+    assert kept.stdout == ""  # the source is not
 
 
 def test_a_previous_report_is_replaced_and_listed_in_its_marker(home, tmp_path):

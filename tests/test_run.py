@@ -294,7 +294,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
                               tracking_uri=f"sqlite:///{home}/mlflow.db")
     saved = load_samples(path)
     assert saved.shape == (64, 1, 8, 8) and saved.dtype == torch.uint8
-    rescored = invoke(home, ["fid", path, "--dataset", "digits"])
+    rescored = invoke(home, ["fid", path])  # the file records its dataset
     assert rescored.exit_code == 0, describe(rescored)
     assert f"{fid[STEPS]:.4f}" in rescored.stdout  # the same samples, the same FID
 
@@ -581,6 +581,9 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     after = c.get_run(run_id).data
     assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])]
     assert after.tags["bpd_method"] == before.tags["bpd_method"] and before.tags["bpd_method"].startswith("exact")
+    assert after.tags["bpd_rounded"] == f"{before.metrics['bpd']:.4f} bits/dim (exact)"  # for the runs table
+    assert after.tags["bpd_eval_estimate_rounded"] == (f"{after.metrics['bpd_eval_estimate']:.4f} ± "
+                                                       f"{after.metrics['bpd_eval_estimate_stderr']:.4f} bits/dim (estimate)")
     assert "bpd_stderr" not in after.metrics
     estimate = after.metrics["bpd_eval_estimate"]
     assert [s for s, _ in history(c, run_id, "bpd_eval_estimate")] == [STEPS] and estimate != before.metrics["bpd"]

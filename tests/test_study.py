@@ -254,20 +254,24 @@ def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
     out = res.stdout
     lines = trial_lines(out)
     assert sorted(lines) == [0, 1, 2] and sorted(k for k, _, _ in lines.values()) == [1, 2, 3], out
+    se = {t.number: runs[t.number].data.metrics["bpd_stderr"] for t in trials}  # the estimate's Monte Carlo error
+    assert all(v > 0 for v in se.values()) and {t.user_attrs["bpd_images"] for t in trials} == {297}
     for t in trials:
         k, n, line = lines[t.number]
         assert n == 3
         assert f"trial {t.number}{' [default schedule]' if t.number == 0 else ''} complete  " \
-               f"bpd {t.value:.4f} bits/dim (estimate, test split)" in line
+               f"bpd {t.value:.4f} ± {se[t.number]:.4f} (se) bits/dim (estimate, test split)" in line
         assert all(p in line.split() for p in param_text(t.params)), line
         assert re.search(r"\((\d+m)?\d+s\)$", line), line  # the trial's duration
     exact_line = f"exact bound, trial {best.number}: bpd {exact[str(best.number)]:.4f} bits/dim (exact bound, test split)"
+    assert f"exact bound, trial {best.number} (1/1): its checkpoint on the test split, all T steps, 297 test images " \
+           "(as its estimate)" in out
     summary = ["study e2e: variant simple on digits, objective bpd",
                f"  MLflow parent run {parent_id} (experiment {EXPERIMENT})",
                "  trials: 3 complete",
-               f"  best trial {best.number}: bpd {best.value:.4f} bits/dim (estimate), "
+               f"  best trial {best.number}: bpd {best.value:.4f} ± {se[best.number]:.4f} (se) bits/dim (estimate), "
                f"{exact[str(best.number)]:.4f} bits/dim (exact bound)",
-               f"  default schedule, trial 0: bpd {trials[0].value:.4f} bits/dim (estimate)"
+               f"  default schedule, trial 0: bpd {trials[0].value:.4f} ± {se[0]:.4f} (se) bits/dim (estimate)"
                + (f", {exact[str(0)]:.4f} bits/dim (exact bound)" if best.number == 0 else "")]
     positions = [out.index(lines[t.number][2]) for t in sorted(trials, key=lambda t: lines[t.number][0])]
     assert positions == sorted(positions)  # in the order they finished
@@ -300,8 +304,9 @@ def test_objective_both_is_a_pareto_study_without_intermediate_reports(home, mon
     lines = trial_lines(res.stdout)
     assert sorted(lines) == [0, 1], res.stdout
     for t in study.trials:
-        assert f"complete  bpd {t.values[0]:.4f} bits/dim (estimate, test split)  fid {t.values[1]:.2f} (n=16, vs train split)" \
-            in lines[t.number][2]
+        se = runs[t.number].data.metrics["bpd_stderr"]
+        assert f"complete  bpd {t.values[0]:.4f} ± {se:.4f} (se) bits/dim (estimate, test split)  fid {t.values[1]:.2f} " \
+               "(n=16, vs train split)" in lines[t.number][2]
     # the Pareto front as a table: a header, then one row per front trial, lowest bpd first
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     exact = {int(k): v for k, v in study.user_attrs["bpd_exact"].items()}

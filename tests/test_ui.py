@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -378,6 +379,10 @@ def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never
     view = json.loads(c.get_experiment(real.experiment_id).tags[ui.VIEW_TAG])
     state = json.loads(view["state"])
     assert view["name"] == ui.VIEW_KEY and state["selectedColumns"] == list(ui.VIEW_COLUMNS)
+    assert state["selectedColumns"][1:5] == ["tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`",
+                                             "tags.`bpd_method`"]  # the bound as read, to every digit, its se, how got
+    tags = c.search_runs([real.experiment_id])[0].data.tags
+    assert re.fullmatch(r"\d+\.\d{4} ± \d\.\d{4} bits/dim \(estimate\)", tags["bpd_rounded"]), tags["bpd_rounded"]
     assert state["orderByKey"] == "metrics.`bpd`" and state["orderByAsc"] is True
 
     c.set_experiment_tag(real.experiment_id, ui.VIEW_TAG, "edited by its user")
@@ -423,6 +428,28 @@ def _study(storage: str, name: str, trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
     study.optimize(lambda t: t.suggest_float("beta_end", 0.01, 0.05) * 100, n_trials=trials)
+
+
+def test_dashboard_opens_the_page_of_the_study_asked_about(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    storage = f"sqlite:///{home / 'optuna.db'}"
+    for name in ("schedule-digits-bpd-simple", "schedule-digits-bpd-hybrid"):
+        _study(storage, name, 1)
+    served = []
+    monkeypatch.setattr(ui, "_serve", lambda cmd, banner, url, *args, **kwargs: served.append(url))
+    monkeypatch.setattr(ui, "_dashboard_command", lambda: "optuna-dashboard")
+    port = _free_port()
+    ok = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "schedule-digits-bpd-hybrid"],
+                            env={"BENCH_HOME": str(home)})
+    assert ok.exit_code == 0, ok.output
+    study_id = optuna.storages.RDBStorage(storage).get_study_id_from_name("schedule-digits-bpd-hybrid")  # as the dashboard
+    assert served == [f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"] and study_id == 2  # numbers its pages
+    bad = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "nope"], env={"BENCH_HOME": str(home)})
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --study-name 'nope': no such study in {storage}; it has schedule-digits-bpd-hybrid, "
+        "schedule-digits-bpd-simple"], bad.stderr
+    assert len(served) == 1
 
 
 @needs_chromium
