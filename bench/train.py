@@ -427,7 +427,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
                                    ctx.device, log, state.step, ctx.progress, d)
         if d.main:
-            log.model(state.ema.module, metadata=_model_metadata(ctx, state.step))
+            _log_model(state.ema.module, ctx, state.step)
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
@@ -494,6 +494,21 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
             f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
             f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")
+
+
+def _log_model(ema_net, ctx: _Ctx, step: int) -> None:
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.RunLogger.model`), linked to the final metrics
+    logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
+    the checkpoint holds the weights."""
+    C, H, W = ctx.train_images.shape[1:]
+    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
+    try:
+        model_id = ctx.log.model(ema_net, example, step, metadata=_model_metadata(ctx, step))
+    except Exception as err:  # torch.export cannot trace some network, or the store refused the upload
+        warnings.warn(f"the EMA network was not logged as an MLflow model: {first_line(err)}", stacklevel=2)
+        ctx.log.tags({"model_not_logged": first_line(err)[:500]})
+        return
+    ctx.log.tags({"model_id": model_id})
 
 
 def _model_metadata(ctx: _Ctx, step: int) -> dict:

@@ -219,7 +219,8 @@ def test_run_end_to_end_records_everything(tiny_run):
 
     # artifacts
     names = {f.path for f in c.list_artifacts(run_id)}
-    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "model", "images", "per_t_estimate"} <= names
+    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "images", "per_t_estimate"} <= names
+    assert "model" not in names  # the model is a LoggedModel of its own (test_the_ema_network_is_an_mlflow_3_logged_model)
     assert "checkpoints" not in names  # one copy of the checkpoint: in checkpoints/, named by the run's tag
     assert run.data.tags["checkpoint"] == str(home / "checkpoints" / run_id / "last.pt")
     dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
@@ -238,17 +239,6 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
-    # the EMA network as an MLflow model: mlflow.pytorch.load_model gives the module with the EMA weights
-    import mlflow.pytorch
-
-    from bench.train import ema_weights
-
-    (home / "model_dl").mkdir()
-    model = mlflow.pytorch.load_model(f"{run.info.artifact_uri}/model", dst_path=str(home / "model_dl"))
-    ema = ema_weights(ckpt["ema"])
-    assert model.state_dict().keys() == ema.keys() and all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
-    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 7, T - 1])
-    assert model(x, t).shape == (3, 1, 8, 8)
     # the training-time estimate's per-t curve, binned by its strata
     est = json.loads((dl / "per_t_estimate" / f"step_{EVAL_EVERY:08d}.json").read_text())
     assert est["t_from"][0] == 1 and est["t_to"][-1] == T and len(est["t_from"]) == len(est["L_t_bits_per_dim_mean"])
@@ -268,6 +258,44 @@ def test_run_end_to_end_records_everything(tiny_run):
 
 
 # ----------------------------------------------------------------------------- 2. FID
+def test_the_ema_network_is_an_mlflow_3_logged_model(tiny_run, monkeypatch):
+    """Issue 19, item 4: the EMA network was a pickled artifact folder of the run. It is a LoggedModel (the Models
+    tab lists it with the run's final metrics linked), saved by torch.export, so it loads with pickle refused and
+    computes what the checkpoint's EMA network computes."""
+    import mlflow.pytorch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from bench.ema import ema_weights
+    from bench.unet import build_network
+
+    home, run_id, _ = tiny_run
+    c = client(home)
+    run = c.get_run(run_id)
+    (model,) = c.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.model_id == run.data.tags["model_id"] and model.source_run_id == run_id and model.name == "model"
+    assert str(model.status).endswith("READY")
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, STEPS)]  # the run page's list
+    linked = {m.key: m.value for m in model.metrics}
+    assert {"bpd", "bpd/vb", "bpd_unclipped", "loss"} <= set(linked) and linked["bpd"] == run.data.metrics["bpd"]
+    assert all(m.step == STEPS and m.run_id == run_id for m in model.metrics)
+    assert model.params["config.T"] == str(T)
+    assert len(history(c, run_id, "bpd")) == 1  # linking added nothing to the run's history
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # a pickled model would be refused
+    (home / "model_dl").mkdir()
+    with _use_tracking_uri(f"sqlite:///{home}/mlflow.db"):
+        loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}", dst_path=str(home / "model_dl"))
+    ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
+    ema = build_network("tiny", 1, 1, 8)
+    ema.load_state_dict(ema_weights(ckpt["ema"]))
+    x, t = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 3, 7, 20, T - 1])
+    with torch.no_grad():
+        expected = ema.eval()(x, t)
+        assert torch.allclose(loaded(x, t), expected, rtol=1e-5, atol=1e-6)  # any batch size: not the traced one
+        assert torch.allclose(loaded(x[:1], t[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    assert not list((home / "model_dl").rglob("*.pkl")) and list((home / "model_dl").rglob("*.pt2"))
+
+
 def test_run_with_fid_logs_fid_and_its_provenance(home):
     run_id, result = run_ok(home, [*TINY, "--fid-samples", "64"])
     c = client(home)
