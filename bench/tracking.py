@@ -396,8 +396,9 @@ class RunLogger:
     makes the logger drop what the run's history already holds, so each step is logged once.
     """
 
-    def __init__(self, c, run_id: str):
+    def __init__(self, c, run_id: str, model_id: str | None = None):
         self.client, self.run_id = c, run_id
+        self.model_id = model_id  # the run's LoggedModel, which the metrics logged from now on are linked to
         self._logged: dict[str, int] = {}  # metric key -> last step already in the run's history
 
     def skip_logged(self) -> None:
@@ -422,7 +423,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if self._new(k, step)]
+        items = [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in values.items() if self._new(k, step)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 

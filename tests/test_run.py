@@ -623,6 +623,75 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     assert shown["bpd_method"].iloc[0].startswith("exact")
 
 
+def _sample_grids(c, run_id: str) -> list[str]:
+    return [f.path for f in c.list_artifacts(run_id, "images")]
+
+
+def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(home):
+    """Issue 19, item 3: `bench eval` took neither the number of test images nor the estimate's calls, drew a sample
+    grid with --fid-samples 0, and did not say what it computed. A bound on fewer images than the run's bpd goes under
+    a name that says so, whichever the method; the run's bpd, its history and its method stay."""
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    c = client(home)
+    before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
+    assert before.tags["bpd_images"] == "8"
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+    cheap = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--final-eval-images", "4", "--eval-calls", "5",
+                          "--fid-samples", "0", "--log-to-run"])
+    assert cheap.exit_code == 0, describe(cheap)
+    plan = cheap.stdout.split("\n")
+    assert plan[0] == f"evaluating the EMA weights of run {run_id} at step {STEPS} on cpu:"
+    assert plan[1] == "  bound      estimate (5 network calls per image) on 4 of 297 test images, as bpd_eval_estimate_4images"
+    assert plan[2] == "  samples    none (no FID, no grid)"
+    after = c.get_run(run_id).data
+    assert after.tags["bpd_eval_estimate_4images_method"].startswith("estimate (5 calls/image, 4 test images)")
+    assert after.tags["bpd_eval_estimate_4images_images"] == "4" and after.metrics["bpd_eval_estimate_4images_stderr"] > 0
+    same_method = invoke(home, ["eval", str(ckpt), "--final-eval-images", "4", "--fid-samples", "0", "--log-to-run"])
+    assert same_method.exit_code == 0, describe(same_method)
+    assert "exact (all 40 t) on 4 of 297 test images, as bpd_eval_exact_4images" in same_method.stdout
+    after = c.get_run(run_id).data
+    assert after.tags["bpd_eval_exact_4images_method"].startswith("exact (all 40 t, 4 test images)")
+    assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])]  # the run's own number, alone
+    assert after.tags["bpd_method"] == before.tags["bpd_method"] and after.tags["bpd_images"] == "8"
+    assert _sample_grids(c, run_id) == grids  # --fid-samples 0: no samples, no grid
+    # the exact bound on 4 images is the mean of the per-image bounds the run's 8 began with: a number of its own
+    assert after.metrics["bpd_eval_exact_4images"] != before.metrics["bpd"]
+    linked = {m.key for m in c.get_logged_model(after.tags["model_id"]).metrics}
+    assert {"bpd", "bpd_eval_exact_4images", "bpd_eval_estimate_4images"} <= linked  # the model's numbers, all
+
+
+def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypatch):
+    """Issue 19, item 3: adding the ODE likelihood to a run recomputed the bound and drew samples. `--only ode` computes
+    nll_ode alone, with the ODE's own images and solver options; the ODE's bar counts images."""
+    import bench.train
+
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    c = client(home)
+    before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+
+    def no_bound(*args, **kwargs):
+        raise AssertionError("the bound was computed")
+
+    monkeypatch.setattr(bench.train, "bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.train, "estimate_bits_per_dim", no_bound)
+    refused = invoke(home, ["eval", str(ckpt), "--only", "ode", "--fid-samples", "5"])
+    assert refused.exit_code == 2 and refused.stderr.strip() == \
+        "error: --only ode draws no samples; leave out --fid-samples 5", describe(refused)
+    ode = invoke(home, ["eval", str(ckpt), "--only", "ode", "--ode-images", "3", "--ode-method", "RK23", "--ode-rtol", "1e-3",
+                        "--ode-atol", "1e-3", "--ode-batch-size", "2", "--log-to-run"])
+    assert ode.exit_code == 0, describe(ode)
+    assert "  bound      not computed\n" in ode.stdout and "on 3 of 297 test images, as nll_ode" in ode.stdout
+    assert "3/3 [" in ode.stderr and "image/s" in ode.stderr  # the bar counts images (2 batches of at most 2)
+    after = c.get_run(run_id).data
+    assert after.tags["nll_ode_images"] == "3" and "RK23, rtol=0.001, atol=0.001" in after.tags["nll_ode_method"]
+    assert math.isfinite(after.metrics["nll_ode"]) and f"nll_ode {after.metrics['nll_ode']:.4f}" in ode.stdout
+    assert {k: v for k, v in after.metrics.items() if not k.startswith("nll_ode")} == before.metrics  # nothing else
+    assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])] and _sample_grids(c, run_id) == grids
+    assert "**Re-evaluation (nll_ode)**: at step 6, nll_ode " in after.tags["mlflow.note.content"]
+    assert "nll_ode" in {m.key for m in c.get_logged_model(after.tags["model_id"]).metrics}
+
+
 # ----------------------------------------------------------------------------- 7. CIFAR-10
 def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     run_id, _ = run_ok(home, [
