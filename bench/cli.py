@@ -186,6 +186,8 @@ RUN_OPTIONS = [
     _opt("sample-grid", type=int, help="Images in each logged sample grid."),
     _opt("fid-weights", type=click.Path(dir_okay=False),
          help="Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing)."),
+    _switch("log-model", help="Log the EMA network as an MLflow model at the end (a LoggedModel; its torch.export "
+                              "takes 5-15 s on a CPU core); the checkpoint holds the weights either way."),
     # system
     _opt("device", help="auto (cuda when present), cpu, cuda or cuda:N."),
     _opt("precision", type=click.Choice(PRECISIONS), help="auto: bf16 autocast on CUDA, fp32 elsewhere."),

@@ -72,6 +72,7 @@ class RunConfig:
     sample_steps: int = 250  # sampler steps (< T = strided, iDDPM respacing; 0 = all T)
     sample_grid: int = 64  # images in each logged sample grid
     fid_weights: str | None = None  # Inception weights file for RGB FID (else torch hub cache / download)
+    log_model: bool = True  # log the EMA network as an MLflow LoggedModel at the end (its torch.export: 5-15 s on a CPU core)
     # system
     device: str = "auto"  # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "auto"  # 'auto' (bf16 autocast on cuda, fp32 elsewhere), 'fp32' or 'bf16'

@@ -426,7 +426,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         path = _save(state, ctx)
         metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
                                    ctx.device, log, state.step, ctx.progress, d)
-        if d.main:
+        if d.main and config.log_model:
             _log_model(state.ema.module, ctx, state.step)
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)

@@ -697,11 +697,12 @@ def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     run_id, _ = run_ok(home, [
         "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", str(T), "--steps", "2",
         "--batch-size", "4", "--fid-samples", "0", "--final-eval-images", "2", "--eval-every", "0",
-        "--log-every", "1", "--sample-steps", "4",
+        "--log-every", "1", "--sample-steps", "4", "--no-log-model",
     ])
     c = client(home)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert not c.search_logged_models([run.info.experiment_id]) and "model_id" not in run.data.tags  # --no-log-model
     assert run.data.params["config.dataset"] == "cifar10"
     assert run.data.params["config.network"] == "tiny"
     assert run.data.params["config.hflip"] == "True"  # the dataset's defaults still apply
