@@ -345,15 +345,13 @@ def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) 
     which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
     from bench.train import HEADLINE, other_method_name, prepare_evaluation, run_evaluation, summarize
 
-    if only == "ode" and nll == "bound" or only == "bound" and nll == "ode":
+    if only and nll and (nll == "ode") != (only == "ode"):
         raise BenchError(f"--only {only} and --nll {nll} contradict each other; give one of them")
     if only in ("bound", "ode") and values["fid_samples"]:
         raise BenchError(f"--only {only} draws no samples; leave out --fid-samples {values['fid_samples']}")
     if only == "fid" and values["fid_samples"] == 0:
         raise BenchError("--only fid with --fid-samples 0 computes nothing; give --fid-samples N")
-    ode = {"ode": True, "bound": False}.get(only or nll)
-    if only == "fid":
-        ode = False
+    ode = only == "ode" if only else {"ode": True, "bound": False}.get(nll)  # None: the run's final_eval_ode
     overrides = {**values, "final_eval_ode": ode}
     if only in ("bound", "ode"):
         overrides["fid_samples"] = 0
