@@ -22,6 +22,7 @@ import click
 from bench.config import FINAL_EVALS, PRECISIONS, SCHEDULES, RunConfig, make_config, read_toml
 from bench.data import DATASETS
 from bench.errors import BenchError
+from bench.ode import PROBE_TYPES, SOLVERS
 from bench.unet import NETWORK_PRESETS
 from bench.urls import masked
 from variants import VARIANTS, get_variant
@@ -178,6 +179,8 @@ RUN_OPTIONS = [
     _opt("eval-batch-size", type=int, help="(image, t) pairs per network call in evaluation."),
     _switch("final-eval-ode", help="Also the NLL under the probability-flow ODE at the end (nll_ode: a likelihood "
                                    "estimate, not a bound; slow: hundreds of network calls per image)."),
+    _opt("ode-images", type=int, help="Test images for nll_ode (0: the final bound's)."),
+    _opt("ode-method", type=click.Choice(SOLVERS), help="The ODE solver (scipy solve_ivp)."),
     _opt("ode-rtol", type=float, help="The ODE solver's relative tolerance."),
     _opt("ode-atol", type=float, help="The ODE solver's absolute tolerance."),
     _opt("ode-probes", type=int, help="Hutchinson probes per image, each with its own dequantisation draw."),
@@ -188,6 +191,8 @@ RUN_OPTIONS = [
     _opt("sample-grid", type=int, help="Images in each logged sample grid."),
     _opt("fid-weights", type=click.Path(dir_okay=False),
          help="Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing)."),
+    _switch("log-model", help="Log the EMA network as an MLflow model at the end (a LoggedModel; its torch.export "
+                              "takes 5-15 s on a CPU core); the checkpoint holds the weights either way."),
     # system
     _opt("device", help="auto (cuda when present), cpu, cuda or cuda:N."),
     _opt("precision", type=click.Choice(PRECISIONS), help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
@@ -324,34 +329,79 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
 
 
 # ------------------------------------------------------------------------- bench eval
+def _eval_opt(name: str, help: str, **kw):
+    """An option of `bench eval` for the RunConfig field of ``name``; unset, the run's own value applies."""
+    return _opt(name, help=f"{help} [default: the run's]", show_default=False, **kw)
+
+
+EVAL_OPTIONS = [
+    _eval_opt("final-eval", type=click.Choice(FINAL_EVALS),
+              help="The bound's method: exact (all T terms) or the unbiased estimate (--eval-calls per image)."),
+    _eval_opt("final-eval-images", type=click.IntRange(min=0), help="Test images in the bound (0: the whole split)."),
+    _eval_opt("eval-calls", type=click.IntRange(min=3), help="Network calls per image in the estimate."),
+    _eval_opt("eval-batch-size", type=click.IntRange(min=1), help="(image, t) pairs per network call in the bound."),
+    _eval_opt("ode-images", type=click.IntRange(min=0), help="Test images for nll_ode (0: the bound's)."),
+    _eval_opt("ode-method", type=click.Choice(SOLVERS), help="The ODE solver (scipy solve_ivp)."),
+    _eval_opt("ode-rtol", type=float, help="The ODE solver's relative tolerance."),
+    _eval_opt("ode-atol", type=float, help="The ODE solver's absolute tolerance."),
+    _eval_opt("ode-probes", type=click.IntRange(min=1), help="Hutchinson probes per image, each with its own dequantisation draw."),
+    _eval_opt("ode-probe-type", type=click.Choice(PROBE_TYPES), help="Law of the Hutchinson probes."),
+    _eval_opt("ode-batch-size", type=click.IntRange(min=1), help="Images solved together as one ODE."),
+    _eval_opt("fid-samples", type=click.IntRange(min=0), help="Samples scored by FID, with a sample grid (0: no FID, no grid)."),
+    _eval_opt("sample-steps", type=click.IntRange(min=0), help="Sampler steps (0: all T)."),
+]
+ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID untouched, not recomputed)",
+        "fid": "samples, FID and the grid alone"}
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--final-eval", "method", type=click.Choice(FINAL_EVALS), default=None, help="Exact or estimated bound.")
-@click.option("--fid-samples", type=int, default=None, help="Samples for FID (0: none).")
-@click.option("--sample-steps", type=int, default=None, help="Sampler steps (0: all T).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--log-to-run", is_flag=True, help="Log the results into the run that produced the checkpoint.")
 @click.option("--nll", type=click.Choice(["bound", "ode"]), default=None,
-              help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; "
-                   "solver options as the run's config: ode_rtol, ode_atol, ode_probes…). [default: the run's final_eval_ode]")
+              help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; not a "
+                   "bound); bound: the bound without it. [default: the run's final_eval_ode]")
+@click.option("--only", type=click.Choice(list(ONLY)), default=None,
+              help="Compute one thing: " + "; ".join(f"{k}: {v}" for k, v in ONLY.items())
+                   + ". `--only ode --log-to-run` adds the ODE likelihood to a run.")
+@_with(EVAL_OPTIONS)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--log-to-run", is_flag=True,
+              help="Log the results into the run that produced the checkpoint: a bound by the run's method on as many "
+                   "images extends bpd; by the other method, bpd_eval_exact/_estimate; on another number of images, "
+                   "bpd_eval_<method>_<N>images (nll_ode likewise), so the run's own numbers are never overwritten.")
 @click.option("--tracking-uri", default=None,
               help="With --log-to-run: the run's store, where the checkpoint holds its URI with the password masked.")
-def eval_cmd(checkpoint, method, fid_samples, sample_steps, device, log_to_run, nll, tracking_uri) -> None:
-    """Evaluate a saved model's EMA weights: bits/dim on the test split, samples and FID.
+def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) -> None:
+    """Evaluate a saved model's EMA weights: bits/dim on the test split, nll_ode, samples and FID.
 
-    Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
-    from bench.train import HEADLINE, evaluate_checkpoint, summarize
+    Unset options take the run's own config; the first lines say what will be computed, on how many images and by
+    which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
+    from bench.train import HEADLINE, other_method_name, prepare_evaluation, run_evaluation, summarize
 
-    metrics, run_id, rank = evaluate_checkpoint(checkpoint, method, fid_samples, sample_steps, log_to_run, device,
-                                                ode=None if nll is None else nll == "ode", tracking_uri=tracking_uri)
-    if not rank.main:
+    if only and nll and (nll == "ode") != (only == "ode"):
+        raise BenchError(f"--only {only} and --nll {nll} contradict each other; give one of them")
+    if only in ("bound", "ode") and values["fid_samples"]:
+        raise BenchError(f"--only {only} draws no samples; leave out --fid-samples {values['fid_samples']}")
+    if only == "fid" and values["fid_samples"] == 0:
+        raise BenchError("--only fid with --fid-samples 0 computes nothing; give --fid-samples N")
+    ode = only == "ode" if only else {"ode": True, "bound": False}.get(nll)  # None: the run's final_eval_ode
+    overrides = {**values, "final_eval_ode": ode}
+    if only in ("bound", "ode"):
+        overrides["fid_samples"] = 0
+    plan = prepare_evaluation(checkpoint, overrides, bound=only in (None, "bound"), log_to_run=log_to_run,
+                              device=device, tracking_uri=tracking_uri)
+    if plan.dist.main:
+        click.echo(plan.describe())
+    metrics = run_evaluation(plan)
+    if not plan.dist.main:
         return
     click.echo(summarize(metrics))
-    if run_id:
-        click.echo(f"logged into run {run_id}")
-        bound = next(k for k in metrics if k.startswith(HEADLINE) and "/" not in k)  # bpd, or its own name
-        if bound != HEADLINE:
-            click.echo(f"  the run's bpd came from the other method and is kept: this bound is logged as {bound}")
+    if plan.client is not None:
+        click.echo(f"logged into run {plan.run_id}")
+        if plan.bound not in (None, HEADLINE):
+            why = "the other method" if plan.bound == other_method_name(plan.config.final_eval) else "other test images"
+            click.echo(f"  the run's bpd came from {why} and is kept: this bound is logged as {plan.bound}")
+        if plan.ode not in (None, "nll_ode"):
+            click.echo(f"  the run's nll_ode came from other test images and is kept: this one is logged as {plan.ode}")
 
 
 # ------------------------------------------------------------------------- bench study

@@ -62,6 +62,8 @@ class RunConfig:
     final_eval_images: int = 0  # test images for the final bound (0 = the whole split)
     eval_batch_size: int = 1024  # (image, t) pairs per network call in evaluation
     final_eval_ode: bool = False  # also the NLL under the probability-flow ODE (nll_ode, not a bound) at the end
+    ode_images: int = 0  # test images for nll_ode (0 = the final bound's)
+    ode_method: str = "RK45"  # the ODE solver: a scipy solve_ivp method (bench.ode.SOLVERS)
     ode_rtol: float = 1e-5  # the ODE solver's relative tolerance
     ode_atol: float = 1e-5  # the ODE solver's absolute tolerance
     ode_probes: int = 1  # Hutchinson probes (each with its own dequantisation draw) per image
@@ -71,6 +73,7 @@ class RunConfig:
     sample_steps: int = 250  # sampler steps (< T = strided, iDDPM respacing; 0 = all T)
     sample_grid: int = 64  # images in each logged sample grid
     fid_weights: str | None = None  # Inception weights file for RGB FID (else torch hub cache / download)
+    log_model: bool = True  # log the EMA network as an MLflow LoggedModel at the end (its torch.export: 5-15 s on a CPU core)
     # system
     device: str = "auto"  # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "auto"  # 'auto' (bf16 autocast on cuda, fp32 elsewhere), 'fp32' or 'bf16'
@@ -98,7 +101,8 @@ class RunConfig:
         """The probability-flow NLL's solver and estimator options (bench.ode.OdeOptions)."""
         from bench.ode import OdeOptions
 
-        return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, probe_type=self.ode_probe_type, probes=self.ode_probes)
+        return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, method=self.ode_method, probe_type=self.ode_probe_type,
+                          probes=self.ode_probes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +130,7 @@ class RunConfig:
         _choice("final_eval", self.final_eval, FINAL_EVALS)
         for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "final_eval_images", "fid_samples", "sample_steps", "seed"):
+        for name in ("warmup_steps", "eval_every", "final_eval_images", "ode_images", "fid_samples", "sample_steps", "seed"):
             _positive_int(name, getattr(self, name), allow_zero=True)
         for name, most in (("T", MAX_T), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH),
                            ("ode_batch_size", MAX_BATCH), ("sample_grid", MAX_SAMPLES), ("fid_samples", MAX_SAMPLES)):

@@ -312,7 +312,8 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     mine = dist.block(N, unit=batch_size)
     local = torch.zeros(len(mine), K + 1, dtype=torch.float64)  # each image's K draws (nats) and its solve's NFE
     starts = range(mine.start, mine.stop, batch_size)
-    for start in tqdm(starts, desc=label(desc, "probability-flow NLL"), unit="batch", disable=not (progress and dist.main)):
+    bar = tqdm(total=len(mine), desc=label(desc, "probability-flow NLL"), unit="image", disable=not (progress and dist.main))
+    for start in starts:
         batch = range(start, min(start + batch_size, mine.stop))
         points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
@@ -321,6 +322,8 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
         rows = slice(start - mine.start, start - mine.start + len(batch))
         local[rows, :K] = nats.view(len(batch), K)
         local[rows, K] = nfe
+        bar.update(len(batch))
+    bar.close()
     both = dist.gather(local, N, unit=batch_size)
     offset = D * math.log(1 / (2 * BIN_HALF_WIDTH)) if dequantised else 0.0  # −D log(bin width) = D log 127.5
     draws = bits_per_dim_from_nats(both[:, :K] + offset, D)

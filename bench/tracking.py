@@ -396,8 +396,9 @@ class RunLogger:
     makes the logger drop what the run's history already holds, so each step is logged once.
     """
 
-    def __init__(self, c, run_id: str):
+    def __init__(self, c, run_id: str, model_id: str | None = None):
         self.client, self.run_id = c, run_id
+        self.model_id = model_id  # the run's LoggedModel, which the metrics logged from now on are linked to
         self._logged: dict[str, int] = {}  # metric key -> last step already in the run's history
 
     def skip_logged(self) -> None:
@@ -422,7 +423,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if self._new(k, step)]
+        items = [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in values.items() if self._new(k, step)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -477,26 +478,40 @@ class RunLogger:
         mark = f"\n\n**{heading}**"
         self.note(note.split(mark)[0].rstrip() + f"{mark}: {text}")
 
-    def model(self, net, artifact_path: str = "model", metadata: dict | None = None) -> None:
-        """``net`` (a CPU copy is saved) as an MLflow PyTorch model, so ``mlflow.pytorch.load_model(
-        "runs:/<run id>/model")`` returns the module. It is pickled (so loading it runs code: load only
-        models you trust) with this package's source beside it (``code/bench``), which the loader puts on
-        the path; nothing in elbo-bench loads it."""
+    def model(self, net, example: tuple, step: int, metadata: dict | None = None, name: str = "model") -> str:
+        """``net`` (a float32 CPU copy) as an MLflow 3 model of this run: a LoggedModel named ``name`` (the experiment's
+        Models tab and the run page list it) with the run's params, linked to the metrics the run logged at ``step``.
+        Returns its id: ``mlflow.pytorch.load_model("models:/<id>")`` gives a module called as ``net`` is.
+
+        Saved as a ``torch.export`` program (MLflow's ``pt2`` format), traced on ``example`` (a batch of at least 2,
+        so the batch size stays free): a graph and tensors, no pickled objects, which MLflow checks when it loads
+        one with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` (a pickled model would run code when loaded)."""
         import copy
-        import shutil
 
         import mlflow.pytorch
+        import numpy as np
         import torch
+        from mlflow.models import ModelSignature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+        from mlflow.types import Schema, TensorSpec
 
-        package = Path(__file__).resolve().parent
-        with tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp) / "code" / package.name
-            shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            with _quiet("mlflow.pytorch"):  # its warning that pickles run code when loaded: said in the docstring
-                mlflow.pytorch.save_model(copy.deepcopy(net).cpu().eval(), Path(tmp) / artifact_path,
-                                          serialization_format="pickle", code_paths=[str(code)], metadata=metadata,
-                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
+        module = copy.deepcopy(net).float().cpu().eval().to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            out = module(*example)
+
+        def spec(x, name=None):
+            return TensorSpec(np.dtype(str(x.dtype).removeprefix("torch.")), (-1, *x.shape[1:]), name)
+
+        signature = ModelSignature(inputs=Schema([spec(example[0], "x_t"), spec(example[1], "t")]), outputs=Schema([spec(out)]))
+        run = self.client.get_run(self.run_id)
+        logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
+                                                 params=run.data.params)
+        # mlflow.pytorch logs through the global tracking URI: this run's store while it logs
+        with _use_tracking_uri(self.client.tracking_uri), _quiet("mlflow"):
+            mlflow.pytorch.log_model(module, name=name, model_id=logged.model_id, run_id=self.run_id, step=step,
+                                     serialization_format="pt2", input_example=example, signature=signature,
+                                     metadata=metadata, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return logged.model_id
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)

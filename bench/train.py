@@ -453,8 +453,8 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
         path = _save(state, ctx)
         metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
                                    ctx.device, log, state.step, ctx.progress, d)
-        if d.main:
-            log.model(state.ema.module, metadata=_model_metadata(ctx, state.step))
+        if d.main and config.log_model:
+            _log_model(state.ema.module, ctx, state.step)
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
@@ -522,6 +522,21 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
             f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
             f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")
+
+
+def _log_model(ema_net, ctx: _Ctx, step: int) -> None:
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.RunLogger.model`), linked to the final metrics
+    logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
+    the checkpoint holds the weights."""
+    C, H, W = ctx.train_images.shape[1:]
+    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
+    try:
+        model_id = ctx.log.model(ema_net, example, step, metadata=_model_metadata(ctx, step))
+    except Exception as err:  # torch.export cannot trace some network, or the store refused the upload
+        warnings.warn(f"the EMA network was not logged as an MLflow model: {first_line(err)}", stacklevel=2)
+        ctx.log.tags({"model_not_logged": first_line(err)[:500]})
+        return
+    ctx.log.tags({"model_id": model_id})
 
 
 def _model_metadata(ctx: _Ctx, step: int) -> dict:
@@ -763,54 +778,63 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
 
 
 def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
-                     progress: bool = True, dist: Dist = SINGLE, desc: str = "", bound: str = HEADLINE) -> dict[str, float]:
+                     progress: bool = True, dist: Dist = SINGLE, desc: str = "", bound: str | None = HEADLINE,
+                     ode: str = "nll_ode", grid: bool = True) -> dict[str, float]:
     """The bound on the test split, the per-t curve, samples and FID; logged at ``step``. Under
     torchrun every rank shares the bound and the sampling; rank 0 alone scores FID and logs.
     ``desc`` names the progress bars (``desc: exact bits/dim``…). ``bound``: the name the bound is logged under
     (its tags ``<bound>_method``…, its per-t curve ``per_t_<bound>.json``), when it is not the run's headline ``bpd``
-    (see :func:`other_method_name`); the description then gets a section of its own instead of its Result."""
-    subset = _eval_subset(test_images, config.final_eval_images)
-    if config.final_eval == "exact":
-        res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress, dist=dist,
-                           desc=desc)
-        method = f"exact (all {sched.T} t, {len(subset)} test images)"
-    else:
-        res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size, EVAL_SEED,
-                                    device, progress, dist=dist, desc=desc)
-        method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
-    metrics = res.summary(bound)
+    (see :func:`other_method_name`); the description then gets a section of its own instead of its Result; None:
+    no bound. ``ode``: the name ``nll_ode`` (with ``config.final_eval_ode``) is logged under. ``grid``: draw the
+    sample grid (with ``config.fid_samples`` 0, no samples at all)."""
+    metrics, res, method = {}, None, ""
+    if bound is not None:
+        subset = _eval_subset(test_images, config.final_eval_images)
+        if config.final_eval == "exact":
+            res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress,
+                               dist=dist, desc=desc)
+            method = f"exact (all {sched.T} t, {len(subset)} test images)"
+        else:
+            res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size,
+                                        EVAL_SEED, device, progress, dist=dist, desc=desc)
+            method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
+        metrics = res.summary(bound)
     nll, ode_failed, ode_tags = None, "", {}
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
         from bench.ode import FlowFailed, network_dtype, nll_ode
 
+        ode_subset = _eval_subset(test_images, config.ode_images or config.final_eval_images)
         flow_net = _without_autocast(model)  # the network in float32 whatever the run's precision (network_score)
-        ode_tags["nll_ode_precision"] = str(network_dtype(flow_net)).removeprefix("torch.")
+        ode_tags[f"{ode}_precision"] = str(network_dtype(flow_net)).removeprefix("torch.")
         try:
-            nll = nll_ode(flow_net, variant, sched, subset, config.ode_options(), config.ode_batch_size,
+            nll = nll_ode(flow_net, variant, sched, ode_subset, config.ode_options(), config.ode_batch_size,
                           EVAL_SEED, device, dist, progress, desc=desc)
-            metrics.update(nll.summary())
+            metrics.update({ode + k.removeprefix("nll_ode"): v for k, v in nll.summary().items()})
         except FlowFailed as err:  # diverged, or the solver gave up: a result about this network, recorded; the
             ode_failed = str(err)  # rest of the evaluation goes on
-            warnings.warn(f"nll_ode not computed: {err}", stacklevel=2)
+            warnings.warn(f"{ode} not computed: {err}", stacklevel=2)
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
-    images = sample(model, variant, sched, max(config.fid_samples, config.sample_grid), shape, steps, config.seed,
-                    device=device, progress=progress, dist=dist, desc=desc)
+    drawn = max(config.fid_samples, config.sample_grid) if grid or config.fid_samples else 0
+    images = sample(model, variant, sched, drawn, shape, steps, config.seed, device=device, progress=progress,
+                    dist=dist, desc=desc) if drawn else None
     if not dist.main:
         return metrics
-    conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
-    log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset),
-              f"{bound}_rounded": _rounded(metrics, bound, method)})
+    if res is not None:
+        conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
+        log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset),
+                  f"{bound}_rounded": _rounded(metrics, bound, method)})
     if nll is not None:
-        log.tags({**ode_tags, "nll_ode_method": nll.method, "nll_ode_split": "test", "nll_ode_images": len(subset)})
+        log.tags({**ode_tags, f"{ode}_method": nll.method, f"{ode}_split": "test", f"{ode}_images": len(ode_subset)})
     if ode_failed:
-        log.tags({**ode_tags, "nll_ode_failed": ode_failed[:500], "nll_ode_method": config.ode_options().describe()})
-    if res.per_t.numel():
+        log.tags({**ode_tags, f"{ode}_failed": ode_failed[:500], f"{ode}_method": config.ode_options().describe()})
+    if res is not None and res.per_t.numel():
         per_t = "per_t_bound" if bound == HEADLINE else f"per_t_{bound}"
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), f"{per_t}.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
                   "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, f"{per_t}.json")
-    log.image(sample_grid(images[: config.sample_grid]), "samples", step)
+    if grid and images is not None:
+        log.image(sample_grid(images[: config.sample_grid]), "samples", step)
     sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
@@ -829,12 +853,18 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
             warnings.warn(f"FID skipped: {err}", stacklevel=2)
             log.tags({"fid_skipped": str(err)[:500], "fid_sampler": sampler})
     log.metrics(metrics, step)
-    stderr = f" ± {metrics[f'{bound}_stderr']:.4f} (Monte Carlo)" if f"{bound}_stderr" in metrics else ""
     fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
         if "fid" in metrics else ""
-    ode = (f"; nll_ode {metrics['nll_ode']:.4f} ± {metrics['nll_ode_stderr']:.4f} bits/dim ({nll.method})"
-           if nll is not None else f"; nll_ode not computed ({ode_failed})" if ode_failed else "")
-    result = f"at step {step}, {bound} {metrics[bound]:.4f}{stderr}, {method}{ode}{fid}."
+    ode_text = (f"{ode} {metrics[ode]:.4f} ± {metrics[f'{ode}_stderr']:.4f} bits/dim ({nll.method})" if nll is not None
+                else f"{ode} not computed ({ode_failed})" if ode_failed else "")
+    if res is None:  # no bound: the description's Result keeps saying what `bpd` is
+        what = ode_text or fid.removeprefix("; ")
+        if what:
+            log.note_section(f"Re-evaluation ({ode if nll is not None or ode_failed else 'FID'})",
+                             f"at step {step}, {what}. The run's bpd is unchanged.")
+        return metrics
+    stderr = f" ± {metrics[f'{bound}_stderr']:.4f} (Monte Carlo)" if f"{bound}_stderr" in metrics else ""
+    result = f"at step {step}, {bound} {metrics[bound]:.4f}{stderr}, {method}{'; ' + ode_text if ode_text else ''}{fid}."
     if bound == HEADLINE:
         log.note_section("Result", result)
     else:  # the Result keeps saying what `bpd` is; this number is another method's, under its own name
@@ -842,32 +872,100 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     return metrics
 
 
-def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
-                        sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
-                        progress: bool = True, desc: str = "", alone: bool = False,
-                        ode: bool | None = None, tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
-    """The final evaluation of a saved model's EMA weights; logged into its run when asked. Under torchrun
-    the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
-    the others have left). Returns (metrics, the run logged into or None, this rank). ``desc`` names
-    the progress bars; ``tracking_uri``: the store's URI with its password, where the checkpoint's is masked."""
+@dataclass
+class CheckpointEval:
+    """A saved model's evaluation, resolved before anything is computed (:func:`prepare_evaluation`): the config it
+    runs with, the data, and under which names it logs. ``bound``/``ode``: the names the bound and ``nll_ode`` are
+    logged under (None: not computed); ``grid``: whether samples are drawn for a grid (with ``config.fid_samples``)."""
+
+    ckpt: dict
+    config: RunConfig
+    dist: Dist
+    device: torch.device
+    train_images: torch.Tensor
+    test_images: torch.Tensor
+    variant: Variant
+    sched: Schedule
+    client: object | None  # the run's store when the results are logged into the run (rank 0), else None
+    bound: str | None
+    ode: str | None
+    grid: bool
+
+    @property
+    def run_id(self) -> str:
+        return self.ckpt["run_id"]
+
+    def describe(self) -> str:
+        """What will be computed, on how many images, by which method, and where it goes: a few lines."""
+        c, n_test = self.config, len(self.test_images)
+        lines = [f"evaluating the EMA weights of run {self.run_id} at step {self.ckpt['step']} on {self.device}:"]
+        if self.bound is None:
+            lines.append("  bound      not computed")
+        else:
+            how = f"exact (all {self.sched.T} t)" if c.final_eval == "exact" else \
+                f"estimate ({c.eval_calls} network calls per image)"
+            lines.append(f"  bound      {how} on {len(_eval_subset(self.test_images, c.final_eval_images))} of {n_test} "
+                         f"test images, as {self.bound}")
+        if self.ode is not None:
+            images = len(_eval_subset(self.test_images, c.ode_images or c.final_eval_images))
+            lines.append(f"  nll_ode    probability-flow ODE ({c.ode_options().describe()}; batches of {c.ode_batch_size}) "
+                         f"on {images} of {n_test} test images, as {self.ode}")
+        sampler = describe_sampler(self.sched, c.sample_steps or None, self.variant)
+        if c.fid_samples:
+            lines.append(f"  fid        {c.fid_samples} samples against the train split (sampler: {sampler}), and a "
+                         f"grid of {c.sample_grid}")
+        elif self.grid:
+            lines.append(f"  samples    a grid of {c.sample_grid} (sampler: {sampler}); no FID")
+        else:
+            lines.append("  samples    none (no FID, no grid)")
+        lines.append(f"  logged into run {self.run_id}" if self.client is not None else "  printed, not logged (--log-to-run logs)")
+        return "\n".join(lines)
+
+
+def prepare_evaluation(path: str | Path, overrides: dict | None = None, bound: bool = True, grid: bool | None = None,
+                       log_to_run: bool = False, device: str = "auto", alone: bool = False,
+                       tracking_uri: str | None = None) -> CheckpointEval:
+    """Resolve the evaluation of checkpoint ``path`` (see :class:`CheckpointEval`): its run's config with ``overrides``
+    (RunConfig fields: ``final_eval``, ``final_eval_images``, ``final_eval_ode``, ``ode_*``, ``fid_samples``…),
+    ``bound``: compute the bound; ``grid``: draw a sample grid (default: when ``fid_samples`` is not 0). Under
+    torchrun the ranks share the work, unless ``alone`` (this process evaluates by itself: a study's rank 0 after
+    the others have left); ``tracking_uri``: the store's URI with its password, where the checkpoint's is masked."""
     ckpt = load_checkpoint(path)
     d, device_name = (SINGLE, device) if alone else dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
     client = d.main_decides(lambda: _run_client(ckpt, tracking_uri)) if log_to_run else None
-    overrides = {k: v for k, v in {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
-                                   "device": device, "final_eval_ode": ode}.items() if v is not None}
-    config = replace(RunConfig(**ckpt["config"]), **overrides)
+    config = replace(RunConfig(**ckpt["config"]), device=device, **{k: v for k, v in (overrides or {}).items() if v is not None})
     dev, train_images, test_images, variant, sched = _setup(config, device_name)
-    C, H = train_images.shape[1], train_images.shape[2]
-    ema = build_network(config.network, C, variant.out_channels(C), H)
-    load_weights(ema, ema_weights(ckpt["ema"]), "EMA weights")
-    model = _Autocast(ema.to(dev).eval(), config, dev)
-    log = tracking.RunLogger(client, ckpt["run_id"]) if client is not None else _NoLog()
-    bound = _bound_name(client, ckpt["run_id"], config.final_eval) if client is not None else HEADLINE  # rank 0's
+    if not (bound or config.final_eval_ode or config.fid_samples or grid):
+        raise BenchError("nothing to evaluate: no bound, no nll_ode and fid_samples 0; give --fid-samples N, or leave "
+                         "out --only")
+    names = {"bound": HEADLINE if bound else None, "ode": "nll_ode" if config.final_eval_ode else None}
+    if client is not None:  # rank 0's: the others log nothing
+        run = client.get_run(ckpt["run_id"]).data
+        if bound:
+            names["bound"] = _bound_name(run, config.final_eval, len(_eval_subset(test_images, config.final_eval_images)))
+        if config.final_eval_ode:
+            names["ode"] = _ode_name(run, len(_eval_subset(test_images, config.ode_images or config.final_eval_images)))
+    return CheckpointEval(ckpt, config, d, dev, train_images, test_images, variant, sched, client, **names,
+                          grid=bool(config.fid_samples) if grid is None else grid)
+
+
+def run_evaluation(plan: CheckpointEval, progress: bool = True, desc: str = "") -> dict[str, float]:
+    """Compute ``plan`` (see :func:`prepare_evaluation`) and log it into the run when it says so (linked to the run's
+    model, its tag ``model_id``). Returns the metrics under the names they are logged under."""
+    c, d, dev = plan.config, plan.dist, plan.device
+    C, H = plan.train_images.shape[1], plan.train_images.shape[2]
+    ema = build_network(c.network, C, plan.variant.out_channels(C), H)
+    load_weights(ema, ema_weights(plan.ckpt["ema"]), "EMA weights")
+    model = _Autocast(ema.to(dev).eval(), c, dev)
+    log = _NoLog()
+    if plan.client is not None:
+        log = tracking.RunLogger(plan.client, plan.run_id,
+                                 model_id=plan.client.get_run(plan.run_id).data.tags.get("model_id"))
     with CoreShare():
-        metrics = final_evaluation(model, variant, sched, config, train_images, test_images, dev, log, ckpt["step"],
-                                   progress and d.main, d, desc, bound)
-    return metrics, (ckpt["run_id"] if log_to_run else None), d
+        return final_evaluation(model, plan.variant, plan.sched, c, plan.train_images, plan.test_images, dev, log,
+                                plan.ckpt["step"], progress and d.main, d, desc, plan.bound, plan.ode or "nll_ode",
+                                plan.grid)
 
 
 def _rounded(metrics: dict[str, float], bound: str, method: str) -> str:
@@ -878,14 +976,38 @@ def _rounded(metrics: dict[str, float], bound: str, method: str) -> str:
     return f"{metrics[bound]:.4f}{se} bits/dim ({method.split(' ')[0]})"
 
 
-def _bound_name(client, run_id: str, method: str) -> str:
-    """Where a re-evaluation by ``method`` logs its bound in the run: ``bpd`` when the run has none yet or its
-    ``bpd`` came from the same method (``bpd_method``), else its own name (:func:`other_method_name`). So a run's
-    ``bpd`` history never mixes an exact bound with an estimate, and ``bpd_method`` never changes."""
-    run = client.get_run(run_id).data
+def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
+                        sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
+                        progress: bool = True, desc: str = "", alone: bool = False,
+                        ode: bool | None = None, tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
+    """The final evaluation of a saved model's EMA weights (:func:`prepare_evaluation`, then :func:`run_evaluation`);
+    logged into its run when asked. Returns (metrics, the run logged into or None, this rank). ``desc`` names
+    the progress bars."""
+    plan = prepare_evaluation(path, {"final_eval": final_eval, "fid_samples": fid_samples, "sample_steps": sample_steps,
+                                     "final_eval_ode": ode}, log_to_run=log_to_run, device=device, alone=alone,
+                              tracking_uri=tracking_uri)
+    return run_evaluation(plan, progress, desc), (plan.run_id if log_to_run else None), plan.dist
+
+
+def _bound_name(run, method: str, images: int) -> str:
+    """Where a re-evaluation by ``method`` on ``images`` test images logs its bound in ``run`` (its data): ``bpd``
+    when the run has none yet, or its ``bpd`` came from the same method (``bpd_method``) on as many images
+    (``bpd_images``); by the other method on as many images, its own name (:func:`other_method_name`); on another
+    number of images, ``bpd_eval_<method>_<images>images``. So a run's ``bpd`` history never mixes an exact bound with
+    an estimate nor a subset with the whole split, and ``bpd_method`` never changes."""
     if HEADLINE not in run.metrics:
         return HEADLINE
+    if run.tags.get(f"{HEADLINE}_images", str(images)) != str(images):
+        return f"{other_method_name(method)}_{images}images"
     return HEADLINE if run.tags.get(f"{HEADLINE}_method", "").split(" ")[0] == method else other_method_name(method)
+
+
+def _ode_name(run, images: int) -> str:
+    """Where ``nll_ode`` on ``images`` test images is logged in ``run``: ``nll_ode``, unless the run holds one on another
+    number of images (``nll_ode_images``): then ``nll_ode_<images>images``."""
+    if "nll_ode" in run.metrics and run.tags.get("nll_ode_images", str(images)) != str(images):
+        return f"nll_ode_{images}images"
+    return "nll_ode"
 
 
 def _run_client(ckpt: dict, tracking_uri: str | None = None):

@@ -45,6 +45,7 @@ RESULT_FREE = {
               "precision=auto (bf16 on CUDA) is resolved into the key's precision",
     "compile": "torch.compile runs the same arithmetic, up to float rounding",
     "channels_last": "a memory layout: the same arithmetic, up to float rounding",
+    "log_model": "whether the EMA network is also logged as an MLflow model",
     "fid_weights": "the file the Inception weights are read from; the extractor and its weights' hash are in the key "
                    "from the run's tags (fid_extractor, fid_weights)",
 }

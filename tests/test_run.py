@@ -219,7 +219,8 @@ def test_run_end_to_end_records_everything(tiny_run):
 
     # artifacts
     names = {f.path for f in c.list_artifacts(run_id)}
-    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "model", "images", "per_t_estimate"} <= names
+    assert {"config.json", "per_t_bound.png", "per_t_bound.json", "images", "per_t_estimate"} <= names
+    assert "model" not in names  # the model is a LoggedModel of its own (test_the_ema_network_is_an_mlflow_3_logged_model)
     assert "checkpoints" not in names  # one copy of the checkpoint: in checkpoints/, named by the run's tag
     assert run.data.tags["checkpoint"] == str(home / "checkpoints" / run_id / "last.pt")
     dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
@@ -238,17 +239,6 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
-    # the EMA network as an MLflow model: mlflow.pytorch.load_model gives the module with the EMA weights
-    import mlflow.pytorch
-
-    from bench.train import ema_weights
-
-    (home / "model_dl").mkdir()
-    model = mlflow.pytorch.load_model(f"{run.info.artifact_uri}/model", dst_path=str(home / "model_dl"))
-    ema = ema_weights(ckpt["ema"])
-    assert model.state_dict().keys() == ema.keys() and all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
-    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 7, T - 1])
-    assert model(x, t).shape == (3, 1, 8, 8)
     # the training-time estimate's per-t curve, binned by its strata
     est = json.loads((dl / "per_t_estimate" / f"step_{EVAL_EVERY:08d}.json").read_text())
     assert est["t_from"][0] == 1 and est["t_to"][-1] == T and len(est["t_from"]) == len(est["L_t_bits_per_dim_mean"])
@@ -268,6 +258,44 @@ def test_run_end_to_end_records_everything(tiny_run):
 
 
 # ----------------------------------------------------------------------------- 2. FID
+def test_the_ema_network_is_an_mlflow_3_logged_model(tiny_run, monkeypatch):
+    """Issue 19, item 4: the EMA network was a pickled artifact folder of the run. It is a LoggedModel (the Models
+    tab lists it with the run's final metrics linked), saved by torch.export, so it loads with pickle refused and
+    computes what the checkpoint's EMA network computes."""
+    import mlflow.pytorch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from bench.ema import ema_weights
+    from bench.unet import build_network
+
+    home, run_id, _ = tiny_run
+    c = client(home)
+    run = c.get_run(run_id)
+    (model,) = c.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.model_id == run.data.tags["model_id"] and model.source_run_id == run_id and model.name == "model"
+    assert str(model.status).endswith("READY")
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, STEPS)]  # the run page's list
+    linked = {m.key: m.value for m in model.metrics}
+    assert {"bpd", "bpd/vb", "bpd_unclipped", "loss"} <= set(linked) and linked["bpd"] == run.data.metrics["bpd"]
+    assert all(m.step == STEPS and m.run_id == run_id for m in model.metrics)
+    assert model.params["config.T"] == str(T)
+    assert len(history(c, run_id, "bpd")) == 1  # linking added nothing to the run's history
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # a pickled model would be refused
+    (home / "model_dl").mkdir()
+    with _use_tracking_uri(f"sqlite:///{home}/mlflow.db"):
+        loaded = mlflow.pytorch.load_model(f"models:/{model.model_id}", dst_path=str(home / "model_dl"))
+    ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
+    ema = build_network("tiny", 1, 1, 8)
+    ema.load_state_dict(ema_weights(ckpt["ema"]))
+    x, t = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 3, 7, 20, T - 1])
+    with torch.no_grad():
+        expected = ema.eval()(x, t)
+        assert torch.allclose(loaded(x, t), expected, rtol=1e-5, atol=1e-6)  # any batch size: not the traced one
+        assert torch.allclose(loaded(x[:1], t[:1]), expected[:1], rtol=1e-5, atol=1e-6)
+    assert not list((home / "model_dl").rglob("*.pkl")) and list((home / "model_dl").rglob("*.pt2"))
+
+
 def test_run_with_fid_logs_fid_and_its_provenance(home):
     run_id, result = run_ok(home, [*TINY, "--fid-samples", "64"])
     c = client(home)
@@ -598,16 +626,86 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     assert shown["bpd_method"].iloc[0].startswith("exact")
 
 
+def _sample_grids(c, run_id: str) -> list[str]:
+    return [f.path for f in c.list_artifacts(run_id, "images")]
+
+
+def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(home):
+    """Issue 19, item 3: `bench eval` took neither the number of test images nor the estimate's calls, drew a sample
+    grid with --fid-samples 0, and did not say what it computed. A bound on fewer images than the run's bpd goes under
+    a name that says so, whichever the method; the run's bpd, its history and its method stay."""
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    c = client(home)
+    before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
+    assert before.tags["bpd_images"] == "8"
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+    cheap = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--final-eval-images", "4", "--eval-calls", "5",
+                          "--fid-samples", "0", "--log-to-run"])
+    assert cheap.exit_code == 0, describe(cheap)
+    plan = cheap.stdout.split("\n")
+    assert plan[0] == f"evaluating the EMA weights of run {run_id} at step {STEPS} on cpu:"
+    assert plan[1] == "  bound      estimate (5 network calls per image) on 4 of 297 test images, as bpd_eval_estimate_4images"
+    assert plan[2] == "  samples    none (no FID, no grid)"
+    after = c.get_run(run_id).data
+    assert after.tags["bpd_eval_estimate_4images_method"].startswith("estimate (5 calls/image, 4 test images)")
+    assert after.tags["bpd_eval_estimate_4images_images"] == "4" and after.metrics["bpd_eval_estimate_4images_stderr"] > 0
+    same_method = invoke(home, ["eval", str(ckpt), "--final-eval-images", "4", "--fid-samples", "0", "--log-to-run"])
+    assert same_method.exit_code == 0, describe(same_method)
+    assert "exact (all 40 t) on 4 of 297 test images, as bpd_eval_exact_4images" in same_method.stdout
+    after = c.get_run(run_id).data
+    assert after.tags["bpd_eval_exact_4images_method"].startswith("exact (all 40 t, 4 test images)")
+    assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])]  # the run's own number, alone
+    assert after.tags["bpd_method"] == before.tags["bpd_method"] and after.tags["bpd_images"] == "8"
+    assert _sample_grids(c, run_id) == grids  # --fid-samples 0: no samples, no grid
+    # the exact bound on 4 images is the mean of the per-image bounds the run's 8 began with: a number of its own
+    assert after.metrics["bpd_eval_exact_4images"] != before.metrics["bpd"]
+    linked = {m.key for m in c.get_logged_model(after.tags["model_id"]).metrics}
+    assert {"bpd", "bpd_eval_exact_4images", "bpd_eval_estimate_4images"} <= linked  # the model's numbers, all
+
+
+def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypatch):
+    """Issue 19, item 3: adding the ODE likelihood to a run recomputed the bound and drew samples. `--only ode` computes
+    nll_ode alone, with the ODE's own images and solver options; the ODE's bar counts images."""
+    import bench.train
+
+    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    c = client(home)
+    before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
+    ckpt = home / "checkpoints" / run_id / "last.pt"
+
+    def no_bound(*args, **kwargs):
+        raise AssertionError("the bound was computed")
+
+    monkeypatch.setattr(bench.train, "bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.train, "estimate_bits_per_dim", no_bound)
+    refused = invoke(home, ["eval", str(ckpt), "--only", "ode", "--fid-samples", "5"])
+    assert refused.exit_code == 2 and refused.stderr.strip() == \
+        "error: --only ode draws no samples; leave out --fid-samples 5", describe(refused)
+    ode = invoke(home, ["eval", str(ckpt), "--only", "ode", "--ode-images", "3", "--ode-method", "RK23", "--ode-rtol", "1e-3",
+                        "--ode-atol", "1e-3", "--ode-batch-size", "2", "--log-to-run"])
+    assert ode.exit_code == 0, describe(ode)
+    assert "  bound      not computed\n" in ode.stdout and "on 3 of 297 test images, as nll_ode" in ode.stdout
+    assert "3/3 [" in ode.stderr and "image/s" in ode.stderr  # the bar counts images (2 batches of at most 2)
+    after = c.get_run(run_id).data
+    assert after.tags["nll_ode_images"] == "3" and "RK23, rtol=0.001, atol=0.001" in after.tags["nll_ode_method"]
+    assert math.isfinite(after.metrics["nll_ode"]) and f"nll_ode {after.metrics['nll_ode']:.4f}" in ode.stdout
+    assert {k: v for k, v in after.metrics.items() if not k.startswith("nll_ode")} == before.metrics  # nothing else
+    assert history(c, run_id, "bpd") == [(STEPS, before.metrics["bpd"])] and _sample_grids(c, run_id) == grids
+    assert "**Re-evaluation (nll_ode)**: at step 6, nll_ode " in after.tags["mlflow.note.content"]
+    assert "nll_ode" in {m.key for m in c.get_logged_model(after.tags["model_id"]).metrics}
+
+
 # ----------------------------------------------------------------------------- 7. CIFAR-10
 def test_cifar10_route_end_to_end_on_a_fake_folder(cifar10_root, home):
     run_id, _ = run_ok(home, [
         "--dataset", "cifar10", "--data-dir", str(cifar10_root), "--network", "tiny", "--T", str(T), "--steps", "2",
         "--batch-size", "4", "--fid-samples", "0", "--final-eval-images", "2", "--eval-every", "0",
-        "--log-every", "1", "--sample-steps", "4",
+        "--log-every", "1", "--sample-steps", "4", "--no-log-model",
     ])
     c = client(home)
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert not c.search_logged_models([run.info.experiment_id]) and "model_id" not in run.data.tags  # --no-log-model
     assert run.data.params["config.dataset"] == "cifar10"
     assert run.data.params["config.network"] == "tiny"
     assert run.data.params["config.hflip"] == "True"  # the dataset's defaults still apply

@@ -12,9 +12,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow.pytorch
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from bench.cli import cli
 
@@ -77,6 +80,13 @@ def test_bench_server_takes_runs_and_artifacts_over_http_and_stops(tmp_path):
         assert run.info.status == "FINISHED" and "bpd" in run.data.metrics
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
         assert list(store.rglob("MLmodel")) and list(store.rglob("config.json"))  # …into its destination
+        # the EMA network: a LoggedModel with the final metrics linked, its files uploaded too, loadable over HTTP
+        (model,) = MlflowClient(url).search_logged_models(experiment_ids=[run.info.experiment_id])
+        assert model.source_run_id == run.info.run_id and {m.key: m.value for m in model.metrics}["bpd"] == run.data.metrics["bpd"]
+        assert model.artifact_location.startswith("mlflow-artifacts:") and list(store.rglob("model.pt2"))
+        with _use_tracking_uri(url):
+            net = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+        assert net(torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 39])).shape == (3, 1, 8, 8)
         assert (server_home / "mlflow.db").is_file() and not (worker_home / "mlflow.db").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
