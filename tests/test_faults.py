@@ -29,7 +29,7 @@ from variants import get_variant
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--T", "40", "--batch-size", "16", "--log-every", "2", "--eval-every", "0", "--checkpoint-every", "2",
         "--final-eval", "estimate", "--final-eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
-        "--sample-steps", "10", "--fid-samples", "0", "--no-system-metrics", "--experiment", "faults"]
+        "--sample-steps", "10", "--fid-samples", "0", "--no-system-metrics", "--no-log-model", "--experiment", "faults"]
 
 
 @pytest.fixture

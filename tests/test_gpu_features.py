@@ -45,7 +45,7 @@ def home(tmp_path, store_template, monkeypatch):
 def digits_config(home, **overrides):
     """A digits run that trains ``steps`` and ends with a cheap estimated bound (no FID)."""
     values = dict(steps=4, batch_size=16, T=40, log_every=2, eval_every=0, final_eval="estimate",
-                  final_eval_images=8, eval_calls=5, fid_samples=0, sample_steps=5, sample_grid=4, device="cpu",
+                  final_eval_images=8, eval_calls=5, fid_samples=0, sample_steps=5, sample_grid=4, device="cpu", log_model=False,
                   tracking_uri=f"sqlite:///{home}/mlflow.db", experiment="gpu-features")
     return make_config("digits", **{**values, **overrides})
 

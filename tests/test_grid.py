@@ -20,7 +20,7 @@ from bench.config import flatten, make_config
 
 TINY = ["--T", "40", "--steps", "3", "--batch-size", "16", "--log-every", "1", "--eval-every", "0",
         "--eval-images", "8", "--final-eval", "estimate", "--final-eval-images", "8", "--fid-samples", "0",
-        "--sample-steps", "10"]
+        "--sample-steps", "10", "--no-log-model"]
 PAIR = ["--variant", "simple", "--variant", "mu-elbo-learned-diag", "--seeds", "1"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

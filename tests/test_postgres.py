@@ -34,7 +34,7 @@ from bench import tracking
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "elbo-bench-studies"
 TINY_TRIAL = ["--batch-size", "16", "--eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
-              "--sample-steps", "10", "--fid-samples", "2", "--log-every", "2"]
+              "--sample-steps", "10", "--fid-samples", "2", "--log-every", "2", "--no-log-model"]
 DONE = {TrialState.COMPLETE, TrialState.PRUNED}
 KILLED_STEPS = 150  # long enough a trial to be killed in the middle
 HOLDER = """\
@@ -224,7 +224,7 @@ def test_a_grid_pair_claimed_by_another_session_is_busy_until_released(postgres)
 SECRET = "s3cretpw"  # trust authentication: the server ignores it, so it can be any word
 TINY_RUN = ["--T", "40", "--batch-size", "16", "--log-every", "2", "--eval-every", "0", "--checkpoint-every", "2",
             "--final-eval", "estimate", "--final-eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
-            "--sample-steps", "10", "--fid-samples", "0", "--no-system-metrics", "--experiment", "pw"]
+            "--sample-steps", "10", "--fid-samples", "0", "--no-system-metrics", "--no-log-model", "--experiment", "pw"]
 
 
 def run_bench(args: list, home: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:

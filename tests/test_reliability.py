@@ -28,7 +28,7 @@ from bench.locks import file_lock
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(sys.executable).with_name("bench")
 TINY = ["--T", "40", "--batch-size", "16", "--log-every", "1", "--eval-every", "0", "--eval-images", "8",
-        "--final-eval-images", "8", "--fid-samples", "0", "--sample-steps", "10"]
+        "--final-eval-images", "8", "--fid-samples", "0", "--sample-steps", "10", "--no-log-model"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -37,8 +37,9 @@ T = 40
 TINY = [
     "--T", str(T), "--steps", str(STEPS), "--batch-size", "16", "--log-every", str(LOG_EVERY),
     "--eval-every", str(EVAL_EVERY), "--eval-images", "8", "--final-eval-images", "8", "--fid-samples", "0",
-    "--sample-steps", "10",
+    "--sample-steps", "10", "--no-log-model",  # the LoggedModel's export takes seconds: logged where it is checked
 ]
+WITH_MODEL = [*TINY, "--log-model"]
 VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-elbo-learned-diag",
                  "mu-mse"}
 RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\d+)$", re.M)
@@ -144,7 +145,7 @@ def _wait_for_interrupt(proc, stderr_file: Path, timeout: float = 60) -> int:
 def tiny_run(tmp_path_factory):
     """One tiny finished digits run shared by the read-only checks."""
     home = tmp_path_factory.mktemp("tiny_home")
-    run_id, result = run_ok(home, TINY)
+    run_id, result = run_ok(home, WITH_MODEL)
     return home, run_id, result
 
 
@@ -599,7 +600,7 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     with a Monte Carlo error. The estimate goes under its own name; bpd, bpd_method and the Result stay."""
     from reports.tables import comparison_table, deduplicate, display_table, load_runs
 
-    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    run_id, _ = run_ok(home, [*WITH_MODEL, "--eval-every", "0"])
     c = client(home)
     before = c.get_run(run_id).data
     ckpt = home / "checkpoints" / run_id / "last.pt"
@@ -634,7 +635,7 @@ def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(hom
     """Issue 19, item 3: `bench eval` took neither the number of test images nor the estimate's calls, drew a sample
     grid with --fid-samples 0, and did not say what it computed. A bound on fewer images than the run's bpd goes under
     a name that says so, whichever the method; the run's bpd, its history and its method stay."""
-    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    run_id, _ = run_ok(home, [*WITH_MODEL, "--eval-every", "0"])
     c = client(home)
     before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
     assert before.tags["bpd_images"] == "8"
@@ -668,7 +669,7 @@ def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypat
     nll_ode alone, with the ODE's own images and solver options; the ODE's bar counts images."""
     import bench.train
 
-    run_id, _ = run_ok(home, [*TINY, "--eval-every", "0"])
+    run_id, _ = run_ok(home, [*WITH_MODEL, "--eval-every", "0"])
     c = client(home)
     before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
     ckpt = home / "checkpoints" / run_id / "last.pt"

@@ -111,7 +111,7 @@ def test_study_status_prints_the_study_from_its_storage(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     runner = CliRunner()
     res = runner.invoke(cli, ["study", "--trials", "2", "--study-name", "st", "--exact-top", "0", "--space",
-                              str(_space(tmp_path)), *TINY_TRIAL])
+                              str(_space(tmp_path)), *TINY_TRIAL, "--no-log-model"])
     assert res.exit_code == 0, res.output
     status = runner.invoke(cli, ["study", "--status", "st"])
     assert status.exit_code == 0, status.output

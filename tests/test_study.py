@@ -43,7 +43,8 @@ from studies.study import StudyConfig, run_study
 from studies.summary import best_so_far, describe_trial
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"batch_size": 16, "eval_images": 8, "eval_calls": 5, "sample_grid": 4, "sample_steps": 10, "log_every": 2}
+TINY = {"batch_size": 16, "eval_images": 8, "eval_calls": 5, "sample_grid": 4, "sample_steps": 10, "log_every": 2,
+        "log_model": False}
 LIB = {**TINY, "final_eval_images": 8}  # library trials keep T = 1000: the bound on 8 images is cheap
 CLI_DEFAULTS = {**TINY, "T": 40}  # the CLI forces final_eval_images = 0 (whole test split): keep T small
 STEPS = 4  # eval_every = steps // 4 = 1: estimates (and pruning checks) after steps 1, 2, 3
