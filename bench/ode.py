@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
-from tqdm.auto import tqdm
 
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.evaluate import _bound_dtype, _model_device, keyed_generator, label
 from bench.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
+from bench.progress import progress_of
 from bench.schedule import Schedule
 from bench.variant import Variant
 
@@ -312,7 +312,7 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     mine = dist.block(N, unit=batch_size)
     local = torch.zeros(len(mine), K + 1, dtype=torch.float64)  # each image's K draws (nats) and its solve's NFE
     starts = range(mine.start, mine.stop, batch_size)
-    for start in tqdm(starts, desc=label(desc, "probability-flow NLL"), unit="batch", disable=not (progress and dist.main)):
+    for start in progress_of(starts, len(starts), label(desc, "probability-flow NLL"), "batch", progress and dist.main):
         batch = range(start, min(start + batch_size, mine.stop))
         points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
