@@ -321,7 +321,7 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     if result.status == "FAILED":
         click.echo(f"  the run diverged ({result.reason}); recorded in MLflow as FAILED with tags failure_reason, failure_step")
     else:
-        click.echo(f"  {summarize(result.metrics)}")
+        click.echo(summarize(result.metrics, "  "))
         click.echo(f"  checkpoint: {result.checkpoint}")
     click.echo(f"  tracking store: {masked(result.tracking_uri)}")
     click.echo(f"  browse: bench ui   (or: mlflow ui --backend-store-uri {masked(result.tracking_uri)})")

@@ -189,7 +189,7 @@ def _positive_int(name: str, value, allow_zero: bool = False) -> None:
 
 
 DATASET_DEFAULTS: dict[str, dict] = {
-    # Finishes training, the exact test-split bound, samples and FID in under 10 minutes on 2 CPU cores.
+    # Training, the exact test-split bound, samples and FID in 8 to 15 minutes on 2 CPU cores (README: How long things take).
     "digits": {},
     # Ho et al. 2020, CIFAR-10: 35.7M-parameter U-Net, Adam 2e-4 with 5000 warmup steps, clip 1.0,
     # EMA 0.9999, random flips, batch 128, 800k steps; FID on 50k samples.

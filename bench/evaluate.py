@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.gaussian import bits_per_dim_from_nats, to_data_scale
+from bench.progress import progress_of
 from bench.schedule import Schedule
 from bench.variant import Variant, prior_nats, vb_term_nats
 
@@ -210,7 +210,8 @@ def bits_per_dim(
         model.eval()
     noise_image, noise_cache = -1, None
     try:
-        for start in tqdm(starts, desc=label(desc, "exact bits/dim"), unit="batch", disable=not (progress and dist.main)):
+        for start in progress_of(starts, len(starts), label(desc, f"exact bits/dim, {N} images x {T} t"), "batch",
+                                 progress and dist.main):
             pairs = torch.arange(start, min(start + batch_size, N * T))
             idx, t = pairs // T, pairs % T
             noise = torch.empty(len(pairs), *images.shape[1:])
@@ -304,7 +305,8 @@ def estimate_bits_per_dim(
     noise_image, noise_cache = -1, None
     try:
         flat_t = ts.reshape(-1)
-        for start in tqdm(starts, desc=label(desc, "estimated bits/dim"), unit="batch", disable=not (progress and dist.main)):
+        for start in progress_of(starts, len(starts), label(desc, f"estimated bits/dim, {N} images x {K} calls"), "batch",
+                                 progress and dist.main):
             pairs = torch.arange(start, min(start + batch_size, N * K))
             idx, call = pairs // K, pairs % K
             noise = torch.empty(len(pairs), *images.shape[1:])

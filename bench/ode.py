@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
-from tqdm.auto import tqdm
 
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.evaluate import _bound_dtype, _model_device, keyed_generator, label
 from bench.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
+from bench.progress import progress_of
 from bench.schedule import Schedule
 from bench.variant import Variant
 
@@ -312,8 +312,8 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     mine = dist.block(N, unit=batch_size)
     local = torch.zeros(len(mine), K + 1, dtype=torch.float64)  # each image's K draws (nats) and its solve's NFE
     starts = range(mine.start, mine.stop, batch_size)
-    bar = tqdm(total=len(mine), desc=label(desc, "probability-flow NLL"), unit="image", disable=not (progress and dist.main))
-    for start in starts:
+    for start in progress_of(starts, len(mine), label(desc, "probability-flow NLL"), "image", progress and dist.main,
+                             weight=lambda start: min(batch_size, mine.stop - start)):
         batch = range(start, min(start + batch_size, mine.stop))
         points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
@@ -322,8 +322,6 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
         rows = slice(start - mine.start, start - mine.start + len(batch))
         local[rows, :K] = nats.view(len(batch), K)
         local[rows, K] = nfe
-        bar.update(len(batch))
-    bar.close()
     both = dist.gather(local, N, unit=batch_size)
     offset = D * math.log(1 / (2 * BIN_HALF_WIDTH)) if dequantised else 0.0  # −D log(bin width) = D log 127.5
     draws = bits_per_dim_from_nats(both[:, :K] + offset, D)

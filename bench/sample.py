@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from bench.dist import SINGLE, Dist
 from bench.errors import BenchError
 from bench.evaluate import keyed_generator, label
+from bench.progress import Progress
 from bench.schedule import Schedule
 from bench.variant import Variant
 
@@ -102,8 +102,8 @@ def sample(
     model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
     try:
-        bar = tqdm(total=len(mine), desc=label(desc, f"sampling ({describe_sampler(sched, steps, variant)})"), unit="image",
-                   disable=not (progress and dist.main))
+        bar = Progress(len(mine), label(desc, f"sampling ({describe_sampler(sched, steps, variant)})"), "image",
+                       progress and dist.main)
         every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):
             b = min(batch_size, n - start)
@@ -125,6 +125,7 @@ def sample(
                     x = step.mean
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
             bar.update(b)
+        bar.set_postfix_str("")
         bar.close()
     finally:
         model.train(was_training)

@@ -147,6 +147,7 @@ def client(uri: str | None = None, must_exist: bool = False):
     """
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow()
     uri = resolve_tracking_uri(uri)
     path = sqlite_path(uri)
     if path is not None and must_exist and not path.is_file():
@@ -165,6 +166,19 @@ def client(uri: str | None = None, must_exist: bool = False):
         first = first_line(err)
         raise BenchError(f"cannot reach the MLflow tracking store {masked(uri)!r} ({scrubbed(first, uri)}); check --tracking-uri") from None
     return c
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own notices stay out of the user's output: its INFO lines (database tables created or upgraded,
+    alembic's migration steps) and the "View run … at" links it prints for a tracking server; its warnings and
+    errors still show. $MLFLOW_LOGGING_LEVEL, when set, is the user's choice and stays. Call after MLflow is
+    imported (its import sets its loggers' levels)."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def experiment_id(c, name: str) -> str:

@@ -32,7 +32,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from bench import dist as dist_mod
 from bench import tracking
@@ -46,6 +45,7 @@ from bench.errors import BenchError, first_line
 from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
 from bench.gaussian import to_data_scale
 from bench.plots import per_t_figure, sample_grid
+from bench.progress import Progress, format_duration, say
 from bench.sample import describe_sampler, sample
 from bench.schedule import Schedule
 from bench.unet import build_network, count_parameters
@@ -309,6 +309,8 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
             or (None, None)
         run_id = d.share(run_id)
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
+        say(f"{'continuing' if ckpt is not None else 'new'} run {run_id} ({config.default_run_name}) in experiment "
+            f"{config.experiment!r}, store {masked(uri)}", progress and d.main)
         if d.main:
             if ckpt is not None:
                 log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
@@ -658,7 +660,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
     window = state.window
     health = _Health(device)
     window_images, window_seconds = 0, 0.0
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {variant.label}", unit="step", disable=not ctx.progress)
+    bar = Progress(config.steps, f"train {variant.label}", "step", ctx.progress, initial=state.step)
     interrupt = interrupt or _Interrupt()
     tick = time.perf_counter()
 
@@ -723,7 +725,8 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
                 bar.close()
                 return failure
         if evaluating:
-            _evaluate_during_training(ema_model, ctx, state.step)
+            with bar.paused(f"step {state.step}: evaluating ({_evaluation_plan(config)})"):
+                _evaluate_during_training(ema_model, ctx, state.step, bar)
         if saving:
             _save(state, ctx)
         if evaluating or saving:
@@ -747,9 +750,17 @@ def _stop_requested(interrupt: _Interrupt, d: Dist, at_check: bool) -> bool:
     return bool(d.reduce(torch.tensor(int(interrupt.requested)), "max"))
 
 
-def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
-    """The training-time bound estimate on a test subset and a sample grid, logged at ``step``."""
+def _evaluation_plan(config: RunConfig) -> str:
+    """What a training-time evaluation does, in a few words."""
+    return (f"bound estimate on {config.eval_images} test images, {config.eval_calls} calls each; "
+            f"{config.sample_grid} samples")
+
+
+def _evaluate_during_training(ema_model, ctx: _Ctx, step: int, bar: Progress | None = None) -> None:
+    """The training-time bound estimate on a test subset and a sample grid, logged at ``step``; ``bar``
+    (the training's progress) says the result and counts the evaluations still to come in its time left."""
     config = ctx.config
+    started = time.monotonic()
     subset = _eval_subset(ctx.test_images, config.eval_images)
     est = estimate_bits_per_dim(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, config.eval_batch_size,
                                 EVAL_SEED, ctx.device, dist=ctx.dist)
@@ -773,6 +784,11 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int) -> None:
                   config.sample_steps or None, config.seed, device=ctx.device, dist=ctx.dist)
     if ctx.dist.main:
         ctx.log.image(sample_grid(grid), "samples", step)
+    if bar is not None:
+        bar.pauses_left = later = (config.steps - 1) // config.eval_every - step // config.eval_every
+        bar.write(f"step {step}: bpd_estimate {summary['bpd_estimate']:.4f} ± {summary['bpd_estimate_stderr']:.4f} "
+                  f"bits/dim (lower is better; {len(subset)} test images) in {format_duration(time.monotonic() - started)}; "
+                  f"{later} more evaluation{'s' * (later != 1)} before the end")
     if ctx.on_eval is not None:
         ctx.on_eval(step, summary)
 
@@ -842,12 +858,15 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
             log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
+        started = time.monotonic()
+        say(f"FID: {config.fid_samples} samples against the {config.dataset} train split", progress)
         try:
             fid = compute_fid(images[: config.fid_samples], config.dataset, train_images,
                               cache_dir=tracking.bench_home() / "cache", device=device, fid_weights=config.fid_weights,
                               test_images=test_images)
             metrics.update(fid.metrics)
             fid_tags = fid.tags
+            say(f"FID: done in {format_duration(time.monotonic() - started)}", progress)
             log.tags({**fid.tags, "fid_sampler": sampler})
         except FidUnavailable as err:
             warnings.warn(f"FID skipped: {err}", stacklevel=2)
@@ -1029,6 +1048,51 @@ class _NoLog:
         return lambda *args, **kwargs: None
 
 
-def summarize(metrics: dict[str, float]) -> str:
-    parts = [f"{k} {v:.4f}" if abs(v) >= 1e-3 else f"{k} {v:.2e}" for k, v in metrics.items() if not math.isnan(v)]
-    return ", ".join(parts)
+BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<term>: total = prior + vb + decoder
+
+
+def _number(v: float) -> str:
+    return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+
+
+def _summary_rows(metrics: dict[str, float]) -> list[tuple[str, ...]]:
+    """(name, value, ± its standard error, unit, what it is) for :func:`summarize`; every metric shows once, NaN
+    ones not at all."""
+    m = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    rows, shown = [], set()
+
+    def row(name: str, unit: str, note: str, error: str | None = None, *also: str) -> None:
+        rows.append((name, _number(m[name]), f"± {_number(m[error])}" if error in m else "", unit, note))
+        shown.update((name, error, *also))
+
+    for name in [k for k in m if f"{k}/vb" in m]:  # bpd, bpd_unclipped, bpd_eval_exact…
+        terms = [f"{name}/{t}" for t in BOUND_TERMS if f"{name}/{t}" in m]
+        parts = " + ".join(f"{t.rsplit('/', 1)[1]} {_number(m[t])}" for t in terms)
+        clip = "x̂_0 not clipped" if name.endswith("_unclipped") else "lower is better; x̂_0 clipped (DDPM protocol)"
+        row(name, "bits/dim", f"{clip}; = {parts}", f"{name}_stderr", *terms)
+    if "nll_ode" in m:
+        nfe = f", {m['nll_ode_nfe']:.0f} network calls per solve" if "nll_ode_nfe" in m else ""
+        row("nll_ode", "bits/dim", f"lower is better; probability-flow ODE NLL, an estimate, not a bound{nfe}",
+            "nll_ode_stderr", "nll_ode_nfe", "nll_ode_stderr_draws")
+    refs = [f"{what} {_number(m[k])}" for k, what in (("fid_ref_noise", "noise images (worst)"),
+                                                       ("fid_ref_test", "real test images (the floor)")) if k in m]
+    if "fid" in m:
+        row("fid", "", "lower is better, against the train split" + (f"; for scale: {', '.join(refs)}" if refs else ""),
+            None, "fid_ref_noise", "fid_ref_test")
+    for name, note, error in (("kid", "lower is better", "kid_std"),
+                              ("precision", "higher is better: samples near real images", None),
+                              ("recall", "higher is better: real images near samples", None),
+                              ("isc", "higher is better (inception score or its digits analogue)", "isc_std")):
+        if name in m:
+            row(name, "", note, error)
+    rows += [(k, _number(v), "", "", "") for k, v in m.items() if k not in shown]
+    return rows
+
+
+def summarize(metrics: dict[str, float], indent: str = "") -> str:
+    """The metrics of an evaluation as aligned lines: name, value ± its standard error, unit, what it is (which
+    way is better, the bound's terms, FID's reference points)."""
+    rows = _summary_rows(metrics)
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    return "\n".join(f"{indent}{name:<{widths[0]}}  {value:>{widths[1]}} {error:<{widths[2]}} {unit:<{widths[3]}}  {note}"
+                     .rstrip() for name, value, error, unit, note in rows)

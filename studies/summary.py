@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from bench.progress import format_duration, on_terminal
+
 
 def _complete(study):
     from optuna.trial import TrialState
@@ -58,7 +60,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
                        + (f"{images} test images (as its estimate)" if images else "the test images of its estimate"))
         start = time.monotonic()
         metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
-                                            progress=progress and sys.stderr.isatty(), desc=f"exact bound, trial {t.number}",
+                                            progress=progress and on_terminal(), desc=f"exact bound, trial {t.number}",
                                             alone=True, tracking_uri=sc.tracking_uri)
         # logged as bpd_eval_exact into a trial run whose bpd is its estimate (an exact bound never replaces it)
         done[t.number] = exact = metrics.get("bpd", metrics.get(other_method_name("exact")))
@@ -164,13 +166,6 @@ def _plot(log, path: str, make) -> None:
 BPD_ESTIMATE = "bits/dim (estimate, test split)"
 BPD_EXACT = "bits/dim (exact bound, test split)"
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
-
-
-def format_duration(seconds: float) -> str:
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def format_params(params: dict) -> str:

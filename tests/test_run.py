@@ -76,6 +76,11 @@ def describe(result) -> str:
     return f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-3000:]}\n{tb}"
 
 
+def said(name: str, value: float, stdout: str) -> bool:
+    """Whether the summary's row ``name`` gives ``value`` (to 4 decimals)."""
+    return re.search(rf"^ *{re.escape(name)} +{value:.4f}( |$)", stdout, re.M) is not None
+
+
 def run_ok(home: Path, args: list[str], exit_code: int = 0) -> tuple[str, object]:
     """Run ``bench run <args>``; expect ``exit_code`` (0: success); return (run id, click result)."""
     result = invoke(home, ["run", *args])
@@ -200,7 +205,7 @@ def test_run_end_to_end_records_everything(tiny_run):
     final = {k: dict(history(c, run_id, k))[STEPS] for k in ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder")}
     assert all(math.isfinite(v) for v in final.values())
     assert final["bpd"] == pytest.approx(final["bpd/prior"] + final["bpd/vb"] + final["bpd/decoder"], abs=1e-6)
-    assert f"bpd {final['bpd']:.4f}" in result.stdout
+    assert said("bpd", final["bpd"], result.stdout)
     assert sorted(s for s, _ in history(c, run_id, "bpd")) == [STEPS]  # `bpd` is the final number only
     assert sorted(s for s, _ in history(c, run_id, "bpd_estimate")) == [EVAL_EVERY]  # the training-time estimate
     assert "bpd_stderr" not in run.data.metrics  # the final bound is exact: no Monte Carlo error
@@ -305,7 +310,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
     fid = dict(history(c, run_id, "fid"))
     assert list(fid) == [STEPS]
     assert math.isfinite(fid[STEPS]) and fid[STEPS] >= 0
-    assert f"fid {fid[STEPS]:.4f}" in result.stdout
+    assert said("fid", fid[STEPS], result.stdout)
     tags = run.data.tags
     assert tags["fid_extractor"].startswith("digits-classifier"), tags
     assert tags["fid_samples"] == "64"
@@ -584,7 +589,7 @@ def test_eval_prints_bpd_and_logs_into_the_run(home):
     plain = invoke(home, ["eval", str(ckpt)])
     assert plain.exit_code == 0, describe(plain)
     # the same exact bound on the same EMA weights, images and evaluation noise
-    assert f"bpd {logged_bpd:.4f}" in plain.stdout
+    assert said("bpd", logged_bpd, plain.stdout)
     assert "logged into run" not in plain.stdout
     assert len(history(c, run_id, "bpd")) == 1  # nothing was logged
 
@@ -616,7 +621,7 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     assert "bpd_stderr" not in after.metrics
     estimate = after.metrics["bpd_eval_estimate"]
     assert [s for s, _ in history(c, run_id, "bpd_eval_estimate")] == [STEPS] and estimate != before.metrics["bpd"]
-    assert after.metrics["bpd_eval_estimate_stderr"] > 0 and f"bpd_eval_estimate {estimate:.4f}" in logged.stdout
+    assert after.metrics["bpd_eval_estimate_stderr"] > 0 and said("bpd_eval_estimate", estimate, logged.stdout)
     assert after.tags["bpd_eval_estimate_method"].startswith("estimate (33 calls/image, 8 test images)")
     note = after.tags["mlflow.note.content"]
     result = note.split("**Result**: ")[1].split("\n\n")[0]
@@ -686,7 +691,8 @@ def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypat
                         "--ode-atol", "1e-3", "--ode-batch-size", "2", "--log-to-run"])
     assert ode.exit_code == 0, describe(ode)
     assert "  bound      not computed\n" in ode.stdout and "on 3 of 297 test images, as nll_ode" in ode.stdout
-    assert "3/3 [" in ode.stderr and "image/s" in ode.stderr  # the bar counts images (2 batches of at most 2)
+    assert "probability-flow NLL: 3 images\n" in ode.stderr  # the progress counts images (2 batches of at most 2)
+    assert "probability-flow NLL: done, 3 images in " in ode.stderr and "images/s)" in ode.stderr
     after = c.get_run(run_id).data
     assert after.tags["nll_ode_images"] == "3" and "RK23, rtol=0.001, atol=0.001" in after.tags["nll_ode_method"]
     assert math.isfinite(after.metrics["nll_ode"]) and f"nll_ode {after.metrics['nll_ode']:.4f}" in ode.stdout
@@ -879,11 +885,11 @@ def test_the_probability_flow_nll_is_logged_apart_from_the_bound(home):
     assert math.isfinite(m["nll_ode"]) and m["nll_ode_stderr"] > 0 and m["nll_ode_nfe"] >= 2
     assert m["nll_ode"] != m["bpd"] and sorted(s for s, _ in history(c, run_id, "bpd")) == [STEPS]
     assert tags["nll_ode_method"].startswith("probability-flow ODE NLL (not the bound)") and "2 rademacher" in tags["nll_ode_method"]
-    assert tags["nll_ode_images"] == "8" and f"nll_ode {m['nll_ode']:.4f}" in result.stdout
+    assert tags["nll_ode_images"] == "8" and said("nll_ode", m["nll_ode"], result.stdout)
     ckpt = home / "checkpoints" / run_id / "last.pt"
     again = invoke(home, ["eval", str(ckpt), "--nll", "ode", "--fid-samples", "0", "--device", "cpu"])
     assert again.exit_code == 0, describe(again)
-    assert f"nll_ode {m['nll_ode']:.4f}" in again.stdout  # the same noise streams: the same number
+    assert said("nll_ode", m["nll_ode"], again.stdout)  # the same noise streams: the same number
     plain = invoke(home, ["eval", str(ckpt), "--nll", "bound", "--fid-samples", "0", "--device", "cpu"])
     assert plain.exit_code == 0 and "nll_ode" not in plain.stdout
 

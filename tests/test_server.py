@@ -76,6 +76,7 @@ def test_bench_server_takes_runs_and_artifacts_over_http_and_stops(tmp_path):
                               "--eval-every", "0", "--final-eval-images", "8", "--fid-samples", "0"],
                              env=_env(worker_home), capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert "View run" not in res.stdout and " INFO " not in res.stderr, res.stdout  # MLflow's notices kept out
         run = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("elbo-bench").experiment_id])[0]
         assert run.info.status == "FINISHED" and "bpd" in run.data.metrics
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server
