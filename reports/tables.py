@@ -184,7 +184,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in df.groupby(keys, sort=True, dropna=False):
         done = g[g.status == "FINISHED"]
         row = dict(zip(keys, key))
-        row["settings"] = ", ".join(f"{name}={row[name]}" for name in varying)
+        row["settings"] = ", ".join(f"{name}={shown_setting(name, row[name])}" for name in varying)
         row.update({"runs": len(g), "finished": len(done), "diverged": int(g.diverged.sum())})
         for m in (*METRICS, GAP):
             mean, std, lo, hi, n = mean_ci(done[m])
@@ -273,6 +273,11 @@ DISPLAY = (("bpd", ".4f"), ("nll_ode", ".4f"), (GAP, ".4f"), ("nll_ode_nfe", ".0
 RENAME = {"train_seconds": "train s", "images_per_sec_overall": "images/s"}
 
 
+def shown_setting(name: str, value) -> str:
+    """A setting's value as a reader takes it: ``bound images`` 0 (the config's "the whole test split") as 'all'."""
+    return "all" if name == LABELS["final_eval_images"] and str(value) == "0" else str(value)
+
+
 def _runs_cell(r) -> str:
     """'3', or '4 (3 finished, 1 diverged)' where not every run finished."""
     if r["finished"] == r["runs"] and not r["diverged"]:
@@ -310,7 +315,7 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
     said = ["dataset", "schedule"] * several + [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
-    protocol = [f"{name}: {table[name].iloc[0]}" for name in said
+    protocol = [f"{name}: {shown_setting(name, table[name].iloc[0])}" for name in said
                 if table[name].nunique(dropna=False) == 1 and table[name].iloc[0]]
     if len(out) > 1:  # what is the same in every row is said once, not repeated in a column
         for m, spec in DISPLAY:

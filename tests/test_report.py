@@ -759,7 +759,7 @@ def test_a_report_over_mixed_settings_stays_narrow_and_says_what_it_shows(key_st
     md, page = rep.markdown.read_text(), rep.html.read_text()
     for text in (md, page.replace("<li>", "- ").replace("</li>", "\n")):
         assert "Common settings (the same in every row):" in text and "- dataset: digits" in text
-        assert "- fid_samples: 500" in text and "- network: " in text
+        assert "- fid_samples: 500" in text and "- network: " in text and "- bound images: all" in text  # 0: the whole split
     main = _header(md, "## Comparison by variant")
     assert main == ["variant", "settings", "runs", "bpd", "fid"]
     assert "| elbo | T=1000, steps=200, bound=exact | 2 |" in md  # the key column: only what differs
