@@ -136,7 +136,7 @@ def test_config_file_and_run_options_reach_every_run(home):
     for seed, run in enumerate(runs):
         expected = make_config(variant="mu-elbo", seed=seed, lr=5e-4, beta_end=0.03, steps=3, T=40, batch_size=16,
                                log_every=1, eval_every=0, eval_images=8, final_eval="estimate", final_eval_images=8,
-                               fid_samples=0, sample_steps=10, experiment="grid-digits")
+                               fid_samples=0, sample_steps=10, log_model=False, experiment="grid-digits")
         assert {k: v for k, v in run.data.params.items() if k.startswith("config.")} == flatten(expected)
     # the full config tells pairs apart: a new seed, or any other value, is still to train
     assert "3 runs: 1 to train, 2 already recorded" in grid_ok(home, [*args, "--seeds", "3", "--dry-run"])
@@ -155,7 +155,7 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     for key, value in {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}.items():
         monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
     seed0 = make_config(variant="simple", seed=0, steps=3, T=40, batch_size=16, log_every=1, eval_every=0,
-                        eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10,
+                        eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10, log_model=False,
                         experiment="g")  # the grid's first pair
     train, trained, held, grid_waits = bench.train.train, [], threading.Event(), threading.Event()
 
