@@ -303,9 +303,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
         if reopen:
             raise BenchError("--reopen goes with --resume CHECKPOINT (it continues a FINISHED run)")
         config = build_config("digits", config_file, values)
-    if dry_run or not nproc or nproc == 1:  # else the launched ranks say it (rank 0)
-        _warn_short_budget(config)
     if dry_run:
+        _warn_short_budget(config)
         click.echo(json.dumps(config.redacted().to_dict(), indent=2))
         return 0
     if nproc and nproc > 1:
@@ -314,7 +313,7 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
         from bench.dist import launch
 
         return launch(nproc, _without_nproc(_ARGV))
-    result = train(config, resume=resume, reopen=reopen)
+    result = train(config, resume=resume, reopen=reopen, warn_short_budget=True)
     if result.rank != 0:
         return EXIT_DIVERGED if result.status == "FAILED" else 0
     click.echo(f"run {result.run_id}: {result.status} at step {result.step}")
@@ -550,10 +549,10 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     configs = [replace(build_config("digits", config_file, {**values, "variant": v, "seed": s}, grid_defaults),
                        run_name=None) for v in dict.fromkeys(variants) for s in range(seeds)]  # all validated up front
     experiment, tracking_uri = configs[0].experiment, configs[0].tracking_uri
-    _warn_short_budget(configs[0])
     if not dry_run:
         check_out_dir(out or default_out_dir([experiment]))  # refused before hours of training, not after
     recorded = recorded_runs(configs)
+    _warn_short_budget(configs[0])  # once the store answered: a refused grid prints its one error line alone
     diverged = skipped = elsewhere = 0
     deferred = []
 

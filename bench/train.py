@@ -267,7 +267,8 @@ def resume_config(ckpt: dict, steps: int | None = None, device: str | None = Non
 
 
 def train(config: RunConfig, resume: str | Path | dict | None = None, progress: bool = True,
-          parent_run_id: str | None = None, tags: dict | None = None, on_eval=None, reopen: bool = False) -> RunResult:
+          parent_run_id: str | None = None, tags: dict | None = None, on_eval=None, reopen: bool = False,
+          warn_short_budget: bool = False) -> RunResult:
     """Train ``config``, or continue the checkpoint ``resume`` (a path or a loaded checkpoint) with its
     own config, to ``config.steps`` (see :func:`resume_config`).
 
@@ -276,6 +277,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     :class:`StopRun` to end the run early (recorded with the reason as tag ``stop_reason``).
     A FINISHED run is continued only with ``reopen`` and a larger ``config.steps``; a run that another
     live process is training is refused. Launched by torchrun, every rank calls this (module docstring).
+    ``warn_short_budget``: say after the start line when the steps end inside a warm-up (:func:`short_budget`).
     """
     ckpt = (resume if isinstance(resume, dict) else load_checkpoint(resume)) if resume is not None else None
     if ckpt is not None:  # the checkpoint's own config; only the target step count and device may change
@@ -311,6 +313,9 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
         say(f"{'continuing' if ckpt is not None else 'new'} run {run_id} ({config.default_run_name}) in experiment "
             f"{config.experiment!r}, store {masked(uri)}", progress and d.main)
+        short = short_budget(config) if warn_short_budget and d.main else None
+        if short:  # `bench run`: once the run is open, so a refused run prints its one error line alone
+            say(short)
         if d.main:
             if ckpt is not None:
                 log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already

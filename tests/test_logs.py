@@ -59,7 +59,7 @@ def test_off_a_terminal_the_log_is_a_few_lines_per_phase_without_bars(piped_run)
 def test_the_run_says_where_it_writes_and_when_it_evaluates(piped_run):
     home, done = piped_run
     run_id = re.search(r"^run ([0-9a-f]{32}): FINISHED at step 12$", done.stdout, re.M).group(1)
-    warning, start = done.stderr.splitlines()[:2]  # a 12-step run says first that it ends inside the lr warm-up
+    start, warning = done.stderr.splitlines()[:2]  # then, once the run is open, that 12 steps end inside the lr warm-up
     assert warning.startswith("warning: --steps 12 ends inside the learning-rate warm-up")
     assert start == (f"new run {run_id} (simple-digits-seed0) in experiment 'logs-test', "
                      f"store sqlite:///{home}/mlflow.db")
