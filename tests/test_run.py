@@ -232,7 +232,7 @@ def test_run_end_to_end_records_everything(tiny_run):
     dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
                                  tracking_uri=f"sqlite:///{home}/mlflow.db"))
     logged_config = json.loads((dl / "config.json").read_text())
-    dry = invoke(home, ["run", *TINY, "--dry-run"])
+    dry = invoke(home, ["run", *WITH_MODEL, "--dry-run"])
     assert dry.exit_code == 0, describe(dry)
     assert logged_config == json.loads(dry.stdout)
     assert make_config(**logged_config).to_dict() == logged_config  # round-trips to a RunConfig
