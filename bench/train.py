@@ -462,6 +462,7 @@ def _run(state: _State, ctx: _Ctx, fresh: bool) -> RunResult:
                                    ctx.device, log, state.step, ctx.progress, d)
         if d.main and config.log_model:
             _log_model(state.ema.module, ctx, state.step)
+        d.barrier()  # the others wait for rank 0's export: a rank that exits first takes the process group down under it
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:
