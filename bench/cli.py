@@ -477,8 +477,9 @@ def study_cmd(variants, space_file, tune_lr, show_space, status_of, config_file,
         or "elbo-bench-studies"
     sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr,
                      run_overrides=overrides, **study_values).validate()
-    _warn_short_budget(sc.base_config(sc.variants[0]), tuned=space)
-    for r in run_study(sc):
+    from bench.train import short_budget
+
+    for r in run_study(sc, notice=short_budget(sc.base_config(sc.variants[0]), tuned=space)):
         click.echo(describe_result(r, sc))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -536,9 +537,10 @@ def study_status(name: str, storage: str | None = None) -> str:
     return describe_status(study, url)
 
 
-def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
+def run_study(sc: StudyConfig, progress: bool = True, notice: str | None = None) -> list[StudyResult]:
     """Run (or resume, or join) one study per variant; returns their summaries. ``progress``: print a line
     per finished trial and per exact re-evaluation, with bars on a terminal (see :class:`studies.summary.Progress`).
+    ``notice``: a line for stderr once the first study is open (a refused study prints its one error line alone).
 
     Any number of ``bench study`` processes, on any machines sharing the storage and the tracking store,
     may work on one study: each returns once every trial has finished, and the first to get there does
@@ -563,6 +565,9 @@ def run_study(sc: StudyConfig, progress: bool = True) -> list[StudyResult]:
             continue
         if progress:
             print(describe_start(sc, name, variant, parent_run_id), flush=True)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+            notice = None
         try:
             with Progress(study, sc, variant, progress):
                 if d.active:
