@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import fields
 
 import click
@@ -72,7 +73,13 @@ def captured_study(monkeypatch):
     seen = []
     import studies.study
 
-    monkeypatch.setattr(studies.study, "run_study", lambda sc: seen.append(sc) or [])
+    def recorder(sc, notice=None):  # says the notice as run_study does once the study is open
+        if notice:
+            print(notice, file=sys.stderr)
+        seen.append(sc)
+        return []
+
+    monkeypatch.setattr(studies.study, "run_study", recorder)
     return seen
 
 
@@ -185,7 +192,7 @@ def _resolved(command: str, dataset: str, tmp_path) -> tuple[dict, int]:
         import studies.study
 
         real = studies.study.run_study
-        studies.study.run_study = lambda sc: seen.append(sc) or []
+        studies.study.run_study = lambda sc, notice=None: seen.append(sc) or []
         try:
             # --objective both: --fid-samples is the trials' own only where FID is an objective (its help says so)
             res = _invoke(["study", "--dataset", dataset, "--objective", "both"], BENCH_HOME=str(tmp_path))
