@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# A suite started as a background job of a script (`.ci/run &`, `nohup … &`) inherits SIGINT ignored, and every
+# process a test starts would inherit it too, so the tests that stop `bench ui`, `bench dashboard` and `bench server`
+# with Ctrl-C would find them deaf to it. A handled signal is reset to the default in a child it execs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_cifar10_folder(root: Path, n_train_per_batch: int, n_test: int, seed: int = 0) -> Path:
