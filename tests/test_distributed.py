@@ -142,7 +142,9 @@ from bench.unet import build_network
 net = build_network("tiny", 1, 1, 8).eval()
 x, t = torch.randn(100, 1, 8, 8), torch.randint(0, 1000, (100,))
 with torch.no_grad(), CoreShare(sys.argv[1]) as cores:
-    time.sleep(2)  # both have registered
+    deadline = time.monotonic() + 120  # both have registered (the other may still be importing torch on a busy machine)
+    while cores.live() < int(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     cores.apply()
     for _ in range(5):
         net(x, t)
@@ -166,7 +168,7 @@ def test_processes_started_side_by_side_share_the_cores_instead_of_fighting(tmp_
 
     def timed(n: int) -> tuple[float, list[int]]:
         """The slowest process's time for the fixed work, and each one's threads at the end."""
-        procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cores")], env=env,
+        procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"cores{n}"), str(n)], env=env,
                                   stdout=subprocess.PIPE, text=True) for _ in range(n)]
         seconds, threads = [], []
         for p in procs:
