@@ -3,11 +3,11 @@
 The public API: schedules, the exact bound and its estimator, datasets, networks.
 """
 
-from bench.data import DATASETS, load_dataset
+from bench.data.datasets import DATASETS, load_dataset
 from bench.errors import BenchError
-from bench.evaluate import BoundResult, EstimateResult, bits_per_dim, estimate_bits_per_dim
-from bench.schedule import Schedule
-from bench.unet import NETWORK_PRESETS, UNet, build_network
+from bench.diffusion.bound import BoundResult, EstimateResult, bits_per_dim, estimate_bits_per_dim
+from bench.diffusion.schedule import Schedule
+from bench.nets.unet import NETWORK_PRESETS, UNet, build_network
 
 __all__ = [
     "DATASETS",

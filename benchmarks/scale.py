@@ -5,9 +5,9 @@ else CPU), it times, through the suite's own code paths:
 
 - training steps (``variant.loss`` → backward → grad clip → AdamW → EMA), at fp32, under bf16 autocast,
   and under bf16 autocast with ``torch.compile``;
-- the exact bound (``bench.evaluate.bits_per_dim``: every (image, t) pair, noise drawn as the real
+- the exact bound (``bench.diffusion.bound.bits_per_dim``: every (image, t) pair, noise drawn as the real
   evaluation draws it), converted to images/s of the whole bound: pairs/s ÷ T;
-- ancestral sampling (``bench.sample.sample`` with a reduced step count), converted to images/s of a
+- ancestral sampling (``bench.diffusion.sample.sample`` with a reduced step count), converted to images/s of a
   full T-step chain: network calls/s ÷ T.
 
 Each row shows the model FLOP utilisation: FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config import make_config
-from bench.evaluate import bits_per_dim
-from bench.gaussian import to_data_scale
-from bench.sample import sample
-from bench.unet import NETWORK_PRESETS, build_network, count_parameters
+from bench.training.config import make_config
+from bench.diffusion.bound import bits_per_dim
+from bench.diffusion.gaussian import to_data_scale
+from bench.diffusion.sample import sample
+from bench.nets.unet import NETWORK_PRESETS, build_network, count_parameters
 from variants import VARIANTS, get_variant
 
 CIFAR10_TEST_IMAGES = 10_000
@@ -191,7 +191,7 @@ def time_training(args, config, variant, sched, shape, device, channels_last, bf
 
 
 def time_bound(args, variant, sched, shape, device, channels_last, bf16: bool) -> float:
-    """Images/s of the exact bound (all T pairs per image) through bench.evaluate.bits_per_dim."""
+    """Images/s of the exact bound (all T pairs per image) through bench.diffusion.bound.bits_per_dim."""
     model = Autocast(build(args, variant, shape, device, channels_last).eval(), device, bf16)
     images = torch.randint(0, 256, (args.bound_images, *shape), dtype=torch.uint8)
     bits_per_dim(model, variant, sched, images[:1], args.eval_batch_size, args.seed, device)  # warm-up
@@ -201,7 +201,7 @@ def time_bound(args, variant, sched, shape, device, channels_last, bf16: bool) -
 
 
 def time_sampling(args, variant, sched, shape, device, channels_last, bf16: bool) -> float:
-    """Images/s of full T-step ancestral chains, from ``sample_steps`` strided steps of bench.sample.sample."""
+    """Images/s of full T-step ancestral chains, from ``sample_steps`` strided steps of bench.diffusion.sample.sample."""
     model = Autocast(build(args, variant, shape, device, channels_last).eval(), device, bf16)
     n, k = args.sample_batch_size, args.sample_steps
 

@@ -6,7 +6,7 @@ study's schedule space (studies.space.suggest: 4 parameters), and reports a valu
 
 - ``optuna``: ``study.ask()``, the suggestions, ``study.tell(trial, value)`` on a plain RDBStorage;
 - ``worker``: what a `bench study` worker does per trial besides training, through its own functions:
-  ``studies.study._next_trial`` (the advisory lock ``bench.locks.store_lock(url, "trial")``, failing stale
+  ``studies.study._next_trial`` (the advisory lock ``bench.runtime.locks.store_lock(url, "trial")``, failing stale
   trials, counting the study's trials, ``study.ask()``), the suggestions, one heartbeat, and ``tell``, on
   the storage ``studies.study._storage`` builds (heartbeats on, stale trials retried).
 

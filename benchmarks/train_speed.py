@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.unet import NETWORK_PRESETS, build_network, count_parameters
+from bench.nets.unet import NETWORK_PRESETS, build_network, count_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import tracking
+from bench.tracking import store as tracking
 from bench.errors import BenchError
 from reports import figures
 from reports.tables import (

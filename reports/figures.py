@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from matplotlib.lines import Line2D
 
-from bench.plots import per_t_figure, plt
+from bench.tracking.plots import per_t_figure, plt
 from reports.tables import EXTRACTOR, ROW, SETTINGS
 
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
@@ -307,7 +307,7 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
 
 
 # ---------------------------------------------------------------------------------------------- bpd against FID
-FID_REFERENCES = {  # metric: (label, colour, line style) of the FID reference points bench.fid logs
+FID_REFERENCES = {  # metric: (label, colour, line style) of the FID reference points bench.metrics.fid logs
     "fid_ref_test": ("test split vs train", "tab:green", ":"),
     "fid_ref_noise": ("Gaussian noise vs train", "tab:red", "--"),
 }
@@ -412,7 +412,7 @@ def _latest_samples(client, run_id: str, tmp: str):
 
 def _sampler(r) -> str:
     """The ancestral sampler a run's grids were drawn with: its `fid_sampler` tag (the final grid and FID come
-    from the same samples), else from its params (as bench.sample.describe_sampler, which also knows that a
+    from the same samples), else from its params (as bench.diffusion.sample.describe_sampler, which also knows that a
     learned per-step Σ is sampled with all T steps whatever was asked)."""
     tagged = r.get("fid_sampler")
     if isinstance(tagged, str) and tagged:

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench import tracking
-from bench.config import RunConfig
+from bench.tracking import store as tracking
+from bench.training.config import RunConfig
 from bench.errors import BenchError, first_line
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode", "nll_ode_stderr",
@@ -116,7 +116,7 @@ def _extractor_of_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _precision(params: dict) -> str:
-    """The precision a run computed in: ``precision=auto`` resolved as bench.train does (bf16 autocast on CUDA,
+    """The precision a run computed in: ``precision=auto`` resolved as bench.training.run does (bf16 autocast on CUDA,
     fp32 elsewhere) from the device the run logged; 'auto' where that is not recorded."""
     asked = params.get("config.precision", "")
     if asked != "auto" or "device" not in params:

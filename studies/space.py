@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.config import SCHEDULES
+from bench.training.config import SCHEDULES
 from bench.errors import BenchError
 
 STUDY_DIR = Path(__file__).resolve().parent
@@ -136,7 +136,7 @@ def _check_runnable(space: dict[str, Param]) -> None:
     """Every end of a range and every choice must be a value a run accepts (RunConfig.validate)."""
     import dataclasses
 
-    from bench.config import RunConfig
+    from bench.training.config import RunConfig
 
     for p in space.values():
         if p.name in LINEAR_ONLY:  # checked against each other by _check_consistent

@@ -1,6 +1,6 @@
 """``bench study``: Optuna studies over the noise schedule, each trial a ``bench run`` on a reduced budget.
 
-Every trial goes through :func:`bench.train.train` (the same trainer and code path as ``bench run``),
+Every trial goes through :func:`bench.training.run.train` (the same trainer and code path as ``bench run``),
 nested in MLflow under one parent run per study. During the study a trial's bits/dim is the unbiased
 estimator on the whole test split with the fixed evaluation seed; afterwards the best trials are
 re-evaluated with the exact bound. Optuna keeps its own SQLite file beside the MLflow store.
@@ -21,12 +21,12 @@ from functools import partial
 import numpy as np
 import optuna
 
-from bench import tracking
-from bench.config import RunConfig, make_config
-from bench.dist import SINGLE, Dist
+from bench.tracking import store as tracking
+from bench.training.config import RunConfig, make_config
+from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError, first_line
-from bench.locks import sqlite_path, store_lock
-from bench.urls import scrubbed
+from bench.runtime.locks import sqlite_path, store_lock
+from bench.runtime.urls import scrubbed
 from studies.space import Param, describe_space, load_space, suggest
 
 OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
@@ -265,7 +265,7 @@ def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_ru
     alone holds the trial (None elsewhere), draws its point and decides pruning, and shares both."""
     import optuna
 
-    from bench.train import StopRun, train
+    from bench.training.run import StopRun, train
 
     config = d.share(d.main_decides(lambda: _trial_config(trial, sc, name, variant, space)))
     single = len(OBJECTIVES[sc.objective]) == 1
@@ -524,7 +524,7 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
 def study_status(name: str, storage: str | None = None) -> str:
     """``bench study --status NAME``: the study's state as ``storage`` (default: the studies' SQLite file)
     holds it, read without creating anything."""
-    from bench.ui import check_optuna_storage
+    from bench.serve.ui import check_optuna_storage
     from studies.summary import describe_status
 
     url = storage or StudyConfig().storage_url()
@@ -545,7 +545,7 @@ def run_study(sc: StudyConfig, progress: bool = True, notice: str | None = None)
     Any number of ``bench study`` processes, on any machines sharing the storage and the tracking store,
     may work on one study: each returns once every trial has finished, and the first to get there does
     the exact re-evaluation, records the study in its parent run and closes it FINISHED (:func:`_finish`)."""
-    from bench import dist as dist_mod
+    from bench.runtime import dist as dist_mod
     from studies.summary import Progress, describe_start
 
     sc.validate()

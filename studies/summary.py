@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bench.progress import format_duration, on_terminal
+from bench.runtime.progress import format_duration, on_terminal
 
 
 def _complete(study):
@@ -36,7 +36,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
     (logged into each trial's run; kept in the study's ``bpd_exact`` attribute, trial number → value,
     since Optuna freezes a finished trial's attributes). ``progress``: a line before and after each, the
     evaluation's bars between them on a terminal."""
-    from bench.train import evaluate_checkpoint, other_method_name
+    from bench.training.run import evaluate_checkpoint, other_method_name
 
     complete = _complete(study)
     if len(study.directions) == 1:
@@ -147,7 +147,7 @@ def _plot(log, path: str, make) -> None:
     """Log one optuna plot; plots that need more finished trials than the study has are skipped."""
     import matplotlib.pyplot as plt
 
-    from bench.plots import FIGURES
+    from bench.tracking.plots import FIGURES
 
     with FIGURES:  # matplotlib is not thread-safe
         try:
@@ -260,7 +260,7 @@ def describe_status(study, storage: str, now: float | None = None) -> str:
     the workers alive, the parent run and who finished it."""
     from optuna.trial import TrialState
 
-    from bench.tracking import masked
+    from bench.tracking.store import masked
     from studies.study import OBJECTIVES, workers_alive
 
     now = now or time.time()

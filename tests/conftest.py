@@ -77,7 +77,7 @@ def one_torch_thread():
     """The machine is 2 shared cores: one intra-op thread avoids oversubscription stalls in tests that
     start many tiny runs (used by test_run.py and test_study.py)."""
     saved, saved_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit choice: the runs' core sharing (bench.cores) keeps it
+    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit choice: the runs' core sharing (bench.runtime.cores) keeps it
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
@@ -100,7 +100,7 @@ def store_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def extractor_calls(monkeypatch) -> list[int]:
     """A spy on the digits feature extractor: the batch sizes it is called with (it still runs)."""
-    import bench.fid as fid_mod
+    import bench.metrics.fid as fid_mod
 
     seen: list[int] = []
     forward = fid_mod.DigitsFeatureExtractor.forward

@@ -1,6 +1,6 @@
 """A small U-Net whose output is not zero, for tests that check numbers through a real network.
 
-A freshly built network (bench.unet) outputs exactly zero for every input (DDPM's zero-initialised
+A freshly built network (bench.nets.unet) outputs exactly zero for every input (DDPM's zero-initialised
 layers), so a test through one passes for code that mixes up images, timesteps or ranks.
 :func:`nonzero_network` draws every parameter that starts at exactly zero from a seeded normal.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.unet import build_network
+from bench.nets.unet import build_network
 
 
 def nonzero_network(preset: str, in_channels: int, out_channels: int, size: int, seed: int = 0,

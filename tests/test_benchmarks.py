@@ -97,7 +97,7 @@ def test_smoke_projection_is_the_work_divided_by_the_measured_rates(smoke):
 @pytest.mark.usefixtures("one_torch_thread")
 def test_forward_flops_of_ddpm_cifar10_are_the_papers_network():
     """≈ 12.4 GFLOP per 32×32 image forward for the 35.7M-parameter DDPM U-Net (2 FLOPs per MAC)."""
-    from bench.unet import build_network
+    from bench.nets.unet import build_network
 
     torch.manual_seed(0)
     net = build_network("ddpm-cifar10", 3, 3, 32)

@@ -9,7 +9,7 @@ from nets import nonzero_network, output_scale
 from oracle import GaussianOracle, gaussian_grid_data
 
 from bench import BenchError, Schedule, bits_per_dim, estimate_bits_per_dim
-from bench.evaluate import strata_edges
+from bench.diffusion.bound import strata_edges
 from variants import get_variant
 
 S = 0.3  # pixel std of the oracle's data: clipping at ±1 is then negligible
@@ -159,7 +159,7 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
     bench's Gaussian helpers; the same noise as ``bits_per_dim`` (drawn per (seed, image))."""
     from scipy.stats import norm
 
-    from bench.evaluate import keyed_generator
+    from bench.diffusion.bound import keyed_generator
 
     T = sched.T
     b = sched.betas.numpy()

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from bench import cli as cli_mod
-from bench.cli import RUN_OPTIONS, STUDY_OWNS, STUDY_RUN_OPTIONS, _param_name, cli
-from bench.config import DATASET_DEFAULTS, RunConfig
-from bench.data import DATASETS
+from bench.cli.main import RUN_OPTIONS, STUDY_OWNS, STUDY_RUN_OPTIONS, _param_name, cli
+from bench.training.config import DATASET_DEFAULTS, RunConfig
+from bench.data.datasets import DATASETS
 
 
 def _invoke(args, **env):

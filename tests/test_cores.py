@@ -1,4 +1,4 @@
-"""The core registry (bench.cores): every live registered process is counted, dead ones' entries are removed."""
+"""The core registry (bench.runtime.cores): every live registered process is counted, dead ones' entries are removed."""
 
 from __future__ import annotations
 

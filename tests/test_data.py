@@ -1,4 +1,4 @@
-"""Tests for bench.data: the embedded digits split and the on-disk CIFAR-10 reader."""
+"""Tests for bench.data.datasets: the embedded digits split and the on-disk CIFAR-10 reader."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from bench.data import DATASETS, DatasetInfo, load_dataset, resolve_data_root
+from bench.data.datasets import DATASETS, DatasetInfo, load_dataset, resolve_data_root
 from bench.errors import BenchError
 
 # ---------------------------------------------------------------------------------------------- digits

@@ -137,8 +137,8 @@ def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path):
 
 WORKLOAD = """
 import sys, time, torch
-from bench.cores import CoreShare
-from bench.unet import build_network
+from bench.runtime.cores import CoreShare
+from bench.nets.unet import build_network
 net = build_network("tiny", 1, 1, 8).eval()
 x, t = torch.randn(100, 1, 8, 8), torch.randint(0, 1000, (100,))
 with torch.no_grad(), CoreShare(sys.argv[1]) as cores:
@@ -160,7 +160,7 @@ with torch.no_grad(), CoreShare(sys.argv[1]) as cores:
 def test_processes_started_side_by_side_share_the_cores_instead_of_fighting(tmp_path):
     """Two processes each running every core's OpenMP threads were measured 100x slower than one. Two
     elbo-bench processes started side by side, neither told anything (no OMP_NUM_THREADS), find each other
-    (bench.cores) and split the cores: together they take about twice one's time, not 100x."""
+    (bench.runtime.cores) and split the cores: together they take about twice one's time, not 100x."""
     script = tmp_path / "workload.py"
     script.write_text(WORKLOAD)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user who chose nothing
@@ -180,7 +180,7 @@ def test_processes_started_side_by_side_share_the_cores_instead_of_fighting(tmp_
 
     alone, (threads_alone,) = timed(1)
     together, threads_together = timed(2)
-    from bench.cores import cpu_count
+    from bench.runtime.cores import cpu_count
 
     assert threads_alone == cpu_count()
     assert threads_together == [max(1, cpu_count() // 2)] * 2

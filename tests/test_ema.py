@@ -1,4 +1,4 @@
-"""The weights' EMA (bench.ema): its warm-up pinned numerically against the closed form, the cap reached where
+"""The weights' EMA (bench.nets.ema): its warm-up pinned numerically against the closed form, the cap reached where
 min(decay, (1+n)/(10+n)) says and then the flat decay's update to the bit, and a restored EMA continuing as the
 uninterrupted one. (Whole runs resumed bit-exactly: tests/test_run.py, "exact resume".)"""
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from bench.checkpoint import load_checkpoint, save_checkpoint
-from bench.ema import Ema, horizon, initial_share, warmup_decay
+from bench.training.checkpoint import load_checkpoint, save_checkpoint
+from bench.nets.ema import Ema, horizon, initial_share, warmup_decay
 
 
 def _share_of_initial_weights(decay: float, updates: int, warmup: bool) -> float:
@@ -87,7 +87,7 @@ def test_an_ema_restored_from_its_state_dict_continues_bit_exactly():
 
 
 def test_a_checkpoint_from_before_the_warm_up_resumes_without_it(tmp_path):
-    from bench.config import RunConfig
+    from bench.training.config import RunConfig
 
     config = RunConfig().to_dict()
     del config["ema_warmup"]

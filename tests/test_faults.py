@@ -19,11 +19,11 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-import bench.checkpoint as checkpoint_mod
-from bench.checkpoint import load_checkpoint, save_checkpoint
-from bench.cli import cli
-from bench.config import RunConfig
-from bench.unet import build_network
+import bench.training.checkpoint as checkpoint_mod
+from bench.training.checkpoint import load_checkpoint, save_checkpoint
+from bench.cli.main import cli
+from bench.training.config import RunConfig
+from bench.nets.unet import build_network
 from variants import get_variant
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""FID / KID / precision-recall / IS through torch-fidelity (bench.fid); CPU only, no network."""
+"""FID / KID / precision-recall / IS through torch-fidelity (bench.metrics.fid); CPU only, no network."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
-import bench.fid as fid_mod
-from bench.data import load_dataset
+import bench.metrics.fid as fid_mod
+from bench.data.datasets import load_dataset
 from bench.errors import BenchError
-from bench.fid import (
+from bench.metrics.fid import (
     INCEPTION_WEIGHTS_FILENAME,
     FidResult,
     FidUnavailable,

@@ -1,5 +1,5 @@
 """Inception Score (and the digits classifier's analogue), the FID reference points, saved samples and
-``bench fid`` (bench.fid, bench.cli); CPU only, no network.  The CIFAR-10 check against torch-fidelity's
+``bench fid`` (bench.metrics.fid, bench.cli.main); CPU only, no network.  The CIFAR-10 check against torch-fidelity's
 published FID runs only where real CIFAR-10 and the real Inception weights are present."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bench.fid as fid_mod
-from bench.cli import cli
-from bench.data import CIFAR10_FOLDER, load_dataset
+import bench.metrics.fid as fid_mod
+from bench.cli.main import cli
+from bench.data.datasets import CIFAR10_FOLDER, load_dataset
 from bench.errors import BenchError
-from bench.fid import (
+from bench.metrics.fid import (
     INCEPTION_WEIGHTS_FILENAME,
     compute_fid,
     digits_classifier_file,

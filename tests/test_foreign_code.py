@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import load_dataset
+from bench.data.datasets import load_dataset
 from bench.errors import BenchError
-from bench.fid import INCEPTION_WEIGHTS_FILENAME, FidUnavailable, compute_fid, digits_classifier_file, digits_extractor_name
+from bench.metrics.fid import INCEPTION_WEIGHTS_FILENAME, FidUnavailable, compute_fid, digits_classifier_file, digits_extractor_name
 
 
 class _Mkdir:

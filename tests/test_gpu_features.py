@@ -18,13 +18,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench.checkpoint import load_checkpoint
-from bench.config import make_config
-from bench.data import load_dataset
-from bench.evaluate import _terms, estimate_bits_per_dim
-from bench.schedule import Schedule
-from bench.train import EVAL_SEED, _Autocast, ema_weights, train
-from bench.unet import UNet, build_network
+from bench.training.checkpoint import load_checkpoint
+from bench.training.config import make_config
+from bench.data.datasets import load_dataset
+from bench.diffusion.bound import _terms, estimate_bits_per_dim
+from bench.diffusion.schedule import Schedule
+from bench.training.run import EVAL_SEED, _Autocast, ema_weights, train
+from bench.nets.unet import UNet, build_network
 from variants import get_variant
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -191,16 +191,16 @@ def test_the_probability_flow_runs_the_network_in_float32_in_a_bf16_run(home, ne
     """Under bf16 autocast the flow's score moves in steps far coarser than the solver's tolerances (on CPU the
     solve had not reached s = 0.56 after more evaluations than fp32 needed for all of it): whatever the run's
     precision, the flow's network calls see float32 inputs with autocast off, and the tag says so."""
-    import bench.ode
+    import bench.diffusion.ode
 
     in_flow = []
-    score_and_quadratic = bench.ode.score_and_quadratic
+    score_and_quadratic = bench.diffusion.ode.score_and_quadratic
 
     def marked(*args, **kwargs):
         in_flow.append(len(network_calls))  # the network call this drift evaluation makes is the next one
         return score_and_quadratic(*args, **kwargs)
 
-    monkeypatch.setattr(bench.ode, "score_and_quadratic", marked)
+    monkeypatch.setattr(bench.diffusion.ode, "score_and_quadratic", marked)
     config = digits_config(home, precision="bf16", final_eval_ode=True, final_eval_images=2, ode_batch_size=2,
                            ode_rtol=1e-3, ode_atol=1e-3)
     run = assert_finished_with_finite_bounds(train(config, progress=False), home)

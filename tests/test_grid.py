@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from bench.cli import GRID_VARIANTS, TABLE2_VARIANTS, cli
-from bench.config import flatten, make_config
+from bench.cli.main import GRID_VARIANTS, TABLE2_VARIANTS, cli
+from bench.training.config import flatten, make_config
 
 TINY = ["--T", "40", "--steps", "3", "--batch-size", "16", "--log-every", "1", "--eval-every", "0",
         "--eval-images", "8", "--final-eval", "estimate", "--final-eval-images", "8", "--fid-samples", "0",
@@ -149,15 +149,15 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     then skipped once that grid recorded its result, or trained if that grid died (its claim freed) without one."""
     import threading
 
-    import bench.train
-    from bench.grid import claim
+    import bench.training.run
+    from bench.training.grid import claim
 
     for key, value in {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}.items():
         monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
     seed0 = make_config(variant="simple", seed=0, steps=3, T=40, batch_size=16, log_every=1, eval_every=0,
                         eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10, log_model=False,
                         experiment="g")  # the grid's first pair
-    train, trained, held, grid_waits = bench.train.train, [], threading.Event(), threading.Event()
+    train, trained, held, grid_waits = bench.training.run.train, [], threading.Event(), threading.Event()
 
     def the_other_grid():
         with claim(seed0):
@@ -174,7 +174,7 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
             grid_waits.set()  # the grid has trained its own pair; next it waits for the deferred one
         return result
 
-    monkeypatch.setattr(bench.train, "train", grid_trains)
+    monkeypatch.setattr(bench.training.run, "train", grid_trains)
     other = threading.Thread(target=the_other_grid)
     other.start()
     try:
@@ -224,7 +224,7 @@ def test_an_ode_solver_failure_is_a_result_the_run_finishes_and_a_rerun_skips_it
     """The solver giving up on the probability flow (scipy's status -1, e.g. "Required step size is less than
     spacing between numbers.") is recorded like a diverged flow: the run ends FINISHED with the reason in
     tag nll_ode_failed and its bound logged, the grid exits 0, and a second grid does not retrain it."""
-    import bench.ode
+    import bench.diffusion.ode
 
     gave_up = []
 
@@ -232,7 +232,7 @@ def test_an_ode_solver_failure_is_a_result_the_run_finishes_and_a_rerun_skips_it
         gave_up.append(1)
         return SimpleNamespace(status=-1, message="Required step size is less than spacing between numbers.", nfev=9)
 
-    monkeypatch.setattr(bench.ode, "solve_ivp", solver_gives_up)
+    monkeypatch.setattr(bench.diffusion.ode, "solve_ivp", solver_gives_up)
     args = ["--variant", "simple", "--seeds", "1", *TINY, "--final-eval-ode", "--experiment", "g",
             "--out", str(home / "rep")]
     assert "1 runs, 0 diverged" in grid_ok(home, args)

@@ -7,13 +7,13 @@ import torch
 from torch.special import ndtr
 
 from bench import BenchError, Schedule, load_dataset
-from bench.gaussian import (
+from bench.diffusion.gaussian import (
     bits_per_dim_from_nats,
     discretized_gaussian_log_likelihood,
     normal_kl,
     to_data_scale,
 )
-from bench.variant import prior_nats
+from bench.diffusion.variant import prior_nats
 
 
 def test_linear_schedule_endpoints_and_scaling():

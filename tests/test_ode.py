@@ -1,4 +1,4 @@
-"""The probability-flow NLL (bench/ode.py) against closed forms: Gaussian data whose exact score is known,
+"""The probability-flow NLL (bench/diffusion/ode.py) against closed forms: Gaussian data whose exact score is known,
 the dequantised case, the Hutchinson estimator's mean and variance, the discrete network index, the split
 over ranks, and bad options."""
 
@@ -17,7 +17,7 @@ import torch
 from oracle import GaussianOracle, gaussian_grid_data
 
 from bench import BenchError, Schedule
-from bench.ode import (
+from bench.diffusion.ode import (
     FlowDiverged,
     OdeOptions,
     VpSde,
@@ -27,7 +27,7 @@ from bench.ode import (
     nll_ode,
     score_and_quadratic,
 )
-from bench.variant import eps_mean
+from bench.diffusion.variant import eps_mean
 from variants import get_variant
 
 TESTS = Path(__file__).parent
@@ -251,7 +251,7 @@ def test_network_score_at_its_nearest_step_is_close_to_the_exact_flow(sde, name)
 
 
 def test_untrained_unet_runs_and_is_left_in_its_mode():
-    from bench.unet import build_network
+    from bench.nets.unet import build_network
 
     torch.manual_seed(0)
     variant = get_variant("hybrid")
@@ -288,9 +288,9 @@ WORKER = """
 import sys
 import numpy as np
 import torch
-from bench import dist
-from bench.ode import OdeOptions, VpSde, flow_nll
-from bench.schedule import Schedule
+from bench.runtime import dist
+from bench.diffusion.ode import OdeOptions, VpSde, flow_nll
+from bench.diffusion.schedule import Schedule
 
 d, _ = dist.setup("cpu")
 sde = VpSde(Schedule.linear(T=100, scale_to_T=True))

@@ -1,4 +1,4 @@
-"""Studies across machines on PostgreSQL: the advisory locks (bench.locks.store_lock), MLflow's tables
+"""Studies across machines on PostgreSQL: the advisory locks (bench.runtime.locks.store_lock), MLflow's tables
 created once by concurrent clients, eight `bench study` processes sharing one study through PostgreSQL
 and a `bench server` MLflow server, and a worker killed mid-trial whose trial another worker retries.
 
@@ -29,7 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from postgres import free_port
 
-from bench import tracking
+from bench.tracking import store as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "elbo-bench-studies"
@@ -39,7 +39,7 @@ DONE = {TrialState.COMPLETE, TrialState.PRUNED}
 KILLED_STEPS = 150  # long enough a trial to be killed in the middle
 HOLDER = """\
 import json, os, sys, time
-from bench.locks import store_lock
+from bench.runtime.locks import store_lock
 url, go, hold, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 open(out + ".ready", "w").close()
 while not os.path.exists(go):  # everything is imported: all holders ask at the same moment
@@ -55,7 +55,7 @@ with open(out, "w") as f:
 """
 STORE_CLIENT = """\
 import os, sys, time
-from bench import tracking
+from bench.tracking import store as tracking
 url, go = sys.argv[1], sys.argv[2]
 open(go + "." + str(os.getpid()), "w").close()
 while not os.path.exists(go):
@@ -206,9 +206,9 @@ def test_a_grid_pair_claimed_by_another_session_is_busy_until_released(postgres)
     """`bench grid`'s claims on a PostgreSQL store: advisory locks, tried without waiting."""
     from dataclasses import replace
 
-    from bench.config import make_config
-    from bench.grid import claim
-    from bench.locks import LockBusy
+    from bench.training.config import make_config
+    from bench.training.grid import claim
+    from bench.runtime.locks import LockBusy
 
     pair = make_config(variant="simple", seed=0, tracking_uri=postgres.create_database())
     with claim(pair):  # one session holds it …

@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from bench import tracking
-from bench.cli import cli
-from bench.locks import file_lock
+from bench.tracking import store as tracking
+from bench.cli.main import cli
+from bench.runtime.locks import file_lock
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(sys.executable).with_name("bench")
@@ -304,7 +304,7 @@ def test_resume_after_sigkill_logs_every_step_once_and_cleans_stale_temp_files(t
 
 KILL_INSIDE_THE_FIRST_SAVE = """
 import os, signal, sys
-from bench.checkpoint import claim_run_dir, save_checkpoint
+from bench.training.checkpoint import claim_run_dir, save_checkpoint
 
 def killed(state, f):  # the first checkpoint's bytes half on disk, then SIGKILL
     f.write(b"half a checkpoint")
@@ -335,7 +335,7 @@ def test_a_writer_killed_in_its_first_save_leaves_a_temp_file_the_next_claim_rem
     live.parent.mkdir()
     live.write_bytes(b"being written")
 
-    from bench.checkpoint import claim_run_dir
+    from bench.training.checkpoint import claim_run_dir
 
     with file_lock(root / "live" / ".lock"):  # a live run's folder: its writer holds the lock
         with claim_run_dir(root / "next", "next"):
@@ -357,7 +357,7 @@ def test_a_resumed_run_logs_its_sample_grids_whatever_the_system_metrics_steps(t
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric("loss", 0.5, now, 10), Metric("system/cpu_utilization_percentage", 40.0, now, 900)])
     log = tracking.RunLogger(c, run_id)
-    log.skip_logged()  # as bench.train does on a resume
+    log.skip_logged()  # as bench.training.run does on a resume
     grid = np.zeros((8, 8, 3), dtype=np.uint8)
     log.image(grid, "samples", 10)  # the checkpoint's step: logged before the interruption
     log.image(grid, "samples", 20)  # after it: new
@@ -484,12 +484,12 @@ def test_an_unwritable_sqlite_store_fails_fast_in_a_real_process(tmp_path):
 def test_eval_log_to_run_checks_the_run_before_evaluating(finished, monkeypatch):
     home, run_id, ckpt = finished
     (home / "mlflow.db").rename(home / "moved.db")  # the run's store is gone
-    import bench.train
+    import bench.training.run
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluated before checking the run")
 
-    monkeypatch.setattr(bench.train, "final_evaluation", no_evaluation)
+    monkeypatch.setattr(bench.training.run, "final_evaluation", no_evaluation)
     line = one_error_line(invoke(home, ["eval", str(ckpt), "--log-to-run"]))
     assert "no longer exists" in line
     assert not (home / "mlflow.db").exists()  # no empty store created in its place

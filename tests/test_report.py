@@ -31,14 +31,14 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 from tools import CHROMIUM
 
-from bench.cli import cli
-from bench.plots import plt, sample_grid
+from bench.cli.main import cli
+from bench.tracking.plots import plt, sample_grid
 from reports import figures
 from reports.build import REPORT_EXPERIMENT, build_report
 from reports.tables import ROW, comparison_table, deduplicate, load_runs, row_numbers
 
 VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
-# What bench.train logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
+# What bench.training.run logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
 BUDGET = [Param("config.steps", "500"), Param("config.T", "1000"), Param("config.sample_steps", "250"),
           Param("protocol.bpd", "x0-clipped")]
 CONVENTION_TAG = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
@@ -423,7 +423,7 @@ def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
 @pytest.fixture
 def small_store(tmp_path, monkeypatch, store_template):
     """An empty store (copied from the session's initialised one) and a helper that logs a finished run as
-    bench.train does: its budget and protocol params, training-time estimates, the final bound and its tags."""
+    bench.training.run does: its budget and protocol params, training-time estimates, the final bound and its tags."""
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.copyfile(store_template, tmp_path / "mlflow.db")
@@ -625,9 +625,9 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
 # ------------------------------------------------------------------------- what a row pools (its key)
 def _config_run(client, exp: str, seed: int, bpd: float, variant: str = "simple", extractor: str = "",
                 fid: float | None = None, **config) -> str:
-    """A finished run logged as bench.train logs one: its whole RunConfig as `config.*` params (``config``: fields
+    """A finished run logged as bench.training.run logs one: its whole RunConfig as `config.*` params (``config``: fields
     changed from the defaults), the protocol, its tags, the final bound and, with ``fid``, a FID and its extractor."""
-    from bench.config import RunConfig, flatten
+    from bench.training.config import RunConfig, flatten
 
     rid = client.create_run(exp, run_name=f"{variant}-{seed}").info.run_id
     params = {**flatten(RunConfig(variant=variant, seed=seed)), **{f"config.{k}": str(v) for k, v in config.items()}}
@@ -642,7 +642,7 @@ def _config_run(client, exp: str, seed: int, bpd: float, variant: str = "simple"
 
 def _other_value(field: str) -> str:
     """A value of RunConfig field ``field`` other than its default, as its param would hold it."""
-    from bench.config import RunConfig
+    from bench.training.config import RunConfig
 
     default = getattr(RunConfig(), field)
     if isinstance(default, bool):
@@ -662,7 +662,7 @@ def key_store(tmp_path, store_template):
 def test_the_row_key_is_every_config_field_but_a_few_that_cannot_change_a_result():
     from dataclasses import fields
 
-    from bench.config import RunConfig
+    from bench.training.config import RunConfig
     from reports.tables import KEY_FIELDS, RESULT_FREE, SETTINGS, row_key
 
     names = [f.name for f in fields(RunConfig)]
@@ -705,7 +705,7 @@ def test_precision_auto_counts_as_what_the_device_made_it(key_store):
     client, exp = key_store
     for seed, device in enumerate(["cuda:0", "cuda:1", "cpu"]):
         rid = _config_run(client, exp, seed, 3.0 + seed, device=device)
-        client.log_param(rid, "device", device)  # the device the run resolved, as bench.train logs it
+        client.log_param(rid, "device", device)  # the device the run resolved, as bench.training.run logs it
     table = comparison_table(deduplicate(load_runs(client, ["key"]))[0]).set_index("precision")
     assert table["runs"].to_dict() == {"bf16": 2, "fp32": 1}
 

@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import reports.build as build
-from bench.cli import cli
+from bench.cli.main import cli
 from bench.errors import BenchError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,8 +25,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.cli import cli
-from bench.config import make_config
+from bench.cli.main import cli
+from bench.training.config import make_config
 
 BENCH = Path(sys.executable).with_name("bench")
 EXPERIMENT = "elbo-bench"
@@ -158,7 +158,7 @@ def tiny_run(tmp_path_factory):
 def test_run_end_to_end_records_everything(tiny_run):
     from mlflow.artifacts import download_artifacts
 
-    from bench.unet import build_network, count_parameters
+    from bench.nets.unet import build_network, count_parameters
 
     home, run_id, result = tiny_run
     assert f"run {run_id}: FINISHED at step {STEPS}" in result.stdout
@@ -271,8 +271,8 @@ def test_the_ema_network_is_an_mlflow_3_logged_model(tiny_run, monkeypatch):
     import mlflow.pytorch
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from bench.ema import ema_weights
-    from bench.unet import build_network
+    from bench.nets.ema import ema_weights
+    from bench.nets.unet import build_network
 
     home, run_id, _ = tiny_run
     c = client(home)
@@ -322,7 +322,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
     assert tags["fid_ref_test_samples"] == "64"
     from mlflow.artifacts import download_artifacts
 
-    from bench.fid import load_samples
+    from bench.metrics.fid import load_samples
 
     path = download_artifacts(run_id=run_id, artifact_path="samples/fid_samples.npz", dst_path=str(home / "dl"),
                               tracking_uri=f"sqlite:///{home}/mlflow.db")
@@ -438,9 +438,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 
 def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(home, monkeypatch, uninterrupted):
-    import bench.tracking
+    import bench.tracking.store
 
-    real = bench.tracking.RunLogger.metrics
+    real = bench.tracking.store.RunLogger.metrics
 
     def metrics(self, values, step):
         if step == 4 and "loss" in values:  # step 4 is complete; Ctrl-C lands while it is logged
@@ -448,7 +448,7 @@ def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(ho
         return real(self, values, step)
 
     state, bpd, stopped = _interrupt_then_resume(home, monkeypatch,
-                                                 lambda m: m.setattr(bench.tracking.RunLogger, "metrics", metrics))
+                                                 lambda m: m.setattr(bench.tracking.store.RunLogger, "metrics", metrics))
     assert stopped == 4
     assert _same_weights(state["ema"], uninterrupted[0]["ema"])
     assert _same_weights(state["model"], uninterrupted[0]["model"])
@@ -478,9 +478,9 @@ def test_resume_after_an_interrupt_inside_a_step_equals_the_uninterrupted_run(ho
 def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(home, monkeypatch, uninterrupted):
     """Checkpoints written before the EMA was an AveragedModel, the warmup a LambdaLR and the logging window
     saved (a bare EMA state dict, no ``lr_schedule``, no ``window``) resume to the same weights and bound."""
-    import bench.tracking
+    import bench.tracking.store
 
-    real = bench.tracking.RunLogger.metrics
+    real = bench.tracking.store.RunLogger.metrics
 
     def metrics(self, values, step):
         if step == 4 and "loss" in values:
@@ -488,7 +488,7 @@ def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(ho
         return real(self, values, step)
 
     with monkeypatch.context() as m:
-        m.setattr(bench.tracking.RunLogger, "metrics", metrics)
+        m.setattr(bench.tracking.store.RunLogger, "metrics", metrics)
         assert invoke(home, ["run", *RESUME_ARGS, "--steps", "400"]).exit_code == 130
     (ckpt,) = list((home / "checkpoints").glob("*/last.pt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -545,7 +545,7 @@ def test_a_resume_logs_the_same_loss_windows_as_the_uninterrupted_run(home, tmp_
 
 
 def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch):
-    import bench.train
+    import bench.training.run
 
     seen = {}
 
@@ -556,7 +556,7 @@ def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch
     run_id, _ = run_ok(home, TINY)  # configured for, and finished at, STEPS
     client(home).set_terminated(run_id, "KILLED")  # as if it had been interrupted (a FINISHED run is not resumed)
     ckpt = home / "checkpoints" / run_id / "last.pt"
-    monkeypatch.setattr(bench.train, "_loop", spy)
+    monkeypatch.setattr(bench.training.run, "_loop", spy)
     invoke(home, ["run", "--resume", str(ckpt)])
     assert seen["steps"] == STEPS  # observed: 3000, the digits default of a flag that was not given
 
@@ -672,7 +672,7 @@ def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(hom
 def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypatch):
     """Issue 19, item 3: adding the ODE likelihood to a run recomputed the bound and drew samples. `--only ode` computes
     nll_ode alone, with the ODE's own images and solver options; the ODE's bar counts images."""
-    import bench.train
+    import bench.training.run
 
     run_id, _ = run_ok(home, [*WITH_MODEL, "--eval-every", "0"])
     c = client(home)
@@ -682,8 +682,8 @@ def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypat
     def no_bound(*args, **kwargs):
         raise AssertionError("the bound was computed")
 
-    monkeypatch.setattr(bench.train, "bits_per_dim", no_bound)
-    monkeypatch.setattr(bench.train, "estimate_bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.training.run, "bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.training.run, "estimate_bits_per_dim", no_bound)
     refused = invoke(home, ["eval", str(ckpt), "--only", "ode", "--fid-samples", "5"])
     assert refused.exit_code == 2 and refused.stderr.strip() == \
         "error: --only ode draws no samples; leave out --fid-samples 5", describe(refused)
@@ -904,12 +904,12 @@ def test_bad_ode_options_are_one_error_line(home, args, message):
 
 
 def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monkeypatch):
-    import bench.ode
+    import bench.diffusion.ode
 
     def diverges(*args, **kwargs):
-        raise bench.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 (network index 113, along the flow)")
+        raise bench.diffusion.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 (network index 113, along the flow)")
 
-    monkeypatch.setattr(bench.ode, "nll_ode", diverges)
+    monkeypatch.setattr(bench.diffusion.ode, "nll_ode", diverges)
     run_id, _ = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode"])
     run = client(home).get_run(run_id)
     assert run.info.status == "FINISHED" and "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
@@ -918,8 +918,8 @@ def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monke
 
 
 def test_loss_quarters_are_the_means_of_each_quarter_of_t():
-    from bench.dist import SINGLE
-    from bench.train import _Quarters
+    from bench.runtime.dist import SINGLE
+    from bench.training.run import _Quarters
 
     q = _Quarters(T=8, dtype=torch.float64, device=torch.device("cpu"))
     q.add(torch.tensor([0, 1, 2, 7, 7]), torch.tensor([1.0, 3.0, 10.0, 4.0, 6.0]))  # t 0-1: q0, 2-3: q1, 6-7: q3

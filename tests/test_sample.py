@@ -12,8 +12,8 @@ import torch
 from oracle import GaussianOracle
 
 from bench import Schedule
-from bench.sample import describe_sampler, sample
-from bench.variant import Variant
+from bench.diffusion.sample import describe_sampler, sample
+from bench.diffusion.variant import Variant
 from variants import get_variant
 
 S = 0.3  # the data's standard deviation: 3.3 σ inside [−1, 1], so clipping x̂_0 hardly matters

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from bench.cli import cli
+from bench.cli.main import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRIAL = ["--steps", "4", "--batch-size", "16", "--eval-images", "8", "--eval-calls", "3", "--sample-grid", "4",
@@ -134,7 +134,7 @@ def test_a_tracking_server_that_answers_slowly_is_waited_for_and_one_that_is_abs
     import threading
 
     from bench.errors import BenchError
-    from bench.tracking import client
+    from bench.tracking.store import client
 
     delay_s = 6.5
 

@@ -7,7 +7,7 @@ pytest's ``tmp_path`` (``BENCH_HOME``); Optuna and MLflow are read back from the
 Library tests shrink trials with ``StudyConfig.run_overrides``.  The CLI has no such option and, with
 the default budget, even ``--steps 4`` takes ~9 minutes for 3 trials on 2 cores (the exact bound
 with T = 1000 on the whole test split dominates), so CLI tests shrink the *digits dataset defaults*
-instead: in-process by monkeypatching ``bench.config.DATASET_DEFAULTS["digits"]``, in subprocesses
+instead: in-process by monkeypatching ``bench.training.config.DATASET_DEFAULTS["digits"]``, in subprocesses
 through a ``python -c`` wrapper that does the same before calling ``bench.cli.main``.
 """
 
@@ -33,9 +33,9 @@ from click.testing import CliRunner
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-import bench.config as bench_config
-from bench import tracking
-from bench.cli import cli
+import bench.training.config as bench_config
+from bench.tracking import store as tracking
+from bench.cli.main import cli
 from bench.errors import BenchError
 from studies import study as study_mod
 from studies.space import DEFAULT_SPACE, TUNABLE, Param, load_space, suggest
@@ -51,8 +51,8 @@ STEPS = 4  # eval_every = steps // 4 = 1: estimates (and pruning checks) after s
 EXPERIMENT = "elbo-bench-studies"
 DEFAULT_PARAMS = {"schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "T": 1000}
 WRAPPER = (  # `bench <args>` in a fresh process, with the digits defaults shrunk to CLI_DEFAULTS
-    "import json, sys; import bench.config as c; c.DATASET_DEFAULTS['digits'] = json.loads(sys.argv.pop(1)); "
-    "sys.argv[0] = 'bench'; from bench.cli import main; main()"
+    "import json, sys; import bench.training.config as c; c.DATASET_DEFAULTS['digits'] = json.loads(sys.argv.pop(1)); "
+    "sys.argv[0] = 'bench'; from bench.cli.main import main; main()"
 )
 FINISHED_STATES = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
 

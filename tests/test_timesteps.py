@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.timesteps import LossSecondMomentSampler, UniformSampler
+from bench.diffusion.timesteps import LossSecondMomentSampler, UniformSampler
 
 
 # ----------------------------------------------------------------------------- the reference

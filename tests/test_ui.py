@@ -27,9 +27,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from tools import CHROMIUM
 
-import bench.ui as ui
-from bench import tracking
-from bench.cli import cli
+import bench.serve.ui as ui
+from bench.tracking import store as tracking
+from bench.cli.main import cli
 from bench.errors import BenchError
 
 PROC = Path("/proc")
@@ -116,7 +116,7 @@ def test_sigkill_of_the_watchdog_takes_the_server_down_and_bench_ui_says_so(tmp_
         _wait_for_health(proc, port, 120)
         tree = _descendants(proc.pid)
         [guard] = [p for p in tree if _stat(p) and _stat(p)[1] == proc.pid]
-        assert "_ui_guard.py" in (PROC / str(guard) / "cmdline").read_text()
+        assert "guard.py" in (PROC / str(guard) / "cmdline").read_text()
         os.kill(guard, signal.SIGKILL)  # the watchdog alone: it cannot stop the server itself
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (_answers(port) or any(_alive(p) for p in tree - {guard})):

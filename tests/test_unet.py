@@ -1,4 +1,4 @@
-"""Tests of the DDPM U-Net (bench/unet.py): size, shapes, conditioning, gradients, validation."""
+"""Tests of the DDPM U-Net (bench/nets/unet.py): size, shapes, conditioning, gradients, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-from bench.unet import (
+from bench.nets.unet import (
     NETWORK_PRESETS,
     AttnBlock,
     Downsample,

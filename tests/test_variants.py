@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench import BenchError, Schedule, build_network, load_dataset
-from bench.gaussian import to_data_scale
-from bench.variant import MEAN_TYPES, VAR_TYPES
+from bench.diffusion.gaussian import to_data_scale
+from bench.diffusion.variant import MEAN_TYPES, VAR_TYPES
 from variants import VARIANTS, get_variant
 
 TABLE = {  # the table: name → (mean_type, var_type)
@@ -114,7 +114,7 @@ def test_hybrid_stops_the_vb_gradient_at_the_mean():
 
 
 def test_importance_sampler_turns_on_after_ten_values_per_t():
-    from bench.timesteps import LossSecondMomentSampler
+    from bench.diffusion.timesteps import LossSecondMomentSampler
 
     s = LossSecondMomentSampler(T=4)
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """The objective variants, one module each, found by name.
 
-Every module in this package defines one :class:`bench.variant.Variant` subclass; importing the
+Every module in this package defines one :class:`bench.diffusion.variant.Variant` subclass; importing the
 package registers them all, so adding a variant means adding one module and nothing else.
 """
 
@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 from bench.errors import BenchError
-from bench.variant import Variant
+from bench.diffusion.variant import Variant
 
 
 def _discover() -> dict[str, type[Variant]]:

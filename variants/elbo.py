@@ -1,7 +1,7 @@
 """The full variational bound L_vlb with the discretised decoder, ε-prediction, fixed variance."""
 
-from bench.gaussian import mean_flat
-from bench.variant import Variant
+from bench.diffusion.gaussian import mean_flat
+from bench.diffusion.variant import Variant
 
 
 class Elbo(Variant):

@@ -5,9 +5,9 @@ every t has 10 values), and the sampled term is weighted by 1/(T p_t), so the es
 stays unbiased.
 """
 
-from bench.gaussian import mean_flat
-from bench.timesteps import LossSecondMomentSampler
-from bench.variant import Variant
+from bench.diffusion.gaussian import mean_flat
+from bench.diffusion.timesteps import LossSecondMomentSampler
+from bench.diffusion.variant import Variant
 
 
 class ElboLearned(Variant):

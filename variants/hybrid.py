@@ -6,8 +6,8 @@ is trained by L_simple alone.
 
 import torch
 
-from bench.gaussian import mean_flat
-from bench.variant import HYBRID_LAMBDA, Variant
+from bench.diffusion.gaussian import mean_flat
+from bench.diffusion.variant import HYBRID_LAMBDA, Variant
 
 
 class Hybrid(Variant):

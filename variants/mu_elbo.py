@@ -1,6 +1,6 @@
 """DDPM Table 2 baseline: L_vlb with the network predicting μ̃ directly, fixed variance."""
 
-from bench.variant import Variant
+from bench.diffusion.variant import Variant
 
 
 class MuElbo(Variant):

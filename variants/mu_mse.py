@@ -1,7 +1,7 @@
 """DDPM Table 2 baseline: the unweighted ‖μ̃_t(x_t, x_0) − μ_θ(x_t, t)‖² (mean over dims)."""
 
-from bench.gaussian import mean_flat
-from bench.variant import Variant
+from bench.diffusion.gaussian import mean_flat
+from bench.diffusion.variant import Variant
 
 
 class MuMse(Variant):

@@ -1,7 +1,7 @@
 """L_simple: the unweighted ε-MSE of DDPM; the variance is fixed (β̃ by default, β if asked)."""
 
-from bench.gaussian import mean_flat
-from bench.variant import Variant
+from bench.diffusion.gaussian import mean_flat
+from bench.diffusion.variant import Variant
 
 
 class Simple(Variant):

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.urls import database_name
+from bench.runtime.urls import database_name
 
 
 class LockBusy(BenchError):

@@ -15,7 +15,7 @@ What the ranks share, and how:
   rank 0 does alone, such as FID, while the others wait), so a rank that vanishes ends the others
   with an error instead of a hang; ``torchrun`` also stops every rank when one dies (SIGTERM, which the
   trainer records as the run's failure reason).
-- **Cores**: every rank takes its share of the machine's cores (:mod:`bench.cores`).
+- **Cores**: every rank takes its share of the machine's cores (:mod:`bench.runtime.cores`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from bench.cores import cpu_count
+from bench.runtime.cores import cpu_count
 from bench.errors import BenchError
 
 TIMEOUT_ENV = "BENCH_DIST_TIMEOUT"

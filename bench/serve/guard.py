@@ -2,7 +2,7 @@
 
 ``bench ui`` stops the server itself on Ctrl-C and SIGTERM, but a SIGKILL (or a crash) of ``bench ui``
 runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would keep serving (as would
-optuna-dashboard). This script is started as ``python _ui_guard.py PARENT_PID [--pid-fd FD] -- COMMAND...``; it runs COMMAND
+optuna-dashboard). This script is started as ``python guard.py PARENT_PID [--pid-fd FD] -- COMMAND...``; it runs COMMAND
 in a new session (writing its process group id to FD when given) and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
 everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole process group.
 Should the guard itself be killed (SIGKILL, which it cannot catch), ``bench ui`` stops COMMAND's group
@@ -10,7 +10,7 @@ in its place (it learnt the group's id through FD), and COMMAND gets SIGTERM fro
 (PR_SET_PDEATHSIG, set in COMMAND's process before it starts; for when ``bench ui`` died too), which
 ``mlflow server`` passes on to its uvicorn workers and optuna-dashboard's wsgiref server obeys.
 
-It runs as a plain script (not ``-m bench._ui_guard``): importing the ``bench`` package loads torch,
+It runs as a plain script (not ``-m bench.serve.guard``): importing the ``bench`` package loads torch,
 which would delay the server by seconds for nothing.
 """
 
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 3 and argv[1] == "--pid-fd" and argv[2].isdigit():
         pid_fd, argv = int(argv[2]), [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
-        print("usage: _ui_guard.py PARENT_PID [--pid-fd FD] -- COMMAND...", file=sys.stderr)
+        print("usage: guard.py PARENT_PID [--pid-fd FD] -- COMMAND...", file=sys.stderr)
         return 2
     parent, cmd = int(argv[0]), argv[2:]
     stop: list[int] = []

@@ -1,7 +1,7 @@
 """The variational bound in bits/dim: exactly (every t), or estimated with K network calls per image.
 
 One evaluator for every variant: it goes through ``variant.p_mean_variance`` (the reverse process
-the variant defines) and :func:`bench.variant.vb_term_nats`, so numbers are comparable across
+the variant defines) and :func:`bench.diffusion.variant.vb_term_nats`, so numbers are comparable across
 variants. The network output is cast to float64 before the bound's terms are formed.
 
 Two conventions, from the same network outputs (they differ only after the network call):
@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.dist import SINGLE, Dist
+from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.gaussian import bits_per_dim_from_nats, to_data_scale
-from bench.progress import progress_of
-from bench.schedule import Schedule
-from bench.variant import Variant, prior_nats, vb_term_nats
+from bench.diffusion.gaussian import bits_per_dim_from_nats, to_data_scale
+from bench.runtime.progress import progress_of
+from bench.diffusion.schedule import Schedule
+from bench.diffusion.variant import Variant, prior_nats, vb_term_nats
 
 
 @dataclass

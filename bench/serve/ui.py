@@ -1,6 +1,6 @@
 """``bench ui`` and ``bench dashboard``: the MLflow UI and optuna-dashboard, stopped cleanly on Ctrl-C.
 
-Each server runs under a watchdog (``_ui_guard.py``) that stops it and every worker it started when
+Each server runs under a watchdog (``guard.py``) that stops it and every worker it started when
 ``bench ui`` / ``bench dashboard`` goes away, even by SIGKILL, so no orphaned server keeps the port and
 the store open.
 
@@ -36,12 +36,12 @@ from urllib.parse import urlencode
 
 import click
 
-from bench import tracking
+from bench.tracking import store as tracking
 from bench.errors import BenchError, first_line
-from bench.locks import sqlite_path
-from bench.urls import masked
+from bench.runtime.locks import sqlite_path
+from bench.runtime.urls import masked
 
-GUARD = Path(__file__).with_name("_ui_guard.py")
+GUARD = Path(__file__).with_name("guard.py")
 STOP_WAIT_S = 20  # longer than the guard's own grace for the server, so the guard finishes its stop first
 READY_POLL_S = 0.5  # how often a starting server is asked whether it answers (to open the browser then)
 
@@ -50,7 +50,7 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_COLUMNS = ("tags.`variant`", "tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`",
                  "metrics.`bpd_estimate`", "metrics.`fid`", "params.`config.steps`", "tags.`dataset`")  # MLflow's column
 # ids, in this order after the run name. The runs table prints a metric with all its digits and has no setting to round
-# them: bpd_rounded, a tag bench.train writes beside the metric, shows it rounded with its Monte Carlo standard error
+# them: bpd_rounded, a tag bench.training.run writes beside the metric, shows it rounded with its Monte Carlo standard error
 # and method; the metrics themselves (bpd, sortable; bpd_stderr, none for an exact bound) keep every digit.
 VIEW_SORT = "metrics.`bpd`"  # ascending: the best bound first
 ML_VIEW = {"workflowType": "machine_learning"}  # MLflow's "Model training" side, not GenAI

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bench.config import FIELD_NAMES
+from bench.training.config import FIELD_NAMES
 from bench.errors import BenchError, first_line
-from bench.locks import LockBusy, file_lock
+from bench.runtime.locks import LockBusy, file_lock
 
 FORMAT = "elbo-bench-checkpoint-1"
 REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")

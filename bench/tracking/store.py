@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench.errors import BenchError, first_line
-from bench.locks import sqlite_path, store_lock
-from bench.urls import hides_secret, masked, scrubbed
+from bench.runtime.locks import sqlite_path, store_lock
+from bench.runtime.urls import hides_secret, masked, scrubbed
 
 HOME_ENV = "BENCH_HOME"
 _CONNECT_TIMEOUT_S = 5  # a tracking server that does not accept a connection in this long is taken as absent
@@ -141,7 +141,7 @@ def _half_migrated_tables(path: Path) -> list[str]:
 def client(uri: str | None = None, must_exist: bool = False):
     """An MlflowClient on the resolved URI, checked to answer before anything is written.
 
-    A new store's tables are created under an inter-process lock (:func:`bench.locks.store_lock`),
+    A new store's tables are created under an inter-process lock (:func:`bench.runtime.locks.store_lock`),
     so processes starting together on a fresh store neither fail nor leave it half-migrated.
     ``must_exist``: a SQLite store that is gone is refused instead of created empty (a checkpoint's store).
     """
@@ -452,7 +452,7 @@ class RunLogger:
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
-        source = CodeDatasetSource({"loader": f"bench.data.load_dataset({name!r}, split={context!r})"})
+        source = CodeDatasetSource({"loader": f"bench.data.datasets.load_dataset({name!r}, split={context!r})"})
         ds = mlflow.data.from_numpy(images.numpy(), source=source, name=f"{name}-{context}")
         inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
         try:
@@ -467,7 +467,7 @@ class RunLogger:
         self.client.log_image(self.run_id, array, key=key, step=step)
 
     def figure(self, fig, path: str) -> None:
-        from bench.plots import FIGURES
+        from bench.tracking.plots import FIGURES
 
         with FIGURES:  # drawn by matplotlib, which is not thread-safe
             self.client.log_figure(self.run_id, fig, path)

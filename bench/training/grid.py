@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from bench import tracking
-from bench.config import RunConfig, flatten
-from bench.locks import file_lock, is_server_database, sqlite_path, store_lock
+from bench.tracking import store as tracking
+from bench.training.config import RunConfig, flatten
+from bench.runtime.locks import file_lock, is_server_database, sqlite_path, store_lock
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def recorded_runs(configs: list[RunConfig]) -> list[Recorded | None]:
 def claim(config: RunConfig, wait: bool = False):
     """Hold ``config``'s (config, seed) pair for the ``with`` block, so that grids sharing its store train it once.
 
-    Held by another live process, it raises :class:`bench.locks.LockBusy` (naming the holder), or with ``wait``
+    Held by another live process, it raises :class:`bench.runtime.locks.LockBusy` (naming the holder), or with ``wait``
     waits until it is free: the holder finished, or died (a ``flock``, or a PostgreSQL/MySQL advisory lock,
     dies with its process). A SQLite store keeps the claims in a folder beside it (``mlflow.db.grid-claims``);
     with an MLflow server they are kept in BENCH_HOME, so only grids on the same machine see them.

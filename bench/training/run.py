@@ -4,12 +4,12 @@
 records everything in MLflow. ``evaluate_checkpoint`` runs the same final evaluation on a saved
 model. A non-finite loss ends the run FAILED with the reason and step as tags: a result, not a crash.
 
-Under ``torchrun`` (see :mod:`bench.dist`) every rank runs this same code: the global batch of
+Under ``torchrun`` (see :mod:`bench.runtime.dist`) every rank runs this same code: the global batch of
 ``batch_size`` images is drawn identically on every rank (data indices, timesteps, noise: the same
 streams as one process) and each rank trains on its contiguous share, with DDP averaging the
 gradients, so EMA and optimiser stay identical across ranks; the importance sampler sees every rank's
 losses in global batch order. Rank 0 alone writes MLflow and checkpoints; evaluation and sampling are
-shared (:mod:`bench.evaluate`, :mod:`bench.sample`). A checkpoint resumes at any number of ranks.
+shared (:mod:`bench.diffusion.bound`, :mod:`bench.diffusion.sample`). A checkpoint resumes at any number of ranks.
 
 The training step never waits for the device: the loss means are accumulated on it, and a non-finite
 loss or gradient norm is flagged on it and checked every ``log_every`` steps (and before an evaluation
@@ -33,24 +33,24 @@ from pathlib import Path
 
 import torch
 
-from bench import dist as dist_mod
-from bench import tracking
-from bench.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
-from bench.config import RunConfig, flatten
-from bench.cores import CoreShare
-from bench.data import load_dataset
-from bench.dist import SINGLE, Dist
-from bench.ema import Ema, ema_weights, horizon, initial_share
+from bench.runtime import dist as dist_mod
+from bench.tracking import store as tracking
+from bench.training.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
+from bench.training.config import RunConfig, flatten
+from bench.runtime.cores import CoreShare
+from bench.data.datasets import load_dataset
+from bench.runtime.dist import SINGLE, Dist
+from bench.nets.ema import Ema, ema_weights, horizon, initial_share
 from bench.errors import BenchError, first_line
-from bench.evaluate import bits_per_dim, estimate_bits_per_dim, to_device
-from bench.gaussian import to_data_scale
-from bench.plots import per_t_figure, sample_grid
-from bench.progress import Progress, format_duration, say
-from bench.sample import describe_sampler, sample
-from bench.schedule import Schedule
-from bench.unet import build_network, count_parameters
-from bench.urls import masked
-from bench.variant import Variant
+from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim, to_device
+from bench.diffusion.gaussian import to_data_scale
+from bench.tracking.plots import per_t_figure, sample_grid
+from bench.runtime.progress import Progress, format_duration, say
+from bench.diffusion.sample import describe_sampler, sample
+from bench.diffusion.schedule import Schedule
+from bench.nets.unet import build_network, count_parameters
+from bench.runtime.urls import masked
+from bench.diffusion.variant import Variant
 from variants import get_variant
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
@@ -260,7 +260,7 @@ def _setup(config: RunConfig, device_name: str | None = None):
 def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None,
                   tracking_uri: str | None = None) -> RunConfig:
     """The config a checkpoint's run continues with: its own, with a new step target or device if given, and
-    its store's real URI (the checkpoint holds it masked: see :func:`bench.tracking.recorded_store`)."""
+    its store's real URI (the checkpoint holds it masked: see :func:`bench.tracking.store.recorded_store`)."""
     config = RunConfig(**ckpt["config"])
     return replace(config, steps=config.steps if steps is None else steps, device=device or config.device,
                    tracking_uri=tracking.recorded_store(ckpt["tracking_uri"], tracking_uri))
@@ -533,7 +533,7 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
 
 
 def _log_model(ema_net, ctx: _Ctx, step: int) -> None:
-    """The EMA network as the run's MLflow model (:meth:`bench.tracking.RunLogger.model`), linked to the final metrics
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.store.RunLogger.model`), linked to the final metrics
     logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
     the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
@@ -823,7 +823,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         metrics = res.summary(bound)
     nll, ode_failed, ode_tags = None, "", {}
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
-        from bench.ode import FlowFailed, network_dtype, nll_ode
+        from bench.diffusion.ode import FlowFailed, network_dtype, nll_ode
 
         ode_subset = _eval_subset(test_images, config.ode_images or config.final_eval_images)
         flow_net = _without_autocast(model)  # the network in float32 whatever the run's precision (network_score)
@@ -860,7 +860,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
-        from bench.fid import FidUnavailable, compute_fid, save_samples
+        from bench.metrics.fid import FidUnavailable, compute_fid, save_samples
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
             log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")

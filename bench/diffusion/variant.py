@@ -13,16 +13,16 @@ from typing import ClassVar
 
 import torch
 
-from bench.dist import SINGLE, Dist
+from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.gaussian import (
+from bench.diffusion.gaussian import (
     bits_per_dim_from_nats,
     discretized_gaussian_log_likelihood,
     normal_kl,
     sum_flat,
 )
-from bench.schedule import Schedule
-from bench.timesteps import UniformSampler
+from bench.diffusion.schedule import Schedule
+from bench.diffusion.timesteps import UniformSampler
 
 MEAN_TYPES = ("eps", "mu")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")

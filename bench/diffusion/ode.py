@@ -29,13 +29,13 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
 
-from bench.dist import SINGLE, Dist
+from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.evaluate import _bound_dtype, _model_device, keyed_generator, label
-from bench.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
-from bench.progress import progress_of
-from bench.schedule import Schedule
-from bench.variant import Variant
+from bench.diffusion.bound import _bound_dtype, _model_device, keyed_generator, label
+from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
+from bench.runtime.progress import progress_of
+from bench.diffusion.schedule import Schedule
+from bench.diffusion.variant import Variant
 
 SOLVERS = ("RK45", "RK23", "DOP853")  # solve_ivp's explicit methods (implicit ones need the state's Jacobian)
 PROBE_TYPES = ("rademacher", "gaussian")

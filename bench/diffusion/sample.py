@@ -5,7 +5,7 @@ uses the schedule those steps define: ᾱ'_k = ᾱ_{s_k}, β'_k = 1 − ᾱ'_k/�
 called with the original timestep s_k and its output read on the original chain (x̂_0 from ε_θ, or
 from μ_θ through the original one-step posterior); the jump's mean is the strided chain's posterior
 mean at that x̂_0, and every variance (fixed or learned-range) is re-derived from the new β' and β̃',
-as iDDPM's respacing does (:meth:`bench.variant.Variant.p_mean_variance_strided`). A variant with
+as iDDPM's respacing does (:meth:`bench.diffusion.variant.Variant.p_mean_variance_strided`). A variant with
 DDPM's learned diagonal Σ has no multi-step variance, so it is sampled with all T steps whatever was
 asked, and the sampler's description says so.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.dist import SINGLE, Dist
+from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError
-from bench.evaluate import keyed_generator, label
-from bench.progress import Progress
-from bench.schedule import Schedule
-from bench.variant import Variant
+from bench.diffusion.bound import keyed_generator, label
+from bench.runtime.progress import Progress
+from bench.diffusion.schedule import Schedule
+from bench.diffusion.variant import Variant
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.schedule import Schedule
-from bench.urls import masked
+from bench.diffusion.schedule import Schedule
+from bench.runtime.urls import masked
 
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -32,10 +32,10 @@ class RunConfig:
     # what is trained
     variant: str = "simple"  # a name from variants.VARIANTS
     variance: str | None = None  # 'small' (β̃) or 'large' (β) for fixed-variance variants; None = β̃
-    dataset: str = "digits"  # a name from bench.data.DATASETS
+    dataset: str = "digits"  # a name from bench.data.datasets.DATASETS
     data_dir: str | None = None  # data root for file-backed datasets (else $BENCH_DATA_DIR)
     download: bool = False  # allow downloading a dataset that is missing
-    network: str = "tiny"  # a preset from bench.unet.NETWORK_PRESETS
+    network: str = "tiny"  # a preset from bench.nets.unet.NETWORK_PRESETS
     # noise schedule
     schedule: str = "linear"  # 'linear' or 'cosine'
     T: int = 1000  # diffusion steps
@@ -50,7 +50,7 @@ class RunConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     ema_decay: float = 0.995  # EMA of the weights, per step; evaluation and sampling use the EMA
-    ema_warmup: bool = True  # the EMA's decay at update n is min(ema_decay, (1+n)/(10+n)) (bench.ema.warmup_decay)
+    ema_warmup: bool = True  # the EMA's decay at update n is min(ema_decay, (1+n)/(10+n)) (bench.nets.ema.warmup_decay)
     hflip: bool = False  # random horizontal flips of training images
     seed: int = 0  # seeds weights, batches, noise, evaluation and sampling
     # evaluation and samples
@@ -63,7 +63,7 @@ class RunConfig:
     eval_batch_size: int = 1024  # (image, t) pairs per network call in evaluation
     final_eval_ode: bool = False  # also the NLL under the probability-flow ODE (nll_ode, not a bound) at the end
     ode_images: int = 0  # test images for nll_ode (0 = the final bound's)
-    ode_method: str = "RK45"  # the ODE solver: a scipy solve_ivp method (bench.ode.SOLVERS)
+    ode_method: str = "RK45"  # the ODE solver: a scipy solve_ivp method (bench.diffusion.ode.SOLVERS)
     ode_rtol: float = 1e-5  # the ODE solver's relative tolerance
     ode_atol: float = 1e-5  # the ODE solver's absolute tolerance
     ode_probes: int = 1  # Hutchinson probes (each with its own dequantisation draw) per image
@@ -98,8 +98,8 @@ class RunConfig:
         return self.run_name or f"{self.variant}{var}-{self.dataset}-seed{self.seed}"
 
     def ode_options(self):
-        """The probability-flow NLL's solver and estimator options (bench.ode.OdeOptions)."""
-        from bench.ode import OdeOptions
+        """The probability-flow NLL's solver and estimator options (bench.diffusion.ode.OdeOptions)."""
+        from bench.diffusion.ode import OdeOptions
 
         return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, method=self.ode_method, probe_type=self.ode_probe_type,
                           probes=self.ode_probes)
@@ -109,14 +109,14 @@ class RunConfig:
 
     def redacted(self) -> RunConfig:
         """This config as it is shown and stored (MLflow params, config.json, checkpoints, --dry-run): the
-        tracking URI's password masked (bench.urls.masked). A run resumed from a record gets the real URI
-        again from --tracking-uri or $MLFLOW_TRACKING_URI (bench.tracking.recorded_store)."""
+        tracking URI's password masked (bench.runtime.urls.masked). A run resumed from a record gets the real URI
+        again from --tracking-uri or $MLFLOW_TRACKING_URI (bench.tracking.store.recorded_store)."""
         return self if self.tracking_uri is None else dataclasses.replace(self, tracking_uri=masked(self.tracking_uri))
 
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
-        from bench.data import DATASETS
-        from bench.unet import NETWORK_PRESETS
+        from bench.data.datasets import DATASETS
+        from bench.nets.unet import NETWORK_PRESETS
         from variants import get_variant
 
         _check_types(self)

@@ -3,7 +3,7 @@
 Exit status: 0 done; 2 bad input (one line on stderr, ``error: …``, nothing written);
 3 ``bench run`` trained but the run diverged (recorded in MLflow as FAILED); 130 interrupted.
 
-``bench run`` and ``bench eval`` also run as the ranks of ``torchrun -m bench …`` (see :mod:`bench.dist`);
+``bench run`` and ``bench eval`` also run as the ranks of ``torchrun -m bench …`` (see :mod:`bench.runtime.dist`);
 rank 0 alone prints results.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import fields
 
 import click
 
-from bench.config import FINAL_EVALS, PRECISIONS, SCHEDULES, RunConfig, make_config, read_toml
-from bench.data import DATASETS
+from bench.training.config import FINAL_EVALS, PRECISIONS, SCHEDULES, RunConfig, make_config, read_toml
+from bench.data.datasets import DATASETS
 from bench.errors import BenchError
-from bench.ode import PROBE_TYPES, SOLVERS
-from bench.unet import NETWORK_PRESETS
-from bench.urls import masked
+from bench.diffusion.ode import PROBE_TYPES, SOLVERS
+from bench.nets.unet import NETWORK_PRESETS
+from bench.runtime.urls import masked
 from variants import VARIANTS, get_variant
 
 EXIT_DIVERGED = 3  # `bench run`: the run diverged and is recorded FAILED (a result, yet a script must tell)
@@ -51,7 +51,7 @@ class BenchGroup(click.Group):
         except BenchError as err:
             click.echo(f"error{where}: {err}", err=True)
             sys.exit(2)
-        except OSError as err:  # a full disk wherever it strikes (checkpoints say more: bench.checkpoint)
+        except OSError as err:  # a full disk wherever it strikes (checkpoints say more: bench.training.checkpoint)
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             place = f" writing {err.filename}" if err.filename else ""
@@ -62,7 +62,7 @@ class BenchGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         finally:
-            from bench.dist import teardown
+            from bench.runtime.dist import teardown
 
             teardown()
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -76,7 +76,7 @@ def _print_version(ctx, param, value) -> None:
         return
     from importlib.metadata import version
 
-    from bench.tracking import git_commit, versions
+    from bench.tracking.store import git_commit, versions
 
     libs = ", ".join(f"{k.removeprefix('version.')} {v}" for k, v in versions().items())
     click.echo(f"elbo-bench {version('elbo-bench')} (source {git_commit()}; {libs})")
@@ -114,7 +114,7 @@ def _show(v) -> str:
 
 def _default_text(field: str) -> str:
     """``default: 3000 (digits), 800000 (cifar10)``: the RunConfig default, per dataset where it differs."""
-    from bench.config import DATASET_DEFAULTS, RunConfig
+    from bench.training.config import DATASET_DEFAULTS, RunConfig
 
     generic = getattr(RunConfig(), field)
     per = {d: DATASET_DEFAULTS[d].get(field, generic) for d in sorted(DATASET_DEFAULTS)}
@@ -265,8 +265,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _warn_short_budget(config: RunConfig, tuned=()) -> None:
-    """One line on stderr (rank 0) when ``config``'s steps end inside a warm-up (bench.train.short_budget)."""
-    from bench.train import short_budget
+    """One line on stderr (rank 0) when ``config``'s steps end inside a warm-up (bench.training.run.short_budget)."""
+    from bench.training.run import short_budget
 
     line = short_budget(config, tuned)
     if line and os.environ.get("RANK", "0") == "0":
@@ -286,8 +286,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     Exits 3 when the run diverged (recorded in MLflow as FAILED with the reason and step). Several
     processes: --nproc N here, or `torchrun --nproc_per_node N -m bench run …` (multi-node: torchrun's
     --nnodes/--rdzv-* flags); the global batch stays --batch-size."""
-    from bench.checkpoint import load_checkpoint
-    from bench.train import resume_config, summarize, train
+    from bench.training.checkpoint import load_checkpoint
+    from bench.training.run import resume_config, summarize, train
 
     if nproc and "WORLD_SIZE" in os.environ:
         raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
@@ -310,7 +310,7 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     if nproc and nproc > 1:
         if config.batch_size % nproc:
             raise BenchError(f"--batch-size {config.batch_size} does not split over --nproc {nproc}; use a multiple of {nproc}")
-        from bench.dist import launch
+        from bench.runtime.dist import launch
 
         return launch(nproc, _without_nproc(_ARGV))
     result = train(config, resume=resume, reopen=reopen, warn_short_budget=True)
@@ -374,7 +374,7 @@ def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) 
 
     Unset options take the run's own config; the first lines say what will be computed, on how many images and by
     which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
-    from bench.train import HEADLINE, other_method_name, prepare_evaluation, run_evaluation, summarize
+    from bench.training.run import HEADLINE, other_method_name, prepare_evaluation, run_evaluation, summarize
 
     if only and nll and (nll == "ode") != (only == "ode"):
         raise BenchError(f"--only {only} and --nll {nll} contradict each other; give one of them")
@@ -477,7 +477,7 @@ def study_cmd(variants, space_file, tune_lr, show_space, status_of, config_file,
         or "elbo-bench-studies"
     sc = StudyConfig(variants=tuple(variants) or ("simple",), space_file=space_file, tune_lr=tune_lr,
                      run_overrides=overrides, **study_values).validate()
-    from bench.train import short_budget
+    from bench.training.run import short_budget
 
     for r in run_study(sc, notice=short_budget(sc.base_config(sc.variants[0]), tuned=space)):
         click.echo(describe_result(r, sc))
@@ -535,9 +535,9 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     from contextlib import ExitStack
     from dataclasses import replace
 
-    from bench.grid import claim, recorded_runs
-    from bench.locks import LockBusy
-    from bench.train import train
+    from bench.training.grid import claim, recorded_runs
+    from bench.runtime.locks import LockBusy
+    from bench.training.run import train
     from reports.build import build_report, check_out_dir, default_out_dir
 
     if seeds < 1:
@@ -613,7 +613,7 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
 def runs_cmd(experiments, cleanup, tracking_uri) -> None:
     """List the runs that MLflow shows as RUNNING and whether their process is still alive."""
-    from bench import tracking
+    from bench.tracking import store as tracking
 
     client = tracking.client(tracking_uri)
     exps = tracking.experiments(client, list(experiments) or None)
@@ -640,7 +640,7 @@ def runs_cmd(experiments, cleanup, tracking_uri) -> None:
 @click.option("--browser/--no-browser", default=True, show_default=True, help="Open the page in a browser when one is available.")
 def ui_cmd(host, port, tracking_uri, experiment, browser) -> None:
     """Start the MLflow UI on the runs table of an experiment (bpd, fid, variant shown); Ctrl-C stops it."""
-    from bench.ui import serve
+    from bench.serve.ui import serve
 
     serve(tracking_uri, host, port, experiment=experiment, open_browser=browser)
 
@@ -664,7 +664,7 @@ def server_cmd(backend_store_uri, artifacts_destination, host, port, workers, al
 
     Workers then log to it with `--tracking-uri http://HOST:PORT`; artifacts go through the server, so
     they need no shared disk."""
-    from bench.ui import serve_tracking
+    from bench.serve.ui import serve_tracking
 
     serve_tracking(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
 
@@ -677,7 +677,7 @@ def server_cmd(backend_store_uri, artifacts_destination, host, port, workers, al
 @click.option("--study-name", default=None, help="Open this study's page (default: the list of studies).")
 def dashboard_cmd(storage, host, port, browser, study_name) -> None:
     """Start optuna-dashboard on the studies' storage; Ctrl-C stops it."""
-    from bench.ui import serve_dashboard
+    from bench.serve.ui import serve_dashboard
 
     serve_dashboard(storage, host, port, open_browser=browser, study_name=study_name)
 
@@ -693,8 +693,8 @@ def dashboard_cmd(storage, host, port, browser, study_name) -> None:
 def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
     """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
     FID, KID, precision/recall, IS and the reference points, with how they were computed."""
-    from bench import tracking
-    from bench.fid import samples_dataset, score_samples
+    from bench.tracking import store as tracking
+    from bench.metrics.fid import samples_dataset, score_samples
 
     dataset = samples_dataset(samples_file, dataset)
     res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,

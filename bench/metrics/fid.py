@@ -38,8 +38,8 @@ Feature extractors:
   (torch-fidelity itself would use ``weights_only=False``), so a file holding anything but a state
   dict of tensors is refused with a :class:`~bench.errors.BenchError` before any of it runs.
 * ``digits`` (grey 8x8): a small CNN classifier trained once on the digits train split (labels from
-  scikit-learn's ``load_digits().target`` in :mod:`bench.data`'s split order) and shipped with the package
-  as ``bench/digits_classifier.npz`` (its tensors as plain arrays, read with ``allow_pickle=False``).  Its
+  scikit-learn's ``load_digits().target`` in :mod:`bench.data.datasets`'s split order) and shipped with the package
+  as ``bench/metrics/digits_classifier.npz`` (its tensors as plain arrays, read with ``allow_pickle=False``).  Its
   sha256 is fixed here (:data:`DIGITS_CLASSIFIER_SHA256`) and checked at every load, so every machine
   scores digits FIDs in the same feature space; the extractor is named ``digits-classifier-<hash8>``
   and its 64-d penultimate layer (``"64"``) feeds FID, KID and precision/recall.  Its 10 class
@@ -76,8 +76,8 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from bench.checkpoint import write_atomically
-from bench.data import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
+from bench.training.checkpoint import write_atomically
+from bench.data.datasets import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError, first_line
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -166,7 +166,7 @@ class _DigitsNet(nn.Module):
 
 
 def _digits_labels(split: str) -> torch.Tensor:
-    """Digit labels (int64) of a split, in the order :func:`bench.data.load_dataset` returns images."""
+    """Digit labels (int64) of a split, in the order :func:`bench.data.datasets.load_dataset` returns images."""
     from sklearn.datasets import load_digits
 
     target = np.asarray(load_digits().target)
@@ -205,7 +205,7 @@ def _train_digits_classifier() -> dict[str, torch.Tensor]:
 def write_digits_classifier(path: str | Path) -> str:
     """Train the digits classifier and write its tensors to ``path`` as an ``.npz``; returns its sha256.
 
-    How ``bench/digits_classifier.npz`` was made (then its hash was put in :data:`DIGITS_CLASSIFIER_SHA256`).
+    How ``bench/metrics/digits_classifier.npz`` was made (then its hash was put in :data:`DIGITS_CLASSIFIER_SHA256`).
     Training is deterministic on one machine, but other CPUs and torch builds round differently, which is
     why the weights are shipped rather than trained where they are used.
     """
@@ -609,7 +609,7 @@ def compute_fid(
 
     Args:
         samples: generated images, uint8 ``[N, C, H, W]`` with the dataset's geometry.
-        dataset: a key of :data:`bench.data.DATASETS`; picks the extractor (see module docstring).
+        dataset: a key of :data:`bench.data.datasets.DATASETS`; picks the extractor (see module docstring).
         reference: real images of the same geometry (usually the train split).
         cache_dir: where the digits classifier and the reference-feature cache (``fidelity/*``) live.
         device: ``"cpu"`` or a CUDA device.

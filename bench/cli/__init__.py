@@ -1,0 +1,4 @@
+"""The `bench` command.
+
+May import: everything.
+"""

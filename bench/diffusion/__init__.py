@@ -1,0 +1,5 @@
+"""The diffusion layer: noise schedules, Gaussian algebra, the Variant base, timestep samplers, the exact
+bound and its estimate, ancestral sampling, the probability-flow ODE.
+
+May import: bench.errors, bench.runtime.
+"""
