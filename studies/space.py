@@ -14,13 +14,14 @@ float or int range; ``enabled = false`` drops a default parameter. Example (``st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.training.config import SCHEDULES
 from bench.errors import BenchError
+from bench.training.config import SCHEDULES, RunConfig
 
 STUDY_DIR = Path(__file__).resolve().parent
 TUNABLE = {  # RunConfig fields a study may tune → their type
@@ -134,10 +135,6 @@ def _check_consistent(space: dict[str, Param]) -> None:
 
 def _check_runnable(space: dict[str, Param]) -> None:
     """Every end of a range and every choice must be a value a run accepts (RunConfig.validate)."""
-    import dataclasses
-
-    from bench.training.config import RunConfig
-
     for p in space.values():
         if p.name in LINEAR_ONLY:  # checked against each other by _check_consistent
             continue

@@ -14,163 +14,34 @@ import socket
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import optuna
+import psutil
+import torch
+from mlflow.entities import RunTag
+from optuna.trial import TrialState
 
-from bench.tracking import store as tracking
-from bench.training.config import RunConfig, make_config
-from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError, first_line
-from bench.runtime.locks import sqlite_path, store_lock
-from bench.runtime.urls import scrubbed
+from bench.runtime import dist as dist_mod
+from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.locks import store_lock
+from bench.tracking import store as tracking
+from bench.training.config import RunConfig
+from bench.training.run import StopRun, train
+from studies.config import OBJECTIVES, SAMPLERS, StudyConfig, StudyResult, TrialDiverged
 from studies.space import Param, describe_space, load_space, suggest
+from studies.storage import check_optuna_storage, open_storage
+from studies.summary import NoLog, Progress, describe_start, describe_status, exact_reevaluation, log_study
+from studies.workers import lost_worker, registered, workers_alive
 
-OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
-SAMPLERS = ("tpe", "random", "gp", "nsga2")
-
-
-class TrialDiverged(Exception):
-    """A trial whose training diverged: Optuna records it FAIL and the study goes on."""
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    variants: tuple[str, ...] = ("simple",)  # one study per variant
-    dataset: str = "digits"
-    trials: int = 20  # the study's number of trials (finished and running); a trial lost with its worker is replaced by its retry
-    timeout: float | None = None  # seconds per study and worker (None: no limit)
-    steps: int = 500  # optimiser steps per trial
-    objective: str = "bpd"  # 'bpd', 'fid' or 'both' (a Pareto front)
-    sampler: str = "tpe"  # 'tpe', 'random', 'gp' or 'nsga2'
-    seed: int = 0  # seeds the sampler (trial n draws with a seed from (seed, n)) and every trial's training
-    workers: int = 1  # worker processes sharing the study
-    storage: str | None = None  # Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME)
-    study_name: str | None = None  # resume or name the study (several variants: NAME-VARIANT)
-    tracking_uri: str | None = None  # MLflow URI
-    experiment: str = "elbo-bench-studies"  # MLflow experiment of the parent and trial runs
-    space_file: str | None = None  # study TOML (path or name in studies/)
-    tune_lr: bool = False  # add the learning rate to the space
-    exact_top: int = 3  # best trials re-evaluated with the exact bound at the end
-    fid_samples: int = 500  # samples per trial when the objective includes FID
-    heartbeat: int = 60  # seconds between a worker's heartbeats; a trial silent for 2× is failed and retried
-    run_overrides: dict = field(default_factory=dict)  # other RunConfig fields for every trial
-
-    def validate(self) -> StudyConfig:
-        if self.objective not in OBJECTIVES:
-            raise BenchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.sampler not in SAMPLERS:
-            raise BenchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        for name in ("trials", "steps", "workers", "heartbeat"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if "fid" in OBJECTIVES[self.objective] and self.fid_samples < 2:
-            raise BenchError(f"--objective {self.objective} needs --fid-samples >= 2, got {self.fid_samples}")
-        if self.exact_top < 0:
-            raise BenchError(f"--exact-top must be >= 0, got {self.exact_top}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise BenchError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if not self.variants:
-            raise BenchError("give at least one --variant")
-        self.base_config(self.variants[0])  # validates dataset, variants, overrides
-        for v in self.variants[1:]:
-            self.base_config(v)
-        return self
-
-    def base_config(self, variant: str) -> RunConfig:
-        uses_fid = "fid" in OBJECTIVES[self.objective]
-        return make_config(**{
-            "dataset": self.dataset, "variant": variant, "steps": self.steps, "seed": self.seed,
-            "final_eval": "estimate", "final_eval_images": 0, "fid_samples": self.fid_samples if uses_fid else 0,
-            "eval_every": max(1, self.steps // 4), "checkpoint_every": self.steps, "experiment": self.experiment,
-            "tracking_uri": self.tracking_uri, **self.run_overrides,
-        })
-
-    def storage_url(self) -> str:
-        url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
-        if _same_store(url, tracking.resolve_tracking_uri(self.tracking_uri)):
-            raise BenchError(f"the Optuna storage {tracking.masked(url)} is the MLflow store; give --storage another database")
-        return url
-
-    def name_for(self, variant: str) -> str:
-        if self.study_name and len(self.variants) == 1:
-            return self.study_name
-        base = self.study_name or f"schedule-{self.dataset}-{self.objective}"
-        return f"{base}-{variant}"
-
-
-def _same_store(a: str, b: str) -> bool:
-    from pathlib import Path
-
-    def norm(u: str) -> str:
-        return str(Path(u.removeprefix("sqlite:///")).resolve()) if u.startswith("sqlite:///") else u
-
-    return norm(a) == norm(b)
-
-
-@dataclass
-class StudyResult:
-    name: str
-    variant: str
-    parent_run_id: str
-    best: list[dict]  # the best trial (single objective) or the Pareto front: params, values, exact bpd
-    default: dict | None  # the default schedule's trial, for comparison
-    counts: dict[str, int]
-    exact: dict[int, float] = field(default_factory=dict)  # trial number → exact bpd (bits/dim) of those re-evaluated
-
+__all__ = ["OBJECTIVES", "SAMPLERS", "StudyConfig", "StudyResult", "TrialDiverged", "lost_worker", "run_study",
+           "study_status", "worker_devices", "workers_alive"]
 
 # ------------------------------------------------------------------------- Optuna plumbing
-class _Storage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage, in which a RUNNING trial that never had a heartbeat turns stale too.
-
-    Optuna judges a trial by its heartbeat row alone, so a trial whose worker died (or failed) after taking
-    it and before its first heartbeat, or one some tool asked for and left, stayed RUNNING for good and the
-    workers waited on it forever. A worker records a trial's first heartbeat under the lock it takes the trial
-    under; whoever looks for stale trials (under that lock too) and finds one without any gives it one, so
-    unless its worker beats it is stale a grace period later, failed and retried like any other."""
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        from sqlalchemy import text
-
-        never = text("SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                     "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
-        with self.engine.connect() as conn:
-            silent = [row[0] for row in conn.execute(never, {"study": study_id})]
-        for trial_id in silent:
-            self.record_heartbeat(trial_id)
-        return super()._get_stale_trial_ids(study_id)
-
-
-def _storage(sc: StudyConfig):
-    import warnings
-
-    import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    url = sc.storage_url()
-    path = sqlite_path(url)
-    if path is not None:
-        tracking.check_sqlite_store(path, "--storage")
-    try:
-        with warnings.catch_warnings(), store_lock(url):  # the tables of a new storage are created once
-            if path is not None:
-                tracking.refuse_half_migrated(path, f"optuna storage upgrade --storage {url}")
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-            engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
-            return _Storage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
-                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except BenchError:
-        raise
-    except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {tracking.masked(url)!r}: "
-                         f"{scrubbed(first_line(err), url)}") from None
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
 def _sampler(sc: StudyConfig):
     """The study's sampler, re-seeded for every trial from (study seed, trial number): a study is
     reproducible from its seed, and processes sharing one never draw the same point from the same history."""
@@ -217,11 +88,9 @@ class _TrialSeededSampler(optuna.samplers.BaseSampler):
 
 
 def _open_study(sc: StudyConfig, name: str):
-    import optuna
-
     directions = ["minimize"] * len(OBJECTIVES[sc.objective])
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if len(directions) == 1 else optuna.pruners.NopPruner()
-    storage = _storage(sc)
+    storage = open_storage(sc)
     with store_lock(sc.storage_url(), "study"):  # two starters must not both create the study
         study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, directions=directions,
                                     sampler=_sampler(sc), pruner=pruner)
@@ -263,9 +132,7 @@ def _trial_config(trial, sc: StudyConfig, name: str, variant: str, space) -> Run
 def _objective(trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d: Dist = SINGLE):
     """Train ``trial`` and return its objective value(s). Under torchrun every rank trains it (DDP); rank 0
     alone holds the trial (None elsewhere), draws its point and decides pruning, and shares both."""
-    import optuna
 
-    from bench.training.run import StopRun, train
 
     config = d.share(d.main_decides(lambda: _trial_config(trial, sc, name, variant, space)))
     single = len(OBJECTIVES[sc.objective]) == 1
@@ -322,8 +189,6 @@ def _next_trial(study, sc: StudyConfig):
     process or machine (a dead worker's trial turns stale and comes back queued); None once every trial
     has finished. Taken under the storage's lock, so concurrent workers neither take one queued trial
     twice nor overshoot the count."""
-    from optuna.trial import TrialState
-
     with store_lock(sc.storage_url(), "trial"), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -353,7 +218,7 @@ def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d
     client = tracking.client(sc.tracking_uri) if d.main else None
     experiments = [tracking.experiment_id(client, sc.experiment)] if d.main else []
     deadline = None if sc.timeout is None else time.monotonic() + sc.timeout
-    with _registered(study, sc.heartbeat) if d.main else nullcontext():
+    with registered(study, sc.heartbeat) if d.main else nullcontext():
         while True:
             trial = plan = None
             if d.main:
@@ -373,8 +238,6 @@ def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d
 def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, parent_run_id: str,
                d: Dist = SINGLE) -> None:
     """Train one trial under its heartbeat and tell the study how it ended (rank 0)."""
-    from optuna.trial import TrialState
-
     if not d.main:  # trains its share; rank 0 records the outcome
         _objective(None, sc, name, variant, space, parent_run_id, d)
         return
@@ -394,48 +257,9 @@ def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, pa
     study.tell(trial, values, state=state, skip_if_finished=True)
 
 
-WORKER_ATTR = "worker "  # study user attribute "worker HOST:PID" → {"beat": unix time, "every": seconds}
-
-
-@contextmanager
-def _registered(study, every: int):
-    """Keep this worker in the study's register (its heartbeat every ``every`` s) while the block runs,
-    for ``bench study --status``; marked gone at the end."""
-    key = f"{WORKER_ATTR}{socket.gethostname()}:{os.getpid()}"
-
-    def beat(alive: bool = True) -> None:
-        study._storage.set_study_user_attr(study._study_id, key, {"beat": time.time() if alive else 0, "every": every})
-
-    beat()
-    try:
-        with tracking.every(every, beat, "study-worker-heartbeat"):
-            yield
-    finally:
-        try:
-            beat(alive=False)
-        except Exception:  # noqa: BLE001 - the storage may be what failed; its heartbeat then just ages out
-            pass
-
-
-def workers_alive(study, now: float | None = None) -> list[str]:
-    """The workers (HOST:PID) whose heartbeat is fresher than twice its interval."""
-    now = now or time.time()
-    return sorted(k.removeprefix(WORKER_ATTR) for k, v in study.user_attrs.items()
-                  if k.startswith(WORKER_ATTR) and isinstance(v, dict) and now - v.get("beat", 0) < 2 * v.get("every", 60))
-
-
-def lost_worker(t) -> bool:
-    """Whether trial ``t`` failed because its worker stopped sending heartbeats (Optuna failed it as stale
-    and queued a retry), not by an error, a divergence or an interrupt its worker recorded."""
-    return t.state.name == "FAIL" and not ({"error", "diverged", "failure_reason"} & set(t.user_attrs))
-
-
 def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
     """Mark KILLED the MLflow runs of trials Optuna failed as stale (their worker died or was cut off, on
     any machine), and of any run whose process on this machine is gone."""
-    from mlflow.entities import RunTag
-    from optuna.trial import TrialState
-
     tracking.close_dead_runs(client, experiments)
     stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if lost_worker(t)}
     if not stale:
@@ -476,7 +300,6 @@ def _run_workers(sc: StudyConfig, name: str, variant: str, space, parent_run_id:
     if sc.workers == 1:
         _work(sc, name, variant, space, parent_run_id)
         return
-    import torch
 
     ctx = multiprocessing.get_context("spawn")
     devices = worker_devices(sc.run_overrides.get("device", "auto"), sc.workers, torch.cuda.device_count())
@@ -524,9 +347,6 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
 def study_status(name: str, storage: str | None = None) -> str:
     """``bench study --status NAME``: the study's state as ``storage`` (default: the studies' SQLite file)
     holds it, read without creating anything."""
-    from bench.serve.ui import check_optuna_storage
-    from studies.summary import describe_status
-
     url = storage or StudyConfig().storage_url()
     check_optuna_storage(url)
     try:
@@ -545,9 +365,6 @@ def run_study(sc: StudyConfig, progress: bool = True, notice: str | None = None)
     Any number of ``bench study`` processes, on any machines sharing the storage and the tracking store,
     may work on one study: each returns once every trial has finished, and the first to get there does
     the exact re-evaluation, records the study in its parent run and closes it FINISHED (:func:`_finish`)."""
-    from bench.runtime import dist as dist_mod
-    from studies.summary import Progress, describe_start
-
     sc.validate()
     space = load_space(sc.space_file, sc.tune_lr)
     d, _ = dist_mod.setup(sc.run_overrides.get("device", "auto"))
@@ -585,8 +402,6 @@ def _finish(client, sc: StudyConfig, name: str, variant: str, parent_run_id: str
     """Once: the exact re-evaluation of the best trials, the study's record in its parent run, the parent
     closed FINISHED. Under the storage's lock, so of several processes reaching the end together one
     does it and the others read the result (a study resumed with more trials is finished again)."""
-    from studies.summary import NoLog, exact_reevaluation, log_study
-
     me = f"{socket.gethostname()}:{os.getpid()}"
     with store_lock(sc.storage_url(), "finish"):
         study = _open_study(sc, name)
@@ -609,8 +424,6 @@ def _finish(client, sc: StudyConfig, name: str, variant: str, parent_run_id: str
 def _leave(client, study, parent_run_id: str, err: BaseException, progress: bool) -> None:
     """This process stops before the study is done: its parent run stays RUNNING while other workers
     carry on (whoever finishes closes it); with none left it ends KILLED (interrupted) or FAILED."""
-    import psutil
-
     ours = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}  # stopping with us
     host = socket.gethostname()
     others = [w for w in workers_alive(study) if not (w.rsplit(":", 1)[0] == host and int(w.rsplit(":", 1)[1]) in ours)]

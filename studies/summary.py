@@ -12,15 +12,23 @@ import time
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import optuna
+import optuna.visualization.matplotlib as ovm
 import pandas as pd
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from bench.runtime.progress import format_duration, on_terminal
+from bench.runtime.urls import masked
+from bench.tracking.plots import FIGURES
+from bench.training.run import evaluate_checkpoint, other_method_name
+from studies.config import OBJECTIVES, StudyResult
+from studies.space import TUNABLE
+from studies.workers import lost_worker, workers_alive
 
 
 def _complete(study):
-    from optuna.trial import TrialState
-
     return [t for t in study.trials if t.state == TrialState.COMPLETE]
 
 
@@ -36,8 +44,6 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
     (logged into each trial's run; kept in the study's ``bpd_exact`` attribute, trial number → value,
     since Optuna freezes a finished trial's attributes). ``progress``: a line before and after each, the
     evaluation's bars between them on a terminal."""
-    from bench.training.run import evaluate_checkpoint, other_method_name
-
     complete = _complete(study)
     if len(study.directions) == 1:
         ranked = sorted(complete, key=lambda t: t.value)[: sc.exact_top]
@@ -97,12 +103,6 @@ class NoLog:
 def log_study(study, sc, name: str, variant: str, log):
     """Best parameters and values, the Pareto front, history and importance plots and the trials
     table, into the parent run ``log``. Returns a StudyResult."""
-    import optuna
-    import optuna.visualization.matplotlib as ovm
-    from optuna.trial import TrialState
-
-    from studies.study import OBJECTIVES, StudyResult
-
     study = optuna.load_study(study_name=name, storage=study._storage)  # fresh attributes after re-evaluation
     keys = OBJECTIVES[sc.objective]
     counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
@@ -145,10 +145,6 @@ def log_study(study, sc, name: str, variant: str, log):
 
 def _plot(log, path: str, make) -> None:
     """Log one optuna plot; plots that need more finished trials than the study has are skipped."""
-    import matplotlib.pyplot as plt
-
-    from bench.tracking.plots import FIGURES
-
     with FIGURES:  # matplotlib is not thread-safe
         try:
             ax = make()
@@ -174,8 +170,6 @@ def format_params(params: dict) -> str:
 
 
 def _param_order(names) -> list[str]:
-    from studies.space import TUNABLE
-
     order = list(TUNABLE)
     return sorted(names, key=lambda k: (order.index(k) if k in order else len(order), k))
 
@@ -258,11 +252,6 @@ def best_so_far(trials, keys: tuple[str, ...]) -> str:
 def describe_status(study, storage: str, now: float | None = None) -> str:
     """``bench study --status``: the study as its storage holds it now: trials by state, the best so far,
     the workers alive, the parent run and who finished it."""
-    from optuna.trial import TrialState
-
-    from bench.tracking.store import masked
-    from studies.study import OBJECTIVES, workers_alive
-
     now = now or time.time()
     attrs = study.user_attrs
     keys = OBJECTIVES.get(attrs.get("objective"), tuple(study.metric_names or ("value",)))
@@ -285,8 +274,6 @@ def describe_status(study, storage: str, now: float | None = None) -> str:
 
 def describe_start(sc, name: str, variant: str, parent_run_id: str) -> str:
     """The line ``bench study`` prints as a study starts."""
-    from studies.study import OBJECTIVES
-
     workers = f"{sc.workers} worker{'s' * (sc.workers != 1)}"
     return (f"study {name}: variant {variant} on {sc.dataset}, {sc.trials} trials of {sc.steps} steps, objective "
             f"{' and '.join(OBJECTIVES[sc.objective])} (lower is better), sampler {sc.sampler}, {workers}\n"
@@ -331,8 +318,6 @@ def pareto_table(rows: list[dict], keys: tuple[str, ...]) -> str:
 
 def describe_result(r, sc) -> str:
     """The block ``bench study`` prints for one finished study."""
-    from studies.study import OBJECTIVES
-
     keys = OBJECTIVES[sc.objective]
     counts = ", ".join(f"{r.counts[k]} {STATES.get(k.upper(), k)}" for k in ("complete", "pruned", "fail", "running", "waiting")
                        if r.counts.get(k))
@@ -371,8 +356,6 @@ class Progress:
     POLL_SECONDS = 1.0
 
     def __init__(self, study, sc, variant: str, show: bool):
-        from studies.study import OBJECTIVES
-
         self.study, self.sc, self.show = study, sc, show
         self.keys = OBJECTIVES[sc.objective]
         trials = study.get_trials(deepcopy=False)
@@ -422,7 +405,6 @@ class Progress:
         retries = retried_as(trials)
         finished = sorted((t for t in trials if t.state.is_finished() and t.number not in self.printed),
                           key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
-        from studies.study import lost_worker
 
         total = max(self.sc.trials + sum(lost_worker(t) for t in trials), len(trials))  # a lost trial's retry adds one
         for t in finished:

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -36,10 +35,11 @@ from urllib.parse import urlencode
 
 import click
 
-from bench.tracking import store as tracking
 from bench.errors import BenchError, first_line
-from bench.runtime.locks import sqlite_path
 from bench.runtime.urls import masked
+from bench.tracking import store as tracking
+from studies.config import StudyConfig
+from studies.storage import check_optuna_storage
 
 GUARD = Path(__file__).with_name("guard.py")
 STOP_WAIT_S = 20  # longer than the guard's own grace for the server, so the guard finishes its stop first
@@ -334,46 +334,6 @@ def serve_tracking(backend_store: str | None, artifacts: str | None, host: str, 
 
 
 # ------------------------------------------------------------------------- bench dashboard
-def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
-    """Refuse, in one line, a storage that is not an existing Optuna RDB storage, without creating
-    anything: SQLAlchemy would make an empty file out of a mistyped SQLite path. With ``study_name``, the
-    study's id in the storage (what optuna-dashboard's page addresses hold), refusing a name it lacks."""
-    if "://" not in url:
-        raise BenchError(f"--storage {url}: give an RDB URL such as sqlite:///{url} or postgresql://HOST/DB")
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise BenchError(f"no Optuna storage at {path} (no such file); run `bench study` first, or give --storage URL")
-    import sqlalchemy
-
-    engine = None
-    try:
-        if path is not None:  # read-only: nothing is created or changed
-            ro = f"{path.resolve().as_uri()}?mode=ro"
-            engine = sqlalchemy.create_engine("sqlite://", creator=lambda: sqlite3.connect(ro, uri=True))
-        else:
-            engine = sqlalchemy.create_engine(url)
-        tables = set(sqlalchemy.inspect(engine).get_table_names())
-        studies = {}
-        if study_name is not None and {"studies", "trials", "version_info"} <= tables:
-            with engine.connect() as conn:
-                studies = dict(conn.execute(sqlalchemy.text("SELECT study_name, study_id FROM studies")).all())
-    except Exception as err:  # a bad URL, a missing driver, a server that does not answer, a file that is no database
-        raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
-    finally:
-        if engine is not None:
-            engine.dispose()
-    if not {"studies", "trials", "version_info"} <= tables:
-        raise BenchError(f"{masked(url)} is not an Optuna storage (it has no studies/trials tables); "
-                         "give --storage the URL that `bench study --storage` used")
-    if study_name is None:
-        return None
-    if study_name not in studies:
-        names = sorted(studies)
-        listed = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
-        raise BenchError(f"--study-name {study_name!r}: no such study in {masked(url)}; it has {listed or 'no studies'}")
-    return int(studies[study_name])
-
-
 def _dashboard_command() -> str:
     beside = Path(sys.executable).with_name("optuna-dashboard")
     found = str(beside) if beside.is_file() else shutil.which("optuna-dashboard")
@@ -384,8 +344,6 @@ def _dashboard_command() -> str:
 
 def default_storage() -> str:
     """The storage `bench study` uses when given no --storage."""
-    from studies.study import StudyConfig
-
     return StudyConfig().storage_url()
 
 

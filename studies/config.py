@@ -1,0 +1,100 @@
+"""What a study is: its settings (:class:`StudyConfig`, the trials' base RunConfig), its objectives and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.errors import BenchError
+from bench.tracking import store as tracking
+from bench.training.config import RunConfig, make_config
+
+OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+
+
+class TrialDiverged(Exception):
+    """A trial whose training diverged: Optuna records it FAIL and the study goes on."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    variants: tuple[str, ...] = ("simple",)  # one study per variant
+    dataset: str = "digits"
+    trials: int = 20  # the study's number of trials (finished and running); a trial lost with its worker is replaced by its retry
+    timeout: float | None = None  # seconds per study and worker (None: no limit)
+    steps: int = 500  # optimiser steps per trial
+    objective: str = "bpd"  # 'bpd', 'fid' or 'both' (a Pareto front)
+    sampler: str = "tpe"  # 'tpe', 'random', 'gp' or 'nsga2'
+    seed: int = 0  # seeds the sampler (trial n draws with a seed from (seed, n)) and every trial's training
+    workers: int = 1  # worker processes sharing the study
+    storage: str | None = None  # Optuna RDB URL (default: sqlite optuna.db in BENCH_HOME)
+    study_name: str | None = None  # resume or name the study (several variants: NAME-VARIANT)
+    tracking_uri: str | None = None  # MLflow URI
+    experiment: str = "elbo-bench-studies"  # MLflow experiment of the parent and trial runs
+    space_file: str | None = None  # study TOML (path or name in studies/)
+    tune_lr: bool = False  # add the learning rate to the space
+    exact_top: int = 3  # best trials re-evaluated with the exact bound at the end
+    fid_samples: int = 500  # samples per trial when the objective includes FID
+    heartbeat: int = 60  # seconds between a worker's heartbeats; a trial silent for 2× is failed and retried
+    run_overrides: dict = field(default_factory=dict)  # other RunConfig fields for every trial
+
+    def validate(self) -> StudyConfig:
+        if self.objective not in OBJECTIVES:
+            raise BenchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.sampler not in SAMPLERS:
+            raise BenchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        for name in ("trials", "steps", "workers", "heartbeat"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if "fid" in OBJECTIVES[self.objective] and self.fid_samples < 2:
+            raise BenchError(f"--objective {self.objective} needs --fid-samples >= 2, got {self.fid_samples}")
+        if self.exact_top < 0:
+            raise BenchError(f"--exact-top must be >= 0, got {self.exact_top}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise BenchError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not self.variants:
+            raise BenchError("give at least one --variant")
+        self.base_config(self.variants[0])  # validates dataset, variants, overrides
+        for v in self.variants[1:]:
+            self.base_config(v)
+        return self
+
+    def base_config(self, variant: str) -> RunConfig:
+        uses_fid = "fid" in OBJECTIVES[self.objective]
+        return make_config(**{
+            "dataset": self.dataset, "variant": variant, "steps": self.steps, "seed": self.seed,
+            "final_eval": "estimate", "final_eval_images": 0, "fid_samples": self.fid_samples if uses_fid else 0,
+            "eval_every": max(1, self.steps // 4), "checkpoint_every": self.steps, "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri, **self.run_overrides,
+        })
+
+    def storage_url(self) -> str:
+        url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
+        if _same_store(url, tracking.resolve_tracking_uri(self.tracking_uri)):
+            raise BenchError(f"the Optuna storage {tracking.masked(url)} is the MLflow store; give --storage another database")
+        return url
+
+    def name_for(self, variant: str) -> str:
+        if self.study_name and len(self.variants) == 1:
+            return self.study_name
+        base = self.study_name or f"schedule-{self.dataset}-{self.objective}"
+        return f"{base}-{variant}"
+
+
+def _same_store(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        return str(Path(u.removeprefix("sqlite:///")).resolve()) if u.startswith("sqlite:///") else u
+
+    return norm(a) == norm(b)
+
+
+@dataclass
+class StudyResult:
+    name: str
+    variant: str
+    parent_run_id: str
+    best: list[dict]  # the best trial (single objective) or the Pareto front: params, values, exact bpd
+    default: dict | None  # the default schedule's trial, for comparison
+    counts: dict[str, int]
+    exact: dict[int, float] = field(default_factory=dict)  # trial number → exact bpd (bits/dim) of those re-evaluated
