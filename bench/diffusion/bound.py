@@ -20,17 +20,18 @@ process would compute, from the same batches (bit-equal where the kernels are de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
 from bench.diffusion.gaussian import bits_per_dim_from_nats, to_data_scale
-from bench.runtime.progress import progress_of
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.variant import Variant, prior_nats, vb_term_nats
+from bench.errors import BenchError
+from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.progress import progress_of
 
 
 @dataclass
@@ -177,6 +178,47 @@ def _prior_bits(sched: Schedule, images: torch.Tensor) -> torch.Tensor:
     return bits_per_dim_from_nats(prior_nats(sched, x0), x0[0].numel())
 
 
+@torch.no_grad()
+def _pairs_nats(model, variant: Variant, sched: Schedule, images: torch.Tensor, t: torch.Tensor,
+                image_noise: Callable[[int], torch.Tensor], batch_size: int, device: torch.device, progress: bool,
+                dist: Dist, what: str) -> torch.Tensor:
+    """L_t in nats of every (image, t) pair under both conventions, float64 [2, N, K] on the CPU (row 0 with x̂_0
+    clipped, row 1 unclipped): the one evaluator of the exact bound and the estimate.
+
+    ``t`` long [N, K]: image i's K timesteps (0-based), its pairs in that order; the pairs are taken image-major,
+    ``batch_size`` at a time. ``image_noise(i)`` [K, C, H, W]: image i's noise, one per pair, called once per
+    image (when its first pair comes). ``model(x_t, t)`` is called in eval mode; its training mode is restored
+    afterwards. ``dist``: each rank evaluates its contiguous block of whole batches, and every rank gets all the
+    terms. ``what``: the progress bar's name.
+    """
+    N, K = t.shape
+    starts = _my_batches(N * K, batch_size, dist)
+    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=_bound_dtype(device), device=device)
+    flat_t = t.reshape(-1)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    noise_image, noise_cache = -1, None
+    try:
+        for start in progress_of(starts, len(starts), what, "batch", progress and dist.main):
+            pairs = torch.arange(start, min(start + batch_size, N * K))
+            idx, k = pairs // K, pairs % K
+            noise = torch.empty(len(pairs), *images.shape[1:])
+            for i in idx.unique().tolist():
+                if i != noise_image:
+                    noise_image, noise_cache = i, image_noise(i)
+                rows = idx == i
+                noise[rows] = noise_cache[k[rows]]
+            x0 = to_data_scale(images[idx])
+            at = start - starts.start
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
+                                                    to_device(flat_t[pairs], device), to_device(noise, device))
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    return _gather_pairs(local, N * K, batch_size, dist).cpu().double().view(2, N, K)
+
+
 # --------------------------------------------------------------------- exact
 def bits_per_dim(
     model,
@@ -203,35 +245,16 @@ def bits_per_dim(
     device = torch.device(device) if device is not None else _model_device(model)
     N, T = images.shape[0], sched.T
     D = images[0].numel()
-    starts = _my_batches(N * T, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * T, unit=batch_size)), dtype=_bound_dtype(device), device=device)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    noise_image, noise_cache = -1, None
-    try:
-        for start in progress_of(starts, len(starts), label(desc, f"exact bits/dim, {N} images x {T} t"), "batch",
-                                 progress and dist.main):
-            pairs = torch.arange(start, min(start + batch_size, N * T))
-            idx, t = pairs // T, pairs % T
-            noise = torch.empty(len(pairs), *images.shape[1:])
-            for i in idx.unique().tolist():  # each image's noise [T, C, H, W], drawn once
-                if i != noise_image:
-                    noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
-                rows = idx == i
-                noise[rows] = noise_cache[t[rows]]
-            x0 = to_data_scale(images[idx])
-            at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device), to_device(t, device),
-                                                    to_device(noise, device))
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
-    nats = _gather_pairs(local, N * T, batch_size, dist).cpu().double()
+
+    def image_noise(i: int) -> torch.Tensor:  # [T, C, H, W]: one per t
+        return torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
+
+    nats = _pairs_nats(model, variant, sched, images, torch.arange(T).repeat(N, 1), image_noise, batch_size, device,
+                       progress, dist, label(desc, f"exact bits/dim, {N} images x {T} t"))
     prior = _prior_bits(sched, images)
     results = []
     for row, clip in ((0, True), (1, False)):
-        bits = bits_per_dim_from_nats(nats[row].view(N, T), D)
+        bits = bits_per_dim_from_nats(nats[row], D)
         decoder, vb = bits[:, 0], bits[:, 1:].sum(dim=1)
         results.append(BoundResult(total=prior + vb + decoder, prior=prior, vb=vb, decoder=decoder,
                                    per_t=bits.mean(dim=0), clip_x0=clip))
@@ -292,39 +315,15 @@ def estimate_bits_per_dim(
         ts[i, 0] = 0
         ts[i, 1:] = (edges[:-1] + within).reshape(-1)
 
-    def image_noise(i: int) -> torch.Tensor:
+    def image_noise(i: int) -> torch.Tensor:  # [K, C, H, W]: one per call
         g = keyed_generator(seed, i, 1)
         torch.rand(2, S, generator=g, dtype=torch.float64)  # the strata's draws come first in the stream
         return torch.randn(K, *images.shape[1:], generator=g)
 
-    starts = _my_batches(N * K, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=_bound_dtype(device), device=device)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    noise_image, noise_cache = -1, None
-    try:
-        flat_t = ts.reshape(-1)
-        for start in progress_of(starts, len(starts), label(desc, f"estimated bits/dim, {N} images x {K} calls"), "batch",
-                                 progress and dist.main):
-            pairs = torch.arange(start, min(start + batch_size, N * K))
-            idx, call = pairs // K, pairs % K
-            noise = torch.empty(len(pairs), *images.shape[1:])
-            for i in idx.unique().tolist():
-                if i != noise_image:
-                    noise_image, noise_cache = i, image_noise(i)
-                rows = idx == i
-                noise[rows] = noise_cache[call[rows]]
-            x0 = to_data_scale(images[idx])
-            at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
-                                                    to_device(flat_t[pairs], device), to_device(noise, device))
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
-    nats = _gather_pairs(local, N * K, batch_size, dist).cpu().double()
+    nats = _pairs_nats(model, variant, sched, images, ts, image_noise, batch_size, device, progress, dist,
+                       label(desc, f"estimated bits/dim, {N} images x {K} calls"))
     prior = _prior_bits(sched, images)
-    results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip, edges)
+    results = [_estimate(bits_per_dim_from_nats(nats[row], D), sizes, prior, clip, edges)
                for row, clip in ((0, True), (1, False))]
     return _paired(*results, clip_x0)
 
