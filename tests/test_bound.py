@@ -10,6 +10,7 @@ from oracle import GaussianOracle, gaussian_grid_data
 
 from bench import BenchError, Schedule, bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.bound import strata_edges
+from bench.diffusion.streams import Stream, keyed_generator
 from variants import get_variant
 
 S = 0.3  # pixel std of the oracle's data: clipping at ±1 is then negligible
@@ -121,6 +122,20 @@ def test_estimator_decoder_and_prior_are_exact():
     assert est.decoder.mean().item() == pytest.approx(exact.decoder.mean().item(), rel=0.2)
 
 
+def test_the_streams_keep_their_numbers():
+    """A stream's key is part of every result drawn from it: (seed, index) for the exact bound's noise, and
+    (seed, index, n) for the others, n as before the streams had names."""
+    old_keys = {Stream.BOUND_NOISE: (), Stream.ESTIMATE: (1,), Stream.SAMPLES: (2,), Stream.DEQUANTISATION: (3,),
+                Stream.PROBES: (4,)}
+    assert set(old_keys) == set(Stream)
+    for stream, number in old_keys.items():
+        for seed, index in ((0, 0), (1234, 7), (5, 2**20)):
+            got = torch.randn(8, generator=stream.generator(seed, index))
+            assert torch.equal(got, torch.randn(8, generator=keyed_generator(seed, index, *number))), stream
+    draws = [torch.randn(8, generator=stream.generator(3, 1)) for stream in Stream]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])  # independent streams
+
+
 def test_strata_cover_every_timestep_once():
     for T, S_ in [(1000, 16), (40, 39), (10, 1), (100, 7)]:
         edges = strata_edges(T, S_)
@@ -159,8 +174,6 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
     bench's Gaussian helpers; the same noise as ``bits_per_dim`` (drawn per (seed, image))."""
     from scipy.stats import norm
 
-    from bench.diffusion.bound import keyed_generator
-
     T = sched.T
     b = sched.betas.numpy()
     ab = np.cumprod(1 - b)
@@ -172,7 +185,7 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
     for i, img in enumerate(images):
         x0 = img.double().numpy() / 127.5 - 1
         D = x0.size
-        noise = torch.randn(T, *img.shape, generator=keyed_generator(seed, i))
+        noise = torch.randn(T, *img.shape, generator=Stream.BOUND_NOISE.generator(seed, i))
         t = torch.arange(T)
         x_t32 = sched.q_sample(torch.as_tensor(x0, dtype=torch.float32).expand(T, *img.shape), t, noise)
         out = model(x_t32, t).double().numpy()

@@ -23,11 +23,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from bench.diffusion.gaussian import bits_per_dim_from_nats, to_data_scale
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant, prior_nats, vb_term_nats
 from bench.errors import BenchError
 from bench.runtime.dist import SINGLE, Dist
@@ -119,12 +119,6 @@ def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> Non
 def label(desc: str, what: str) -> str:
     """A progress bar's name: ``what``, after the caller's ``desc`` when given (``exact bound, trial 3: exact bits/dim``)."""
     return f"{desc}: {what}" if desc else what
-
-
-def keyed_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator (on ``device``) seeded from a tuple of integers: independent streams for distinct keys."""
-    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)
-    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -236,7 +230,7 @@ def bits_per_dim(
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
     ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``batch_size`` at a time
-    (image-major order), each with its own noise, drawn from a stream keyed by (seed, image).
+    (image-major order), each with its own noise, drawn from the image's stream (:attr:`Stream.BOUND_NOISE`).
     ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
     ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
     ``dist``: the ranks that share the work (each evaluates a block of the batches; all get the result).
@@ -247,7 +241,7 @@ def bits_per_dim(
     D = images[0].numel()
 
     def image_noise(i: int) -> torch.Tensor:  # [T, C, H, W]: one per t
-        return torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
+        return torch.randn(T, *images.shape[1:], generator=Stream.BOUND_NOISE.generator(seed, i))
 
     nats = _pairs_nats(model, variant, sched, images, torch.arange(T).repeat(N, 1), image_noise, batch_size, device,
                        progress, dist, label(desc, f"exact bits/dim, {N} images x {T} t"))
@@ -306,17 +300,17 @@ def estimate_bits_per_dim(
     device = torch.device(device) if device is not None else _model_device(model)
     N, K = images.shape[0], 1 + 2 * S
     D = images[0].numel()
-    # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream draws
+    # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream (ESTIMATE) draws
     # the strata's uniforms first, then the noise of its K calls (drawn when its batch comes).
     ts = torch.empty(N, K, dtype=torch.long)
     for i in range(N):
-        u = torch.rand(2, S, generator=keyed_generator(seed, i, 1), dtype=torch.float64)
+        u = torch.rand(2, S, generator=Stream.ESTIMATE.generator(seed, i), dtype=torch.float64)
         within = (u * sizes).floor().long().clamp(max=(sizes.long() - 1))
         ts[i, 0] = 0
         ts[i, 1:] = (edges[:-1] + within).reshape(-1)
 
     def image_noise(i: int) -> torch.Tensor:  # [K, C, H, W]: one per call
-        g = keyed_generator(seed, i, 1)
+        g = Stream.ESTIMATE.generator(seed, i)
         torch.rand(2, S, generator=g, dtype=torch.float64)  # the strata's draws come first in the stream
         return torch.randn(K, *images.shape[1:], generator=g)
 

@@ -11,9 +11,9 @@ This is a different estimand from the bound (``bpd``): an estimate, unbiased ove
 dequantisation draws, of the dequantised NLL of another model (the flow) built from the same network.
 Its metrics are ``nll_ode…`` and are never mixed into ``bpd``.
 
-Noise is keyed by (seed, image index) alone, and ranks take contiguous blocks of whole batches (each
-rank's solver takes its own steps; results are gathered after the solves), so every rank gets the
-numbers one process computes with the same ``batch_size``. Within one batch the solver's steps are
+Noise is keyed by (seed, image index) alone (streams DEQUANTISATION and PROBES), and ranks take
+contiguous blocks of whole batches (each rank's solver takes its own steps; results are gathered after
+the solves), so every rank gets the numbers one process computes with the same ``batch_size``. Within one batch the solver's steps are
 shared by all its images: another ``batch_size`` changes an image's number by up to the tolerances.
 """
 
@@ -29,18 +29,17 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
-from bench.diffusion.bound import _bound_dtype, _model_device, keyed_generator, label
+from bench.diffusion.bound import _bound_dtype, _model_device, label
 from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
-from bench.runtime.progress import progress_of
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
+from bench.errors import BenchError
+from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.progress import progress_of
 
 SOLVERS = ("RK45", "RK23", "DOP853")  # solve_ivp's explicit methods (implicit ones need the state's Jacobian)
 PROBE_TYPES = ("rademacher", "gaussian")
-DEQUANT_STREAM = 3  # keyed_generator(seed, image, 3): the dequantisation noise (1: bound estimate, 2: sampling)
-PROBE_STREAM = 4  # keyed_generator(seed, image, 4): the Hutchinson probes
 
 ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x [B, C, H, W], s) → ∇_x log p_s(x) [B, C, H, W]
 
@@ -176,7 +175,7 @@ def network_dtype(model) -> torch.dtype:
 def draw_probes(seed: int, image: int, count: int, shape: tuple[int, ...], probe_type: str) -> torch.Tensor:
     """``count`` Hutchinson probes for one image, float64 [count, *shape], from its own stream: entries ±1
     (rademacher) or N(0, 1) (gaussian); either way E[v vᵀ] = I."""
-    g = keyed_generator(seed, image, PROBE_STREAM)
+    g = Stream.PROBES.generator(seed, image)
     if probe_type == "rademacher":
         return torch.randint(0, 2, (count, *shape), generator=g).to(torch.float64) * 2 - 1
     return torch.randn(count, *shape, generator=g, dtype=torch.float64)
@@ -186,7 +185,7 @@ def dequantise(pixels: torch.Tensor, seed: int, image: int, count: int) -> torch
     """``count`` dequantised copies of one uint8 image [C, H, W] on the model's scale, float64 [count, C, H, W]:
     z = (u + w − ½)/127.5 − 1, w ~ U[0, 1) per pixel, i.e. to_data_scale's grid point plus uniform noise over
     its bin (half-width ``BIN_HALF_WIDTH`` = 1/255, the decoder's bins)."""
-    w = torch.rand(count, *pixels.shape, generator=keyed_generator(seed, image, DEQUANT_STREAM), dtype=torch.float64)
+    w = torch.rand(count, *pixels.shape, generator=Stream.DEQUANTISATION.generator(seed, image), dtype=torch.float64)
     return pixels.to(torch.float64) / 127.5 - 1 + (2 * w - 1) * BIN_HALF_WIDTH
 
 

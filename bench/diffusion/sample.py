@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
-from bench.diffusion.bound import keyed_generator, label
-from bench.runtime.progress import Progress
+from bench.diffusion.bound import label
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
+from bench.errors import BenchError
+from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def sample(
     (``clip_x0``) as DDPM samples. Images are returned at the mean of the last step, quantised.
 
     Samples come in blocks of ``batch_size``; block k draws all its noise (x_T, then each step's) on
-    ``device`` from a stream keyed by (seed, k), so sample j depends on (seed, j, batch_size) only. Under
+    ``device`` from its stream (:attr:`Stream.SAMPLES`, keyed by (seed, k)), so sample j depends on (seed, j, batch_size) only. Under
     torch.distributed (``dist``) each rank draws a contiguous block of the blocks and every rank gets all
     ``n`` samples, the same as one process draws.
     """
@@ -107,7 +108,7 @@ def sample(
         every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):
             b = min(batch_size, n - start)
-            g = keyed_generator(seed, start // batch_size, 2, device=device)
+            g = Stream.SAMPLES.generator(seed, start // batch_size, device=device)
             x = torch.randn(b, *shape, generator=g, device=device)
             for k in reversed(range(len(plan.timesteps))):
                 if k % every == 0:
