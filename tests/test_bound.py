@@ -8,7 +8,7 @@ import torch
 from nets import nonzero_network, output_scale
 from oracle import GaussianOracle, gaussian_grid_data
 
-from bench import BenchError, Schedule, bits_per_dim, estimate_bits_per_dim
+from bench import BenchError, Runtime, Schedule, bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.bound import strata_edges
 from bench.diffusion.streams import Stream, keyed_generator
 from variants import get_variant
@@ -25,7 +25,7 @@ def oracle_bounds():
     for name, variance in [("elbo", "small"), ("elbo", "large"), ("elbo-learned", None), ("elbo-learned-diag", None)]:
         variant = get_variant(name, variance)
         model = GaussianOracle(sched, S, variant.var_type)
-        results[variant.label] = bits_per_dim(model, variant, sched, images, batch_size=8192)
+        results[variant.label] = bits_per_dim(model, variant, sched, images, runtime=Runtime(batch_size=8192))
     return results, nll
 
 
@@ -69,18 +69,19 @@ def small_setup(name="hybrid", T=40, n=12):
 
 def test_bound_does_not_depend_on_batch_size():
     sched, variant, images, model = small_setup()
-    results = [bits_per_dim(model, variant, sched, images, batch_size=b, seed=5) for b in (7, 40, 1000)]
+    results = [bits_per_dim(model, variant, sched, images, seed=5, runtime=Runtime(batch_size=b))
+               for b in (7, 40, 1000)]
     for r in results[1:]:
         assert torch.equal(r.total, results[0].total)
         assert torch.equal(r.per_t, results[0].per_t)
-    other_seed = bits_per_dim(model, variant, sched, images, batch_size=40, seed=6)
+    other_seed = bits_per_dim(model, variant, sched, images, seed=6, runtime=Runtime(batch_size=40))
     assert not torch.equal(other_seed.total, results[0].total)
 
 
 def test_an_images_bound_does_not_depend_on_the_images_after_it():
     sched, variant, images, model = small_setup()
-    full = bits_per_dim(model, variant, sched, images, batch_size=64)
-    head = bits_per_dim(model, variant, sched, images[:5], batch_size=64)
+    full = bits_per_dim(model, variant, sched, images, runtime=Runtime(batch_size=64))
+    head = bits_per_dim(model, variant, sched, images[:5], runtime=Runtime(batch_size=64))
     assert torch.equal(full.total[:5], head.total)
 
 
@@ -90,8 +91,8 @@ def test_bound_through_a_real_network_is_batch_invariant():
     net = nonzero_network("tiny", 1, variant.out_channels(1), 8)  # a fresh one outputs zeros for every input
     assert output_scale(net, 1, 8, sched.T) > 0.01
     images, _ = gaussian_grid_data(6, S, shape=(1, 8, 8))
-    a = bits_per_dim(net, variant, sched, images, batch_size=13)
-    b = bits_per_dim(net, variant, sched, images, batch_size=120)
+    a = bits_per_dim(net, variant, sched, images, runtime=Runtime(batch_size=13))
+    b = bits_per_dim(net, variant, sched, images, runtime=Runtime(batch_size=120))
     assert torch.allclose(a.total, b.total, rtol=1e-5)
     assert torch.isfinite(a.total).all()
 
@@ -101,10 +102,11 @@ def test_estimator_agrees_with_the_exact_value_within_its_error():
     variant = get_variant("elbo-learned")
     images, _ = gaussian_grid_data(64, S, seed=1)
     model = GaussianOracle(sched, S, variant.var_type)
-    exact = bits_per_dim(model, variant, sched, images, batch_size=8192).total.mean().item()
+    exact = bits_per_dim(model, variant, sched, images, runtime=Runtime(batch_size=8192)).total.mean().item()
     z = []
     for seed in range(8):
-        est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=17, batch_size=4096, seed=seed)
+        est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=17, seed=seed,
+                                    runtime=Runtime(batch_size=4096))
         assert est.calls_per_image == 17 and est.stderr > 0
         z.append((est.total.mean().item() - exact) / est.stderr)
     assert max(abs(v) for v in z) < 4
@@ -115,7 +117,7 @@ def test_estimator_agrees_with_the_exact_value_within_its_error():
 
 def test_estimator_decoder_and_prior_are_exact():
     sched, variant, images, model = small_setup(T=40)
-    exact = bits_per_dim(model, variant, sched, images, batch_size=64, seed=0)
+    exact = bits_per_dim(model, variant, sched, images, seed=0, runtime=Runtime(batch_size=64))
     est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=9, seed=0)
     assert torch.equal(est.prior, exact.prior)
     # The decoder term uses its own noise draw, so it agrees in law, not sample by sample.
@@ -223,8 +225,9 @@ def test_both_conventions_match_a_reference_computation_on_the_same_noise(name, 
     images, _ = gaussian_grid_data(6, 0.9)  # wide data: x̂_0 often leaves [-1, 1], so clipping matters
     variant = get_variant(name, variance)
     model = GaussianOracle(sched, 0.9, variant.var_type)
-    clipped = bits_per_dim(model, variant, sched, images, batch_size=50, seed=3)  # the default: the papers' protocol
-    unclipped = bits_per_dim(model, variant, sched, images, batch_size=17, seed=3, clip_x0=False)
+    # the default convention: the papers' protocol
+    clipped = bits_per_dim(model, variant, sched, images, seed=3, runtime=Runtime(batch_size=50))
+    unclipped = bits_per_dim(model, variant, sched, images, seed=3, clip_x0=False, runtime=Runtime(batch_size=17))
     assert clipped.clip_x0 and not clipped.other.clip_x0 and not unclipped.clip_x0
     ref_clipped = _reference_bound_bits(model, variant, sched, images, 3, clip_x0=True)
     ref_unclipped = _reference_bound_bits(model, variant, sched, images, 3, clip_x0=False)
@@ -399,9 +402,10 @@ def _assert_pinned(result, pinned: dict) -> None:
 def test_the_bound_and_the_estimate_give_the_pinned_numbers_bit_for_bit(clip_x0):
     model, variant, sched, images = _pinned_case()
     main, other = ("clipped", "unclipped") if clip_x0 else ("unclipped", "clipped")
-    exact = bits_per_dim(model, variant, sched, images, batch_size=7, seed=5, clip_x0=clip_x0)
+    exact = bits_per_dim(model, variant, sched, images, seed=5, clip_x0=clip_x0, runtime=Runtime(batch_size=7))
     _assert_pinned(exact, PINNED["exact"][main])
     _assert_pinned(exact.other, PINNED["exact"][other])
-    est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=7, batch_size=5, seed=5, clip_x0=clip_x0)
+    est = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=7, seed=5, clip_x0=clip_x0,
+                                runtime=Runtime(batch_size=5))
     _assert_pinned(est, PINNED["estimate"][main])
     _assert_pinned(est.other, PINNED["estimate"][other])

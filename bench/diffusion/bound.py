@@ -12,7 +12,7 @@ sampler draws with; its metrics are ``bpd``, ``bpd/prior``, ``bpd/vb``, ``bpd/de
 Every result carries the other convention in ``.other``, so both are always logged.
 
 Noise is a function of (seed, image index, t) alone, so results do not depend on the batch size or
-on how (image, t) pairs are grouped into batches. Under torch.distributed (``dist``) the batches are cut
+on how (image, t) pairs are grouped into batches. Under torch.distributed (``runtime.dist``) the batches are cut
 into one contiguous block per rank and the per-pair terms gathered, so every rank gets the result one
 process would compute, from the same batches (bit-equal where the kernels are deterministic).
 """
@@ -30,7 +30,8 @@ from bench.diffusion.schedule import Schedule
 from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant, prior_nats, vb_term_nats
 from bench.errors import BenchError
-from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.context import LOCAL, Runtime, default_precision, evaluating
+from bench.runtime.dist import Dist
 from bench.runtime.progress import progress_of
 
 
@@ -116,11 +117,6 @@ def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> Non
         raise BenchError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def label(desc: str, what: str) -> str:
-    """A progress bar's name: ``what``, after the caller's ``desc`` when given (``exact bound, trial 3: exact bits/dim``)."""
-    return f"{desc}: {what}" if desc else what
-
-
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without making the host wait for the device (pinned, asynchronous copy)."""
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
@@ -137,24 +133,15 @@ def _gather_pairs(local: torch.Tensor, pairs: int, batch_size: int, dist: Dist) 
     return dist.gather(local.T.contiguous(), pairs, unit=batch_size).T
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def _bound_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
 @torch.no_grad()
-def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+           dtype: torch.dtype | None = None):
     """L_t in nats per (image, t) pair, summed over dims, from one network call under both conventions:
-    [2, B] (row 0 with x̂_0 clipped to [−1, 1], row 1 unclipped; float64 where the device has it)."""
+    [2, B] (row 0 with x̂_0 clipped to [−1, 1], row 1 unclipped), in ``dtype`` (None: the device's
+    :func:`default_precision`, float64 where it has it)."""
     x_t = sched.q_sample(x0, t, noise)
     out = model(x_t, t)
-    dtype = _bound_dtype(x0.device)
+    dtype = dtype or default_precision(x0.device)
     x0d, x_td, outd = x0.to(dtype), x_t.to(dtype), out.to(dtype)
     return torch.stack([vb_term_nats(variant.p_mean_variance(outd, sched, x_td, t, clip_x0=clip), sched, x0d, x_td, t)
                         for clip in (True, False)])
@@ -174,27 +161,24 @@ def _prior_bits(sched: Schedule, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _pairs_nats(model, variant: Variant, sched: Schedule, images: torch.Tensor, t: torch.Tensor,
-                image_noise: Callable[[int], torch.Tensor], batch_size: int, device: torch.device, progress: bool,
-                dist: Dist, what: str) -> torch.Tensor:
+                image_noise: Callable[[int], torch.Tensor], runtime: Runtime, what: str) -> torch.Tensor:
     """L_t in nats of every (image, t) pair under both conventions, float64 [2, N, K] on the CPU (row 0 with x̂_0
     clipped, row 1 unclipped): the one evaluator of the exact bound and the estimate.
 
     ``t`` long [N, K]: image i's K timesteps (0-based), its pairs in that order; the pairs are taken image-major,
-    ``batch_size`` at a time. ``image_noise(i)`` [K, C, H, W]: image i's noise, one per pair, called once per
-    image (when its first pair comes). ``model(x_t, t)`` is called in eval mode; its training mode is restored
-    afterwards. ``dist``: each rank evaluates its contiguous block of whole batches, and every rank gets all the
-    terms. ``what``: the progress bar's name.
+    ``runtime.batch_size`` at a time. ``image_noise(i)`` [K, C, H, W]: image i's noise, one per pair, called once
+    per image (when its first pair comes). ``model(x_t, t)`` is called in eval mode; its training mode is restored
+    afterwards. ``runtime`` (resolved): each rank of ``runtime.dist`` evaluates its contiguous block of whole
+    batches, and every rank gets all the terms. ``what``: the progress bar's name.
     """
     N, K = t.shape
+    batch_size, device, dist = runtime.batch_size, runtime.device, runtime.dist
     starts = _my_batches(N * K, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=_bound_dtype(device), device=device)
+    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=runtime.precision, device=device)
     flat_t = t.reshape(-1)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     noise_image, noise_cache = -1, None
-    try:
-        for start in progress_of(starts, len(starts), what, "batch", progress and dist.main):
+    with evaluating(model):
+        for start in progress_of(starts, len(starts), runtime.label(what), "batch", runtime.shows_progress):
             pairs = torch.arange(start, min(start + batch_size, N * K))
             idx, k = pairs // K, pairs % K
             noise = torch.empty(len(pairs), *images.shape[1:])
@@ -206,10 +190,8 @@ def _pairs_nats(model, variant: Variant, sched: Schedule, images: torch.Tensor, 
             x0 = to_data_scale(images[idx])
             at = start - starts.start
             local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
-                                                    to_device(flat_t[pairs], device), to_device(noise, device))
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+                                                    to_device(flat_t[pairs], device), to_device(noise, device),
+                                                    runtime.precision)
     return _gather_pairs(local, N * K, batch_size, dist).cpu().double().view(2, N, K)
 
 
@@ -219,32 +201,30 @@ def bits_per_dim(
     variant: Variant,
     sched: Schedule,
     images: torch.Tensor,
-    batch_size: int = 512,
+    *,
     seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
     clip_x0: bool = True,
-    dist: Dist = SINGLE,
-    desc: str = "",
+    runtime: Runtime = LOCAL,
 ) -> BoundResult:
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
-    ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``batch_size`` at a time
-    (image-major order), each with its own noise, drawn from the image's stream (:attr:`Stream.BOUND_NOISE`).
-    ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
-    ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
-    ``dist``: the ranks that share the work (each evaluates a block of the batches; all get the result).
+    ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``runtime.batch_size`` (default 512)
+    at a time (image-major order), each with its own noise, drawn from the image's stream
+    (:attr:`Stream.BOUND_NOISE`). ``model(x_t, t)`` is called in eval mode; its training mode is restored
+    afterwards. ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the
+    other one. ``runtime.dist``: the ranks that share the work (each evaluates a block of the batches; all
+    get the result).
     """
-    _check_inputs(images, sched, batch_size)
-    device = torch.device(device) if device is not None else _model_device(model)
+    runtime = runtime.resolve(model, batch_size=512)
+    _check_inputs(images, sched, runtime.batch_size)
     N, T = images.shape[0], sched.T
     D = images[0].numel()
 
     def image_noise(i: int) -> torch.Tensor:  # [T, C, H, W]: one per t
         return torch.randn(T, *images.shape[1:], generator=Stream.BOUND_NOISE.generator(seed, i))
 
-    nats = _pairs_nats(model, variant, sched, images, torch.arange(T).repeat(N, 1), image_noise, batch_size, device,
-                       progress, dist, label(desc, f"exact bits/dim, {N} images x {T} t"))
+    nats = _pairs_nats(model, variant, sched, images, torch.arange(T).repeat(N, 1), image_noise, runtime,
+                       f"exact bits/dim, {N} images x {T} t")
     prior = _prior_bits(sched, images)
     results = []
     for row, clip in ((0, True), (1, False)):
@@ -275,13 +255,10 @@ def estimate_bits_per_dim(
     sched: Schedule,
     images: torch.Tensor,
     calls_per_image: int = 33,
-    batch_size: int = 512,
+    *,
     seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
     clip_x0: bool = True,
-    dist: Dist = SINGLE,
-    desc: str = "",
+    runtime: Runtime = LOCAL,
 ) -> EstimateResult:
     """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
 
@@ -290,14 +267,15 @@ def estimate_bits_per_dim(
     strata (:func:`strata_edges`) and weighting it by the stratum's size. The per-image estimate is
     the replicates' mean, and their difference gives the Monte Carlo standard error.
     ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
+    The pairs go as in :func:`bits_per_dim` (``runtime.batch_size``, default 512, at a time; ``runtime.dist``).
     """
-    _check_inputs(images, sched, batch_size)
+    runtime = runtime.resolve(model, batch_size=512)
+    _check_inputs(images, sched, runtime.batch_size)
     S = (calls_per_image - 1) // 2
     if S < 1:
         raise BenchError(f"calls_per_image must be >= 3 (one decoder call, two stratified replicates), got {calls_per_image}")
     edges = strata_edges(sched.T, S)
     sizes = (edges[1:] - edges[:-1]).to(torch.float64)
-    device = torch.device(device) if device is not None else _model_device(model)
     N, K = images.shape[0], 1 + 2 * S
     D = images[0].numel()
     # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream (ESTIMATE) draws
@@ -314,8 +292,8 @@ def estimate_bits_per_dim(
         torch.rand(2, S, generator=g, dtype=torch.float64)  # the strata's draws come first in the stream
         return torch.randn(K, *images.shape[1:], generator=g)
 
-    nats = _pairs_nats(model, variant, sched, images, ts, image_noise, batch_size, device, progress, dist,
-                       label(desc, f"estimated bits/dim, {N} images x {K} calls"))
+    nats = _pairs_nats(model, variant, sched, images, ts, image_noise, runtime,
+                       f"estimated bits/dim, {N} images x {K} calls")
     prior = _prior_bits(sched, images)
     results = [_estimate(bits_per_dim_from_nats(nats[row], D), sizes, prior, clip, edges)
                for row, clip in ((0, True), (1, False))]

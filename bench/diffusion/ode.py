@@ -29,13 +29,12 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
 
-from bench.diffusion.bound import _bound_dtype, _model_device, label
 from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
 from bench.errors import BenchError
-from bench.runtime.dist import SINGLE, Dist
+from bench.runtime.context import LOCAL, Runtime, evaluating
 from bench.runtime.progress import progress_of
 
 SOLVERS = ("RK45", "RK23", "DOP853")  # solve_ivp's explicit methods (implicit ones need the state's Jacobian)
@@ -264,39 +263,35 @@ class NllResult:
         return out
 
 
-def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, options: OdeOptions | None = None,
-            batch_size: int = 64, seed: int = 0, device: torch.device | str | None = None, dist: Dist = SINGLE,
-            progress: bool = False, desc: str = "") -> NllResult:
+def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, options: OdeOptions | None = None, *,
+            seed: int = 0, runtime: Runtime = LOCAL) -> NllResult:
     """The probability-flow NLL of uint8 ``images`` [N, C, H, W] under ``model`` (its score through
     :func:`network_score`), dequantised, in bits/dim. ``model`` runs in eval mode (restored afterwards)
-    on ``device`` (default: where its parameters are), in its own dtype without autocast (:func:`network_dtype`).
-    See :func:`flow_nll` for the rest. Raises :class:`FlowFailed` when the flow cannot be integrated."""
+    on ``runtime.device`` (default: where its parameters are), in its own dtype without autocast
+    (:func:`network_dtype`). See :func:`flow_nll` for the rest. Raises :class:`FlowFailed` when the flow
+    cannot be integrated."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         raise BenchError("nll_ode needs uint8 images [N, C, H, W] with pixels 0..255")
-    device = torch.device(device) if device is not None else _model_device(model)
+    runtime = runtime.resolve(model)
     sde = VpSde(sched)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        return flow_nll(network_score(model, variant, sde), sde, images, options, batch_size, seed, device, dist,
-                        progress, desc)
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+    with evaluating(model):
+        return flow_nll(network_score(model, variant, sde), sde, images, options, seed=seed, runtime=runtime)
 
 
-def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions | None = None,
-             batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu", dist: Dist = SINGLE,
-             progress: bool = False, desc: str = "") -> NllResult:
+def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions | None = None, *,
+             seed: int = 0, runtime: Runtime = LOCAL) -> NllResult:
     """The probability-flow NLL of ``data`` [N, C, H, W] under ``score``, in bits/dim.
 
     uint8 data are dequantised (:func:`dequantise`): each draw is E_w[−log p(z)] + D log 127.5 nats (127.5
     = 1/bin width on the model's scale), an unbiased estimate of the dequantised NLL of the discrete image.
     Floating data are points on the model's scale: −log p(x) of the density, no dequantisation.
-    Images go ``batch_size`` at a time (each with ``options.probes`` draws: batch_size · probes rows per
-    network call); ``dist``: ranks solve contiguous blocks of whole batches and gather the results.
+    Images go ``runtime.batch_size`` (default 64) at a time (each with ``options.probes`` draws: batch size ·
+    probes rows per network call) on ``runtime.device`` (default: the CPU), in ``runtime.precision`` (default
+    float64; float32 on MPS); ``runtime.dist``: ranks solve contiguous blocks of whole batches and gather
+    the results.
     """
+    runtime = runtime.resolve(batch_size=64)
+    batch_size, device, dist = runtime.batch_size, runtime.device, runtime.dist
     options = options or OdeOptions()
     if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.shape[0] == 0:
         raise BenchError("the ODE likelihood needs data of shape [N, C, H, W] with N >= 1")
@@ -305,19 +300,18 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     dequantised = data.dtype == torch.uint8
     if not dequantised and not data.is_floating_point():
         raise BenchError(f"the ODE likelihood needs uint8 images or floating points, got {data.dtype}")
-    device, data = torch.device(device), data.detach().cpu()
+    data = data.detach().cpu()
     N, K, shape, D = data.shape[0], options.probes, tuple(data.shape[1:]), data[0].numel()
-    dtype = _bound_dtype(device)
     mine = dist.block(N, unit=batch_size)
     local = torch.zeros(len(mine), K + 1, dtype=torch.float64)  # each image's K draws (nats) and its solve's NFE
     starts = range(mine.start, mine.stop, batch_size)
-    for start in progress_of(starts, len(mine), label(desc, "probability-flow NLL"), "image", progress and dist.main,
+    for start in progress_of(starts, len(mine), runtime.label("probability-flow NLL"), "image", runtime.shows_progress,
                              weight=lambda start: min(batch_size, mine.stop - start)):
         batch = range(start, min(start + batch_size, mine.stop))
         points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
         probes = torch.cat([draw_probes(seed, i, K, shape, options.probe_type) for i in batch])
-        nats, nfe = flow_nll_nats(score, sde, points.to(device=device, dtype=dtype), probes, options)
+        nats, nfe = flow_nll_nats(score, sde, points.to(device=device, dtype=runtime.precision), probes, options)
         rows = slice(start - mine.start, start - mine.start + len(batch))
         local[rows, :K] = nats.view(len(batch), K)
         local[rows, K] = nfe
