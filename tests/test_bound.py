@@ -11,6 +11,7 @@ from oracle import GaussianOracle, gaussian_grid_data
 from bench import BenchError, Runtime, Schedule, bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.bound import strata_edges
 from bench.diffusion.streams import Stream, keyed_generator
+from bench.runtime.context import default_precision
 from variants import get_variant
 
 S = 0.3  # pixel std of the oracle's data: clipping at ±1 is then negligible
@@ -136,6 +137,17 @@ def test_the_streams_keep_their_numbers():
             assert torch.equal(got, torch.randn(8, generator=keyed_generator(seed, index, *number))), stream
     draws = [torch.randn(8, generator=stream.generator(3, 1)) for stream in Stream]
     assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])  # independent streams
+
+
+def test_a_runtime_resolves_to_the_models_device_and_the_evaluators_own_batch_size():
+    model = torch.nn.Linear(1, 1).double()
+    rt = Runtime().resolve(model, batch_size=512)
+    assert rt.device == torch.device("cpu") and rt.precision == torch.float64 and rt.batch_size == 512
+    assert Runtime(batch_size=7).resolve(model, batch_size=512).batch_size == 7  # the caller's wins
+    assert Runtime("cpu", precision=torch.float32).resolve().precision == torch.float32
+    assert default_precision(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert Runtime(progress=True, desc="trial 3").label("exact bits/dim") == "trial 3: exact bits/dim"
+    assert Runtime().label("exact bits/dim") == "exact bits/dim" and not Runtime().shows_progress
 
 
 def test_strata_cover_every_timestep_once():

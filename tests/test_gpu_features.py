@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import bench.diffusion.ode
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import make_config
 from bench.data.datasets import load_dataset
@@ -192,8 +193,6 @@ def test_the_probability_flow_runs_the_network_in_float32_in_a_bf16_run(home, ne
     """Under bf16 autocast the flow's score moves in steps far coarser than the solver's tolerances (on CPU the
     solve had not reached s = 0.56 after more evaluations than fp32 needed for all of it): whatever the run's
     precision, the flow's network calls see float32 inputs with autocast off, and the tag says so."""
-    import bench.diffusion.ode
-
     in_flow = []
     score_and_quadratic = bench.diffusion.ode.score_and_quadratic
 

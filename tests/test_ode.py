@@ -28,6 +28,7 @@ from bench.diffusion.ode import (
     score_and_quadratic,
 )
 from bench.diffusion.variant import eps_mean
+from bench.nets.unet import build_network
 from variants import get_variant
 
 TESTS = Path(__file__).parent
@@ -252,8 +253,6 @@ def test_network_score_at_its_nearest_step_is_close_to_the_exact_flow(sde, name)
 
 
 def test_untrained_unet_runs_and_is_left_in_its_mode():
-    from bench.nets.unet import build_network
-
     torch.manual_seed(0)
     variant = get_variant("hybrid")
     net = build_network("tiny", 1, variant.out_channels(1), 8).train()
