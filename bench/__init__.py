@@ -1,6 +1,6 @@
 """elbo-bench: which way of training a DDPM is best, by which measure.
 
-The public API: schedules, the exact bound and its estimator, datasets, networks.
+The public API: schedules, the exact bound and its estimator (with the Runtime they run in), datasets, networks.
 """
 
 from bench.data.datasets import DATASETS, load_dataset
@@ -8,6 +8,7 @@ from bench.errors import BenchError
 from bench.diffusion.bound import BoundResult, EstimateResult, bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.schedule import Schedule
 from bench.nets.unet import NETWORK_PRESETS, UNet, build_network
+from bench.runtime.context import Runtime
 
 __all__ = [
     "DATASETS",
@@ -15,6 +16,7 @@ __all__ = [
     "BenchError",
     "BoundResult",
     "EstimateResult",
+    "Runtime",
     "Schedule",
     "UNet",
     "bits_per_dim",

@@ -41,6 +41,7 @@ from bench.training.config import make_config
 from bench.diffusion.bound import bits_per_dim
 from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.sample import sample
+from bench.runtime.context import Runtime
 from bench.nets.unet import NETWORK_PRESETS, build_network, count_parameters
 from variants import VARIANTS, get_variant
 
@@ -194,8 +195,9 @@ def time_bound(args, variant, sched, shape, device, channels_last, bf16: bool) -
     """Images/s of the exact bound (all T pairs per image) through bench.diffusion.bound.bits_per_dim."""
     model = Autocast(build(args, variant, shape, device, channels_last).eval(), device, bf16)
     images = torch.randint(0, 256, (args.bound_images, *shape), dtype=torch.uint8)
-    bits_per_dim(model, variant, sched, images[:1], args.eval_batch_size, args.seed, device)  # warm-up
-    seconds = timed(lambda: bits_per_dim(model, variant, sched, images, args.eval_batch_size, args.seed, device), device)
+    runtime = Runtime(device, batch_size=args.eval_batch_size)
+    bits_per_dim(model, variant, sched, images[:1], seed=args.seed, runtime=runtime)  # warm-up
+    seconds = timed(lambda: bits_per_dim(model, variant, sched, images, seed=args.seed, runtime=runtime), device)
     pairs = args.bound_images * sched.T
     return pairs / seconds / sched.T
 
@@ -206,7 +208,7 @@ def time_sampling(args, variant, sched, shape, device, channels_last, bf16: bool
     n, k = args.sample_batch_size, args.sample_steps
 
     def run(steps: int) -> None:
-        sample(model, variant, sched, n, shape, steps, args.seed, batch_size=n, device=device)
+        sample(model, variant, sched, n, shape, steps, seed=args.seed, runtime=Runtime(device, batch_size=n))
 
     run(2)  # warm-up
     seconds = timed(lambda: run(k), device)

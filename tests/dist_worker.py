@@ -14,6 +14,7 @@ from bench.data.datasets import load_dataset
 from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.sample import sample
 from bench.diffusion.schedule import Schedule
+from bench.runtime.context import Runtime
 from variants import get_variant
 
 
@@ -25,15 +26,17 @@ def main(out: str) -> None:
     net = nonzero_network("tiny", 1, variant.out_channels(1), 8).eval()  # a fresh one outputs zeros
     images = load_dataset("digits", "test")[:7]  # 7 images, 280 pairs: batches of 64 split unevenly
     shared = {
-        "exact": bits_per_dim(net, variant, sched, images, batch_size=64, seed=3, dist=d),
-        "estimate": estimate_bits_per_dim(net, variant, sched, images, calls_per_image=9, batch_size=16, seed=3, dist=d),
-        "samples": sample(net, variant, sched, 11, (1, 8, 8), steps=10, seed=5, batch_size=4, dist=d),
+        "exact": bits_per_dim(net, variant, sched, images, seed=3, runtime=Runtime(batch_size=64, dist=d)),
+        "estimate": estimate_bits_per_dim(net, variant, sched, images, calls_per_image=9, seed=3,
+                                          runtime=Runtime(batch_size=16, dist=d)),
+        "samples": sample(net, variant, sched, 11, (1, 8, 8), steps=10, seed=5, runtime=Runtime(batch_size=4, dist=d)),
     }
     if d.main:
         alone = {
-            "exact": bits_per_dim(net, variant, sched, images, batch_size=64, seed=3),
-            "estimate": estimate_bits_per_dim(net, variant, sched, images, calls_per_image=9, batch_size=16, seed=3),
-            "samples": sample(net, variant, sched, 11, (1, 8, 8), steps=10, seed=5, batch_size=4),
+            "exact": bits_per_dim(net, variant, sched, images, seed=3, runtime=Runtime(batch_size=64)),
+            "estimate": estimate_bits_per_dim(net, variant, sched, images, calls_per_image=9, seed=3,
+                                              runtime=Runtime(batch_size=16)),
+            "samples": sample(net, variant, sched, 11, (1, 8, 8), steps=10, seed=5, runtime=Runtime(batch_size=4)),
         }
         flat = {}
         for how, results in (("shared", shared), ("alone", alone)):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import bench.diffusion.ode
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import make_config
 from bench.data.datasets import load_dataset
@@ -25,6 +26,7 @@ from bench.diffusion.bound import _terms, estimate_bits_per_dim
 from bench.diffusion.schedule import Schedule
 from bench.training.run import EVAL_SEED, _Autocast, ema_weights, train
 from bench.nets.unet import UNet, build_network
+from bench.runtime.context import Runtime
 from variants import get_variant
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -172,7 +174,7 @@ def test_bf16_bound_of_a_trained_digits_model_is_within_a_hundredth_of_a_bit_of_
     net.load_state_dict(ema_weights(load_checkpoint(result.checkpoint)["ema"]))
     images = load_dataset("digits", "test")[:64]
     bounds = {precision: estimate_bits_per_dim(_Autocast(net, replace(config, precision=precision), CPU), variant, sched,
-                                               images, calls_per_image=33, seed=EVAL_SEED, device=CPU).summary()
+                                               images, calls_per_image=33, seed=EVAL_SEED, runtime=Runtime(CPU)).summary()
               for precision in ("fp32", "bf16")}
     fp32, bf16 = bounds["fp32"], bounds["bf16"]
     diff = {k: bf16[k] - fp32[k] for k in ("bpd", "bpd_unclipped", "bpd/vb", "bpd/decoder")}
@@ -191,8 +193,6 @@ def test_the_probability_flow_runs_the_network_in_float32_in_a_bf16_run(home, ne
     """Under bf16 autocast the flow's score moves in steps far coarser than the solver's tolerances (on CPU the
     solve had not reached s = 0.56 after more evaluations than fp32 needed for all of it): whatever the run's
     precision, the flow's network calls see float32 inputs with autocast off, and the tag says so."""
-    import bench.diffusion.ode
-
     in_flow = []
     score_and_quadratic = bench.diffusion.ode.score_and_quadratic
 

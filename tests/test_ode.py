@@ -16,7 +16,7 @@ import pytest
 import torch
 from oracle import GaussianOracle, gaussian_grid_data
 
-from bench import BenchError, Schedule
+from bench import BenchError, Runtime, Schedule
 from bench.diffusion.ode import (
     FlowDiverged,
     OdeOptions,
@@ -28,6 +28,7 @@ from bench.diffusion.ode import (
     score_and_quadratic,
 )
 from bench.diffusion.variant import eps_mean
+from bench.nets.unet import build_network
 from variants import get_variant
 
 TESTS = Path(__file__).parent
@@ -120,7 +121,7 @@ def test_gaussian_flow_nll_equals_the_exact_gaussian_nll(sde):
     score = GaussianScore(sde, random_cov(D, seed=1), SHAPE)
     x = score.sample(128, seed=2)
     options = OdeOptions(probes=4)
-    result = flow_nll(score, sde, x, options, batch_size=128, seed=7)
+    result = flow_nll(score, sde, x, options, seed=7, runtime=Runtime(batch_size=128))
     flow_bits = score.flow_nll_nats(x, options.eps) / (D * LN2)
     data_bits = score.data_nll_nats(x) / (D * LN2)
     assert (flow_bits - data_bits).abs().max().item() < 2e-4
@@ -165,7 +166,7 @@ def test_dequantised_nll_matches_its_closed_form_and_the_discrete_nll(sde):
     images, discrete_bits = gaussian_grid_data(48, S, shape=(1, 4, 4), seed=5)
     score = GaussianScore(sde, np.eye(D) * S**2, (1, 4, 4))
     options = OdeOptions(probes=K)
-    result = flow_nll(score, sde, images, options, batch_size=48, seed=11)
+    result = flow_nll(score, sde, images, options, seed=11, runtime=Runtime(batch_size=48))
     c2 = (score._v(1.0) / score._v(options.eps))[0]
     h = 2 / 255
     g = images.double().flatten(1) / 127.5 - 1
@@ -210,7 +211,7 @@ def test_ode_nll_is_unbiased_over_probes(sde, probe_type):
     D, K = int(np.prod(SHAPE)), 150
     score = GaussianScore(sde, random_cov(D, seed=6), SHAPE)
     x = score.sample(4, seed=7)
-    result = flow_nll(score, sde, x, OdeOptions(probe_type=probe_type, probes=K), batch_size=4, seed=1)
+    result = flow_nll(score, sde, x, OdeOptions(probe_type=probe_type, probes=K), seed=1, runtime=Runtime(batch_size=4))
     exact = score.flow_nll_nats(x, 1e-5) / (D * LN2)
     within = result.draws.std(dim=1) / math.sqrt(K)
     assert (within > 1e-3).all()
@@ -244,27 +245,27 @@ def test_network_score_at_its_nearest_step_is_close_to_the_exact_flow(sde, name)
         model = MuFromEps(model, sched)
     images, _ = gaussian_grid_data(8, S, shape=(1, 4, 4), seed=8)
     options = OdeOptions(probes=2)
-    net = nll_ode(model, variant, sched, images, options, batch_size=8, seed=2)
-    exact = flow_nll(GaussianScore(sde, np.eye(D) * S**2, (1, 4, 4)), sde, images, options, batch_size=8, seed=2)
+    net = nll_ode(model, variant, sched, images, options, seed=2, runtime=Runtime(batch_size=8))
+    exact = flow_nll(GaussianScore(sde, np.eye(D) * S**2, (1, 4, 4)), sde, images, options, seed=2,
+                     runtime=Runtime(batch_size=8))
     assert (net.total - exact.total).abs().max().item() < 2e-3
     assert net.nfe[0].item() > exact.nfe[0].item()  # the steps' jumps in the network index cost solver steps
 
 
 def test_untrained_unet_runs_and_is_left_in_its_mode():
-    from bench.nets.unet import build_network
-
     torch.manual_seed(0)
     variant = get_variant("hybrid")
     net = build_network("tiny", 1, variant.out_channels(1), 8).train()
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
-    result = nll_ode(net, variant, Schedule.linear(T=40), images, OdeOptions(probes=2), batch_size=2)
+    result = nll_ode(net, variant, Schedule.linear(T=40), images, OdeOptions(probes=2), runtime=Runtime(batch_size=2))
     assert net.training
     assert torch.isfinite(result.draws).all() and result.total.shape == (3,)
     assert result.nfe[:2].eq(result.nfe[0]).all() and (result.nfe > 0).all()  # one solve per batch of 2
     summary = result.summary()
     assert set(summary) == {"nll_ode", "nll_ode_stderr", "nll_ode_nfe", "nll_ode_stderr_draws"}
     with torch.inference_mode():  # the divergence needs autograd whatever mode the caller is in
-        again = nll_ode(net, variant, Schedule.linear(T=40), images, OdeOptions(probes=2), batch_size=2)
+        again = nll_ode(net, variant, Schedule.linear(T=40), images, OdeOptions(probes=2),
+                        runtime=Runtime(batch_size=2))
     assert torch.equal(again.draws, result.draws)
 
 
@@ -276,11 +277,11 @@ def test_draws_are_keyed_by_image_and_batches_are_independent(sde):
     score = GaussianScore(sde, random_cov(D, seed=9), SHAPE)
     x = score.sample(6, seed=10)
     options = OdeOptions(probe_type="gaussian", probes=2)
-    a = flow_nll(score, sde, x, options, batch_size=3, seed=4)
-    assert torch.equal(a.draws[:3], flow_nll(score, sde, x[:3], options, batch_size=3, seed=4).draws)
-    b = flow_nll(score, sde, x, options, batch_size=6, seed=4)
+    a = flow_nll(score, sde, x, options, seed=4, runtime=Runtime(batch_size=3))
+    assert torch.equal(a.draws[:3], flow_nll(score, sde, x[:3], options, seed=4, runtime=Runtime(batch_size=3)).draws)
+    b = flow_nll(score, sde, x, options, seed=4, runtime=Runtime(batch_size=6))
     assert (a.draws - b.draws).abs().max().item() < 1e-3
-    c = flow_nll(score, sde, x, options, batch_size=3, seed=5)
+    c = flow_nll(score, sde, x, options, seed=5, runtime=Runtime(batch_size=3))
     assert (a.draws - c.draws).abs().min().item() > 0
 
 
@@ -291,6 +292,7 @@ import torch
 from bench.runtime import dist
 from bench.diffusion.ode import OdeOptions, VpSde, flow_nll
 from bench.diffusion.schedule import Schedule
+from bench.runtime.context import Runtime
 
 d, _ = dist.setup("cpu")
 sde = VpSde(Schedule.linear(T=100, scale_to_T=True))
@@ -301,9 +303,9 @@ def score(y, s):
     return -y / (ab * 0.16 + 1 - ab) + 0.1 * torch.tanh(y)  # nonlinear: Hutchinson's noise is real
 
 options = OdeOptions(probe_type="gaussian", probes=3)
-shared = flow_nll(score, sde, x, options, batch_size=3, seed=6, dist=d)
+shared = flow_nll(score, sde, x, options, seed=6, runtime=Runtime(batch_size=3, dist=d))
 if d.main:
-    alone = flow_nll(score, sde, x, options, batch_size=3, seed=6)
+    alone = flow_nll(score, sde, x, options, seed=6, runtime=Runtime(batch_size=3))
     torch.save({"world": d.world, "shared": shared.draws, "shared_nfe": shared.nfe,
                 "alone": alone.draws, "alone_nfe": alone.nfe}, sys.argv[1])
 dist.teardown()
@@ -351,7 +353,7 @@ def test_bad_data_is_one_error_line(sde):
         with pytest.raises(BenchError, match=message.replace("[", r"\[").replace("]", r"\]")):
             flow_nll(score, sde, data)
     with pytest.raises(BenchError, match="batch_size must be an integer >= 1"):
-        flow_nll(score, sde, torch.zeros(2, 1, 2, 2, dtype=torch.float64), batch_size=0)
+        flow_nll(score, sde, torch.zeros(2, 1, 2, 2, dtype=torch.float64), runtime=Runtime(batch_size=0))
     with pytest.raises(BenchError, match="uint8 images"):
         nll_ode(GaussianOracle(sde.sched, 0.3, "fixed_small"), get_variant("simple"), sde.sched, torch.zeros(2, 1, 2, 2))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from oracle import GaussianOracle
 
-from bench import Schedule
+from bench import Runtime, Schedule
 from bench.diffusion.sample import describe_sampler, sample
 from bench.diffusion.variant import Variant
 from variants import get_variant
@@ -42,7 +42,8 @@ def _pair(var_type: str) -> tuple[Variant, Variant]:
 
 def _draw(variant: Variant, sched: Schedule, steps: int | None, clip_x0: bool = True) -> torch.Tensor:
     model = GaussianOracle(sched, S, variant.var_type, variant.mean_type)
-    return sample(model, variant, sched, N, (1, 8, 8), steps=steps, seed=3, batch_size=128, clip_x0=clip_x0)
+    return sample(model, variant, sched, N, (1, 8, 8), steps=steps, seed=3, clip_x0=clip_x0,
+                  runtime=Runtime(batch_size=128))
 
 
 @pytest.fixture(scope="module")

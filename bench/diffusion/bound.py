@@ -12,7 +12,7 @@ sampler draws with; its metrics are ``bpd``, ``bpd/prior``, ``bpd/vb``, ``bpd/de
 Every result carries the other convention in ``.other``, so both are always logged.
 
 Noise is a function of (seed, image index, t) alone, so results do not depend on the batch size or
-on how (image, t) pairs are grouped into batches. Under torch.distributed (``dist``) the batches are cut
+on how (image, t) pairs are grouped into batches. Under torch.distributed (``runtime.dist``) the batches are cut
 into one contiguous block per rank and the per-pair terms gathered, so every rank gets the result one
 process would compute, from the same batches (bit-equal where the kernels are deterministic).
 """
@@ -20,17 +20,19 @@ process would compute, from the same batches (bit-equal where the kernels are de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
 from bench.diffusion.gaussian import bits_per_dim_from_nats, to_data_scale
-from bench.runtime.progress import progress_of
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant, prior_nats, vb_term_nats
+from bench.errors import BenchError
+from bench.runtime.context import LOCAL, Runtime, default_precision, evaluating
+from bench.runtime.dist import Dist
+from bench.runtime.progress import progress_of
 
 
 @dataclass
@@ -115,17 +117,6 @@ def _check_inputs(images: torch.Tensor, sched: Schedule, batch_size: int) -> Non
         raise BenchError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def label(desc: str, what: str) -> str:
-    """A progress bar's name: ``what``, after the caller's ``desc`` when given (``exact bound, trial 3: exact bits/dim``)."""
-    return f"{desc}: {what}" if desc else what
-
-
-def keyed_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator (on ``device``) seeded from a tuple of integers: independent streams for distinct keys."""
-    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)
-    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
-
-
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without making the host wait for the device (pinned, asynchronous copy)."""
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
@@ -142,24 +133,15 @@ def _gather_pairs(local: torch.Tensor, pairs: int, batch_size: int, dist: Dist) 
     return dist.gather(local.T.contiguous(), pairs, unit=batch_size).T
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def _bound_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
 @torch.no_grad()
-def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+def _terms(model, variant: Variant, sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+           dtype: torch.dtype | None = None):
     """L_t in nats per (image, t) pair, summed over dims, from one network call under both conventions:
-    [2, B] (row 0 with x̂_0 clipped to [−1, 1], row 1 unclipped; float64 where the device has it)."""
+    [2, B] (row 0 with x̂_0 clipped to [−1, 1], row 1 unclipped), in ``dtype`` (None: the device's
+    :func:`default_precision`, float64 where it has it)."""
     x_t = sched.q_sample(x0, t, noise)
     out = model(x_t, t)
-    dtype = _bound_dtype(x0.device)
+    dtype = dtype or default_precision(x0.device)
     x0d, x_td, outd = x0.to(dtype), x_t.to(dtype), out.to(dtype)
     return torch.stack([vb_term_nats(variant.p_mean_variance(outd, sched, x_td, t, clip_x0=clip), sched, x0d, x_td, t)
                         for clip in (True, False)])
@@ -177,61 +159,76 @@ def _prior_bits(sched: Schedule, images: torch.Tensor) -> torch.Tensor:
     return bits_per_dim_from_nats(prior_nats(sched, x0), x0[0].numel())
 
 
+@torch.no_grad()
+def _pairs_nats(model, variant: Variant, sched: Schedule, images: torch.Tensor, t: torch.Tensor,
+                image_noise: Callable[[int], torch.Tensor], runtime: Runtime, what: str) -> torch.Tensor:
+    """L_t in nats of every (image, t) pair under both conventions, float64 [2, N, K] on the CPU (row 0 with x̂_0
+    clipped, row 1 unclipped): the one evaluator of the exact bound and the estimate.
+
+    ``t`` long [N, K]: image i's K timesteps (0-based), its pairs in that order; the pairs are taken image-major,
+    ``runtime.batch_size`` at a time. ``image_noise(i)`` [K, C, H, W]: image i's noise, one per pair, called once
+    per image (when its first pair comes). ``model(x_t, t)`` is called in eval mode; its training mode is restored
+    afterwards. ``runtime`` (resolved): each rank of ``runtime.dist`` evaluates its contiguous block of whole
+    batches, and every rank gets all the terms. ``what``: the progress bar's name.
+    """
+    N, K = t.shape
+    batch_size, device, dist = runtime.batch_size, runtime.device, runtime.dist
+    starts = _my_batches(N * K, batch_size, dist)
+    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=runtime.precision, device=device)
+    flat_t = t.reshape(-1)
+    noise_image, noise_cache = -1, None
+    with evaluating(model):
+        for start in progress_of(starts, len(starts), runtime.label(what), "batch", runtime.shows_progress):
+            pairs = torch.arange(start, min(start + batch_size, N * K))
+            idx, k = pairs // K, pairs % K
+            noise = torch.empty(len(pairs), *images.shape[1:])
+            for i in idx.unique().tolist():
+                if i != noise_image:
+                    noise_image, noise_cache = i, image_noise(i)
+                rows = idx == i
+                noise[rows] = noise_cache[k[rows]]
+            x0 = to_data_scale(images[idx])
+            at = start - starts.start
+            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
+                                                    to_device(flat_t[pairs], device), to_device(noise, device),
+                                                    runtime.precision)
+    return _gather_pairs(local, N * K, batch_size, dist).cpu().double().view(2, N, K)
+
+
 # --------------------------------------------------------------------- exact
 def bits_per_dim(
     model,
     variant: Variant,
     sched: Schedule,
     images: torch.Tensor,
-    batch_size: int = 512,
+    *,
     seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
     clip_x0: bool = True,
-    dist: Dist = SINGLE,
-    desc: str = "",
+    runtime: Runtime = LOCAL,
 ) -> BoundResult:
     """The bound −log p_θ(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 per image, every t evaluated.
 
-    ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``batch_size`` at a time
-    (image-major order), each with its own noise, drawn from a stream keyed by (seed, image).
-    ``model(x_t, t)`` is called in eval mode; its training mode is restored afterwards.
-    ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
-    ``dist``: the ranks that share the work (each evaluates a block of the batches; all get the result).
+    ``images`` uint8 [N, C, H, W]. All N·T (image, t) pairs are batched ``runtime.batch_size`` (default 512)
+    at a time (image-major order), each with its own noise, drawn from the image's stream
+    (:attr:`Stream.BOUND_NOISE`). ``model(x_t, t)`` is called in eval mode; its training mode is restored
+    afterwards. ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the
+    other one. ``runtime.dist``: the ranks that share the work (each evaluates a block of the batches; all
+    get the result).
     """
-    _check_inputs(images, sched, batch_size)
-    device = torch.device(device) if device is not None else _model_device(model)
+    runtime = runtime.resolve(model, batch_size=512)
+    _check_inputs(images, sched, runtime.batch_size)
     N, T = images.shape[0], sched.T
     D = images[0].numel()
-    starts = _my_batches(N * T, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * T, unit=batch_size)), dtype=_bound_dtype(device), device=device)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    noise_image, noise_cache = -1, None
-    try:
-        for start in progress_of(starts, len(starts), label(desc, f"exact bits/dim, {N} images x {T} t"), "batch",
-                                 progress and dist.main):
-            pairs = torch.arange(start, min(start + batch_size, N * T))
-            idx, t = pairs // T, pairs % T
-            noise = torch.empty(len(pairs), *images.shape[1:])
-            for i in idx.unique().tolist():  # each image's noise [T, C, H, W], drawn once
-                if i != noise_image:
-                    noise_image, noise_cache = i, torch.randn(T, *images.shape[1:], generator=keyed_generator(seed, i))
-                rows = idx == i
-                noise[rows] = noise_cache[t[rows]]
-            x0 = to_data_scale(images[idx])
-            at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device), to_device(t, device),
-                                                    to_device(noise, device))
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
-    nats = _gather_pairs(local, N * T, batch_size, dist).cpu().double()
+
+    def image_noise(i: int) -> torch.Tensor:  # [T, C, H, W]: one per t
+        return torch.randn(T, *images.shape[1:], generator=Stream.BOUND_NOISE.generator(seed, i))
+
+    nats = _pairs_nats(model, variant, sched, images, torch.arange(T).repeat(N, 1), image_noise, runtime,
+                       f"exact bits/dim, {N} images x {T} t")
     prior = _prior_bits(sched, images)
     results = []
     for row, clip in ((0, True), (1, False)):
-        bits = bits_per_dim_from_nats(nats[row].view(N, T), D)
+        bits = bits_per_dim_from_nats(nats[row], D)
         decoder, vb = bits[:, 0], bits[:, 1:].sum(dim=1)
         results.append(BoundResult(total=prior + vb + decoder, prior=prior, vb=vb, decoder=decoder,
                                    per_t=bits.mean(dim=0), clip_x0=clip))
@@ -258,13 +255,10 @@ def estimate_bits_per_dim(
     sched: Schedule,
     images: torch.Tensor,
     calls_per_image: int = 33,
-    batch_size: int = 512,
+    *,
     seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
     clip_x0: bool = True,
-    dist: Dist = SINGLE,
-    desc: str = "",
+    runtime: Runtime = LOCAL,
 ) -> EstimateResult:
     """An unbiased estimate of :func:`bits_per_dim`'s total with ``calls_per_image`` network calls.
 
@@ -273,58 +267,35 @@ def estimate_bits_per_dim(
     strata (:func:`strata_edges`) and weighting it by the stratum's size. The per-image estimate is
     the replicates' mean, and their difference gives the Monte Carlo standard error.
     ``clip_x0``: the convention of the result (see the module docstring); ``.other`` holds the other one.
+    The pairs go as in :func:`bits_per_dim` (``runtime.batch_size``, default 512, at a time; ``runtime.dist``).
     """
-    _check_inputs(images, sched, batch_size)
+    runtime = runtime.resolve(model, batch_size=512)
+    _check_inputs(images, sched, runtime.batch_size)
     S = (calls_per_image - 1) // 2
     if S < 1:
         raise BenchError(f"calls_per_image must be >= 3 (one decoder call, two stratified replicates), got {calls_per_image}")
     edges = strata_edges(sched.T, S)
     sizes = (edges[1:] - edges[:-1]).to(torch.float64)
-    device = torch.device(device) if device is not None else _model_device(model)
     N, K = images.shape[0], 1 + 2 * S
     D = images[0].numel()
-    # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream draws
+    # Per image: t for the decoder, then replicate A's S strata, then replicate B's; its stream (ESTIMATE) draws
     # the strata's uniforms first, then the noise of its K calls (drawn when its batch comes).
     ts = torch.empty(N, K, dtype=torch.long)
     for i in range(N):
-        u = torch.rand(2, S, generator=keyed_generator(seed, i, 1), dtype=torch.float64)
+        u = torch.rand(2, S, generator=Stream.ESTIMATE.generator(seed, i), dtype=torch.float64)
         within = (u * sizes).floor().long().clamp(max=(sizes.long() - 1))
         ts[i, 0] = 0
         ts[i, 1:] = (edges[:-1] + within).reshape(-1)
 
-    def image_noise(i: int) -> torch.Tensor:
-        g = keyed_generator(seed, i, 1)
+    def image_noise(i: int) -> torch.Tensor:  # [K, C, H, W]: one per call
+        g = Stream.ESTIMATE.generator(seed, i)
         torch.rand(2, S, generator=g, dtype=torch.float64)  # the strata's draws come first in the stream
         return torch.randn(K, *images.shape[1:], generator=g)
 
-    starts = _my_batches(N * K, batch_size, dist)
-    local = torch.zeros(2, len(dist.block(N * K, unit=batch_size)), dtype=_bound_dtype(device), device=device)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    noise_image, noise_cache = -1, None
-    try:
-        flat_t = ts.reshape(-1)
-        for start in progress_of(starts, len(starts), label(desc, f"estimated bits/dim, {N} images x {K} calls"), "batch",
-                                 progress and dist.main):
-            pairs = torch.arange(start, min(start + batch_size, N * K))
-            idx, call = pairs // K, pairs % K
-            noise = torch.empty(len(pairs), *images.shape[1:])
-            for i in idx.unique().tolist():
-                if i != noise_image:
-                    noise_image, noise_cache = i, image_noise(i)
-                rows = idx == i
-                noise[rows] = noise_cache[call[rows]]
-            x0 = to_data_scale(images[idx])
-            at = start - starts.start
-            local[:, at : at + len(pairs)] = _terms(model, variant, sched, to_device(x0, device),
-                                                    to_device(flat_t[pairs], device), to_device(noise, device))
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
-    nats = _gather_pairs(local, N * K, batch_size, dist).cpu().double()
+    nats = _pairs_nats(model, variant, sched, images, ts, image_noise, runtime,
+                       f"estimated bits/dim, {N} images x {K} calls")
     prior = _prior_bits(sched, images)
-    results = [_estimate(bits_per_dim_from_nats(nats[row].view(N, K), D), sizes, prior, clip, edges)
+    results = [_estimate(bits_per_dim_from_nats(nats[row], D), sizes, prior, clip, edges)
                for row, clip in ((0, True), (1, False))]
     return _paired(*results, clip_x0)
 

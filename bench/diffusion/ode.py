@@ -11,9 +11,9 @@ This is a different estimand from the bound (``bpd``): an estimate, unbiased ove
 dequantisation draws, of the dequantised NLL of another model (the flow) built from the same network.
 Its metrics are ``nll_ode…`` and are never mixed into ``bpd``.
 
-Noise is keyed by (seed, image index) alone, and ranks take contiguous blocks of whole batches (each
-rank's solver takes its own steps; results are gathered after the solves), so every rank gets the
-numbers one process computes with the same ``batch_size``. Within one batch the solver's steps are
+Noise is keyed by (seed, image index) alone (streams DEQUANTISATION and PROBES), and ranks take
+contiguous blocks of whole batches (each rank's solver takes its own steps; results are gathered after
+the solves), so every rank gets the numbers one process computes with the same ``batch_size``. Within one batch the solver's steps are
 shared by all its images: another ``batch_size`` changes an image's number by up to the tolerances.
 """
 
@@ -29,18 +29,16 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
-from bench.diffusion.bound import _bound_dtype, _model_device, keyed_generator, label
 from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
-from bench.runtime.progress import progress_of
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
+from bench.errors import BenchError
+from bench.runtime.context import LOCAL, Runtime, evaluating
+from bench.runtime.progress import progress_of
 
 SOLVERS = ("RK45", "RK23", "DOP853")  # solve_ivp's explicit methods (implicit ones need the state's Jacobian)
 PROBE_TYPES = ("rademacher", "gaussian")
-DEQUANT_STREAM = 3  # keyed_generator(seed, image, 3): the dequantisation noise (1: bound estimate, 2: sampling)
-PROBE_STREAM = 4  # keyed_generator(seed, image, 4): the Hutchinson probes
 
 ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x [B, C, H, W], s) → ∇_x log p_s(x) [B, C, H, W]
 
@@ -176,7 +174,7 @@ def network_dtype(model) -> torch.dtype:
 def draw_probes(seed: int, image: int, count: int, shape: tuple[int, ...], probe_type: str) -> torch.Tensor:
     """``count`` Hutchinson probes for one image, float64 [count, *shape], from its own stream: entries ±1
     (rademacher) or N(0, 1) (gaussian); either way E[v vᵀ] = I."""
-    g = keyed_generator(seed, image, PROBE_STREAM)
+    g = Stream.PROBES.generator(seed, image)
     if probe_type == "rademacher":
         return torch.randint(0, 2, (count, *shape), generator=g).to(torch.float64) * 2 - 1
     return torch.randn(count, *shape, generator=g, dtype=torch.float64)
@@ -186,7 +184,7 @@ def dequantise(pixels: torch.Tensor, seed: int, image: int, count: int) -> torch
     """``count`` dequantised copies of one uint8 image [C, H, W] on the model's scale, float64 [count, C, H, W]:
     z = (u + w − ½)/127.5 − 1, w ~ U[0, 1) per pixel, i.e. to_data_scale's grid point plus uniform noise over
     its bin (half-width ``BIN_HALF_WIDTH`` = 1/255, the decoder's bins)."""
-    w = torch.rand(count, *pixels.shape, generator=keyed_generator(seed, image, DEQUANT_STREAM), dtype=torch.float64)
+    w = torch.rand(count, *pixels.shape, generator=Stream.DEQUANTISATION.generator(seed, image), dtype=torch.float64)
     return pixels.to(torch.float64) / 127.5 - 1 + (2 * w - 1) * BIN_HALF_WIDTH
 
 
@@ -265,39 +263,35 @@ class NllResult:
         return out
 
 
-def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, options: OdeOptions | None = None,
-            batch_size: int = 64, seed: int = 0, device: torch.device | str | None = None, dist: Dist = SINGLE,
-            progress: bool = False, desc: str = "") -> NllResult:
+def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, options: OdeOptions | None = None, *,
+            seed: int = 0, runtime: Runtime = LOCAL) -> NllResult:
     """The probability-flow NLL of uint8 ``images`` [N, C, H, W] under ``model`` (its score through
     :func:`network_score`), dequantised, in bits/dim. ``model`` runs in eval mode (restored afterwards)
-    on ``device`` (default: where its parameters are), in its own dtype without autocast (:func:`network_dtype`).
-    See :func:`flow_nll` for the rest. Raises :class:`FlowFailed` when the flow cannot be integrated."""
+    on ``runtime.device`` (default: where its parameters are), in its own dtype without autocast
+    (:func:`network_dtype`). See :func:`flow_nll` for the rest. Raises :class:`FlowFailed` when the flow
+    cannot be integrated."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         raise BenchError("nll_ode needs uint8 images [N, C, H, W] with pixels 0..255")
-    device = torch.device(device) if device is not None else _model_device(model)
+    runtime = runtime.resolve(model)
     sde = VpSde(sched)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        return flow_nll(network_score(model, variant, sde), sde, images, options, batch_size, seed, device, dist,
-                        progress, desc)
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+    with evaluating(model):
+        return flow_nll(network_score(model, variant, sde), sde, images, options, seed=seed, runtime=runtime)
 
 
-def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions | None = None,
-             batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu", dist: Dist = SINGLE,
-             progress: bool = False, desc: str = "") -> NllResult:
+def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions | None = None, *,
+             seed: int = 0, runtime: Runtime = LOCAL) -> NllResult:
     """The probability-flow NLL of ``data`` [N, C, H, W] under ``score``, in bits/dim.
 
     uint8 data are dequantised (:func:`dequantise`): each draw is E_w[−log p(z)] + D log 127.5 nats (127.5
     = 1/bin width on the model's scale), an unbiased estimate of the dequantised NLL of the discrete image.
     Floating data are points on the model's scale: −log p(x) of the density, no dequantisation.
-    Images go ``batch_size`` at a time (each with ``options.probes`` draws: batch_size · probes rows per
-    network call); ``dist``: ranks solve contiguous blocks of whole batches and gather the results.
+    Images go ``runtime.batch_size`` (default 64) at a time (each with ``options.probes`` draws: batch size ·
+    probes rows per network call) on ``runtime.device`` (default: the CPU), in ``runtime.precision`` (default
+    float64; float32 on MPS); ``runtime.dist``: ranks solve contiguous blocks of whole batches and gather
+    the results.
     """
+    runtime = runtime.resolve(batch_size=64)
+    batch_size, device, dist = runtime.batch_size, runtime.device, runtime.dist
     options = options or OdeOptions()
     if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.shape[0] == 0:
         raise BenchError("the ODE likelihood needs data of shape [N, C, H, W] with N >= 1")
@@ -306,19 +300,18 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     dequantised = data.dtype == torch.uint8
     if not dequantised and not data.is_floating_point():
         raise BenchError(f"the ODE likelihood needs uint8 images or floating points, got {data.dtype}")
-    device, data = torch.device(device), data.detach().cpu()
+    data = data.detach().cpu()
     N, K, shape, D = data.shape[0], options.probes, tuple(data.shape[1:]), data[0].numel()
-    dtype = _bound_dtype(device)
     mine = dist.block(N, unit=batch_size)
     local = torch.zeros(len(mine), K + 1, dtype=torch.float64)  # each image's K draws (nats) and its solve's NFE
     starts = range(mine.start, mine.stop, batch_size)
-    for start in progress_of(starts, len(mine), label(desc, "probability-flow NLL"), "image", progress and dist.main,
+    for start in progress_of(starts, len(mine), runtime.label("probability-flow NLL"), "image", runtime.shows_progress,
                              weight=lambda start: min(batch_size, mine.stop - start)):
         batch = range(start, min(start + batch_size, mine.stop))
         points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
         probes = torch.cat([draw_probes(seed, i, K, shape, options.probe_type) for i in batch])
-        nats, nfe = flow_nll_nats(score, sde, points.to(device=device, dtype=dtype), probes, options)
+        nats, nfe = flow_nll_nats(score, sde, points.to(device=device, dtype=runtime.precision), probes, options)
         rows = slice(start - mine.start, start - mine.start + len(batch))
         local[rows, :K] = nats.view(len(batch), K)
         local[rows, K] = nfe

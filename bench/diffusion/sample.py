@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
-from bench.diffusion.bound import keyed_generator, label
-from bench.runtime.progress import Progress
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
+from bench.errors import BenchError
+from bench.runtime.context import LOCAL, Runtime, evaluating
+from bench.runtime.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -73,41 +73,38 @@ def sample(
     n: int,
     shape: tuple[int, int, int],
     steps: int | None = None,
+    *,
     seed: int = 0,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
     clip_x0: bool = True,
-    progress: bool = False,
-    dist: Dist = SINGLE,
-    desc: str = "",
+    runtime: Runtime = LOCAL,
 ) -> torch.Tensor:
     """Draw ``n`` images [n, C, H, W] as uint8 from p(x_T) = N(0, I) down to x_0.
 
     Each step draws x_{t−1} ~ N(μ_θ, σ_t²) (no noise at the last step); x̂_0 is clipped to [−1, 1]
     (``clip_x0``) as DDPM samples. Images are returned at the mean of the last step, quantised.
 
-    Samples come in blocks of ``batch_size``; block k draws all its noise (x_T, then each step's) on
-    ``device`` from a stream keyed by (seed, k), so sample j depends on (seed, j, batch_size) only. Under
-    torch.distributed (``dist``) each rank draws a contiguous block of the blocks and every rank gets all
-    ``n`` samples, the same as one process draws.
+    Samples come in blocks of ``runtime.batch_size`` (default 256); block k draws all its noise (x_T, then
+    each step's) on ``runtime.device`` from its stream (:attr:`Stream.SAMPLES`, keyed by (seed, k)), so sample
+    j depends on (seed, j, batch size) only. Under torch.distributed (``runtime.dist``) each rank draws a
+    contiguous block of the blocks and every rank gets all ``n`` samples, the same as one process draws. The
+    reverse steps run in float32 (``runtime.precision`` is for the likelihoods' terms).
     """
     if n < 1:
         raise BenchError(f"the number of samples must be >= 1, got {n}")
     plan = respace(sched, sampler_steps(variant, steps))
     strided = len(plan.timesteps) != sched.T
-    device = torch.device(device)
+    runtime = runtime.resolve(model, batch_size=256)
+    device, dist, batch_size = runtime.device, runtime.dist, runtime.batch_size
     mine = dist.block(n, unit=batch_size)
     timesteps = plan.timesteps.to(device)
-    was_training = getattr(model, "training", False)
-    model.eval()
     out = [torch.empty(0, *shape, dtype=torch.uint8)]
-    try:
-        bar = Progress(len(mine), label(desc, f"sampling ({describe_sampler(sched, steps, variant)})"), "image",
-                       progress and dist.main)
+    with evaluating(model):
+        bar = Progress(len(mine), runtime.label(f"sampling ({describe_sampler(sched, steps, variant)})"), "image",
+                       runtime.shows_progress)
         every = max(1, len(plan.timesteps) // 20)  # the reverse step within a batch, shown 20 times per batch
         for start in range(mine.start, mine.stop, batch_size):
             b = min(batch_size, n - start)
-            g = keyed_generator(seed, start // batch_size, 2, device=device)
+            g = Stream.SAMPLES.generator(seed, start // batch_size, device=device)
             x = torch.randn(b, *shape, generator=g, device=device)
             for k in reversed(range(len(plan.timesteps))):
                 if k % every == 0:
@@ -127,6 +124,4 @@ def sample(
             bar.update(b)
         bar.set_postfix_str("")
         bar.close()
-    finally:
-        model.train(was_training)
     return dist.gather(torch.cat(out), n, unit=batch_size)

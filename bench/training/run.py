@@ -39,6 +39,7 @@ from bench.training.checkpoint import claim_run_dir, load_checkpoint, save_check
 from bench.training.config import RunConfig, flatten
 from bench.runtime.cores import CoreShare
 from bench.data.datasets import load_dataset
+from bench.runtime.context import Runtime
 from bench.runtime.dist import SINGLE, Dist
 from bench.nets.ema import Ema, ema_weights, horizon, initial_share
 from bench.errors import BenchError, first_line
@@ -768,8 +769,8 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int, bar: Progress | N
     config = ctx.config
     started = time.monotonic()
     subset = _eval_subset(ctx.test_images, config.eval_images)
-    est = estimate_bits_per_dim(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, config.eval_batch_size,
-                                EVAL_SEED, ctx.device, dist=ctx.dist)
+    est = estimate_bits_per_dim(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, seed=EVAL_SEED,
+                                runtime=Runtime(ctx.device, ctx.dist, batch_size=config.eval_batch_size))
     summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
                "bpd_estimate_calls": est.calls_per_image}
     ctx.log.metrics(summary, step)
@@ -787,7 +788,7 @@ def _evaluate_during_training(ema_model, ctx: _Ctx, step: int, bar: Progress | N
                       "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
                               "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
     grid = sample(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
-                  config.sample_steps or None, config.seed, device=ctx.device, dist=ctx.dist)
+                  config.sample_steps or None, seed=config.seed, runtime=Runtime(ctx.device, ctx.dist))
     if ctx.dist.main:
         ctx.log.image(sample_grid(grid), "samples", step)
     if bar is not None:
@@ -812,13 +813,13 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     metrics, res, method = {}, None, ""
     if bound is not None:
         subset = _eval_subset(test_images, config.final_eval_images)
+        runtime = Runtime(device, dist, config.eval_batch_size, progress=progress, desc=desc)
         if config.final_eval == "exact":
-            res = bits_per_dim(model, variant, sched, subset, config.eval_batch_size, EVAL_SEED, device, progress,
-                               dist=dist, desc=desc)
+            res = bits_per_dim(model, variant, sched, subset, seed=EVAL_SEED, runtime=runtime)
             method = f"exact (all {sched.T} t, {len(subset)} test images)"
         else:
-            res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, config.eval_batch_size,
-                                        EVAL_SEED, device, progress, dist=dist, desc=desc)
+            res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, seed=EVAL_SEED,
+                                        runtime=runtime)
             method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
         metrics = res.summary(bound)
     nll, ode_failed, ode_tags = None, "", {}
@@ -829,8 +830,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         flow_net = _without_autocast(model)  # the network in float32 whatever the run's precision (network_score)
         ode_tags[f"{ode}_precision"] = str(network_dtype(flow_net)).removeprefix("torch.")
         try:
-            nll = nll_ode(flow_net, variant, sched, ode_subset, config.ode_options(), config.ode_batch_size,
-                          EVAL_SEED, device, dist, progress, desc=desc)
+            nll = nll_ode(flow_net, variant, sched, ode_subset, config.ode_options(), seed=EVAL_SEED,
+                          runtime=Runtime(device, dist, config.ode_batch_size, progress=progress, desc=desc))
             metrics.update({ode + k.removeprefix("nll_ode"): v for k, v in nll.summary().items()})
         except FlowFailed as err:  # diverged, or the solver gave up: a result about this network, recorded; the
             ode_failed = str(err)  # rest of the evaluation goes on
@@ -838,8 +839,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     drawn = max(config.fid_samples, config.sample_grid) if grid or config.fid_samples else 0
-    images = sample(model, variant, sched, drawn, shape, steps, config.seed, device=device, progress=progress,
-                    dist=dist, desc=desc) if drawn else None
+    images = sample(model, variant, sched, drawn, shape, steps, seed=config.seed,
+                    runtime=Runtime(device, dist, progress=progress, desc=desc)) if drawn else None
     if not dist.main:
         return metrics
     if res is not None:
