@@ -3,7 +3,8 @@
 A checkpoint holds tensors and plain values only (read with ``weights_only=True``) and an MLflow model is a
 ``torch.export`` program: neither pickles a class by its module path, so moving the modules needs no shim. This
 test holds the claim to account: the old checkpoint's config, its EMA network's output and its exact bound, and the
-old MLflow model's output, all equal what that version computed.
+old MLflow model's output, all equal what that version computed — to float32 rounding: a convolution's sums are
+ordered by the number of threads, so outputs computed on 1 and on 2 threads may differ in the last bit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import mlflow.pytorch
+import pytest
 import torch
 
 from bench.data.datasets import load_dataset
@@ -23,6 +25,8 @@ from bench.training.run import resume_config
 from variants import get_variant
 
 OLD = Path(__file__).parent / "fixtures" / "v1-flat-layout"
+FLOAT32_ROUNDING = {"rtol": 1e-5, "atol": 1e-7}  # the network's outputs are about 1e-2
+BOUND_ROUNDING = 1e-6  # bits/dim: the float32 outputs' rounding, carried through the float64 bound
 
 
 def _old_network():
@@ -38,7 +42,7 @@ def test_a_checkpoint_written_before_the_layers_loads_with_its_config_and_networ
     assert (config.variant, config.dataset, config.network, config.T, ckpt["step"]) == ("hybrid", "digits", "tiny", 40, 6)
     expected = torch.load(OLD / "expected_output.pt", weights_only=True)
     with torch.no_grad():
-        assert torch.equal(net(expected["x"], expected["t"]), expected["ema_output"])
+        torch.testing.assert_close(net(expected["x"], expected["t"]), expected["ema_output"], **FLOAT32_ROUNDING)
 
 
 def test_the_old_checkpoints_exact_bound_is_what_that_version_computed():
@@ -46,8 +50,8 @@ def test_the_old_checkpoints_exact_bound_is_what_that_version_computed():
     expected = json.loads((OLD / "expected_bound.json").read_text())
     images = load_dataset("digits", "test")[:8]
     result = bits_per_dim(net, get_variant(config.variant), config.build_schedule(), images, seed=1234)
-    assert result.total.tolist() == expected["bpd_per_image"]
-    assert result.other.total.tolist() == expected["bpd_unclipped_per_image"]
+    assert result.total.tolist() == pytest.approx(expected["bpd_per_image"], abs=BOUND_ROUNDING, rel=0)
+    assert result.other.total.tolist() == pytest.approx(expected["bpd_unclipped_per_image"], abs=BOUND_ROUNDING, rel=0)
 
 
 def test_an_mlflow_model_written_before_the_layers_loads_and_gives_the_same_output(tmp_path, monkeypatch):
@@ -55,4 +59,4 @@ def test_an_mlflow_model_written_before_the_layers_loads_and_gives_the_same_outp
     model = mlflow.pytorch.load_model(str(OLD / "mlflow-model"), dst_path=str(tmp_path))
     expected = torch.load(OLD / "expected_output.pt", weights_only=True)
     with torch.no_grad():
-        assert torch.equal(model(expected["x"], expected["t"]), expected["ema_output"])
+        torch.testing.assert_close(model(expected["x"], expected["t"]), expected["ema_output"], **FLOAT32_ROUNDING)
