@@ -76,7 +76,7 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from bench.training.checkpoint import write_atomically
+from bench.runtime.files import write_atomically
 from bench.data.datasets import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError, first_line
 
