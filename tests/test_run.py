@@ -322,7 +322,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
     assert tags["fid_ref_test_samples"] == "64"
     from mlflow.artifacts import download_artifacts
 
-    from bench.metrics.fid import load_samples
+    from bench.metrics.samples import load_samples
 
     path = download_artifacts(run_id=run_id, artifact_path="samples/fid_samples.npz", dst_path=str(home / "dl"),
                               tracking_uri=f"sqlite:///{home}/mlflow.db")

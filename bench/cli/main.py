@@ -694,7 +694,8 @@ def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
     """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
     FID, KID, precision/recall, IS and the reference points, with how they were computed."""
     from bench.tracking import store as tracking
-    from bench.metrics.fid import samples_dataset, score_samples
+    from bench.metrics.fid import score_samples
+    from bench.metrics.samples import samples_dataset
 
     dataset = samples_dataset(samples_file, dataset)
     res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,

@@ -860,7 +860,9 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
-        from bench.metrics.fid import FidUnavailable, compute_fid, save_samples
+        from bench.metrics.extractors import FidUnavailable
+        from bench.metrics.fid import compute_fid
+        from bench.metrics.samples import save_samples
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
             log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
