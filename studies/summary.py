@@ -260,7 +260,7 @@ def describe_status(study, storage: str, now: float | None = None) -> str:
     the workers alive, the parent run and who finished it."""
     from optuna.trial import TrialState
 
-    from bench.tracking.store import masked
+    from bench.runtime.urls import masked
     from studies.study import OBJECTIVES, workers_alive
 
     now = now or time.time()
