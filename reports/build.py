@@ -34,6 +34,7 @@ import pandas as pd
 
 from bench.tracking import store as tracking
 from bench.errors import BenchError
+from bench.runtime.urls import masked
 from reports import figures
 from reports.tables import (
     ROW,
@@ -224,7 +225,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
         df.to_csv(staging / "runs.csv", index=False)
         (staging / "table.json").write_text(json.dumps(numeric_summary(table), indent=1, default=str))
         meta = {"experiments": experiments or ["(all)"], "filter": filter_string or "", "runs": len(df),
-                "tracking_uri": tracking.masked(client.tracking_uri), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "tracking_uri": masked(client.tracking_uri), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
                 "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
                 "ode": bool(df["nll_ode"].notna().any())}

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig
 from bench.errors import BenchError, first_line
@@ -71,7 +72,7 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
-    tracking.close_dead_runs(client, ids)
+    liveness.close_dead_runs(client, ids)
     filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")  # MLflow filters: AND only, no parentheses
     try:
         runs = []

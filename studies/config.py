@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.runtime.urls import masked
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig, make_config
 
@@ -72,7 +73,7 @@ class StudyConfig:
     def storage_url(self) -> str:
         url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
         if _same_store(url, tracking.resolve_tracking_uri(self.tracking_uri)):
-            raise BenchError(f"the Optuna storage {tracking.masked(url)} is the MLflow store; give --storage another database")
+            raise BenchError(f"the Optuna storage {masked(url)} is the MLflow store; give --storage another database")
         return url
 
     def name_for(self, variant: str) -> str:

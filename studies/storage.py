@@ -57,7 +57,7 @@ def open_storage(sc: StudyConfig):
     except BenchError:
         raise
     except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {tracking.masked(url)!r}: "
+        raise BenchError(f"cannot open the Optuna storage {masked(url)!r}: "
                          f"{scrubbed(first_line(err), url)}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -29,7 +29,10 @@ from bench.errors import BenchError, first_line
 from bench.runtime import dist as dist_mod
 from bench.runtime.dist import SINGLE, Dist
 from bench.runtime.locks import store_lock
+from bench.runtime.urls import masked
+from bench.tracking import liveness, provenance
 from bench.tracking import store as tracking
+from bench.tracking.logger import RunLogger
 from bench.training.config import RunConfig
 from bench.training.run import StopRun, train
 from studies.config import OBJECTIVES, SAMPLERS, StudyConfig, StudyResult, TrialDiverged
@@ -207,7 +210,7 @@ def _heartbeat(study, trial, seconds: int):
     """Record the trial's heartbeat now and every ``seconds`` while it runs, so other workers see it alive."""
     storage, trial_id = study._storage, trial._trial_id  # Optuna's heartbeat API lives on the storage
     storage.record_heartbeat(trial_id)
-    return tracking.every(seconds, lambda: storage.record_heartbeat(trial_id), f"heartbeat-trial-{trial.number}")
+    return liveness.every(seconds, lambda: storage.record_heartbeat(trial_id), f"heartbeat-trial-{trial.number}")
 
 
 def _work(sc: StudyConfig, name: str, variant: str, space, parent_run_id: str, d: Dist = SINGLE) -> None:
@@ -260,7 +263,7 @@ def _run_trial(study, trial, sc: StudyConfig, name: str, variant: str, space, pa
 def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
     """Mark KILLED the MLflow runs of trials Optuna failed as stale (their worker died or was cut off, on
     any machine), and of any run whose process on this machine is gone."""
-    tracking.close_dead_runs(client, experiments)
+    liveness.close_dead_runs(client, experiments)
     stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if lost_worker(t)}
     if not stale:
         return
@@ -327,12 +330,12 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
         # no owner tags: the parent belongs to the study, which whoever finishes it closes (see _finish)
         run_id = client.create_run(exp, run_name=name, tags={"optuna.study": name, "study.variant": variant,
                                                              "study.dataset": sc.dataset,
-                                                             **tracking.source_tags()}).info.run_id
-        tracking.RunLogger(client, run_id).params({
+                                                             **provenance.source_tags()}).info.run_id
+        RunLogger(client, run_id).params({
             "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
             "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
             "study.seed": sc.seed, "study.space": describe_space(space),
-            "study.storage": tracking.masked(sc.storage_url()),
+            "study.storage": masked(sc.storage_url()),
         })
         study.set_user_attr("objective", sc.objective)
         study.set_user_attr("space", describe_space(space))
@@ -353,7 +356,7 @@ def study_status(name: str, storage: str | None = None) -> str:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:
         names = optuna.get_all_study_names(url)
-        raise BenchError(f"no study named {name!r} in {tracking.masked(url)}; it holds: {', '.join(names) or 'none'}") from None
+        raise BenchError(f"no study named {name!r} in {masked(url)}; it holds: {', '.join(names) or 'none'}") from None
     return describe_status(study, url)
 
 
@@ -410,10 +413,10 @@ def _finish(client, sc: StudyConfig, name: str, variant: str, parent_run_id: str
             if progress:
                 print(f"study {name}: every trial has finished; {done['by']} recorded it and closed its parent run "
                       f"{parent_run_id}", flush=True)
-            tracking.RunLogger(client, parent_run_id).end("FINISHED")  # a starter with nothing left reopened it
+            RunLogger(client, parent_run_id).end("FINISHED")  # a starter with nothing left reopened it
             return log_study(study, sc, name, variant, NoLog(parent_run_id))
         exact_reevaluation(study, sc, progress)
-        log = tracking.RunLogger(client, parent_run_id)
+        log = RunLogger(client, parent_run_id)
         result = log_study(study, sc, name, variant, log)
         log.tags({"finished_by": me})
         log.end("FINISHED")
@@ -432,4 +435,4 @@ def _leave(client, study, parent_run_id: str, err: BaseException, progress: bool
             print(f"study {study.study_name}: {len(others)} other worker(s) carry on ({', '.join(others[:4])}"
                   f"{' …' if len(others) > 4 else ''}); the one that finishes closes the parent run", flush=True)
         return
-    tracking.RunLogger(client, parent_run_id).end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+    RunLogger(client, parent_run_id).end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")

@@ -9,7 +9,7 @@ import socket
 import time
 from contextlib import contextmanager
 
-from bench.tracking import store as tracking
+from bench.tracking import liveness
 
 WORKER_ATTR = "worker "  # study user attribute "worker HOST:PID" → {"beat": unix time, "every": seconds}
 
@@ -25,7 +25,7 @@ def registered(study, every: int):
 
     beat()
     try:
-        with tracking.every(every, beat, "study-worker-heartbeat"):
+        with liveness.every(every, beat, "study-worker-heartbeat"):
             yield
     finally:
         try:

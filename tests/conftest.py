@@ -100,16 +100,16 @@ def store_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def extractor_calls(monkeypatch) -> list[int]:
     """A spy on the digits feature extractor: the batch sizes it is called with (it still runs)."""
-    import bench.metrics.fid as fid_mod
+    import bench.metrics.extractors as extractors_mod
 
     seen: list[int] = []
-    forward = fid_mod.DigitsFeatureExtractor.forward
+    forward = extractors_mod.DigitsFeatureExtractor.forward
 
     def counting_forward(self, x: torch.Tensor):
         seen.append(int(x.shape[0]))
         return forward(self, x)
 
-    monkeypatch.setattr(fid_mod.DigitsFeatureExtractor, "forward", counting_forward)
+    monkeypatch.setattr(extractors_mod.DigitsFeatureExtractor, "forward", counting_forward)
     return seen
 
 

@@ -6,7 +6,7 @@ import fcntl
 import os
 import time
 
-from bench import cores
+from bench.runtime import cores
 
 
 def test_an_entry_is_locked_before_another_process_can_see_it(tmp_path, monkeypatch):

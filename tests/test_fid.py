@@ -1,4 +1,4 @@
-"""FID / KID / precision-recall / IS through torch-fidelity (bench.metrics.fid); CPU only, no network."""
+"""FID / KID / precision-recall / IS through torch-fidelity (bench.metrics.fid, bench.metrics.extractors); CPU only, no network."""
 
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
-import bench.metrics.fid as fid_mod
+import bench.metrics.extractors as extractors_mod
 from bench.data.datasets import load_dataset
 from bench.errors import BenchError
-from bench.metrics.fid import (
+from bench.metrics.extractors import (
     INCEPTION_WEIGHTS_FILENAME,
-    FidResult,
     FidUnavailable,
-    compute_fid,
     digits_classifier_accuracy,
     inception_weights_path,
 )
+from bench.metrics.fid import FidResult, compute_fid
 
 FID_KEYS = {"fid", "kid", "kid_std", "precision", "recall"}
 ALL_KEYS = FID_KEYS | {"isc", "isc_std", "fid_ref_test", "fid_ref_noise"}
@@ -72,7 +71,7 @@ def test_digits_fid_separates_heldout_noise_and_self(digits_fids: dict[str, FidR
 
 
 def test_digits_tags(digits_fids: dict[str, FidResult], digits_cache: Path) -> None:
-    hash8 = hashlib.sha256(fid_mod.DIGITS_CLASSIFIER_FILE.read_bytes()).hexdigest()[:8]
+    hash8 = hashlib.sha256(extractors_mod.DIGITS_CLASSIFIER_FILE.read_bytes()).hexdigest()[:8]
     assert not list(digits_cache.glob("digits-classifier-*"))  # nothing trained or cached per machine
     tags = digits_fids["heldout"].tags
     assert tags["fid_extractor"] == f"digits-classifier-{hash8}" == "digits-classifier-634ef152"
@@ -92,12 +91,12 @@ def test_a_digits_classifier_other_than_the_released_one_is_refused(
     shipped file's sha256 is checked at every load: an edited, missing or replaced file is one clear error."""
     bad = tmp_path / "digits_classifier.npz"
     if damage == "edited":
-        data = bytearray(fid_mod.DIGITS_CLASSIFIER_FILE.read_bytes())
+        data = bytearray(extractors_mod.DIGITS_CLASSIFIER_FILE.read_bytes())
         data[-100] ^= 1
         bad.write_bytes(bytes(data))
     elif damage == "planted pickle":
         bad.write_bytes(pickle.dumps({"weights": 1}))
-    monkeypatch.setattr(fid_mod, "DIGITS_CLASSIFIER_FILE", bad)
+    monkeypatch.setattr(extractors_mod, "DIGITS_CLASSIFIER_FILE", bad)
     with pytest.raises(BenchError, match="reinstall elbo-bench"):
         compute_fid(load_dataset("digits", "test")[:10], "digits", load_dataset("digits", "train")[:10],
                     cache_dir=tmp_path)
@@ -110,7 +109,7 @@ def test_cache_reuses_classifier_and_reference_stats(
     def no_training() -> None:
         raise AssertionError("the shipped classifier should be used")
 
-    monkeypatch.setattr(fid_mod, "_train_digits_classifier", no_training)
+    monkeypatch.setattr(extractors_mod, "_train_digits_classifier", no_training)
     seen = extractor_calls  # batch sizes the digits extractor sees from here on
     seen.clear()
     samples = load_dataset("digits", "test")[:100]
@@ -120,7 +119,7 @@ def test_cache_reuses_classifier_and_reference_stats(
     (cached,) = (p for p in files if p.suffix == ".npz")  # features and FID statistics of the reference, no pickles
     assert sorted(p.name.removeprefix(cached.stem) for p in files if p != cached) == [  # the reference points
         "-refnoise-n100-seed0.json", f"-reftest-n100-{hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:8]}.json"]
-    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{fid_mod.digits_extractor_name()}-64.npz")
+    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{extractors_mod.digits_extractor_name()}-64.npz")
     with np.load(cached, allow_pickle=False) as z:
         assert sorted(z.files) == ["features", "mu", "sigma"]
         assert z["features"].shape == (1500, 64) and z["sigma"].shape == (64, 64)

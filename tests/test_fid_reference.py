@@ -1,5 +1,5 @@
 """Inception Score (and the digits classifier's analogue), the FID reference points, saved samples and
-``bench fid`` (bench.metrics.fid, bench.cli.main); CPU only, no network.  The CIFAR-10 check against torch-fidelity's
+``bench fid`` (bench.metrics.fid, bench.metrics.samples, bench.cli.main); CPU only, no network.  The CIFAR-10 check against torch-fidelity's
 published FID runs only where real CIFAR-10 and the real Inception weights are present."""
 
 from __future__ import annotations
@@ -17,21 +17,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import bench.metrics.extractors as extractors_mod
 import bench.metrics.fid as fid_mod
 from bench.cli.main import cli
 from bench.data.datasets import CIFAR10_FOLDER, load_dataset
 from bench.errors import BenchError
-from bench.metrics.fid import (
-    INCEPTION_WEIGHTS_FILENAME,
-    compute_fid,
-    digits_classifier_file,
-    digits_extractor_name,
-    gaussian_noise_images,
-    inception_score,
-    load_samples,
-    samples_dataset,
-    save_samples,
-)
+from bench.metrics.extractors import INCEPTION_WEIGHTS_FILENAME, digits_classifier_file, digits_extractor_name
+from bench.metrics.fid import compute_fid, gaussian_noise_images, inception_score
+from bench.metrics.samples import load_samples, samples_dataset, save_samples
 
 
 class _Mkdir:
@@ -115,7 +108,7 @@ def test_inception_score_closed_form_and_invariances() -> None:
 
 def test_digits_is_analogue(classifier: Path, cache: Path, train: torch.Tensor, test_split: torch.Tensor) -> None:
     res = compute_fid(test_split, "digits", train, cache_dir=cache, kid=False, prc=False, reference_points=False)
-    net = fid_mod._load_digits_net(classifier)
+    net = extractors_mod._load_digits_net(classifier)
     with torch.no_grad():
         direct = inception_score(net(test_split))
     assert res.metrics["isc"] == pytest.approx(direct["isc"], rel=1e-6)
@@ -331,7 +324,7 @@ def _real_inception_weights() -> Path | str:
     candidates = [Path(p) for p in (os.environ.get(WEIGHTS_ENV),) if p]
     candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME)
     for path in candidates:
-        if path.is_file() and fid_mod._sha256_file(path).startswith(INCEPTION_SHA256_PREFIX):
+        if path.is_file() and extractors_mod._sha256_file(path).startswith(INCEPTION_SHA256_PREFIX):
             return path
     return f"no {INCEPTION_WEIGHTS_FILENAME} (sha256 {INCEPTION_SHA256_PREFIX}…) at ${WEIGHTS_ENV} or {candidates[-1]}"
 

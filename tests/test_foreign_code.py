@@ -20,7 +20,13 @@ import torch
 
 from bench.data.datasets import load_dataset
 from bench.errors import BenchError
-from bench.metrics.fid import INCEPTION_WEIGHTS_FILENAME, FidUnavailable, compute_fid, digits_classifier_file, digits_extractor_name
+from bench.metrics.extractors import (
+    INCEPTION_WEIGHTS_FILENAME,
+    FidUnavailable,
+    digits_classifier_file,
+    digits_extractor_name,
+)
+from bench.metrics.fid import compute_fid
 
 
 class _Mkdir:

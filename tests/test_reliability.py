@@ -21,7 +21,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from bench.tracking import liveness
 from bench.tracking import store as tracking
+from bench.tracking.logger import RunLogger
 from bench.cli.main import cli
 from bench.runtime.locks import file_lock
 
@@ -118,7 +120,7 @@ def max_logged_step(home: Path, run_id: str, key: str = "loss") -> int:
 
 
 # ----------------------------------------------------------------------------- 2. stores created under a lock
-CREATE_MLFLOW = ("import sys; from bench import tracking; c = tracking.client(); "
+CREATE_MLFLOW = ("import sys; from bench.tracking import store as tracking; c = tracking.client(); "
                  "exp = tracking.experiment_id(c, 'race'); c.create_run(exp, run_name=sys.argv[1])")
 CREATE_OPTUNA = ("import sys; from studies.study import StudyConfig, _open_study; "
                  "_open_study(StudyConfig(), 'race').ask()")
@@ -233,9 +235,9 @@ def test_cleanup_leaves_a_live_run_running(tmp_path, store_template):
 def test_owner_on_another_host_is_judged_by_its_heartbeat():
     now = 1_000_000.0
     tags = {"owner.host": "elsewhere.invalid", "owner.pid": "1", "owner.start": "1", "owner.heartbeat": str(int(now))}
-    assert tracking.owner_gone(tags, now + 60) == ""
-    assert "no heartbeat" in tracking.owner_gone(tags, now + tracking.STALE_AFTER_SECONDS + 1)
-    assert tracking.owner_gone({}, now) == ""  # no owner tags: never judged
+    assert liveness.owner_gone(tags, now + 60) == ""
+    assert "no heartbeat" in liveness.owner_gone(tags, now + liveness.STALE_AFTER_SECONDS + 1)
+    assert liveness.owner_gone({}, now) == ""  # no owner tags: never judged
 
 
 def _dead_pid() -> int:
@@ -249,19 +251,19 @@ def test_an_owner_in_another_pid_namespace_or_boot_is_judged_by_its_heartbeat(ke
     """Containers that share a hostname but not a PID namespace (or a host rebooted since): the owner's pid
     means nothing here, so a pid that is free here is no proof of death, nor a live one of life."""
     now = time.time()
-    mine = tracking.owner_tags()
+    mine = liveness.owner_tags()
     assert mine["owner.boot"] and mine["owner.pidns"].startswith("pid:[")  # Linux: both known
     elsewhere = {**mine, key: "other", "owner.heartbeat": str(int(now))}
-    assert tracking.owner_gone({**elsewhere, "owner.pid": str(_dead_pid()), "owner.start": ""}, now + 60) == ""
-    assert tracking.owner_gone(elsewhere, now + 60) == ""
-    assert "no heartbeat from process" in tracking.owner_gone(elsewhere, now + tracking.STALE_AFTER_SECONDS + 1)
+    assert liveness.owner_gone({**elsewhere, "owner.pid": str(_dead_pid()), "owner.start": ""}, now + 60) == ""
+    assert liveness.owner_gone(elsewhere, now + 60) == ""
+    assert "no heartbeat from process" in liveness.owner_gone(elsewhere, now + liveness.STALE_AFTER_SECONDS + 1)
     # the same host, boot and namespace: the pid decides, heartbeat or not
     dead = {**mine, "owner.pid": str(_dead_pid()), "owner.start": ""}
-    assert "is gone" in tracking.owner_gone(dead, now)
-    assert tracking.owner_gone(mine, now + tracking.STALE_AFTER_SECONDS + 1) == ""
+    assert "is gone" in liveness.owner_gone(dead, now)
+    assert liveness.owner_gone(mine, now + liveness.STALE_AFTER_SECONDS + 1) == ""
     # owner tags from before the boot id and namespace were recorded: judged by the host, as then
     older = {k: v for k, v in dead.items() if k not in ("owner.boot", "owner.pidns")}
-    assert "is gone" in tracking.owner_gone(older, now)
+    assert "is gone" in liveness.owner_gone(older, now)
 
     # `bench runs --cleanup` leaves such a run alone while its heartbeat is fresh
     (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
@@ -356,7 +358,7 @@ def test_a_resumed_run_logs_its_sample_grids_whatever_the_system_metrics_steps(t
     run_id = c.create_run(c.create_experiment("resumed")).info.run_id
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric("loss", 0.5, now, 10), Metric("system/cpu_utilization_percentage", 40.0, now, 900)])
-    log = tracking.RunLogger(c, run_id)
+    log = RunLogger(c, run_id)
     log.skip_logged()  # as bench.training.run does on a resume
     grid = np.zeros((8, 8, 3), dtype=np.uint8)
     log.image(grid, "samples", 10)  # the checkpoint's step: logged before the interruption
@@ -410,7 +412,7 @@ def test_a_resume_writes_its_owner_tags_before_the_run_is_running(finished, monk
     res = invoke(home, ["run", "--resume", str(ckpt), "--steps", "6"])
     assert res.exit_code == 0, describe(res)
     assert len(seen) == 1
-    mine = tracking.owner_tags()
+    mine = liveness.owner_tags()
     assert {k: seen[0].get(k) for k in ("owner.host", "owner.pid", "owner.start", "owner.boot", "owner.pidns")} == \
         {k: mine[k] for k in ("owner.host", "owner.pid", "owner.start", "owner.boot", "owner.pidns")}
     assert c.get_run(run_id).info.status == "FINISHED"
@@ -423,16 +425,16 @@ def test_cleanup_reads_a_run_again_before_marking_it_killed(tmp_path, store_temp
     (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
     c = mlflow(tmp_path)
     exp = c.create_experiment("x")
-    run_id = c.create_run(exp, tags={**tracking.owner_tags(), "owner.pid": str(_dead_pid()), "owner.start": ""}).info.run_id
+    run_id = c.create_run(exp, tags={**liveness.owner_tags(), "owner.pid": str(_dead_pid()), "owner.start": ""}).info.run_id
     search = c.search_runs
 
     def search_then_resumed(*args, **kwargs):
         found = search(*args, **kwargs)  # the dead owner's tags …
-        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.owner_tags().items()])  # … then a resume's
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in liveness.owner_tags().items()])  # … then a resume's
         return found
 
     monkeypatch.setattr(c, "search_runs", search_then_resumed)
-    assert tracking.close_dead_runs(c, [exp]) == []
+    assert liveness.close_dead_runs(c, [exp]) == []
     assert c.get_run(run_id).info.status == "RUNNING"
 
 
@@ -449,7 +451,7 @@ def test_a_run_live_in_another_process_is_not_resumed_from_another_home(finished
     home, run_id, ckpt = finished
     c = mlflow(home)
     c.set_tag(run_id, "owner.pid", str(os.getppid()))  # a live process on this host …
-    c.set_tag(run_id, "owner.start", tracking._process_start(os.getppid()))
+    c.set_tag(run_id, "owner.start", liveness._process_start(os.getppid()))
     c.update_run(run_id, "RUNNING")  # … that owns the run
     other = tmp_path_factory.mktemp("other_home")  # another BENCH_HOME: the folder lock does not see it
     res = CliRunner().invoke(cli, ["run", "--resume", str(ckpt), "--steps", "6"],

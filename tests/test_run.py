@@ -322,7 +322,7 @@ def test_run_with_fid_logs_fid_and_its_provenance(home):
     assert tags["fid_ref_test_samples"] == "64"
     from mlflow.artifacts import download_artifacts
 
-    from bench.metrics.fid import load_samples
+    from bench.metrics.samples import load_samples
 
     path = download_artifacts(run_id=run_id, artifact_path="samples/fid_samples.npz", dst_path=str(home / "dl"),
                               tracking_uri=f"sqlite:///{home}/mlflow.db")
@@ -438,9 +438,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 
 def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(home, monkeypatch, uninterrupted):
-    import bench.tracking.store
+    import bench.tracking.logger
 
-    real = bench.tracking.store.RunLogger.metrics
+    real = bench.tracking.logger.RunLogger.metrics
 
     def metrics(self, values, step):
         if step == 4 and "loss" in values:  # step 4 is complete; Ctrl-C lands while it is logged
@@ -448,7 +448,7 @@ def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(ho
         return real(self, values, step)
 
     state, bpd, stopped = _interrupt_then_resume(home, monkeypatch,
-                                                 lambda m: m.setattr(bench.tracking.store.RunLogger, "metrics", metrics))
+                                                 lambda m: m.setattr(bench.tracking.logger.RunLogger, "metrics", metrics))
     assert stopped == 4
     assert _same_weights(state["ema"], uninterrupted[0]["ema"])
     assert _same_weights(state["model"], uninterrupted[0]["model"])
@@ -478,9 +478,9 @@ def test_resume_after_an_interrupt_inside_a_step_equals_the_uninterrupted_run(ho
 def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(home, monkeypatch, uninterrupted):
     """Checkpoints written before the EMA was an AveragedModel, the warmup a LambdaLR and the logging window
     saved (a bare EMA state dict, no ``lr_schedule``, no ``window``) resume to the same weights and bound."""
-    import bench.tracking.store
+    import bench.tracking.logger
 
-    real = bench.tracking.store.RunLogger.metrics
+    real = bench.tracking.logger.RunLogger.metrics
 
     def metrics(self, values, step):
         if step == 4 and "loss" in values:
@@ -488,7 +488,7 @@ def test_a_checkpoint_from_before_averagedmodel_and_lambdalr_resumes_the_same(ho
         return real(self, values, step)
 
     with monkeypatch.context() as m:
-        m.setattr(bench.tracking.store.RunLogger, "metrics", metrics)
+        m.setattr(bench.tracking.logger.RunLogger, "metrics", metrics)
         assert invoke(home, ["run", *RESUME_ARGS, "--steps", "400"]).exit_code == 130
     (ckpt,) = list((home / "checkpoints").glob("*/last.pt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

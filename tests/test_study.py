@@ -34,6 +34,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 import bench.training.config as bench_config
+from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.cli.main import cli
 from bench.errors import BenchError
@@ -483,7 +484,7 @@ def test_a_study_whose_trials_all_run_elsewhere_is_summarised(home, monkeypatch)
 
     monkeypatch.setattr(study_mod, "_finish", timed_finish)
     start = time.monotonic()
-    with tracking.every(0.3, beat, "elsewhere"):
+    with liveness.every(0.3, beat, "elsewhere"):
         [result] = run_study(sc, progress=False)
     assert waited[0] >= sc.timeout  # waited for it: neither gave up nor failed it
     assert [t.state for t in load(home, "busy").trials] == [TrialState.RUNNING]

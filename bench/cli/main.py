@@ -76,7 +76,7 @@ def _print_version(ctx, param, value) -> None:
         return
     from importlib.metadata import version
 
-    from bench.tracking.store import git_commit, versions
+    from bench.tracking.provenance import git_commit, versions
 
     libs = ", ".join(f"{k.removeprefix('version.')} {v}" for k, v in versions().items())
     click.echo(f"elbo-bench {version('elbo-bench')} (source {git_commit()}; {libs})")
@@ -613,6 +613,7 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
 def runs_cmd(experiments, cleanup, tracking_uri) -> None:
     """List the runs that MLflow shows as RUNNING and whether their process is still alive."""
+    from bench.tracking import liveness
     from bench.tracking import store as tracking
 
     client = tracking.client(tracking_uri)
@@ -620,12 +621,12 @@ def runs_cmd(experiments, cleanup, tracking_uri) -> None:
     running = client.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'RUNNING'",
                                  max_results=5000)
     for r in running:
-        gone = tracking.owner_gone(r.data.tags)
+        gone = liveness.owner_gone(r.data.tags)
         owner = f"process {r.data.tags['owner.pid']} on {r.data.tags.get('owner.host')}" if "owner.pid" in r.data.tags \
             else "owner unknown (no owner tags)"
         click.echo(f"{r.info.run_id}  {r.info.run_name}  {owner}: {'gone (' + gone + ')' if gone else 'alive'}")
     if cleanup:
-        closed = tracking.close_dead_runs(client, [e.experiment_id for e in exps])
+        closed = liveness.close_dead_runs(client, [e.experiment_id for e in exps])
         click.echo(f"marked {len(closed)} run(s) KILLED")
     elif not running:
         click.echo("no RUNNING runs")
@@ -694,7 +695,8 @@ def fid_cmd(samples_file, dataset, data_dir, fid_weights, device) -> None:
     """Score a saved-samples file (uint8 .npz, key 'samples', as runs save it) against the train split:
     FID, KID, precision/recall, IS and the reference points, with how they were computed."""
     from bench.tracking import store as tracking
-    from bench.metrics.fid import samples_dataset, score_samples
+    from bench.metrics.fid import score_samples
+    from bench.metrics.samples import samples_dataset
 
     dataset = samples_dataset(samples_file, dataset)
     res = score_samples(samples_file, dataset, cache_dir=tracking.bench_home() / "cache", data_dir=data_dir,

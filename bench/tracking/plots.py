@@ -17,7 +17,7 @@ FIGURES = threading.RLock()  # matplotlib is not thread-safe: figures are made a
 def sample_grid(images: torch.Tensor, min_side: int = 32) -> np.ndarray:
     """uint8 [N, C, H, W] → one uint8 image [rows·H', cols·W', 3], each tile upscaled (nearest)
     to at least ``min_side`` pixels so 8×8 digits stay visible."""
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # heavy: only sample grids need it
 
     scale = max(1, -(-min_side // images.shape[-1]))
     big = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)

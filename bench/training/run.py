@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 from bench.runtime import dist as dist_mod
+from bench.tracking import liveness, provenance
 from bench.tracking import store as tracking
+from bench.tracking.logger import RunLogger
 from bench.training.checkpoint import claim_run_dir, load_checkpoint, save_checkpoint
 from bench.training.config import RunConfig, flatten
 from bench.runtime.cores import CoreShare
@@ -95,7 +97,7 @@ class _Ctx:
     device: torch.device
     train_images: torch.Tensor
     test_images: torch.Tensor
-    log: object  # tracking.RunLogger on rank 0, _NoLog elsewhere
+    log: object  # RunLogger on rank 0, _NoLog elsewhere
     run_id: str
     uri: str
     dist: Dist = SINGLE
@@ -311,7 +313,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
         run_id, client = d.main_decides(lambda: _open_run(held, uri, config, ckpt, reopen, parent_run_id, tags)) \
             or (None, None)
         run_id = d.share(run_id)
-        log = tracking.RunLogger(client, run_id) if d.main else _NoLog()
+        log = RunLogger(client, run_id) if d.main else _NoLog()
         say(f"{'continuing' if ckpt is not None else 'new'} run {run_id} ({config.default_run_name}) in experiment "
             f"{config.experiment!r}, store {masked(uri)}", progress and d.main)
         short = short_budget(config) if warn_short_budget and d.main else None
@@ -322,9 +324,9 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
                 log.skip_logged()  # the steps replayed since the checkpoint are in the run's history already
             if tags and ckpt is not None:
                 log.tags(tags)
-            held.enter_context(tracking.heartbeat(client, run_id))
+            held.enter_context(liveness.heartbeat(client, run_id))
             if config.system_metrics:
-                held.enter_context(tracking.system_metrics(uri, run_id, resume=ckpt is not None))
+                held.enter_context(provenance.system_metrics(uri, run_id, resume=ckpt is not None))
         if d.active:
             held.enter_context(_sigterm_fails())
         ctx = _Ctx(config, variant, sched, device, train_images, test_images, log, run_id, uri, d, progress and d.main,
@@ -342,14 +344,14 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
         _check_resumable(client, run_id, uri, ckpt["step"], config.steps, reopen)
         # this process's owner tags first: a run RUNNING under its last owner's tags (a dead process) is
         # what `bench runs --cleanup`, a report or a study worker marks KILLED
-        tracking.RunLogger(client, run_id).tags(tracking.owner_tags())
+        RunLogger(client, run_id).tags(liveness.owner_tags())
         client.update_run(run_id, status="RUNNING")
     else:
         exp = tracking.experiment_id(client, config.experiment)
         run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(exp, run_name=config.default_run_name,
-                                   tags={**run_tags, **tracking.source_tags(), **{k: str(v) for k, v in (tags or {}).items()},
-                                         **tracking.owner_tags()}).info.run_id
+                                   tags={**run_tags, **provenance.source_tags(), **{k: str(v) for k, v in (tags or {}).items()},
+                                         **liveness.owner_tags()}).info.run_id
         held.enter_context(claim_run_dir(_checkpoint_path(run_id).parent, run_id))
     return run_id, client
 
@@ -393,7 +395,7 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
     except Exception:
         raise BenchError(f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it") from None
     status, run_tags = run.info.status, run.data.tags
-    if status == "RUNNING" and "owner.pid" in run_tags and not tracking.owner_gone(run_tags):
+    if status == "RUNNING" and "owner.pid" in run_tags and not liveness.owner_gone(run_tags):
         raise BenchError(f"run {run_id} is being trained by process {run_tags['owner.pid']} on {run_tags.get('owner.host')}; "
                          "wait for it to finish or stop it, then resume")
     if status == "FINISHED" and not reopen:
@@ -497,7 +499,7 @@ def _log_start(log, config, variant, sched, net, train_images, device, d: Dist, 
         "lr_schedule": "LambdaLR: linear warmup over warmup_steps, then constant",
         "ema": "torch AveragedModel from the initial weights, decay min(ema_decay, (1+n)/(10+n)) at update n"
                if config.ema_warmup else "torch AveragedModel from the initial weights, decay ema_decay",
-        "code_version": tracking.git_commit(), **tracking.versions(),
+        "code_version": provenance.git_commit(), **provenance.versions(),
         "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
         "dist.world_size": d.world, "dist.backend": _backend(d),
     })
@@ -534,7 +536,7 @@ def _description(config: RunConfig, variant, sched, net, d: Dist) -> str:
 
 
 def _log_model(ema_net, ctx: _Ctx, step: int) -> None:
-    """The EMA network as the run's MLflow model (:meth:`bench.tracking.store.RunLogger.model`), linked to the final metrics
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.logger.RunLogger.model`), linked to the final metrics
     logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
     the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
@@ -861,7 +863,9 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     sampler = describe_sampler(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
-        from bench.metrics.fid import FidUnavailable, compute_fid, save_samples
+        from bench.metrics.extractors import FidUnavailable
+        from bench.metrics.fid import compute_fid
+        from bench.metrics.samples import save_samples
 
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
             log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
@@ -986,7 +990,7 @@ def run_evaluation(plan: CheckpointEval, progress: bool = True, desc: str = "") 
     model = _Autocast(ema.to(dev).eval(), c, dev)
     log = _NoLog()
     if plan.client is not None:
-        log = tracking.RunLogger(plan.client, plan.run_id,
+        log = RunLogger(plan.client, plan.run_id,
                                  model_id=plan.client.get_run(plan.run_id).data.tags.get("model_id"))
     with CoreShare():
         return final_evaluation(model, plan.variant, plan.sched, c, plan.train_images, plan.test_images, dev, log,
