@@ -24,7 +24,7 @@ import optuna
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig, make_config
 from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, check_choice, first_line, reraised
 from bench.runtime.locks import sqlite_path, store_lock
 from bench.runtime.urls import scrubbed
 from studies.space import Param, describe_space, load_space, suggest
@@ -60,10 +60,8 @@ class StudyConfig:
     run_overrides: dict = field(default_factory=dict)  # other RunConfig fields for every trial
 
     def validate(self) -> StudyConfig:
-        if self.objective not in OBJECTIVES:
-            raise BenchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.sampler not in SAMPLERS:
-            raise BenchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        check_choice("objective", self.objective, tuple(OBJECTIVES), field=True)
+        check_choice("sampler", self.sampler, SAMPLERS, field=True)
         for name in ("trials", "steps", "workers", "heartbeat"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -154,19 +152,15 @@ def _storage(sc: StudyConfig):
     path = sqlite_path(url)
     if path is not None:
         tracking.check_sqlite_store(path, "--storage")
-    try:
-        with warnings.catch_warnings(), store_lock(url):  # the tables of a new storage are created once
+    try:  # optuna/sqlalchemy raise many kinds for a bad URL; the tables of a new storage are created once
+        with reraised(lambda err: f"cannot open the Optuna storage {tracking.masked(url)!r}: {scrubbed(first_line(err), url)}",
+                      Exception), warnings.catch_warnings(), store_lock(url):
             if path is not None:
                 tracking.refuse_half_migrated(path, f"optuna storage upgrade --storage {url}")
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
             return _Storage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except BenchError:
-        raise
-    except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {tracking.masked(url)!r}: "
-                         f"{scrubbed(first_line(err), url)}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -30,7 +30,7 @@ from scipy.integrate import solve_ivp
 from scipy.interpolate import CubicHermiteSpline
 
 from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
+from bench.errors import BenchError, check_choice
 from bench.diffusion.bound import _bound_dtype, _model_device, keyed_generator, label
 from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
 from bench.runtime.progress import progress_of
@@ -76,10 +76,8 @@ class OdeOptions:
                 raise BenchError(f"the ODE solver's {name} must be a number > 0, got {value!r}")
         if not _is_number(self.eps) or not 0 < self.eps < 1:
             raise BenchError(f"the ODE start time eps must lie in (0, 1) (score_sde uses 1e-5), got {self.eps!r}")
-        if self.method not in SOLVERS:
-            raise BenchError(f"unknown ODE solver {self.method!r}; choose one of: {', '.join(SOLVERS)}")
-        if self.probe_type not in PROBE_TYPES:
-            raise BenchError(f"unknown probe type {self.probe_type!r}; choose one of: {', '.join(PROBE_TYPES)}")
+        check_choice("ODE solver", self.method, SOLVERS)
+        check_choice("probe type", self.probe_type, PROBE_TYPES)
         if not isinstance(self.probes, int) or isinstance(self.probes, bool) or self.probes < 1:
             raise BenchError(f"probes (draws per image) must be an integer >= 1, got {self.probes!r}")
 

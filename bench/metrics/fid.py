@@ -78,7 +78,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from bench.training.checkpoint import write_atomically
 from bench.data.datasets import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, check_choice, first_line, reraised
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
@@ -659,7 +659,8 @@ def compute_fid(
     # one BLAS thread on the CPU: numpy's pool would fight torch's OpenMP pool for the same cores
     context = torch.cuda.device(dev) if cuda else threadpool_limits(limits=1, user_api="blas")
     ref_tags: dict[str, str] = {}
-    try:
+    with reraised(lambda exc: f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}",
+                  RuntimeError, ValueError, OSError, EOFError, chain=True):  # e.g. a weights file of the wrong shape
         with context:
             net = _build_extractor(ext, [layer, ext.logits] if isc else [layer], dev)
             ref = _reference_features(net, layer, reference, ref_cache, batch_size, cuda)
@@ -674,12 +675,6 @@ def compute_fid(
 
                 points, ref_tags = _reference_points(dataset, n1, test_images, ref_cache, score)
                 metrics.update(points)
-    except BenchError:
-        raise
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
-        raise BenchError(
-            f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
     tags = {
         "fid_extractor": ext.name,
         "fid_weights": ext.hash8,
@@ -754,7 +749,9 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
     if not path.is_file():
         raise BenchError(f"{what}: no such file")
     expected = f"{what}: expected an .npz holding a uint8 array {SAMPLES_KEY!r} (as save_samples writes)"
-    try:
+    with reraised(lambda exc: f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
+                              "refusing it (pickled objects could run code)", OSError, ValueError, KeyError, EOFError,
+                  zipfile.BadZipFile):
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy
             raise BenchError(expected)
@@ -762,20 +759,14 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
             if SAMPLES_KEY not in z.files:
                 raise BenchError(expected)
             arr = z[SAMPLES_KEY]
-    except BenchError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
-                         "refusing it (pickled objects could run code)") from None
     if not isinstance(arr, np.ndarray):  # a member that is no .npy (a raw pickle, say) is handed back as bytes
         raise BenchError(f"{what}: {SAMPLES_KEY!r} is not a numpy array (raw bytes: a pickle, say); refusing it")
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"{what}: {SAMPLES_KEY!r} must be uint8 [N, C, H, W], got {arr.dtype} {arr.shape}")
     images = torch.from_numpy(np.ascontiguousarray(arr))
     if dataset is not None:
-        info = DATASETS.get(dataset)
-        if info is None:
-            raise BenchError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        check_choice("dataset", dataset, sorted(DATASETS))
+        info = DATASETS[dataset]
         _check_images(images, f"samples in {path}", dataset, (info.channels, info.image_size, info.image_size))
     return images
 
