@@ -22,7 +22,7 @@ import numpy as np
 import optuna
 
 from bench.tracking import store as tracking
-from bench.training.config import RunConfig, make_config
+from bench.training.config import RunConfig, assemble_config
 from bench.runtime.dist import SINGLE, Dist
 from bench.errors import BenchError, check_choice, first_line, reraised
 from bench.runtime.locks import sqlite_path, store_lock
@@ -79,13 +79,14 @@ class StudyConfig:
         return self
 
     def base_config(self, variant: str) -> RunConfig:
+        """A trial's config before its search space's values: the study's own defaults below ``run_overrides``
+        (a --config file's values and the `bench run` options given), the study's settings above them."""
         uses_fid = "fid" in OBJECTIVES[self.objective]
-        return make_config(**{
-            "dataset": self.dataset, "variant": variant, "steps": self.steps, "seed": self.seed,
-            "final_eval": "estimate", "final_eval_images": 0, "fid_samples": self.fid_samples if uses_fid else 0,
-            "eval_every": max(1, self.steps // 4), "checkpoint_every": self.steps, "experiment": self.experiment,
-            "tracking_uri": self.tracking_uri, **self.run_overrides,
-        })
+        own = {"final_eval": "estimate", "final_eval_images": 0, "eval_every": max(1, self.steps // 4),
+               "checkpoint_every": self.steps}
+        given = {"variant": variant, "steps": self.steps, "seed": self.seed, "fid_samples": self.fid_samples if uses_fid else 0,
+                 "experiment": self.experiment, "tracking_uri": self.tracking_uri, **self.run_overrides}
+        return assemble_config(given, own=lambda dataset: own, dataset=self.dataset)
 
     def storage_url(self) -> str:
         url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"
