@@ -16,8 +16,8 @@ import bench.cli.study
 from bench.cli.main import cli
 from bench.cli.options import RUN_OPTIONS, param_name
 from bench.cli.study import STUDY_OWNS, STUDY_RUN_OPTIONS
-from bench.training.config import DATASET_DEFAULTS, RunConfig
 from bench.data.datasets import DATASETS
+from bench.training.config import DATASET_DEFAULTS, RunConfig
 
 
 def _invoke(args, **env):

@@ -169,7 +169,7 @@ def runs_page(c, exp) -> tuple[str, str | None]:
         try:
             c.set_experiment_tag(exp.experiment_id, VIEW_TAG, saved_view())
             query["viewStateShareKey"] = VIEW_KEY
-        except Exception as err:  # a read-only store or server: the page opens without the saved columns
+        except Exception as err:  # noqa: BLE001 - a read-only store or server: the page opens without the saved columns
             note = (f"note: could not save the runs view on experiment {exp.name!r} ({first_line(err)}); "
                     "pick the bpd, fid and variant columns under Columns")
     else:
@@ -357,7 +357,7 @@ def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
         if study_name is not None and {"studies", "trials", "version_info"} <= tables:
             with engine.connect() as conn:
                 studies = dict(conn.execute(sqlalchemy.text("SELECT study_name, study_id FROM studies")).all())
-    except Exception as err:  # a bad URL, a missing driver, a server that does not answer, a file that is no database
+    except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer, a file that is no database
         raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
     finally:
         if engine is not None:

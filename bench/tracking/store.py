@@ -378,7 +378,7 @@ def every(seconds: float, action, name: str):
         while not stop.wait(seconds):
             try:
                 action()
-            except Exception:  # noqa: S110 - see the docstring
+            except Exception:  # noqa: BLE001, S110 - see the docstring
                 pass
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
@@ -450,7 +450,7 @@ class RunLogger:
         inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
         try:
             self.client.log_inputs(self.run_id, datasets=inputs)
-        except Exception:  # two runs registering the same dataset at once: the second finds it on a retry
+        except Exception:  # noqa: BLE001 - two runs registering the same dataset at once: the second finds it on a retry
             time.sleep(0.5)
             self.client.log_inputs(self.run_id, datasets=inputs)
 
