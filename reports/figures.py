@@ -280,7 +280,7 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
         for (_, r), group in zip(done.iterrows(), groups):
             try:
                 path = client.download_artifacts(r.run_id, "per_t_bound.json", tmp)
-            except Exception:  # a run without the artifact (an estimate-only final evaluation)
+            except Exception:  # noqa: BLE001 - a run without the artifact (an estimate-only final evaluation)
                 continue
             values = np.asarray(json.loads(Path(path).read_text())["L_t_bits_per_dim"], dtype=float)
             label = group + (f" · {r['bpd convention']}" if mixed_conventions else "")
@@ -401,7 +401,7 @@ def _latest_samples(client, run_id: str, tmp: str):
     """(step, image) of the run's last logged sample grid, or None."""
     try:
         files = [f.path for f in client.list_artifacts(run_id, "images")]
-    except Exception:
+    except Exception:  # noqa: BLE001 - a run without sample images: no figure
         return None
     pngs = [p for p in files if p.endswith(".png") and Path(p).name.startswith("samples+step+")]
     if not pngs:

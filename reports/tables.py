@@ -83,7 +83,7 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
             token = page.token
             if not token:
                 break
-    except Exception as err:  # MLflow raises MlflowException for a malformed filter
+    except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException for a malformed filter
         raise BenchError(f"MLflow could not search runs with filter {filter_string!r}: {first_line(err)}") from None
     rows = []
     for r in runs:

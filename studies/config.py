@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, check_choice
 from bench.runtime.urls import masked
 from bench.tracking import store as tracking
-from bench.training.config import RunConfig, make_config
+from bench.training.config import RunConfig, assemble_config
 
 OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
@@ -41,10 +41,8 @@ class StudyConfig:
     run_overrides: dict = field(default_factory=dict)  # other RunConfig fields for every trial
 
     def validate(self) -> StudyConfig:
-        if self.objective not in OBJECTIVES:
-            raise BenchError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.sampler not in SAMPLERS:
-            raise BenchError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        check_choice("objective", self.objective, tuple(OBJECTIVES), field=True)
+        check_choice("sampler", self.sampler, SAMPLERS, field=True)
         for name in ("trials", "steps", "workers", "heartbeat"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BenchError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -62,13 +60,14 @@ class StudyConfig:
         return self
 
     def base_config(self, variant: str) -> RunConfig:
+        """A trial's config before its search space's values: the study's own defaults below ``run_overrides``
+        (a --config file's values and the `bench run` options given), the study's settings above them."""
         uses_fid = "fid" in OBJECTIVES[self.objective]
-        return make_config(**{
-            "dataset": self.dataset, "variant": variant, "steps": self.steps, "seed": self.seed,
-            "final_eval": "estimate", "final_eval_images": 0, "fid_samples": self.fid_samples if uses_fid else 0,
-            "eval_every": max(1, self.steps // 4), "checkpoint_every": self.steps, "experiment": self.experiment,
-            "tracking_uri": self.tracking_uri, **self.run_overrides,
-        })
+        own = {"final_eval": "estimate", "final_eval_images": 0, "eval_every": max(1, self.steps // 4),
+               "checkpoint_every": self.steps}
+        given = {"variant": variant, "steps": self.steps, "seed": self.seed, "fid_samples": self.fid_samples if uses_fid else 0,
+                 "experiment": self.experiment, "tracking_uri": self.tracking_uri, **self.run_overrides}
+        return assemble_config(given, own=lambda dataset: own, dataset=self.dataset)
 
     def storage_url(self) -> str:
         url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"

@@ -8,7 +8,7 @@ import warnings
 
 import optuna
 
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, first_line, reraised
 from bench.runtime.locks import sqlite_path, store_lock
 from bench.runtime.urls import masked, scrubbed
 from bench.tracking import store as tracking
@@ -46,19 +46,15 @@ def open_storage(sc: StudyConfig):
     path = sqlite_path(url)
     if path is not None:
         tracking.check_sqlite_store(path, "--storage")
-    try:
-        with warnings.catch_warnings(), store_lock(url):  # the tables of a new storage are created once
+    try:  # optuna/sqlalchemy raise many kinds for a bad URL; the tables of a new storage are created once
+        with reraised(lambda err: f"cannot open the Optuna storage {masked(url)!r}: {scrubbed(first_line(err), url)}",
+                      Exception), warnings.catch_warnings(), store_lock(url):
             if path is not None:
                 tracking.refuse_half_migrated(path, f"optuna storage upgrade --storage {url}")
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait out a busy writer
             return _Storage(url, engine_kwargs=engine, heartbeat_interval=sc.heartbeat, grace_period=2 * sc.heartbeat,
                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except BenchError:
-        raise
-    except Exception as err:  # optuna/sqlalchemy raise many kinds for a bad URL
-        raise BenchError(f"cannot open the Optuna storage {masked(url)!r}: "
-                         f"{scrubbed(first_line(err), url)}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -86,7 +82,7 @@ def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
         if study_name is not None and {"studies", "trials", "version_info"} <= tables:
             with engine.connect() as conn:
                 studies = dict(conn.execute(sqlalchemy.text("SELECT study_name, study_id FROM studies")).all())
-    except Exception as err:  # a bad URL, a missing driver, a server that does not answer, a file that is no database
+    except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer, a file that is no database
         raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
     finally:
         if engine is not None:

@@ -282,7 +282,7 @@ def _note_error(trial, err: BaseException) -> None:
     why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {first_line(err)}"
     try:
         trial.set_user_attr("error", why[:500])
-    except Exception:  # noqa: BLE001 - the storage itself may be what failed; the error is raised anyway
+    except Exception:  # noqa: BLE001, S110 - the storage itself may be what failed; the error is raised anyway
         pass
 
 

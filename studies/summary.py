@@ -396,7 +396,7 @@ class Progress:
         while not self._stop.wait(self.POLL_SECONDS):
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - a busy storage skips one look; the trials go on regardless
+            except Exception:  # noqa: BLE001, S110 - a busy storage skips one look; the trials go on regardless
                 pass
 
     def poll(self, final: bool = False) -> None:

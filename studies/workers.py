@@ -30,7 +30,7 @@ def registered(study, every: int):
     finally:
         try:
             beat(alive=False)
-        except Exception:  # noqa: BLE001 - the storage may be what failed; its heartbeat then just ages out
+        except Exception:  # noqa: BLE001, S110 - the storage may be what failed; its heartbeat then just ages out
             pass
 
 

@@ -12,10 +12,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from bench import cli as cli_mod
-from bench.cli.main import RUN_OPTIONS, STUDY_OWNS, STUDY_RUN_OPTIONS, _param_name, cli
-from bench.training.config import DATASET_DEFAULTS, RunConfig
+import bench.cli.study
+from bench.cli.main import cli
+from bench.cli.options import RUN_OPTIONS, param_name
+from bench.cli.study import STUDY_OWNS, STUDY_RUN_OPTIONS
 from bench.data.datasets import DATASETS
+from bench.training.config import DATASET_DEFAULTS, RunConfig
 
 
 def _invoke(args, **env):
@@ -23,7 +25,7 @@ def _invoke(args, **env):
 
 
 def test_every_config_field_is_a_run_option():
-    options = {_param_name(o) for o in RUN_OPTIONS}
+    options = {param_name(o) for o in RUN_OPTIONS}
     missing = [f.name for f in fields(RunConfig) if f.name not in options]
     assert missing == []
 
@@ -71,7 +73,6 @@ def test_mlflow_experiment_name_is_honoured_below_the_option(tmp_path):
 def captured_study(monkeypatch):
     """`bench study` up to the StudyConfig it would run (run_study replaced by a recorder)."""
     seen = []
-    import studies.study
 
     def recorder(sc, notice=None):  # says the notice as run_study does once the study is open
         if notice:
@@ -79,7 +80,7 @@ def captured_study(monkeypatch):
         seen.append(sc)
         return []
 
-    monkeypatch.setattr(studies.study, "run_study", recorder)
+    monkeypatch.setattr(bench.cli.study, "run_study", recorder)
     return seen
 
 
@@ -109,10 +110,10 @@ def test_study_refuses_options_its_space_tunes(captured_study, tmp_path):
 
 
 def test_study_run_options_leave_out_what_the_study_sets():
-    names = {_param_name(o) for o in STUDY_RUN_OPTIONS}
+    names = {param_name(o) for o in STUDY_RUN_OPTIONS}
     assert not names & set(STUDY_OWNS)
     assert {"lr", "batch_size", "network", "eval_calls", "hflip", "device", "system_metrics"} <= names
-    assert cli_mod.cli.commands["study"].params  # the options are on the command
+    assert cli.commands["study"].params  # the options are on the command
 
 
 # ----------------------------------------------------------------------------- a budget shorter than a warm-up
@@ -189,15 +190,13 @@ def _resolved(command: str, dataset: str, tmp_path) -> tuple[dict, int]:
     """(the config ``bench <command>`` resolves with its defaults for ``dataset``, the run steps it uses)."""
     if command == "study":  # no --dry-run: the trials' config, with run_study replaced by a recorder
         seen = []
-        import studies.study
-
-        real = studies.study.run_study
-        studies.study.run_study = lambda sc, notice=None: seen.append(sc) or []
+        real = bench.cli.study.run_study
+        bench.cli.study.run_study = lambda sc, notice=None: seen.append(sc) or []
         try:
             # --objective both: --fid-samples is the trials' own only where FID is an objective (its help says so)
             res = _invoke(["study", "--dataset", dataset, "--objective", "both"], BENCH_HOME=str(tmp_path))
         finally:
-            studies.study.run_study = real
+            bench.cli.study.run_study = real
         assert res.exit_code == 0, res.output
         return seen[0].base_config("simple").to_dict(), seen[0].steps
     extra = ["--variant", "simple", "--seeds", "1"] if command == "grid" else []

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from bench.cli.main import GRID_VARIANTS, TABLE2_VARIANTS, cli
+from bench.cli.grid import GRID_VARIANTS, TABLE2_VARIANTS
+from bench.cli.main import cli
 from bench.training.config import flatten, make_config
 
 TINY = ["--T", "40", "--steps", "3", "--batch-size", "16", "--log-every", "1", "--eval-every", "0",
@@ -149,7 +150,7 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     then skipped once that grid recorded its result, or trained if that grid died (its claim freed) without one."""
     import threading
 
-    import bench.training.run
+    import bench.cli.grid
     from bench.training.grid import claim
 
     for key, value in {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}.items():
@@ -157,7 +158,7 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     seed0 = make_config(variant="simple", seed=0, steps=3, T=40, batch_size=16, log_every=1, eval_every=0,
                         eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10, log_model=False,
                         experiment="g")  # the grid's first pair
-    train, trained, held, grid_waits = bench.training.run.train, [], threading.Event(), threading.Event()
+    train, trained, held, grid_waits = bench.cli.grid.train, [], threading.Event(), threading.Event()
 
     def the_other_grid():
         with claim(seed0):
@@ -174,7 +175,7 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
             grid_waits.set()  # the grid has trained its own pair; next it waits for the deferred one
         return result
 
-    monkeypatch.setattr(bench.training.run, "train", grid_trains)
+    monkeypatch.setattr(bench.cli.grid, "train", grid_trains)
     other = threading.Thread(target=the_other_grid)
     other.start()
     try:

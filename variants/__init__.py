@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from bench.errors import BenchError
+from bench.errors import check_choice
 from bench.diffusion.variant import Variant
 
 
@@ -31,8 +31,7 @@ VARIANTS: dict[str, type[Variant]] = _discover()
 def get_variant(name: str, variance: str | None = None) -> Variant:
     """A fresh instance of the variant ``name``; ``variance`` ('small' = β̃, 'large' = β) only for
     fixed-variance variants (default β̃)."""
-    if name not in VARIANTS:
-        raise BenchError(f"unknown variant {name!r}; choose one of: {', '.join(sorted(VARIANTS))}")
+    check_choice("variant", name, sorted(VARIANTS))
     return VARIANTS[name](variance=variance)
 
 

@@ -37,7 +37,7 @@ try:  # numpy >= 2 (numpy.core is a deprecated alias there)
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
-from bench.errors import BenchError
+from bench.errors import BenchError, check_choice
 
 __all__ = [
     "CIFAR10_FOLDER",
@@ -246,11 +246,9 @@ def load_dataset(
     Raises:
         BenchError: unknown name or split, missing or malformed files, or a failed download.
     """
-    info = DATASETS.get(name)
-    if info is None:
-        raise BenchError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
-    if split not in SPLITS:
-        raise BenchError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_choice("dataset", name, sorted(DATASETS))
+    check_choice("split", split, SPLITS)
+    info = DATASETS[name]
     x = info.loader(split, data_dir, download)
     expected = (info.channels, info.image_size, info.image_size)
     if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != expected:

@@ -33,7 +33,7 @@ from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.streams import Stream
 from bench.diffusion.variant import Variant
-from bench.errors import BenchError
+from bench.errors import BenchError, check_choice
 from bench.runtime.context import LOCAL, Runtime, evaluating
 from bench.runtime.progress import progress_of
 
@@ -74,10 +74,8 @@ class OdeOptions:
                 raise BenchError(f"the ODE solver's {name} must be a number > 0, got {value!r}")
         if not _is_number(self.eps) or not 0 < self.eps < 1:
             raise BenchError(f"the ODE start time eps must lie in (0, 1) (score_sde uses 1e-5), got {self.eps!r}")
-        if self.method not in SOLVERS:
-            raise BenchError(f"unknown ODE solver {self.method!r}; choose one of: {', '.join(SOLVERS)}")
-        if self.probe_type not in PROBE_TYPES:
-            raise BenchError(f"unknown probe type {self.probe_type!r}; choose one of: {', '.join(PROBE_TYPES)}")
+        check_choice("ODE solver", self.method, SOLVERS)
+        check_choice("probe type", self.probe_type, PROBE_TYPES)
         if not isinstance(self.probes, int) or isinstance(self.probes, bool) or self.probes < 1:
             raise BenchError(f"probes (draws per image) must be an integer >= 1, got {self.probes!r}")
 

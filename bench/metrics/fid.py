@@ -51,7 +51,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from bench.data.datasets import DATASETS, load_dataset
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, first_line, reraised
 from bench.metrics.extractors import build_extractor, extractor_for
 from bench.metrics.samples import check_images, load_samples
 from bench.runtime.files import write_atomically
@@ -332,7 +332,8 @@ def compute_fid(
     # one BLAS thread on the CPU: numpy's pool would fight torch's OpenMP pool for the same cores
     context = torch.cuda.device(dev) if cuda else threadpool_limits(limits=1, user_api="blas")
     ref_tags: dict[str, str] = {}
-    try:
+    with reraised(lambda exc: f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}",
+                  RuntimeError, ValueError, OSError, EOFError, chain=True):  # e.g. a weights file of the wrong shape
         with context:
             net = build_extractor(ext, [layer, ext.logits] if isc else [layer], dev)
             ref = _reference_features(net, layer, reference, ref_cache, batch_size, cuda)
@@ -347,12 +348,6 @@ def compute_fid(
 
                 points, ref_tags = _reference_points(dataset, n1, test_images, ref_cache, score)
                 metrics.update(points)
-    except BenchError:
-        raise
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:  # e.g. a weights file of the wrong shape
-        raise BenchError(
-            f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
     tags = {
         "fid_extractor": ext.name,
         "fid_weights": ext.hash8,

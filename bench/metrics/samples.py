@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bench.data.datasets import DATASETS
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, check_choice, first_line, reraised
 from bench.runtime.files import write_atomically
 
 SAMPLES_KEY = "samples"  # the array's name in a saved-samples .npz
@@ -90,7 +90,9 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
     if not path.is_file():
         raise BenchError(f"{what}: no such file")
     expected = f"{what}: expected an .npz holding a uint8 array {SAMPLES_KEY!r} (as save_samples writes)"
-    try:
+    with reraised(lambda exc: f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
+                              "refusing it (pickled objects could run code)", OSError, ValueError, KeyError, EOFError,
+                  zipfile.BadZipFile):
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy
             raise BenchError(expected)
@@ -98,19 +100,13 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
             if SAMPLES_KEY not in z.files:
                 raise BenchError(expected)
             arr = z[SAMPLES_KEY]
-    except BenchError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BenchError(f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
-                         "refusing it (pickled objects could run code)") from None
     if not isinstance(arr, np.ndarray):  # a member that is no .npy (a raw pickle, say) is handed back as bytes
         raise BenchError(f"{what}: {SAMPLES_KEY!r} is not a numpy array (raw bytes: a pickle, say); refusing it")
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise BenchError(f"{what}: {SAMPLES_KEY!r} must be uint8 [N, C, H, W], got {arr.dtype} {arr.shape}")
     images = torch.from_numpy(np.ascontiguousarray(arr))
     if dataset is not None:
-        info = DATASETS.get(dataset)
-        if info is None:
-            raise BenchError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        check_choice("dataset", dataset, sorted(DATASETS))
+        info = DATASETS[dataset]
         check_images(images, f"samples in {path}", dataset, (info.channels, info.image_size, info.image_size))
     return images

@@ -169,7 +169,7 @@ def runs_page(c, exp) -> tuple[str, str | None]:
         try:
             c.set_experiment_tag(exp.experiment_id, VIEW_TAG, saved_view())
             query["viewStateShareKey"] = VIEW_KEY
-        except Exception as err:  # a read-only store or server: the page opens without the saved columns
+        except Exception as err:  # noqa: BLE001 - a read-only store or server: the page opens without the saved columns
             note = (f"note: could not save the runs view on experiment {exp.name!r} ({first_line(err)}); "
                     "pick the bpd, fid and variant columns under Columns")
     else:

@@ -114,7 +114,7 @@ def every(seconds: float, action, name: str):
         while not stop.wait(seconds):
             try:
                 action()
-            except Exception:  # noqa: S110 - see the docstring
+            except Exception:  # noqa: BLE001, S110 - see the docstring
                 pass
 
     thread = threading.Thread(target=loop, name=name, daemon=True)

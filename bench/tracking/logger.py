@@ -67,7 +67,7 @@ class RunLogger:
         inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
         try:
             self.client.log_inputs(self.run_id, datasets=inputs)
-        except Exception:  # two runs registering the same dataset at once: the second finds it on a retry
+        except Exception:  # noqa: BLE001 - two runs registering the same dataset at once: the second finds it on a retry
             time.sleep(0.5)
             self.client.log_inputs(self.run_id, datasets=inputs)
 

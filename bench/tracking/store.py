@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.errors import BenchError, first_line
+from bench.errors import BenchError, first_line, reraised
 from bench.runtime.locks import sqlite_path, store_lock
 from bench.runtime.urls import hides_secret, masked, scrubbed
 
@@ -96,7 +96,8 @@ def check_sqlite_store(path: Path, flag: str) -> None:
     or write: a parent that is a file, a folder we may not write, a database file we may not open.
     """
     parent = path.parent
-    try:
+    with reraised(lambda err: f"cannot write the SQLite store {path} ({err.strerror or err}); "
+                              f"give {flag} a path in a writable folder", OSError):
         parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             if not path.is_file():
@@ -107,11 +108,6 @@ def check_sqlite_store(path: Path, flag: str) -> None:
             fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
             os.close(fd)
             os.unlink(probe)
-    except BenchError:
-        raise
-    except OSError as err:
-        raise BenchError(f"cannot write the SQLite store {path} ({err.strerror or err}); "
-                         f"give {flag} a path in a writable folder") from None
 
 
 def refuse_half_migrated(path: Path, upgrade: str | None = None) -> None:
@@ -153,17 +149,14 @@ def client(uri: str | None = None, must_exist: bool = False):
         raise BenchError(f"the MLflow store {path} no longer exists; restore it, or run without it")
     if path is not None:
         check_sqlite_store(path, "--tracking-uri")
-    try:
+    # MLflow raises many types for a store it cannot reach
+    with reraised(lambda err: f"cannot reach the MLflow tracking store {masked(uri)!r} ({scrubbed(first_line(err), uri)}); "
+                              "check --tracking-uri", Exception):
         with _quick_http(uri), store_lock(uri):
             if path is not None:
                 refuse_half_migrated(path)
             c = MlflowClient(tracking_uri=uri)
             c.search_experiments(max_results=1)
-    except BenchError:
-        raise
-    except Exception as err:  # MLflow raises many types for a store it cannot reach
-        first = first_line(err)
-        raise BenchError(f"cannot reach the MLflow tracking store {masked(uri)!r} ({scrubbed(first, uri)}); check --tracking-uri") from None
     return c
 
 

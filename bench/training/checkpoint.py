@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise BenchError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
         reason = first_line(err)[:200]
         raise BenchError(f"checkpoint {path} is damaged or not an elbo-bench checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from bench.errors import BenchError
+from bench.data.datasets import DATASETS
+from bench.diffusion.ode import PROBE_TYPES, SOLVERS, OdeOptions
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.variant import FIXED_VARIANCES
+from bench.errors import BenchError, check_choice
+from bench.nets.unet import NETWORK_PRESETS
 from bench.runtime.urls import masked
+from variants import VARIANTS, get_variant
 
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -27,64 +35,82 @@ MAX_BATCH = 65_536  # images or (image, t) pairs in one network call
 MAX_SAMPLES = 1_000_000  # images generated for FID or a grid
 
 
+def _field(default, help: str, **cli) -> Any:
+    """A RunConfig field: its default, and what ``bench run --FIELD`` says of it (``help``; the default is added
+    to it by the CLI, per dataset where DATASET_DEFAULTS differ). ``cli`` holds what else the option needs:
+    ``choices`` (a tuple, in the order the help lists them) and ``path`` ('file' or 'dir'); a bool field is a
+    ``--FIELD/--no-FIELD`` switch. The CLI's options are made from these alone (bench.cli.options)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # what is trained
-    variant: str = "simple"  # a name from variants.VARIANTS
-    variance: str | None = None  # 'small' (β̃) or 'large' (β) for fixed-variance variants; None = β̃
-    dataset: str = "digits"  # a name from bench.data.datasets.DATASETS
-    data_dir: str | None = None  # data root for file-backed datasets (else $BENCH_DATA_DIR)
-    download: bool = False  # allow downloading a dataset that is missing
-    network: str = "tiny"  # a preset from bench.nets.unet.NETWORK_PRESETS
+    variant: str = _field("simple", "Objective variant (see `bench variants`).", choices=tuple(sorted(VARIANTS)))
+    variance: str | None = _field(
+        None, "Fixed reverse variance of fixed-Σ variants: β̃_t (small) or β_t (large); unset means small.",
+        choices=tuple(FIXED_VARIANCES))
+    dataset: str = _field("digits", "Dataset: digits (embedded) or cifar10 (download or --data-dir).",
+                          choices=tuple(sorted(DATASETS)))
+    data_dir: str | None = _field(None, "Data root for file-backed datasets (unset: $BENCH_DATA_DIR).", path="dir")
+    download: bool = _field(False, "Download a missing dataset (needs internet).")
+    network: str = _field("tiny", "U-Net preset (ddpm-cifar10: DDPM's 35.7M network).", choices=tuple(sorted(NETWORK_PRESETS)))
     # noise schedule
-    schedule: str = "linear"  # 'linear' or 'cosine'
-    T: int = 1000  # diffusion steps
-    beta_start: float = 1e-4  # linear β_1
-    beta_end: float = 0.02  # linear β_T
-    cosine_s: float = 0.008  # cosine offset s
+    schedule: str = _field("linear", "Noise schedule.", choices=SCHEDULES)
+    T: int = _field(1000, "Diffusion steps T.")
+    beta_start: float = _field(1e-4, "Linear schedule: β_1.")
+    beta_end: float = _field(0.02, "Linear schedule: β_T.")
+    cosine_s: float = _field(0.008, "Cosine schedule: offset s.")
     # optimisation
-    steps: int = 3000  # optimiser steps
-    batch_size: int = 128  # images per step
-    lr: float = 1e-3  # AdamW peak learning rate
-    warmup_steps: int = 100  # linear learning-rate warmup, steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    ema_decay: float = 0.995  # EMA of the weights, per step; evaluation and sampling use the EMA
-    ema_warmup: bool = True  # the EMA's decay at update n is min(ema_decay, (1+n)/(10+n)) (bench.nets.ema.warmup_decay)
-    hflip: bool = False  # random horizontal flips of training images
-    seed: int = 0  # seeds weights, batches, noise, evaluation and sampling
+    steps: int = _field(3000, "Optimiser steps.")
+    batch_size: int = _field(128, "Images per optimiser step (the global batch, whatever the number of processes).")
+    lr: float = _field(1e-3, "AdamW peak learning rate.")
+    warmup_steps: int = _field(100, "Steps of linear learning-rate warmup to the peak (0: none).")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    grad_clip: float = _field(1.0, "Largest global gradient norm (0: no clipping).")
+    ema_decay: float = _field(0.995, "Per-step decay of the weights' EMA, which evaluation and sampling use.")
+    ema_warmup: bool = _field(  # bench.nets.ema.warmup_decay
+        True, "Warm the EMA's decay up: update n uses min(--ema-decay, (1+n)/(10+n)), so a short run's EMA is not its "
+              "initial network (0.995 is reached after 1,790 updates).")
+    hflip: bool = _field(False, "Random horizontal flips of training images.")
+    seed: int = _field(0, "Seed of weights, batches, noise, evaluation and sampling.")
     # evaluation and samples
-    log_every: int = 50  # steps between logged loss means
-    eval_every: int = 1000  # steps between estimated-bpd evaluations (0 = only at the end)
-    eval_images: int = 128  # test images for the training-time estimate
-    eval_calls: int = 33  # network calls per image for the estimate
-    final_eval: str = "exact"  # bound on the whole test split at the end: 'exact' or 'estimate'
-    final_eval_images: int = 0  # test images for the final bound (0 = the whole split)
-    eval_batch_size: int = 1024  # (image, t) pairs per network call in evaluation
-    final_eval_ode: bool = False  # also the NLL under the probability-flow ODE (nll_ode, not a bound) at the end
-    ode_images: int = 0  # test images for nll_ode (0 = the final bound's)
-    ode_method: str = "RK45"  # the ODE solver: a scipy solve_ivp method (bench.diffusion.ode.SOLVERS)
-    ode_rtol: float = 1e-5  # the ODE solver's relative tolerance
-    ode_atol: float = 1e-5  # the ODE solver's absolute tolerance
-    ode_probes: int = 1  # Hutchinson probes (each with its own dequantisation draw) per image
-    ode_probe_type: str = "rademacher"  # 'rademacher' or 'gaussian' probes
-    ode_batch_size: int = 64  # images solved together as one ODE (they share its adaptive steps)
-    fid_samples: int = 1000  # samples for FID at the end (0 = no FID)
-    sample_steps: int = 250  # sampler steps (< T = strided, iDDPM respacing; 0 = all T)
-    sample_grid: int = 64  # images in each logged sample grid
-    fid_weights: str | None = None  # Inception weights file for RGB FID (else torch hub cache / download)
-    log_model: bool = True  # log the EMA network as an MLflow LoggedModel at the end (its torch.export: 5-15 s on a CPU core)
+    log_every: int = _field(50, "Steps between logged training-loss means.")
+    eval_every: int = _field(1000, "Steps between training-time bpd estimates and sample grids (0: only at the end).")
+    eval_images: int = _field(128, "Test images in the training-time bpd estimate.")
+    eval_calls: int = _field(33, "Network calls per image in a bpd estimate (>= 3).")
+    final_eval: str = _field("exact", "Final bound on the test split: exact (all T terms) or the unbiased estimate.",
+                             choices=FINAL_EVALS)
+    final_eval_images: int = _field(0, "Test images in the final bound (0: the whole split).")
+    eval_batch_size: int = _field(1024, "(image, t) pairs per network call in evaluation.")
+    final_eval_ode: bool = _field(False, "Also the NLL under the probability-flow ODE at the end (nll_ode: a likelihood "
+                                         "estimate, not a bound; slow: hundreds of network calls per image).")
+    ode_images: int = _field(0, "Test images for nll_ode (0: the final bound's).")
+    ode_method: str = _field("RK45", "The ODE solver (scipy solve_ivp).", choices=SOLVERS)
+    ode_rtol: float = _field(1e-5, "The ODE solver's relative tolerance.")
+    ode_atol: float = _field(1e-5, "The ODE solver's absolute tolerance.")
+    ode_probes: int = _field(1, "Hutchinson probes per image, each with its own dequantisation draw.")
+    ode_probe_type: str = _field("rademacher", "Law of the Hutchinson probes.", choices=PROBE_TYPES)
+    ode_batch_size: int = _field(64, "Images solved together as one ODE (they share its adaptive steps).")
+    fid_samples: int = _field(1000, "Samples scored by FID against the train split (0: no FID).")
+    sample_steps: int = _field(250, "Ancestral sampler steps (fewer than T: strided; 0: all T).")  # iDDPM respacing
+    sample_grid: int = _field(64, "Images in each logged sample grid.")
+    fid_weights: str | None = _field(
+        None, "Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing).", path="file")
+    log_model: bool = _field(True, "Log the EMA network as an MLflow model at the end (a LoggedModel; its torch.export "
+                                   "takes 5-15 s on a CPU core); the checkpoint holds the weights either way.")
     # system
-    device: str = "auto"  # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
-    precision: str = "auto"  # 'auto' (bf16 autocast on cuda, fp32 elsewhere), 'fp32' or 'bf16'
-    compile: bool = False  # torch.compile the network
-    channels_last: bool | None = None  # NHWC memory layout for the network and its inputs (None = on cuda)
-    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    system_metrics: bool = True  # CPU/GPU utilisation and memory, logged through MLflow's system metrics
+    device: str = _field("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
+    precision: str = _field("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+    compile: bool = _field(False, "torch.compile the network.")
+    channels_last: bool | None = _field(None, "NHWC memory layout for the network (unset: on CUDA only).")
+    checkpoint_every: int = _field(1000, "Steps between checkpoints (one is always written at the end).")
+    system_metrics: bool = _field(True, "Log CPU/GPU utilisation and memory through MLflow's system metrics.")
     # tracking
-    experiment: str = "elbo-bench"  # MLflow experiment
-    run_name: str | None = None  # MLflow run name (default: variant-dataset-seed)
-    tracking_uri: str | None = None  # MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite under BENCH_HOME)
+    experiment: str = _field("elbo-bench", "MLflow experiment (unset: $MLFLOW_EXPERIMENT_NAME, else the default).")
+    run_name: str | None = _field(None, "MLflow run name (unset: VARIANT-DATASET-seedN).")
+    tracking_uri: str | None = _field(
+        None, "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME).")
 
     # ----------------------------------------------------------------- derived
     def build_schedule(self) -> Schedule:
@@ -97,10 +123,8 @@ class RunConfig:
         var = f"[{self.variance}]" if self.variance else ""
         return self.run_name or f"{self.variant}{var}-{self.dataset}-seed{self.seed}"
 
-    def ode_options(self):
-        """The probability-flow NLL's solver and estimator options (bench.diffusion.ode.OdeOptions)."""
-        from bench.diffusion.ode import OdeOptions
-
+    def ode_options(self) -> OdeOptions:
+        """The probability-flow NLL's solver and estimator options."""
         return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, method=self.ode_method, probe_type=self.ode_probe_type,
                           probes=self.ode_probes)
 
@@ -115,19 +139,13 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
-        from bench.data.datasets import DATASETS
-        from bench.nets.unet import NETWORK_PRESETS
-        from variants import get_variant
-
         _check_types(self)
         get_variant(self.variant, self.variance)
-        if self.dataset not in DATASETS:
-            raise BenchError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
-        if self.network not in NETWORK_PRESETS:
-            raise BenchError(f"unknown network {self.network!r}; choose one of: {', '.join(sorted(NETWORK_PRESETS))}")
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("final_eval", self.final_eval, FINAL_EVALS)
+        check_choice("dataset", self.dataset, sorted(DATASETS))
+        check_choice("network", self.network, sorted(NETWORK_PRESETS))
+        check_choice("schedule", self.schedule, SCHEDULES, field=True)
+        check_choice("precision", self.precision, PRECISIONS, field=True)
+        check_choice("final_eval", self.final_eval, FINAL_EVALS, field=True)
         for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "final_eval_images", "ode_images", "fid_samples", "sample_steps", "seed"):
@@ -172,11 +190,6 @@ def _check_types(config: RunConfig) -> None:
             raise BenchError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__})")
 
 
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise BenchError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
 def _at_most(name: str, value, most: int) -> None:
     if isinstance(value, int) and value > most:
         raise BenchError(f"{name} must be at most {most:,}, got {value:,}")
@@ -214,8 +227,10 @@ DATASET_DEFAULTS: dict[str, dict] = {
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 
 
-def read_toml(path: str | Path) -> dict:
-    """Config values from a TOML file (top-level keys are RunConfig field names)."""
+def read_toml(path: str | Path | None) -> dict:
+    """Config values from a TOML file (top-level keys are RunConfig field names); none without a file."""
+    if path is None:
+        return {}
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text())
@@ -237,6 +252,19 @@ def make_config(dataset: str = "digits", **overrides) -> RunConfig:
     if unknown:
         raise BenchError(f"unknown config key(s): {', '.join(unknown)}")
     return dataclasses.replace(RunConfig(dataset=dataset), **values).validate()
+
+
+def assemble_config(given: dict, file_values: dict | None = None, own: Callable[[str], dict] | None = None,
+                    dataset: str = "digits") -> RunConfig:
+    """The RunConfig a command resolves (`bench run`, each run of `bench grid`, each trial of `bench study`), each
+    source above the one before: RunConfig's defaults, the dataset's (DATASET_DEFAULTS), the command's own
+    (``own(dataset)``), $MLFLOW_EXPERIMENT_NAME (the experiment), a TOML file's values (read_toml), then ``given``
+    (the command's options; None is not given). The dataset is the given one, else the file's, else ``dataset``."""
+    file_values = file_values or {}
+    given = {k: v for k, v in given.items() if v is not None}
+    dataset = given.get("dataset") or file_values.get("dataset") or dataset
+    env = {"experiment": os.environ["MLFLOW_EXPERIMENT_NAME"]} if os.environ.get("MLFLOW_EXPERIMENT_NAME") else {}
+    return make_config(**{**(own(dataset) if own else {}), **env, **file_values, **given, "dataset": dataset})
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
