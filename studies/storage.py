@@ -7,6 +7,7 @@ import sqlite3
 import warnings
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from bench.errors import BenchError, first_line, reraised
 from bench.runtime.locks import sqlite_path, store_lock
@@ -27,7 +28,7 @@ class _Storage(optuna.storages.RDBStorage):
     unless its worker beats it is stale a grace period later, failed and retried like any other."""
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        from sqlalchemy import text
+        from sqlalchemy import text  # heavy: SQLAlchemy, as optuna loads it
 
         never = text("SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
                      "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL")
@@ -40,7 +41,6 @@ class _Storage(optuna.storages.RDBStorage):
 
 def open_storage(sc: StudyConfig):
     """The study's Optuna storage, its tables created under a lock the first time."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     url = sc.storage_url()
     path = sqlite_path(url)
@@ -68,7 +68,7 @@ def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         raise BenchError(f"no Optuna storage at {path} (no such file); run `bench study` first, or give --storage URL")
-    import sqlalchemy
+    import sqlalchemy  # heavy: SQLAlchemy
 
     engine = None
     try:

@@ -156,3 +156,26 @@ def test_the_checker_sees_what_it_must_refuse(tmp_path):
     assert ("bench.runtime.dist", 2, False) in edges
     assert ("bench.errors", 1, False) in edges and ("bench.training.run", 6, True) in edges
     assert layer_of("bench.training.run") > layer_of("bench.runtime._layers_probe")
+
+
+def test_a_lazy_third_party_import_says_why():
+    """An import inside a function is kept for a heavy third-party library only, and it says why (a comment),
+    so that a reader sees it is deliberate; everything else is imported at the top of its module."""
+    unexplained = []
+    for m, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines), str(path))
+        for f in ast.walk(tree):
+            if not isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(f):
+                if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0):
+                    name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    first = node.lineno  # a group of lazy imports may say why once, on any of its lines
+                    while first > 1 and lines[first - 2].strip().startswith(("import ", "from ")):
+                        first -= 1
+                    said = "#" in "".join(lines[first - 1: node.end_lineno])
+                    if name.split(".")[0] not in PACKAGES and not said:
+                        unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    assert not unexplained, "say why each is lazy (e.g. `# heavy: …`) or import it at the top:\n" + "\n".join(
+        sorted(set(unexplained)))

@@ -88,7 +88,7 @@ def _digits_uint8(values: np.ndarray) -> np.ndarray:
 def _load_digits(split: str, data_dir: str | os.PathLike[str] | None, download: bool) -> torch.Tensor:
     """Load the fixed ``split`` of scikit-learn's digits as uint8 ``[N, 1, 8, 8]``."""
     del data_dir, download  # bundled with scikit-learn: no folder, no download
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: scikit-learn, for digits only
 
     images = np.asarray(load_digits().images)  # float64 [1797, 8, 8], integer values 0..16
     n = images.shape[0]
@@ -179,7 +179,7 @@ def _read_cifar10_batch(path: Path) -> np.ndarray:
 def _download_cifar10(root: Path) -> None:
     """Fetch CIFAR-10 into ``root`` with torchvision (which verifies checksums); BenchError if that fails."""
     try:
-        import torchvision.datasets
+        import torchvision.datasets  # heavy: only to download CIFAR-10
 
         root.mkdir(parents=True, exist_ok=True)
         torchvision.datasets.CIFAR10(str(root), train=True, download=True)

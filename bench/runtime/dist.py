@@ -29,8 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from bench.runtime.cores import cpu_count
 from bench.errors import BenchError
+from bench.runtime.cores import cpu_count
 
 TIMEOUT_ENV = "BENCH_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800
@@ -174,7 +174,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m bench ARGV`` as ``nproc`` ranks on this machine through torch's elastic launcher
     (what ``torchrun --standalone --nproc_per_node N`` does), each with its share of the cores. Returns
     rank 0's exit status (that of the first failed rank when rank 0 succeeded)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # heavy: the --nproc launcher only
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),

@@ -72,7 +72,7 @@ _ADVISORY = {  # dialect → (take, try to take, release): session-level locks t
 def _server_lock(url: str, name: str, blocking: bool = True) -> Iterator[None]:
     """An advisory lock named ``name`` in a PostgreSQL or MySQL/MariaDB database (:class:`LockBusy` when held
     elsewhere and not ``blocking``)."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, text  # heavy: database stores only
     from sqlalchemy.pool import NullPool
 
     engine = create_engine(url, poolclass=NullPool)
