@@ -79,6 +79,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 from bench.training.checkpoint import write_atomically
 from bench.data.datasets import DATASETS, DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError, first_line
+from bench.runtime.devices import resolve_device
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
@@ -794,12 +795,7 @@ def score_samples(
     ``device="auto"`` is CUDA when present.  Adds tag ``fid_samples_file``.
     """
     samples = load_samples(path, dataset)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    dev = resolve_device(device)
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)
     res = compute_fid(samples, dataset, train, cache_dir=cache_dir, device=dev, fid_weights=fid_weights,
