@@ -50,7 +50,7 @@ from bench.diffusion.sample import describe_sampler, sample
 from bench.diffusion.schedule import Schedule
 from bench.nets.unet import build_network, count_parameters
 from bench.runtime.urls import masked
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 from variants import get_variant
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
@@ -580,11 +580,11 @@ class _Window:
         self.quarters = _Quarters(T, self.dtype, device)
         self.steps = 0
 
-    def add(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> None:
-        """One step's per-example terms [B] (this rank's share) and timesteps t [B]."""
-        for k, v in terms.items():
+    def add(self, result: Loss) -> None:
+        """One step's loss: its per-example loss and terms [B] (this rank's share) and timesteps t [B]."""
+        for k, v in {"loss": result.loss, **result.terms}.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().to(self.dtype).mean()
-        self.quarters.add(t, terms["loss"])
+        self.quarters.add(result.t, result.loss)
         self.steps += 1
 
     def means(self, d: Dist) -> dict[str, float]:
@@ -689,8 +689,8 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         x0 = to_data_scale(batch)
         if channels_last(config, device):
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        terms = variant.loss(model, ctx.sched, x0)
-        loss = terms["loss"].mean()
+        result = variant.loss(model, ctx.sched, x0)
+        loss = result.loss.mean()
         health.flag(~torch.isfinite(loss), state.step, 0)
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -702,7 +702,7 @@ def _loop(state: _State, model, ema_model, ctx: _Ctx, interrupt: _Interrupt | No
         state.lr_schedule.step()
         state.ema.update_parameters(state.net, state.step)  # its decay warms up with the step
         state.step += 1
-        window.add(terms, variant.last_t)
+        window.add(result)
         state.images_seen += config.batch_size
         window_images += config.batch_size
         bar.update(1)
