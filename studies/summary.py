@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bench.runtime.progress import format_duration, on_terminal
+from bench.training.record import NoLog
 
 
 def _complete(study):
@@ -36,7 +37,7 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
     (logged into each trial's run; kept in the study's ``bpd_exact`` attribute, trial number → value,
     since Optuna freezes a finished trial's attributes). ``progress``: a line before and after each, the
     evaluation's bars between them on a terminal."""
-    from bench.training.run import evaluate_checkpoint, other_method_name
+    from bench.training.evaluation import evaluate_checkpoint, other_method_name
 
     complete = _complete(study)
     if len(study.directions) == 1:
@@ -82,16 +83,6 @@ def _row(t, exact: dict) -> dict:
             "bpd_exact": exact.get(str(t.number)),
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule")),
             "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
-
-
-class NoLog:
-    """Stands in for the parent run's logger where the study is already recorded (by another process)."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def log_study(study, sc, name: str, variant: str, log):

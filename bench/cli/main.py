@@ -287,7 +287,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     processes: --nproc N here, or `torchrun --nproc_per_node N -m bench run …` (multi-node: torchrun's
     --nnodes/--rdzv-* flags); the global batch stays --batch-size."""
     from bench.training.checkpoint import load_checkpoint
-    from bench.training.run import resume_config, summarize, train
+    from bench.training.record import summarize
+    from bench.training.run import resume_config, train
 
     if nproc and "WORLD_SIZE" in os.environ:
         raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
@@ -374,7 +375,8 @@ def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) 
 
     Unset options take the run's own config; the first lines say what will be computed, on how many images and by
     which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
-    from bench.training.run import HEADLINE, other_method_name, prepare_evaluation, run_evaluation, summarize
+    from bench.training.evaluation import HEADLINE, other_method_name, prepare_evaluation, run_evaluation
+    from bench.training.record import summarize
 
     if only and nll and (nll == "ode") != (only == "ode"):
         raise BenchError(f"--only {only} and --nll {nll} contradict each other; give one of them")
