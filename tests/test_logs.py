@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import progress as progress_mod
+from bench.runtime import progress as progress_mod
 from bench.runtime.progress import Progress, format_duration, progress_of
 from bench.training.record import summarize
 
