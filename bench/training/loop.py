@@ -117,12 +117,11 @@ def training_loop(state: TrainState, model, ema_model, ctx: RunContext, interrup
             if failure := health.check(d):
                 bar.close()
                 return failure
-        if evaluating:
-            with bar.paused(f"step {state.step}: evaluating ({evaluation_plan(config)})"):
-                evaluate_during_training(ema_model, ctx, state.step, bar)
-        if saving:
-            save(state, ctx)
-        if evaluating or saving:
+            if evaluating:
+                with bar.paused(f"step {state.step}: evaluating ({evaluation_plan(config)})"):
+                    evaluate_during_training(ema_model, ctx, state.step, bar)
+            if saving:
+                save(state, ctx)
             clock.resume()
     interrupt.deferring = False
     bar.close()
