@@ -45,10 +45,9 @@ def other_method_name(method: str) -> str:
     return f"{HEADLINE}_eval_{method}"
 
 
-
 def eval_subset(test: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` test images (all of them for 0)."""
     return test[: min(n, len(test))] if n else test
-
 
 
 def evaluation_plan(config: RunConfig) -> str:

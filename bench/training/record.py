@@ -38,6 +38,7 @@ class NoLog:
 
 
 def log_start(log, config, variant, sched, net, train_images, device, d: Dist, checkpoint: Path) -> None:
+    """A new run's params, tags, description, config file and training dataset."""
     log.params({
         **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
         **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),

@@ -59,7 +59,6 @@ class RunResult:
     rank: int = 0  # which rank returned it: only rank 0 reports
 
 
-
 def warmup_factor(warmup_steps: int, step: int) -> float:
     """The learning rate's factor at ``step`` (0-based): linear warmup over ``warmup_steps``, then 1."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -90,7 +89,6 @@ def short_budget(config: RunConfig, tuned=()) -> str | None:
         return None
     return (f"warning: --steps {steps} {' and '.join(problems)}; raise --steps to {enough} or more"
             + "".join(f", or {r}" for r in remedies))
-
 
 
 def resume_config(ckpt: dict, steps: int | None = None, device: str | None = None,
@@ -189,7 +187,6 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
     return run_id, client
 
 
-
 def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reopen: bool) -> None:
     """Refuse to resume a run that is gone from the store, FINISHED (unless reopened to train further),
     or RUNNING in a live process elsewhere."""
@@ -207,7 +204,6 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
                          "`bench eval CHECKPOINT --log-to-run`")
     if status == "FINISHED" and steps <= step:
         raise BenchError(f"run {run_id} is FINISHED at step {step}; --reopen needs --steps above {step}")
-
 
 
 def _run(state: TrainState, ctx: RunContext, fresh: bool) -> RunResult:
