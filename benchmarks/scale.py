@@ -43,6 +43,7 @@ from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.sample import sample
 from bench.runtime.context import Runtime
 from bench.nets.unet import NETWORK_PRESETS, build_network, count_parameters
+from bench.runtime.devices import resolve_device
 from variants import VARIANTS, get_variant
 
 CIFAR10_TEST_IMAGES = 10_000
@@ -177,7 +178,7 @@ def time_training(args, config, variant, sched, shape, device, channels_last, bf
 
     def steps(n: int) -> None:
         for _ in range(n):
-            loss = variant.loss(model, sched, x0)["loss"].mean()
+            loss = variant.loss(model, sched, x0).loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -245,7 +246,7 @@ def mfu(row: Row, peaks: dict[str, float] | None) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     job = make_config("cifar10")  # DDPM's job: steps, batch, T, the optimiser, FID samples

@@ -117,7 +117,7 @@ def _extractor_of_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _precision(params: dict) -> str:
-    """The precision a run computed in: ``precision=auto`` resolved as bench.training.run does (bf16 autocast on CUDA,
+    """The precision a run ran in: ``precision=auto`` resolved as bench.runtime.devices does (bf16 autocast on CUDA,
     fp32 elsewhere) from the device the run logged; 'auto' where that is not recorded."""
     asked = params.get("config.precision", "")
     if asked != "auto" or "device" not in params:

@@ -33,12 +33,13 @@ from bench.runtime.urls import masked
 from bench.tracking import liveness, provenance
 from bench.tracking import store as tracking
 from bench.tracking.logger import RunLogger
+from bench.training.record import NoLog
 from bench.training.config import RunConfig
 from bench.training.run import StopRun, train
 from studies.config import OBJECTIVES, SAMPLERS, StudyConfig, StudyResult, TrialDiverged
 from studies.space import Param, describe_space, load_space, suggest
 from studies.storage import check_optuna_storage, open_storage
-from studies.summary import NoLog, Progress, describe_start, describe_status, exact_reevaluation, log_study
+from studies.summary import Progress, describe_start, describe_status, exact_reevaluation, log_study
 from studies.workers import lost_worker, registered, workers_alive
 
 __all__ = ["OBJECTIVES", "SAMPLERS", "StudyConfig", "StudyResult", "TrialDiverged", "lost_worker", "run_study",

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from bench.runtime.progress import format_duration, on_terminal
 from bench.runtime.urls import masked
 from bench.tracking.plots import FIGURES
-from bench.training.run import evaluate_checkpoint, other_method_name
+from bench.training.evaluation import evaluate_checkpoint, other_method_name
+from bench.training.record import NoLog
 from studies.config import OBJECTIVES, StudyResult
 from studies.space import TUNABLE
 from studies.workers import lost_worker, workers_alive
@@ -88,16 +89,6 @@ def _row(t, exact: dict) -> dict:
             "bpd_exact": exact.get(str(t.number)),
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule")),
             "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
-
-
-class NoLog:
-    """Stands in for the parent run's logger where the study is already recorded (by another process)."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def log_study(study, sc, name: str, variant: str, log):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import shutil
 import traceback
-from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -24,7 +23,10 @@ from bench.training.config import make_config
 from bench.data.datasets import load_dataset
 from bench.diffusion.bound import _terms, estimate_bits_per_dim
 from bench.diffusion.schedule import Schedule
-from bench.training.run import EVAL_SEED, _Autocast, ema_weights, train
+from bench.nets.ema import ema_weights
+from bench.runtime.devices import Autocast
+from bench.training.evaluation import EVAL_SEED
+from bench.training.run import train
 from bench.nets.unet import UNet, build_network
 from bench.runtime.context import Runtime
 from variants import get_variant
@@ -139,7 +141,7 @@ def test_autocast_wrapper_returns_fp32_and_the_bound_is_formed_in_float64(home, 
             p.add_(torch.randn_like(p) * 0.05)
     raw: list[torch.dtype] = []
     net.register_forward_hook(lambda module, args, out: raw.append(out.dtype))
-    model = _Autocast(net, digits_config(home, precision="bf16"), CPU)
+    model = Autocast(net, "bf16", CPU)
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     t = torch.tensor([0, 1, 5, 10, 20, 39])
     out = model(x0, t)
@@ -173,7 +175,7 @@ def test_bf16_bound_of_a_trained_digits_model_is_within_a_hundredth_of_a_bit_of_
     net = build_network(config.network, 1, variant.out_channels(1), 8)
     net.load_state_dict(ema_weights(load_checkpoint(result.checkpoint)["ema"]))
     images = load_dataset("digits", "test")[:64]
-    bounds = {precision: estimate_bits_per_dim(_Autocast(net, replace(config, precision=precision), CPU), variant, sched,
+    bounds = {precision: estimate_bits_per_dim(Autocast(net, precision, CPU), variant, sched,
                                                images, calls_per_image=33, seed=EVAL_SEED, runtime=Runtime(CPU)).summary()
               for precision in ("fp32", "bf16")}
     fp32, bf16 = bounds["fp32"], bounds["bf16"]

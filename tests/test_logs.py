@@ -17,7 +17,7 @@ import pytest
 
 from bench.runtime import progress as progress_mod
 from bench.runtime.progress import Progress, format_duration, progress_of
-from bench.training.run import summarize
+from bench.training.record import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--T", "40", "--steps", "12", "--batch-size", "16", "--log-every", "2", "--eval-every", "4", "--eval-images", "8",

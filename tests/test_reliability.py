@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -171,8 +172,8 @@ def test_a_diverged_run_exits_3_and_grid_goes_on_and_counts_it(tmp_path, store_t
     elbo = type(get_variant("elbo"))
     real = elbo.loss
     def nan_loss(self, *a, **k):  # a loss that diverged: NaN, still part of the graph
-        terms = real(self, *a, **k)
-        return {**terms, "loss": terms["loss"] * torch.tensor(float("nan"))}
+        result = real(self, *a, **k)
+        return replace(result, loss=result.loss * torch.tensor(float("nan")))
 
     monkeypatch.setattr(elbo, "loss", nan_loss)
     res = invoke(tmp_path, ["grid", "--variant", "elbo", "--variant", "simple", "--seeds", "1", "--steps", "3",

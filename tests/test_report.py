@@ -38,7 +38,7 @@ from reports.build import REPORT_EXPERIMENT, build_report
 from reports.tables import ROW, comparison_table, deduplicate, load_runs, row_numbers
 
 VARIANTS = {"simple[small]": 3.10, "elbo[small]": 2.90, "hybrid": 3.00}  # true mean bpd of each fake variant
-# What bench.training.run logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
+# What bench.training logs with a run: its budget and protocol (params) and how each bpd was obtained (tags).
 BUDGET = [Param("config.steps", "500"), Param("config.T", "1000"), Param("config.sample_steps", "250"),
           Param("protocol.bpd", "x0-clipped")]
 CONVENTION_TAG = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
@@ -423,7 +423,7 @@ def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
 @pytest.fixture
 def small_store(tmp_path, monkeypatch, store_template):
     """An empty store (copied from the session's initialised one) and a helper that logs a finished run as
-    bench.training.run does: its budget and protocol params, training-time estimates, the final bound and its tags."""
+    bench.training does: its budget and protocol params, training-time estimates, the final bound and its tags."""
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.copyfile(store_template, tmp_path / "mlflow.db")
@@ -625,7 +625,7 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
 # ------------------------------------------------------------------------- what a row pools (its key)
 def _config_run(client, exp: str, seed: int, bpd: float, variant: str = "simple", extractor: str = "",
                 fid: float | None = None, **config) -> str:
-    """A finished run logged as bench.training.run logs one: its whole RunConfig as `config.*` params (``config``: fields
+    """A finished run logged as bench.training logs one: its whole RunConfig as `config.*` params (``config``: fields
     changed from the defaults), the protocol, its tags, the final bound and, with ``fid``, a FID and its extractor."""
     from bench.training.config import RunConfig, flatten
 
@@ -705,7 +705,7 @@ def test_precision_auto_counts_as_what_the_device_made_it(key_store):
     client, exp = key_store
     for seed, device in enumerate(["cuda:0", "cuda:1", "cpu"]):
         rid = _config_run(client, exp, seed, 3.0 + seed, device=device)
-        client.log_param(rid, "device", device)  # the device the run resolved, as bench.training.run logs it
+        client.log_param(rid, "device", device)  # the device the run resolved, as bench.training logs it
     table = comparison_table(deduplicate(load_runs(client, ["key"]))[0]).set_index("precision")
     assert table["runs"].to_dict() == {"bf16": 2, "fp32": 1}
 

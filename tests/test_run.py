@@ -556,7 +556,7 @@ def test_resume_without_steps_continues_to_the_runs_own_target(home, monkeypatch
     run_id, _ = run_ok(home, TINY)  # configured for, and finished at, STEPS
     client(home).set_terminated(run_id, "KILLED")  # as if it had been interrupted (a FINISHED run is not resumed)
     ckpt = home / "checkpoints" / run_id / "last.pt"
-    monkeypatch.setattr(bench.training.run, "_loop", spy)
+    monkeypatch.setattr(bench.training.run, "training_loop", spy)
     invoke(home, ["run", "--resume", str(ckpt)])
     assert seen["steps"] == STEPS  # observed: 3000, the digits default of a flag that was not given
 
@@ -672,7 +672,7 @@ def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(hom
 def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypatch):
     """Issue 19, item 3: adding the ODE likelihood to a run recomputed the bound and drew samples. `--only ode` computes
     nll_ode alone, with the ODE's own images and solver options; the ODE's bar counts images."""
-    import bench.training.run
+    import bench.training.evaluation
 
     run_id, _ = run_ok(home, [*WITH_MODEL, "--eval-every", "0"])
     c = client(home)
@@ -682,8 +682,8 @@ def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypat
     def no_bound(*args, **kwargs):
         raise AssertionError("the bound was computed")
 
-    monkeypatch.setattr(bench.training.run, "bits_per_dim", no_bound)
-    monkeypatch.setattr(bench.training.run, "estimate_bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.training.evaluation, "bits_per_dim", no_bound)
+    monkeypatch.setattr(bench.training.evaluation, "estimate_bits_per_dim", no_bound)
     refused = invoke(home, ["eval", str(ckpt), "--only", "ode", "--fid-samples", "5"])
     assert refused.exit_code == 2 and refused.stderr.strip() == \
         "error: --only ode draws no samples; leave out --fid-samples 5", describe(refused)
@@ -905,11 +905,12 @@ def test_bad_ode_options_are_one_error_line(home, args, message):
 
 def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monkeypatch):
     import bench.diffusion.ode
+    import bench.training.evaluation
 
     def diverges(*args, **kwargs):
         raise bench.diffusion.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 (network index 113, along the flow)")
 
-    monkeypatch.setattr(bench.diffusion.ode, "nll_ode", diverges)
+    monkeypatch.setattr(bench.training.evaluation, "nll_ode", diverges)
     run_id, _ = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode"])
     run = client(home).get_run(run_id)
     assert run.info.status == "FINISHED" and "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
@@ -919,9 +920,9 @@ def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monke
 
 def test_loss_quarters_are_the_means_of_each_quarter_of_t():
     from bench.runtime.dist import SINGLE
-    from bench.training.run import _Quarters
+    from bench.training.state import Quarters
 
-    q = _Quarters(T=8, dtype=torch.float64, device=torch.device("cpu"))
+    q = Quarters(T=8, dtype=torch.float64, device=torch.device("cpu"))
     q.add(torch.tensor([0, 1, 2, 7, 7]), torch.tensor([1.0, 3.0, 10.0, 4.0, 6.0]))  # t 0-1: q0, 2-3: q1, 6-7: q3
     q.add(torch.tensor([3]), torch.tensor([20.0]))
     assert q.means(SINGLE) == {"loss_q0": 2.0, "loss_q1": 15.0, "loss_q3": 5.0}  # no example in q2: left out

@@ -1,7 +1,7 @@
 """The full variational bound L_vlb with the discretised decoder, ε-prediction, fixed variance."""
 
 from bench.diffusion.gaussian import mean_flat
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 
 
 class Elbo(Variant):
@@ -13,4 +13,4 @@ class Elbo(Variant):
     def loss(self, model, sched, x0, generator=None):
         t, weight, noise, x_t, out = self.draw(model, sched, x0, generator)
         vb = sched.T * self.vb_bits(out, sched, x0, x_t, t) * weight
-        return {"loss": vb, "vb": vb, "mse": mean_flat((noise - out[:, : x0.shape[1]]) ** 2).detach()}
+        return Loss(vb, t, {"vb": vb, "mse": mean_flat((noise - out[:, : x0.shape[1]]) ** 2).detach()})

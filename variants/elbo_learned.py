@@ -7,7 +7,7 @@ stays unbiased.
 
 from bench.diffusion.gaussian import mean_flat
 from bench.diffusion.timesteps import LossSecondMomentSampler
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 
 
 class ElboLearned(Variant):
@@ -22,4 +22,4 @@ class ElboLearned(Variant):
         L_t = self.vb_bits(out, sched, x0, x_t, t)
         self.record(sched, t, L_t)
         vb = sched.T * L_t * weight
-        return {"loss": vb, "vb": vb, "mse": mean_flat((noise - out[:, : x0.shape[1]]) ** 2).detach()}
+        return Loss(vb, t, {"vb": vb, "mse": mean_flat((noise - out[:, : x0.shape[1]]) ** 2).detach()})

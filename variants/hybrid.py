@@ -7,7 +7,7 @@ is trained by L_simple alone.
 import torch
 
 from bench.diffusion.gaussian import mean_flat
-from bench.diffusion.variant import HYBRID_LAMBDA, Variant
+from bench.diffusion.variant import HYBRID_LAMBDA, Loss, Variant
 
 
 class Hybrid(Variant):
@@ -22,4 +22,4 @@ class Hybrid(Variant):
         eps, v = out[:, :C], out[:, C:]
         mse = mean_flat((noise - eps) ** 2)
         vb = sched.T * self.vb_bits(torch.cat([eps.detach(), v], dim=1), sched, x0, x_t, t)
-        return {"loss": mse + HYBRID_LAMBDA * vb, "mse": mse, "vb": vb}
+        return Loss(mse + HYBRID_LAMBDA * vb, t, {"mse": mse, "vb": vb})

@@ -1,6 +1,6 @@
 """DDPM Table 2 baseline: L_vlb with the network predicting μ̃ directly, fixed variance."""
 
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 
 
 class MuElbo(Variant):
@@ -12,4 +12,4 @@ class MuElbo(Variant):
     def loss(self, model, sched, x0, generator=None):
         t, weight, _, x_t, out = self.draw(model, sched, x0, generator)
         vb = sched.T * self.vb_bits(out, sched, x0, x_t, t) * weight
-        return {"loss": vb, "vb": vb}
+        return Loss(vb, t, {"vb": vb})

@@ -1,7 +1,7 @@
 """DDPM Table 2 baseline: the unweighted ‖μ̃_t(x_t, x_0) − μ_θ(x_t, t)‖² (mean over dims)."""
 
 from bench.diffusion.gaussian import mean_flat
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 
 
 class MuMse(Variant):
@@ -13,4 +13,4 @@ class MuMse(Variant):
     def loss(self, model, sched, x0, generator=None):
         t, _, _, x_t, out = self.draw(model, sched, x0, generator)
         mse = mean_flat((sched.q_posterior_mean(x0, x_t, t) - out) ** 2)
-        return {"loss": mse, "mse": mse}
+        return Loss(mse, t, {"mse": mse})

@@ -1,7 +1,7 @@
 """L_simple: the unweighted ε-MSE of DDPM; the variance is fixed (β̃ by default, β if asked)."""
 
 from bench.diffusion.gaussian import mean_flat
-from bench.diffusion.variant import Variant
+from bench.diffusion.variant import Loss, Variant
 
 
 class Simple(Variant):
@@ -11,6 +11,6 @@ class Simple(Variant):
     var_type = "fixed_small"
 
     def loss(self, model, sched, x0, generator=None):
-        _, _, noise, _, out = self.draw(model, sched, x0, generator)
+        t, _, noise, _, out = self.draw(model, sched, x0, generator)
         mse = mean_flat((noise - out) ** 2)
-        return {"loss": mse, "mse": mse}
+        return Loss(mse, t, {"mse": mse})

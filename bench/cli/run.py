@@ -14,16 +14,9 @@ from bench.runtime.dist import launch
 from bench.runtime.urls import masked
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import RunConfig, assemble_config, read_toml
-from bench.training.run import (
-    HEADLINE,
-    other_method_name,
-    prepare_evaluation,
-    resume_config,
-    run_evaluation,
-    short_budget,
-    summarize,
-    train,
-)
+from bench.training.evaluation import HEADLINE, other_method_name, prepare_evaluation, run_evaluation
+from bench.training.record import summarize
+from bench.training.run import resume_config, short_budget, train
 
 EXIT_DIVERGED = 3  # `bench run`: the run diverged and is recorded FAILED (a result, yet a script must tell)
 

@@ -8,7 +8,7 @@ alike. Time indices are 0-based: index 0 is paper time t = 1 (the decoder term).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -37,6 +37,17 @@ class ReverseStep:
     mean: torch.Tensor
     log_var: torch.Tensor
     pred_x0: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A batch's training loss, per example: ``loss`` [B] is what is minimised (its batch mean), ``t`` [B] the
+    timesteps drawn (0-based), ``terms`` its named parts or diagnostics (``mse``, ``vb``: each [B]), which the
+    trainer logs as ``loss/<name>``."""
+
+    loss: torch.Tensor
+    t: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- mean parameterisations
@@ -231,9 +242,8 @@ class Variant:
         return out[:, :C], out[:, C:]
 
     # ----------------------------------------------------------------- training
-    def loss(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Per-example loss terms for a batch x_0 [B, C, H, W] on [−1, 1]: a dict of [B] tensors
-        with at least ``"loss"`` (what is minimised); the trainer logs every key."""
+    def loss(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
+        """The per-example loss of a batch x_0 [B, C, H, W] on [−1, 1], the t it drew and its named terms."""
         raise NotImplementedError
 
     def sampler(self, T: int) -> UniformSampler:
@@ -251,7 +261,7 @@ class Variant:
     def draw(self, model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None):
         """Draw t (and its weight 1/(T p_t)) and ε on x0's device, form x_t, run the network.
 
-        Returns (t, weight, noise, x_t, out); t is also kept as ``self.last_t``.
+        Returns (t, weight, noise, x_t, out).
         """
         b, d = x0.shape[0], self._dist
         B = b * d.world
@@ -264,7 +274,6 @@ class Variant:
             mine = slice(d.rank * b, (d.rank + 1) * b)
             t, weight, noise = t[mine], weight[mine], noise[mine]
         x_t = sched.q_sample(x0, t, noise)
-        self.last_t = t  # this batch's timesteps, for the trainer's loss by quarter of t
         return t, weight, noise, x_t, model(x_t, t)
 
     def record(self, sched: Schedule, t: torch.Tensor, losses: torch.Tensor) -> None:

@@ -54,6 +54,7 @@ from bench.data.datasets import DATASETS, load_dataset
 from bench.errors import BenchError, first_line, reraised
 from bench.metrics.extractors import build_extractor, extractor_for
 from bench.metrics.samples import check_images, load_samples
+from bench.runtime.devices import resolve_device
 from bench.runtime.files import write_atomically
 
 KID_MAX_SUBSET_SIZE = 1000
@@ -378,12 +379,7 @@ def score_samples(
     ``device="auto"`` is CUDA when present.  Adds tag ``fid_samples_file``.
     """
     samples = load_samples(path, dataset)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    dev = resolve_device(device)
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)
     res = compute_fid(samples, dataset, train, cache_dir=cache_dir, device=dev, fid_weights=fid_weights,

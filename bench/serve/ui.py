@@ -50,7 +50,7 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_COLUMNS = ("tags.`variant`", "tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`",
                  "metrics.`bpd_estimate`", "metrics.`fid`", "params.`config.steps`", "tags.`dataset`")  # MLflow's column
 # ids, in this order after the run name. The runs table prints a metric with all its digits and has no setting to round
-# them: bpd_rounded, a tag bench.training.run writes beside the metric, shows it rounded with its Monte Carlo standard error
+# them: bpd_rounded, a tag bench.training writes beside the metric, shows it rounded with its Monte Carlo standard error
 # and method; the metrics themselves (bpd, sortable; bpd_stderr, none for an exact bound) keep every digit.
 VIEW_SORT = "metrics.`bpd`"  # ascending: the best bound first
 ML_VIEW = {"workflowType": "machine_learning"}  # MLflow's "Model training" side, not GenAI

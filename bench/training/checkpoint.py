@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from bench.training.config import FIELD_NAMES
 from bench.errors import BenchError, first_line
 from bench.runtime.files import write_atomically
 from bench.runtime.locks import LockBusy, file_lock
+from bench.training.config import FIELD_NAMES
 
 FORMAT = "elbo-bench-checkpoint-1"
 REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from bench.runtime.locks import file_lock, is_server_database, sqlite_path, store_lock
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig, flatten
-from bench.runtime.locks import file_lock, is_server_database, sqlite_path, store_lock
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""What a run records: its start (params, tags, description, config, dataset), the training loss and throughput at
+every logging step, its EMA network as an MLflow model, and an evaluation's metrics as aligned lines
+(:func:`summarize`). :class:`NoLog` stands in for the logger where nothing is to be recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench.diffusion.sample import describe_sampler
+from bench.errors import first_line
+from bench.nets.unet import count_parameters
+from bench.runtime.devices import synchronize
+from bench.runtime.dist import Dist
+from bench.runtime.progress import Progress
+from bench.tracking import provenance
+from bench.training.config import RunConfig, flatten
+from bench.training.state import RunContext, TrainState, checkpoint_path
+
+BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<term>: total = prior + vb + decoder
+
+
+class NoLog:
+    """Stands in for a run's logger (:class:`bench.tracking.store.RunLogger`) where nothing is recorded: on ranks
+    other than 0, in an evaluation that is only printed, for a study recorded by another process."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def log_start(log, config, variant, sched, net, train_images, device, d: Dist, checkpoint: Path) -> None:
+    """A new run's params, tags, description, config file and training dataset."""
+    log.params({
+        **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
+        **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
+        "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
+        "lr_schedule": "LambdaLR: linear warmup over warmup_steps, then constant",
+        "ema": "torch AveragedModel from the initial weights, decay min(ema_decay, (1+n)/(10+n)) at update n"
+               if config.ema_warmup else "torch AveragedModel from the initial weights, decay ema_decay",
+        "code_version": provenance.git_commit(), **provenance.versions(),
+        "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
+        "dist.world_size": d.world, "dist.backend": _backend(d),
+    })
+    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe(),
+              "images_per_sec": "images trained per wall-clock second between two logging points, all ranks together "
+                                "(evaluation and checkpoint time left out)",
+              "checkpoint": str(checkpoint), "checkpoint_host": socket.gethostname(),
+              "loss_quartiles": "loss_q0..loss_q3: the training loss (as minimised) of the examples whose t lies in "
+                                "each quarter of 1..T, means over the logging window"})
+    log.note(describe_run(config, variant, sched, net, d))
+    log.dict(config.redacted().to_dict(), "config.json")
+    log.dataset(train_images, config.dataset, "train")
+
+
+def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
+    """The run's description in MLflow: what was trained and how it is measured."""
+    world = f", {d.world} data-parallel processes" if d.world > 1 else ""
+    final = f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact" else \
+        f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)"
+    images = f"{config.final_eval_images} test images" if config.final_eval_images else "the whole test split"
+    sampler = describe_sampler(sched, config.sample_steps or None, variant)
+    during = (f" During training, `bpd_estimate` (the unbiased estimate, {config.eval_calls} calls per image, "
+              f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
+    fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
+           "dataset's extractor (tag `fid_extractor`)." if config.fid_samples else "No FID.")
+    return (f"**{variant.label}** trained on **{config.dataset}**: {variant.objective} "
+            f"(mean: {variant.mean_type}, variance: {variant.var_type}). {config.network} U-Net, "
+            f"{count_parameters(net):,} parameters; noise schedule {sched.describe()}. {config.steps} steps of AdamW "
+            f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
+            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, seed {config.seed}{world}.\n\n"
+            f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
+            f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
+            "of t: `loss_q0`..`loss_q3`.")
+
+
+def log_model(ema_net, ctx: RunContext, step: int) -> None:
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.store.RunLogger.model`), linked to the final metrics
+    logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
+    the checkpoint holds the weights."""
+    C, H, W = ctx.train_images.shape[1:]
+    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
+    try:
+        model_id = ctx.log.model(ema_net, example, step, metadata=model_metadata(ctx, step))
+    except Exception as err:  # torch.export cannot trace some network, or the store refused the upload
+        warnings.warn(f"the EMA network was not logged as an MLflow model: {first_line(err)}", stacklevel=2)
+        ctx.log.tags({"model_not_logged": first_line(err)[:500]})
+        return
+    ctx.log.tags({"model_id": model_id})
+
+
+def model_metadata(ctx: RunContext, step: int) -> dict:
+    """What the logged MLflow model is and how to call it."""
+    C, H, W = ctx.train_images.shape[1:]
+    return {"what": f"EMA weights (decay {ctx.config.ema_decay:g}) of {ctx.variant.label} at step {step}",
+            "call": f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, t long [B] in 0..{ctx.sched.T - 1} "
+                    f"(paper time t + 1); returns [B, {ctx.variant.out_channels(C)}, {H}, {W}]: the predicted "
+                    f"{'ε' if ctx.variant.mean_type == 'eps' else 'μ̃'}"
+                    + (" then the variance channels" if ctx.variant.out_channels(C) > C else ""),
+            "schedule": ctx.sched.describe(), "variant": ctx.variant.label, "dataset": ctx.config.dataset,
+            "checkpoint": str(checkpoint_path(ctx.run_id))}
+
+
+def _backend(d: Dist) -> str:
+    return torch.distributed.get_backend() if d.active else "none"
+
+class Throughput:
+    """Images trained per wall-clock second between two logging points, evaluation and checkpoint time left out
+    (``images_per_sec``); the time trained goes into ``train_seconds``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.images, self.seconds = 0, 0.0  # of the window under way
+        self.tick = time.perf_counter()
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def lap(self, state: TrainState) -> float:
+        """At a logging point, once the device was waited for: the window's images per second, its time added to
+        ``state.train_seconds``; starts a new window."""
+        now = time.perf_counter()  # the window's work is done
+        self.seconds += now - self.tick
+        self.tick = now
+        ips = self.images / max(self.seconds, 1e-9)
+        state.train_seconds += self.seconds
+        self.images, self.seconds = 0, 0.0
+        return ips
+
+    def pause(self) -> None:
+        """Stop the clock (evaluation or checkpoint ahead), with the device's work so far counted."""
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self.tick
+
+    def resume(self) -> None:
+        self.tick = time.perf_counter()
+
+
+def log_training(ctx: RunContext, step: int, means: dict[str, float], ips: float, lr: float, bar: Progress) -> None:
+    """The logging window's training loss (``loss``, ``loss/<term>``, ``loss_q0``..), ``images_per_sec`` and the
+    learning rate, logged at ``step`` and shown on the bar."""
+    ctx.log.metrics({**means, "images_per_sec": ips, "lr": lr}, step)
+    if ctx.cores is not None:
+        ctx.cores.apply()  # another elbo-bench process may have started or ended on this machine
+    bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
+
+
+def log_totals(ctx: RunContext, state: TrainState) -> None:
+    """At the end of training: the time trained (``train_seconds``) and its overall images per second."""
+    ctx.log.metrics({"train_seconds": state.train_seconds, "images_per_sec_overall":
+                     state.images_seen / max(state.train_seconds, 1e-9)}, state.step)
+
+
+def _number(v: float) -> str:
+    return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+
+
+def _summary_rows(metrics: dict[str, float]) -> list[tuple[str, ...]]:
+    """(name, value, ± its standard error, unit, what it is) for :func:`summarize`; every metric shows once, NaN
+    ones not at all."""
+    m = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    rows, shown = [], set()
+
+    def row(name: str, unit: str, note: str, error: str | None = None, *also: str) -> None:
+        rows.append((name, _number(m[name]), f"± {_number(m[error])}" if error in m else "", unit, note))
+        shown.update((name, error, *also))
+
+    for name in [k for k in m if f"{k}/vb" in m]:  # bpd, bpd_unclipped, bpd_eval_exact…
+        terms = [f"{name}/{t}" for t in BOUND_TERMS if f"{name}/{t}" in m]
+        parts = " + ".join(f"{t.rsplit('/', 1)[1]} {_number(m[t])}" for t in terms)
+        clip = "x̂_0 not clipped" if name.endswith("_unclipped") else "lower is better; x̂_0 clipped (DDPM protocol)"
+        row(name, "bits/dim", f"{clip}; = {parts}", f"{name}_stderr", *terms)
+    if "nll_ode" in m:
+        nfe = f", {m['nll_ode_nfe']:.0f} network calls per solve" if "nll_ode_nfe" in m else ""
+        row("nll_ode", "bits/dim", f"lower is better; probability-flow ODE NLL, an estimate, not a bound{nfe}",
+            "nll_ode_stderr", "nll_ode_nfe", "nll_ode_stderr_draws")
+    refs = [f"{what} {_number(m[k])}" for k, what in (("fid_ref_noise", "noise images (worst)"),
+                                                       ("fid_ref_test", "real test images (the floor)")) if k in m]
+    if "fid" in m:
+        row("fid", "", "lower is better, against the train split" + (f"; for scale: {', '.join(refs)}" if refs else ""),
+            None, "fid_ref_noise", "fid_ref_test")
+    for name, note, error in (("kid", "lower is better", "kid_std"),
+                              ("precision", "higher is better: samples near real images", None),
+                              ("recall", "higher is better: real images near samples", None),
+                              ("isc", "higher is better (inception score or its digits analogue)", "isc_std")):
+        if name in m:
+            row(name, "", note, error)
+    rows += [(k, _number(v), "", "", "") for k, v in m.items() if k not in shown]
+    return rows
+
+
+def summarize(metrics: dict[str, float], indent: str = "") -> str:
+    """The metrics of an evaluation as aligned lines: name, value ± its standard error, unit, what it is (which
+    way is better, the bound's terms, FID's reference points)."""
+    rows = _summary_rows(metrics)
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    return "\n".join(f"{indent}{name:<{widths[0]}}  {value:>{widths[1]}} {error:<{widths[2]}} {unit:<{widths[3]}}  {note}"
+                     .rstrip() for name, value, error, unit, note in rows)
