@@ -162,7 +162,7 @@ def test_a_lazy_third_party_import_says_why():
     """An import inside a function is kept for a heavy third-party library only, and it says why (a comment),
     so that a reader sees it is deliberate; everything else is imported at the top of its module."""
     unexplained = []
-    for m, path in MODULES.items():
+    for path in MODULES.values():
         lines = path.read_text().splitlines()
         tree = ast.parse("\n".join(lines), str(path))
         for f in ast.walk(tree):

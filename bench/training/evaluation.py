@@ -18,7 +18,7 @@ from bench.diffusion.ode import FlowFailed, network_dtype, nll_ode
 from bench.diffusion.sample import describe_sampler, sample
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.variant import Variant
-from bench.errors import BenchError
+from bench.errors import BenchError, reraised
 from bench.metrics.extractors import FidUnavailable
 from bench.metrics.fid import compute_fid
 from bench.metrics.samples import save_samples
@@ -333,10 +333,8 @@ def _run_client(ckpt: dict, tracking_uri: str | None = None):
     """A client on the checkpoint's store (``tracking_uri`` when its recorded URI hides a password), checked to
     still hold the checkpoint's run."""
     client = tracking.client(tracking.recorded_store(ckpt["tracking_uri"], tracking_uri), must_exist=True)
-    try:
+    with reraised(lambda _: f"the checkpoint's MLflow run {ckpt['run_id']} is not in {ckpt['tracking_uri']}; "
+                            "evaluate without --log-to-run", Exception):  # MLflow raises many kinds for a missing run
         client.get_run(ckpt["run_id"])
-    except Exception:
-        raise BenchError(f"the checkpoint's MLflow run {ckpt['run_id']} is not in {ckpt['tracking_uri']}; "
-                         "evaluate without --log-to-run") from None
     return client
 

@@ -90,7 +90,7 @@ def log_model(ema_net, ctx: RunContext, step: int) -> None:
     example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
     try:
         model_id = ctx.log.model(ema_net, example, step, metadata=model_metadata(ctx, step))
-    except Exception as err:  # torch.export cannot trace some network, or the store refused the upload
+    except Exception as err:  # noqa: BLE001 - torch.export cannot trace some network, or the store refused the upload
         warnings.warn(f"the EMA network was not logged as an MLflow model: {first_line(err)}", stacklevel=2)
         ctx.log.tags({"model_not_logged": first_line(err)[:500]})
         return

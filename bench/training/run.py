@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, reraised
 from bench.nets.ema import Ema, horizon, initial_share
 from bench.nets.unet import build_network
 from bench.runtime import dist as dist_mod
@@ -192,10 +192,9 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
 def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reopen: bool) -> None:
     """Refuse to resume a run that is gone from the store, FINISHED (unless reopened to train further),
     or RUNNING in a live process elsewhere."""
-    try:
+    with reraised(lambda _: f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it",
+                  Exception):  # MLflow raises many kinds for a missing run
         run = client.get_run(run_id)
-    except Exception:
-        raise BenchError(f"the checkpoint's MLflow run {run_id} is not in {uri}; cannot resume it") from None
     status, run_tags = run.info.status, run.data.tags
     if status == "RUNNING" and "owner.pid" in run_tags and not liveness.owner_gone(run_tags):
         raise BenchError(f"run {run_id} is being trained by process {run_tags['owner.pid']} on {run_tags.get('owner.host')}; "
