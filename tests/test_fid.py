@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pickle
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
 import bench.metrics.extractors as extractors_mod
+import bench.metrics.fid as fid_mod
 from bench.data.datasets import load_dataset
 from bench.errors import BenchError
 from bench.metrics.extractors import (
     INCEPTION_WEIGHTS_FILENAME,
     FidUnavailable,
     digits_classifier_accuracy,
+    extractor_for,
     inception_weights_path,
 )
 from bench.metrics.fid import FidResult, compute_fid
@@ -226,3 +232,37 @@ def test_wrong_weights_file_is_a_bench_error(tmp_path: Path) -> None:
     torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(BenchError, match="inception-v3-compat"):
         compute_fid(_uint8(4, 3, 32, 0), "cifar10", _uint8(4, 3, 32, 1), cache_dir=tmp_path, fid_weights=bad)
+
+
+def test_bench_commands_do_not_import_torch_fidelity() -> None:
+    """Importing torch-fidelity takes seconds (torchvision's models, torch._dynamo): only FID work pays for it."""
+    code = "import bench.cli.main, sys; print('torch_fidelity' in sys.modules, 'torchvision' in sys.modules)"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True,
+                         timeout=300)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_the_names_written_out_here_are_torch_fidelitys() -> None:
+    """The URL and metric keys this package spells out (to leave torch-fidelity unimported) are torch-fidelity's own."""
+    import torch_fidelity.metric_fid as tf_fid
+
+    assert extractors_mod.URL_INCEPTION_V3 == tf_inception.URL_INCEPTION_V3
+    assert INCEPTION_WEIGHTS_FILENAME == "weights-inception-2015-12-05-6726825d.pth"
+    assert fid_mod._KEY_FID == tf_fid.KEY_METRIC_FID
+    assert set(fid_mod._METRIC_KEYS) == {
+        torch_fidelity.KEY_METRIC_FID, torch_fidelity.KEY_METRIC_KID_MEAN, torch_fidelity.KEY_METRIC_KID_STD,
+        torch_fidelity.KEY_METRIC_PRECISION, torch_fidelity.KEY_METRIC_RECALL, torch_fidelity.KEY_METRIC_ISC_MEAN,
+        torch_fidelity.KEY_METRIC_ISC_STD}
+
+
+def test_the_networks_are_made_once_on_torch_fidelitys_classes() -> None:
+    digits, inception = extractors_mod.DigitsFeatureExtractor, extractors_mod._InceptionV3WeightsOnly
+    assert issubclass(digits, torch_fidelity.FeatureExtractorBase) and digits.__name__ == "DigitsFeatureExtractor"
+    assert issubclass(inception, tf_inception.FeatureExtractorInceptionV3)
+    assert digits.__module__ == "bench.metrics.extractors" and digits.__doc__.startswith("torch-fidelity extractor")
+    assert extractor_for("digits", 1, None).network is digits is extractors_mod.DigitsFeatureExtractor
+    with pytest.raises(AttributeError, match="no attribute 'DigitsExtractor'"):
+        _ = extractors_mod.DigitsExtractor

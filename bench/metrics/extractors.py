@@ -18,32 +18,42 @@
 
 :func:`extractor_for` picks a dataset's extractor (:class:`Extractor`: its name, layers and weights file);
 :func:`build_extractor` builds the torch-fidelity network, its weights read without pickle.
+
+Importing torch-fidelity takes seconds (it loads torchvision's models and ``torch._dynamo``), so it is
+imported only when an extractor is first needed: the two network classes, :class:`DigitsFeatureExtractor`
+and ``_InceptionV3WeightsOnly``, are this module's methods put on torch-fidelity's base classes then
+(:func:`_torch_fidelity_class`), and are read as module attributes as if defined here.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from bench.data.datasets import DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError, first_line
 from bench.runtime.files import write_atomically
 
+if TYPE_CHECKING:
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"
 INCEPTION_LOGITS_LAYER = "logits_unbiased"  # torch-fidelity's layer for IS: 1008 logits without the fc bias
+URL_INCEPTION_V3 = (  # torch-fidelity's (feature_extractor_inceptionv3.URL_INCEPTION_V3; a test checks they agree)
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 INCEPTION_WEIGHTS_FILENAME = os.path.basename(URL_INCEPTION_V3)
 DIGITS_EXTRACTOR_PREFIX = "digits-classifier"
 DIGITS_FEATURE_LAYER = "64"
@@ -183,7 +193,8 @@ def digits_classifier_accuracy() -> float:
         return float((net(x).argmax(dim=1) == y).to(torch.float64).mean())
 
 
-class DigitsFeatureExtractor(FeatureExtractorBase):
+# The methods of DigitsFeatureExtractor, which puts them on torch-fidelity's FeatureExtractorBase.
+class _DigitsFeatureExtractorMethods:
     """torch-fidelity extractor around the digits classifier; features ``"64"`` and ``"logits"``.
 
     Built (as torch-fidelity builds extractors) as ``cls(name, features_list, feature_extractor_weights_path=...)``;
@@ -286,7 +297,8 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class _InceptionV3WeightsOnly(FeatureExtractorInceptionV3):
+# The methods of _InceptionV3WeightsOnly, which puts them on torch-fidelity's FeatureExtractorInceptionV3.
+class _InceptionV3WeightsOnlyMethods:
     """torch-fidelity's ``inception-v3-compat`` network whose weights file is read with ``weights_only=True``.
 
     torch-fidelity's constructor calls ``torch.load(feature_extractor_weights_path, weights_only=False)``;
@@ -300,6 +312,29 @@ class _InceptionV3WeightsOnly(FeatureExtractorInceptionV3):
         torch.save(load_inception_state_dict(feature_extractor_weights_path), buf)
         buf.seek(0)
         super().__init__(name, features_list, feature_extractor_weights_path=buf, **kwargs)
+
+
+_ON_TORCH_FIDELITY = {  # network class: its methods here, the torch-fidelity class (torch_fidelity.NAME) they go on
+    "DigitsFeatureExtractor": (_DigitsFeatureExtractorMethods, "FeatureExtractorBase"),
+    "_InceptionV3WeightsOnly": (_InceptionV3WeightsOnlyMethods, "FeatureExtractorInceptionV3"),
+}
+
+
+@functools.cache
+def _torch_fidelity_class(name: str) -> type[FeatureExtractorBase]:
+    """The network class ``name`` of :data:`_ON_TORCH_FIDELITY`: its methods on torch-fidelity's class, made once."""
+    import torch_fidelity  # heavy: torch-fidelity loads torchvision's models and torch._dynamo
+
+    methods, base = _ON_TORCH_FIDELITY[name]
+    return type(name, (methods, getattr(torch_fidelity, base)),
+                {"__module__": __name__, "__qualname__": name, "__doc__": methods.__doc__})
+
+
+def __getattr__(name: str) -> type[FeatureExtractorBase]:
+    """``DigitsFeatureExtractor`` and ``_InceptionV3WeightsOnly``, made on first use (importing torch-fidelity)."""
+    if name in _ON_TORCH_FIDELITY:
+        return _torch_fidelity_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- the extractor of a dataset
@@ -321,11 +356,11 @@ def extractor_for(dataset: str, channels: int, fid_weights: str | Path | None) -
     if dataset == "digits":
         weights = digits_classifier_file()
         return Extractor(digits_extractor_name(), DIGITS_FEATURE_LAYER, DIGITS_LOGITS_LAYER, weights,
-                         DIGITS_CLASSIFIER_SHA256[:8], DigitsFeatureExtractor)
+                         DIGITS_CLASSIFIER_SHA256[:8], _torch_fidelity_class("DigitsFeatureExtractor"))
     if channels == 3:
         weights = inception_weights_path(fid_weights)
         return Extractor(INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, INCEPTION_LOGITS_LAYER, weights,
-                         _sha256_file(weights)[:8], _InceptionV3WeightsOnly)
+                         _sha256_file(weights)[:8], _torch_fidelity_class("_InceptionV3WeightsOnly"))
     raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({channels} channels)")
 
 

@@ -26,6 +26,10 @@ small JSON files (``{"fid": ..., "samples": ...}``), which cannot run code eithe
 :func:`score_samples` scores a saved-samples file (:mod:`bench.metrics.samples`; ``bench fid SAMPLES.npz``, its
 dataset as the file records it, else ``--dataset D``).  The feature extractor of each dataset (Inception for
 RGB data, the shipped digits classifier for ``digits``) is :mod:`bench.metrics.extractors`'s.
+
+torch-fidelity is imported by the functions that use it, not with this module: importing it takes seconds
+(torchvision's models, ``torch._dynamo``), which every ``bench`` command would pay.  :func:`compute_fid` has it
+imported by :func:`~bench.metrics.extractors.extractor_for`, before it limits the BLAS threads.
 """
 
 from __future__ import annotations
@@ -38,17 +42,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from bench.data.datasets import DATASETS, load_dataset
 from bench.errors import BenchError, first_line, reraised
@@ -56,6 +55,9 @@ from bench.metrics.extractors import build_extractor, extractor_for
 from bench.metrics.samples import check_images, load_samples
 from bench.runtime.devices import resolve_device
 from bench.runtime.files import write_atomically
+
+if TYPE_CHECKING:
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 KID_MAX_SUBSET_SIZE = 1000
 PRC_NEIGHBORHOOD = 3
@@ -67,8 +69,9 @@ NOISE_MEAN, NOISE_STD = 127.5, 64.0  # pixel values of the noise, before clippin
 NOISE_CHUNK = 1000  # images drawn at a time (50k CIFAR-sized images in float64 would be 1.2 GB)
 _CACHE_KEYS = ("features", "mu", "sigma")
 
+_KEY_FID = "frechet_inception_distance"  # torch-fidelity's metric_fid.KEY_METRIC_FID (a test checks they agree)
 _METRIC_KEYS = {
-    "frechet_inception_distance": "fid",
+    _KEY_FID: "fid",
     "kernel_inception_distance_mean": "kid",
     "kernel_inception_distance_std": "kid_std",
     "precision": "precision",
@@ -105,6 +108,8 @@ class _Images(Dataset):
 
 def _features(net: FeatureExtractorBase, images: torch.Tensor, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
     """Features ``{layer: [N, D]}`` (float32, CPU) of uint8 images, batched by torch-fidelity in this process."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset  # heavy: torch-fidelity loads torchvision's models
+
     return get_featuresdict_from_dataset(_Images(images), net, batch_size, cuda, True, False)
 
 
@@ -143,6 +148,8 @@ def _reference_features(
     net: FeatureExtractorBase, layer: str, reference: torch.Tensor, path: Path, batch_size: int, cuda: bool
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Reference features and FID statistics, from the ``.npz`` cache at ``path`` or computed and cached there."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics  # heavy: torch-fidelity loads torchvision's models
+
     cached = _read_reference_cache(path, int(reference.shape[0]))
     if cached is not None:
         return cached
@@ -154,6 +161,11 @@ def _reference_features(
 
 def _fid_against(feats: torch.Tensor, layer: str, stats2: dict[str, np.ndarray]) -> dict[str, float]:
     """torch-fidelity's FID of features ``[N, D]`` against reference statistics."""
+    from torch_fidelity.metric_fid import (  # heavy: torch-fidelity loads torchvision's models
+        fid_featuresdict_to_statistics,
+        fid_statistics_to_metric,
+    )
+
     return dict(fid_statistics_to_metric(fid_featuresdict_to_statistics({layer: feats}, layer), stats2, False))
 
 
@@ -164,6 +176,9 @@ def _metrics(
     options: dict[str, object],
 ) -> dict[str, float]:
     """torch-fidelity's FID (plus KID / PRC when ``options`` asks) from the samples' and reference features."""
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric  # heavy: torch-fidelity loads torchvision's models
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric  # heavy: as above
+
     feats2, stats2 = reference
     fd1, fd2 = {layer: feats1}, {layer: feats2}
     raw = _fid_against(feats1, layer, stats2)
@@ -182,6 +197,8 @@ def inception_score(logits: torch.Tensor, splits: int = ISC_SPLITS) -> dict[str,
     lowered to ``N`` when there are fewer rows.  Returns ``{"isc": mean, "isc_std": std}`` (numpy's
     population std over the splits, as torch-fidelity).
     """
+    from torch_fidelity.metric_isc import isc_features_to_metric  # heavy: torch-fidelity loads torchvision's models
+
     if logits.dim() != 2 or logits.shape[0] < 1:
         raise BenchError(f"inception_score needs logits [N >= 1, K], got {tuple(logits.shape)}")
     raw = isc_features_to_metric(logits.detach().cpu(), splits=min(splits, int(logits.shape[0])), shuffle=True,
@@ -345,7 +362,7 @@ def compute_fid(
                 metrics.update(inception_score(feats[ext.logits]))
             if reference_points:
                 def score(images: torch.Tensor) -> float:
-                    return float(_fid_against(_features(net, images, batch_size, cuda)[layer], layer, ref[1])[KEY_METRIC_FID])
+                    return float(_fid_against(_features(net, images, batch_size, cuda)[layer], layer, ref[1])[_KEY_FID])
 
                 points, ref_tags = _reference_points(dataset, n1, test_images, ref_cache, score)
                 metrics.update(points)
