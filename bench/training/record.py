@@ -27,7 +27,7 @@ BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<
 
 
 class NoLog:
-    """Stands in for a run's logger (:class:`bench.tracking.store.RunLogger`) where nothing is recorded: on ranks
+    """Stands in for a run's logger (:class:`bench.tracking.logger.RunLogger`) where nothing is recorded: on ranks
     other than 0, in an evaluation that is only printed, for a study recorded by another process."""
 
     def __init__(self, run_id: str | None = None):
@@ -83,7 +83,7 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
 
 
 def log_model(ema_net, ctx: RunContext, step: int) -> None:
-    """The EMA network as the run's MLflow model (:meth:`bench.tracking.store.RunLogger.model`), linked to the final metrics
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.logger.RunLogger.model`), linked to the final metrics
     logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
     the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
