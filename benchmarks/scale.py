@@ -163,7 +163,8 @@ def build(args, variant, shape, device, channels_last: bool) -> torch.nn.Module:
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def time_training(args, config, variant, sched, shape, device, channels_last, bf16: bool, compile: bool) -> tuple[float, str]:
+def time_training(args, config, variant, sched, shape, device, channels_last, bf16: bool,
+                  compile: bool) -> tuple[float, str]:
     """Images/s of training steps as the trainer takes them (loss, backward, clip, fused AdamW on CUDA, EMA)."""
     net = build(args, variant, shape, device, channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -204,7 +205,8 @@ def time_bound(args, variant, sched, shape, device, channels_last, bf16: bool) -
 
 
 def time_sampling(args, variant, sched, shape, device, channels_last, bf16: bool) -> float:
-    """Images/s of full T-step ancestral chains, from ``sample_steps`` strided steps of bench.diffusion.sample.sample."""
+    """Images/s of full T-step ancestral chains, from ``sample_steps`` strided steps of
+    bench.diffusion.sample.sample."""
     model = Autocast(build(args, variant, shape, device, channels_last).eval(), device, bf16)
     n, k = args.sample_batch_size, args.sample_steps
 
@@ -273,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(Row(name, "training", args.batch_size, rate, 3 * flops, "bf16" if bf16 else fp32_peak, note))
     eval_precision = "bf16" if eval_bf16 else fp32_peak
     rows.append(Row(f"exact bound ({eval_precision}, all {T} t)", "exact bound", args.eval_batch_size,
-                    time_bound(args, variant, sched, shape, device, channels_last, eval_bf16), T * flops, eval_precision,
-                    f"{args.bound_images} images timed"))
+                    time_bound(args, variant, sched, shape, device, channels_last, eval_bf16), T * flops,
+                    eval_precision, f"{args.bound_images} images timed"))
     rows.append(Row(f"sampling ({eval_precision}, {T} steps)", "sampling", args.sample_batch_size,
                     time_sampling(args, variant, sched, shape, device, channels_last, eval_bf16), T * flops,
                     eval_precision, f"{args.sample_steps} of {T} steps timed"))

@@ -92,7 +92,8 @@ def _connections(url: str) -> int:
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
-            return conn.execute(sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            return conn.execute(sqlalchemy.text("SELECT count(*) FROM pg_stat_activity "
+                                                "WHERE datname = current_database() "
                                                 "AND pid <> pg_backend_pid()")).scalar_one()
     finally:
         engine.dispose()

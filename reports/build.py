@@ -205,7 +205,8 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     client = tracking.client(tracking_uri)
     df, duplicates = deduplicate(load_runs(client, experiments, filter_string))
     if df.empty:
-        raise BenchError("no training runs match (runs are those tagged with a variant); check --experiment and --filter")
+        raise BenchError("no training runs match (runs are those tagged with a variant); "
+                         "check --experiment and --filter")
     table, pairs = comparison_table(df), paired_differences(df)
     df = df.assign(**{ROW: row_numbers(df)})  # the figures colour and order their groups by the table's rows
     shown, protocol = display_table(table)
@@ -276,7 +277,8 @@ def _with(fig, caption: str):
 def _intro(meta: dict) -> list[str]:
     lines = [
         f"Runs: {meta['runs']} from experiment(s) {', '.join(meta['experiments'])}"
-        + (f", filter \"{meta['filter']}\"" if meta["filter"] else "") + f"; store {meta['tracking_uri']}; {meta['generated']}.",
+        + (f", filter \"{meta['filter']}\"" if meta["filter"] else "")
+        + f"; store {meta['tracking_uri']}; {meta['generated']}.",
         "A row pools only runs that agree on everything that can change a result but the seed: every setting of the "
         "run's config but where it is stored, how it is logged and which device ran it (the precision it implied "
         "counts), the bound's convention, and the FID's feature extractor. Cells: "
@@ -287,12 +289,13 @@ def _intro(meta: dict) -> list[str]:
         "Monte Carlo standard error (MC se). Diverged runs are counted, not averaged.",
     ]
     if meta.get("ode"):
-        lines.append("nll_ode is another estimand: the negative log-likelihood under the probability-flow ODE of the same "
-                     "network, on the same test images as the bound (dequantised, Hutchinson trace; MC se over images, "
-                     "probes and dequantisation; nll_ode_nfe network evaluations per solve). It is an estimate of −log p, "
-                     "not a bound; bpd − nll_ode, per run, is how loose the bound is.")
+        lines.append("nll_ode is another estimand: the negative log-likelihood under the probability-flow ODE of the "
+                     "same network, on the same test images as the bound (dequantised, Hutchinson trace; MC se over "
+                     "images, probes and dequantisation; nll_ode_nfe network evaluations per solve). It is an estimate "
+                     "of −log p, not a bound; bpd − nll_ode, per run, is how loose the bound is.")
     if meta["mixed"]:
-        lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): those runs are kept in separate rows, "
+        lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): "
+                     "those runs are kept in separate rows, "
                      "labelled by their settings; compare only rows with the same settings.")
     if len(meta.get("extractors", [])) > 1:
         lines.append(f"FIDs come from {len(meta['extractors'])} feature extractors ({', '.join(meta['extractors'])}): "
@@ -315,14 +318,15 @@ def _pairs_shown(pairs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 PAIRS_CAPTION = ("Each line compares variants A and B on the runs they share: the same dataset, schedule and settings, "
-                 "and the same seeds (pairs: how many). mean A−B is the mean of the per-seed differences A − B; std is "
-                 "the sample standard deviation of those differences (across seeds, not a standard error); ci_low..ci_high "
-                 "is the 95% t-interval of their mean (empty under 2 pairs). bpd and FID are lower-is-better, so a "
-                 "negative A − B favours A and a positive one favours B; an interval that excludes 0 is a difference "
-                 "these seeds resolve.")
+                 "and the same seeds (pairs: how many). mean A−B is the mean of the per-seed differences A − B; std "
+                 "is the sample standard deviation of those differences (across seeds, not a standard error); "
+                 "ci_low..ci_high is the 95% t-interval of their mean (empty under 2 pairs). bpd and FID are "
+                 "lower-is-better, so a negative A − B favours A and a positive one favours B; an interval that "
+                 "excludes 0 is a difference these seeds resolve.")
 DETAILS_CAPTION = ("The same rows: the bound's terms (bpd/prior, bpd/vb, bpd/decoder; bits/dim), the unclipped bound, "
                    "the FID's reference points and the Inception score, the cost (train s, images/s), and how each "
-                   "number was obtained (measured: the method tags that differ between rows); cells as in the comparison.")
+                   "number was obtained (measured: the method tags that differ between rows); "
+                   "cells as in the comparison.")
 
 
 def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame, pictures) -> None:
@@ -332,13 +336,15 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
              "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left}th{background:#f2f2f2}"
              "figure{display:inline-block;vertical-align:top;margin:1em;max-width:720px}img{max-width:100%}"
-             "figcaption{font-size:13px;line-height:1.4}ul.common{font-size:13px;margin-top:0;columns:3}</style></head><body>",
+             "figcaption{font-size:13px;line-height:1.4}ul.common{font-size:13px;margin-top:0;columns:3}"
+             "</style></head><body>",
              "<h1>elbo-bench comparison</h1>"]
     parts += [f"<p>{html.escape(p)}</p>" for p in _intro(meta)]
     main, details = split_display(table)
     parts.append("<h2>Comparison by variant</h2>")
     if meta["protocol"]:
-        parts.append(f"<p>{COMMON}</p><ul class='common'>" + "".join(f"<li>{html.escape(p)}</li>" for p in meta["protocol"])
+        parts.append(f"<p>{COMMON}</p><ul class='common'>"
+                     + "".join(f"<li>{html.escape(p)}</li>" for p in meta["protocol"])
                      + "</ul>")
     parts.append(main.to_html(index=False, escape=True, border=0, table_id="comparison"))
     if not details.empty:
@@ -374,7 +380,8 @@ def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataF
         lines.append("No variants share seeds on the same dataset and schedule.")
     else:
         shown_pairs, same = _pairs_shown(pairs)
-        lines += [_md_text(PAIRS_CAPTION + "".join(f" Every line: {c}." for c in same)), "", _markdown_table(shown_pairs)]
+        lines += [_md_text(PAIRS_CAPTION + "".join(f" Every line: {c}." for c in same)), "",
+                  _markdown_table(shown_pairs)]
     lines += [line for u in meta["unpaired"] for line in ("", _md_text(u) + ".")]
     lines += ["", "## Figures", ""]
     for pic in pictures:

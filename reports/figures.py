@@ -123,7 +123,8 @@ def _points(client, run_id: str, key: str, err_key: str | None = None) -> list[t
 
 def bpd_series(client, df: pd.DataFrame) -> list[RunSeries]:
     """The bits/dim each run logged: its training-time estimates and its final bound; by group, then seed."""
-    df = df.assign(_group=run_groups(df), _seed=pd.to_numeric(df.seed, errors="coerce")).sort_values(["_group", "_seed"])
+    df = (df.assign(_group=run_groups(df), _seed=pd.to_numeric(df.seed, errors="coerce"))
+          .sort_values(["_group", "_seed"]))
     out = []
     for (_, r), group in zip(df.iterrows(), df["_group"]):
         s = RunSeries(r, group, _points(client, r.run_id, "bpd_estimate", "bpd_estimate_stderr"),

@@ -51,16 +51,19 @@ RESULT_FREE = {
                    "from the run's tags (fid_extractor, fid_weights)",
 }
 KEY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in RESULT_FREE)
-IN_GROUP = {"dataset", "variant", "variance", "schedule"}  # fields the GROUP tags show (a variant tag is 'name[variance]')
-LABELS = {"batch_size": "batch", "final_eval": "bound", "final_eval_images": "bound images", "eval_calls": "estimate calls",
-          "fid_samples": "FID samples", "sample_steps": "sampler steps"}  # shorter names in labels; others by field name
+# fields the GROUP tags show (a variant tag is 'name[variance]')
+IN_GROUP = {"dataset", "variant", "variance", "schedule"}
+# shorter names in labels; others by field name
+LABELS = {"batch_size": "batch", "final_eval": "bound", "final_eval_images": "bound images",
+          "eval_calls": "estimate calls", "fid_samples": "FID samples", "sample_steps": "sampler steps"}
 HEADLINE = ("network", "steps", "batch_size", "lr", "T", "final_eval", "final_eval_images", "eval_calls", "fid_samples",
             "sample_steps")  # the settings said once above the table when every row shares them
 # A row's key beyond GROUP (a run's logged param → its column and name in labels): every field of KEY_FIELDS, and
 # the bound's convention. Runs that differ in any of these get separate rows.
 SETTINGS = {f"config.{f}": f"config.{f}" if f in IN_GROUP else LABELS.get(f, f) for f in KEY_FIELDS}
 SETTINGS["protocol.bpd"] = "bpd convention"
-EXTRACTOR = "fid_extractor"  # part of a row's key too: FIDs of different feature extractors are never pooled or compared
+# part of a row's key too: FIDs of different feature extractors are never pooled or compared
+EXTRACTOR = "fid_extractor"
 FEATURE_METRICS = ("fid", "isc", "fid_ref_test", "fid_ref_noise")  # numbers the feature extractor computes
 LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
 
@@ -73,7 +76,8 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
     liveness.close_dead_runs(client, ids)
-    filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")  # MLflow filters: AND only, no parentheses
+    # MLflow filters: AND only, no parentheses
+    filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")
     try:
         runs = []
         token = None
@@ -112,7 +116,8 @@ def _extractor_of_rows(df: pd.DataFrame) -> pd.DataFrame:
         return df
     rest = [k for k in row_key() if k != EXTRACTOR]
     scored = df[EXTRACTOR].where(df[EXTRACTOR] != "")
-    only = scored.groupby([df[k] for k in rest], dropna=False).transform(lambda e: e.dropna().iloc[0] if e.nunique() == 1 else "")
+    only = scored.groupby([df[k] for k in rest], dropna=False).transform(
+        lambda e: e.dropna().iloc[0] if e.nunique() == 1 else "")
     return df.assign(**{EXTRACTOR: df[EXTRACTOR].mask(df[EXTRACTOR] == "", only.fillna(""))})
 
 
@@ -268,7 +273,8 @@ def format_cell(mean: float, std: float, lo: float, hi: float, n: int, spec: str
     return f"{mean:{spec}} ± {std:{spec}} [{max(lo, 0.0):{spec}}, {hi:{spec}}]"
 
 
-DISPLAY = (("bpd", ".4f"), ("nll_ode", ".4f"), (GAP, ".4f"), ("nll_ode_nfe", ".0f"), ("bpd/prior", ".2e"), ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("bpd_unclipped", ".4f"),
+DISPLAY = (("bpd", ".4f"), ("nll_ode", ".4f"), (GAP, ".4f"), ("nll_ode_nfe", ".0f"), ("bpd/prior", ".2e"),
+           ("bpd/vb", ".4f"), ("bpd/decoder", ".4f"), ("bpd_unclipped", ".4f"),
            ("fid", ".2f"), ("isc", ".2f"), ("fid_ref_test", ".2f"), ("fid_ref_noise", ".2f"), ("train_seconds", ".1f"),
            ("images_per_sec_overall", ".0f"))
 RENAME = {"train_seconds": "train s", "images_per_sec_overall": "images/s"}

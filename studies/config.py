@@ -22,7 +22,8 @@ class TrialDiverged(Exception):
 class StudyConfig:
     variants: tuple[str, ...] = ("simple",)  # one study per variant
     dataset: str = "digits"
-    trials: int = 20  # the study's number of trials (finished and running); a trial lost with its worker is replaced by its retry
+    # the study's number of trials (finished and running); a trial lost with its worker is replaced by its retry
+    trials: int = 20
     timeout: float | None = None  # seconds per study and worker (None: no limit)
     steps: int = 500  # optimiser steps per trial
     objective: str = "bpd"  # 'bpd', 'fid' or 'both' (a Pareto front)
@@ -65,7 +66,8 @@ class StudyConfig:
         uses_fid = "fid" in OBJECTIVES[self.objective]
         own = {"final_eval": "estimate", "final_eval_images": 0, "eval_every": max(1, self.steps // 4),
                "checkpoint_every": self.steps}
-        given = {"variant": variant, "steps": self.steps, "seed": self.seed, "fid_samples": self.fid_samples if uses_fid else 0,
+        given = {"variant": variant, "steps": self.steps, "seed": self.seed,
+                 "fid_samples": self.fid_samples if uses_fid else 0,
                  "experiment": self.experiment, "tracking_uri": self.tracking_uri, **self.run_overrides}
         return assemble_config(given, own=lambda dataset: own, dataset=self.dataset)
 

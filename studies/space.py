@@ -84,7 +84,8 @@ def _param(name: str, spec: dict, where: str) -> Param:
         raise BenchError(f"{where}: parameter {name!r} has an impossible range: low {low} must be below high {high}")
     if log and low <= 0:
         raise BenchError(f"{where}: parameter {name!r} is log-scaled, so low must be > 0 (got {low})")
-    return Param(name, low=float(low) if kind is float else int(low), high=float(high) if kind is float else int(high), log=log)
+    return Param(name, low=float(low) if kind is float else int(low), high=float(high) if kind is float else int(high),
+                 log=log)
 
 
 def load_space(path: str | Path | None = None, tune_lr: bool = False) -> dict[str, Param]:
@@ -127,7 +128,8 @@ def _check_consistent(space: dict[str, Param]) -> None:
     start, end = space.get("beta_start"), space.get("beta_end")
     if start and end and start.choices is None and end.choices is None and not start.low < end.low:
         raise BenchError(
-            f"impossible range: beta_start's low ({start.low:g}) must be below beta_end's low ({end.low:g}) so that β_1 < β_T"
+            f"impossible range: beta_start's low ({start.low:g}) must be below beta_end's low ({end.low:g}) "
+            "so that β_1 < β_T"
         )
     if end and end.choices is None and end.high >= 1:
         raise BenchError(f"impossible range: beta_end's high must be below 1, got {end.high:g}")
@@ -152,7 +154,8 @@ def suggest(trial, space: dict[str, Param], base_schedule: str = "linear") -> di
     ``base_schedule`` is the schedule kind when the space does not tune it.
     """
     values = {}
-    order = ["schedule", "beta_end", "beta_start"] + [n for n in space if n not in ("schedule", "beta_end", "beta_start")]
+    order = (["schedule", "beta_end", "beta_start"]
+             + [n for n in space if n not in ("schedule", "beta_end", "beta_start")])
     schedule = base_schedule
     for name in order:
         p = space.get(name)
@@ -177,5 +180,6 @@ def suggest(trial, space: dict[str, Param], base_schedule: str = "linear") -> di
 
 def describe_space(space: dict[str, Param]) -> str:
     lines = [space[n].describe() for n in space]
-    lines.append("(beta_start/beta_end apply to linear schedules, cosine_s to cosine; beta_end is drawn first and β_1 < β_T)")
+    lines.append("(beta_start/beta_end apply to linear schedules, cosine_s to cosine; "
+                 "beta_end is drawn first and β_1 < β_T)")
     return "\n".join(lines)

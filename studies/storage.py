@@ -82,7 +82,8 @@ def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
         if study_name is not None and {"studies", "trials", "version_info"} <= tables:
             with engine.connect() as conn:
                 studies = dict(conn.execute(sqlalchemy.text("SELECT study_name, study_id FROM studies")).all())
-    except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer, a file that is no database
+    except Exception as err:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer,
+        # a file that is no database
         raise BenchError(f"cannot open the Optuna storage {masked(url)}: {first_line(err)}") from None
     finally:
         if engine is not None:
@@ -94,6 +95,8 @@ def check_optuna_storage(url: str, study_name: str | None = None) -> int | None:
         return None
     if study_name not in studies:
         names = sorted(studies)
-        listed = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
-        raise BenchError(f"--study-name {study_name!r}: no such study in {masked(url)}; it has {listed or 'no studies'}")
+        listed = (", ".join(names[:NAMES_SHOWN])
+                  + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""))
+        raise BenchError(f"--study-name {study_name!r}: no such study in {masked(url)}; "
+                         f"it has {listed or 'no studies'}")
     return int(studies[study_name])

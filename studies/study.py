@@ -273,8 +273,9 @@ def _close_stale_runs(client, experiments: list[str], study, name: str) -> None:
     for r in running:
         number = r.data.tags.get("optuna.trial")
         if r.data.tags.get("optuna.study") == name and number is not None and number.isdigit() and int(number) in stale:
-            client.log_batch(r.info.run_id, tags=[RunTag("killed_reason", "its study worker stopped sending heartbeats "
-                                                                           "(killed, crashed or cut off); the trial is retried")])
+            client.log_batch(r.info.run_id,
+                             tags=[RunTag("killed_reason", "its study worker stopped sending heartbeats "
+                                                           "(killed, crashed or cut off); the trial is retried")])
             client.set_terminated(r.info.run_id, "KILLED")
 
 

@@ -63,7 +63,8 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
                 _say(progress, f"exact bound, trial {t.number}: skipped, its checkpoint {checkpoint} is gone")
             continue
         images = t.user_attrs.get("bpd_images")
-        _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): its checkpoint on the test split, all T steps, "
+        _say(progress, f"exact bound, trial {t.number} ({i}/{len(todo)}): "
+                       "its checkpoint on the test split, all T steps, "
                        + (f"{images} test images (as its estimate)" if images else "the test images of its estimate"))
         start = time.monotonic()
         metrics, _, _ = evaluate_checkpoint(checkpoint, final_eval="exact", fid_samples=0, log_to_run=True,
@@ -74,7 +75,8 @@ def exact_reevaluation(study, sc, progress: bool = True) -> None:
         study.set_user_attr("bpd_exact", {str(k): v for k, v in done.items()})  # each kept as soon as known
         estimate = t.user_attrs.get("bpd_estimate")
         _say(progress, f"exact bound, trial {t.number}: bpd {exact:.4f} {BPD_EXACT}"
-                       + (f"; estimate {_estimate(estimate, t.user_attrs.get('bpd_stderr'))}" if estimate is not None else "")
+                       + (f"; estimate {_estimate(estimate, t.user_attrs.get('bpd_stderr'))}"
+                          if estimate is not None else "")
                        + f"  ({format_duration(time.monotonic() - start)})")
 
 
@@ -87,7 +89,8 @@ def _row(t, exact: dict) -> dict:
     return {"trial": t.number, "params": dict(t.params), "values": list(t.values or []),
             "bpd_estimate": t.user_attrs.get("bpd_estimate"), "bpd_stderr": t.user_attrs.get("bpd_stderr"),
             "bpd_exact": exact.get(str(t.number)),
-            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "default_schedule": bool(t.user_attrs.get("default_schedule")),
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "default_schedule": bool(t.user_attrs.get("default_schedule")),
             "fid_samples": t.user_attrs.get("fid_samples"), "fid_extractor": t.user_attrs.get("fid_extractor")}
 
 
@@ -101,13 +104,15 @@ def log_study(study, sc, name: str, variant: str, log):
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     exact = study.user_attrs.get("bpd_exact", {})
     best = [_row(t, exact) for t in best_trials(study)]
-    default = next((_row(t, exact) for t in study.trials if t.user_attrs.get("default_schedule") and t.state == TrialState.COMPLETE), None)
+    default = next((_row(t, exact) for t in study.trials
+                    if t.user_attrs.get("default_schedule") and t.state == TrialState.COMPLETE), None)
     result = StudyResult(name, variant, log.run_id, best, default, counts, {int(k): v for k, v in exact.items()})
     if isinstance(log, NoLog):  # recorded by the process that finished the study: only the summary is wanted
         return result
     if len(best) == 1:
         b = best[0]
-        log.tags({f"best.{k}": v for k, v in b["params"].items()} | {"best.trial": b["trial"]})  # tags: a resume may change them
+        # tags: a resume may change them
+        log.tags({f"best.{k}": v for k, v in b["params"].items()} | {"best.trial": b["trial"]})
         metrics |= {f"best_{k}": v for k, v in zip(keys, b["values"])}
         if b["bpd_exact"] is not None:
             metrics["best_bpd_exact"] = b["bpd_exact"]
@@ -192,14 +197,16 @@ def _why_failed(t, retry: int | None) -> str:
     why = "its worker stopped sending heartbeats (killed or stalled)"
     if retry is not None:
         return f"{why}; retried as trial {retry}"
-    return f"{why}; not retried" + (f" (retried {n} times already)" if (n := len(t.system_attrs.get("retry_history", []))) else "")
+    return f"{why}; not retried" + (f" (retried {n} times already)"
+                                    if (n := len(t.system_attrs.get("retry_history", []))) else "")
 
 
 def describe_trial(t, keys: tuple[str, ...], retry: int | None = None) -> str:
     """One line for a finished trial: number, state (and why, unless complete), objective values with
     their units, parameters, duration. ``retry``: the trial that retries this one, if any."""
     notes = [n for n, on in (("default schedule", t.user_attrs.get("default_schedule")),
-                             (f"retry of trial {t.system_attrs.get('failed_trial')}", "failed_trial" in t.system_attrs)) if on]
+                             (f"retry of trial {t.system_attrs.get('failed_trial')}", "failed_trial" in t.system_attrs))
+             if on]
     head = f"trial {t.number}" + (f" [{', '.join(notes)}]" if notes else "") + f" {STATES[t.state.name]}"
     if t.state.name == "COMPLETE":
         n = t.user_attrs.get("fid_samples")
@@ -256,7 +263,8 @@ def describe_status(study, storage: str, now: float | None = None) -> str:
              f"  workers alive: {len(alive)}" + (f" ({', '.join(alive)})" if alive else ""),
              f"  MLflow parent run: {attrs.get('mlflow_parent_run_id', 'none yet')}"]
     if isinstance(done, dict):
-        lines.append(f"  finished: by {done['by']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(done['at']))}, "
+        lines.append(f"  finished: by {done['by']} "
+                     f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(done['at']))}, "
                      f"{done['trials']} trials" + ("" if done["trials"] == len(trials) else "; resumed since"))
     else:
         lines.append("  finished: not yet")
@@ -310,8 +318,8 @@ def pareto_table(rows: list[dict], keys: tuple[str, ...]) -> str:
 def describe_result(r, sc) -> str:
     """The block ``bench study`` prints for one finished study."""
     keys = OBJECTIVES[sc.objective]
-    counts = ", ".join(f"{r.counts[k]} {STATES.get(k.upper(), k)}" for k in ("complete", "pruned", "fail", "running", "waiting")
-                       if r.counts.get(k))
+    counts = ", ".join(f"{r.counts[k]} {STATES.get(k.upper(), k)}"
+                       for k in ("complete", "pruned", "fail", "running", "waiting") if r.counts.get(k))
     diverged = f" ({r.counts['diverged']} diverged)" if r.counts.get("diverged") else ""
     lines = [f"study {r.name}: variant {r.variant} on {sc.dataset}, objective {' and '.join(keys)}",
              f"  MLflow parent run {r.parent_run_id} (experiment {sc.experiment})",

@@ -38,7 +38,8 @@ def workers_alive(study, now: float | None = None) -> list[str]:
     """The workers (HOST:PID) whose heartbeat is fresher than twice its interval."""
     now = now or time.time()
     return sorted(k.removeprefix(WORKER_ATTR) for k, v in study.user_attrs.items()
-                  if k.startswith(WORKER_ATTR) and isinstance(v, dict) and now - v.get("beat", 0) < 2 * v.get("every", 60))
+                  if k.startswith(WORKER_ATTR) and isinstance(v, dict)
+                  and now - v.get("beat", 0) < 2 * v.get("every", 60))
 
 
 def lost_worker(t) -> bool:

@@ -36,7 +36,8 @@ def test_oracle_bound_sits_just_above_the_exact_nll(oracle_bounds):
     gap = best.total - nll
     stderr = gap.std().item() / math.sqrt(len(gap))
     # Printed for the closing note: the bound vs the exact NLL for each variance choice.
-    print({label: round(r.total.mean().item() - nll.mean().item(), 4) for label, r in results.items()}, nll.mean().item())
+    print({label: round(r.total.mean().item() - nll.mean().item(), 4) for label, r in results.items()},
+          nll.mean().item())
     assert gap.mean().item() > -3 * stderr  # a bound: never below the NLL beyond noise
     assert gap.mean().item() < 0.08  # and tight with the true reverse variance
     assert nll.mean().item() == pytest.approx(7.30, abs=0.05)  # entropy of N(0, (0.3·127.5)²) on the grid
@@ -220,7 +221,8 @@ def _reference_bound_bits(model, variant, sched, images, seed: int, clip_x0: boo
             log_var = frac * np.log(b).reshape(shape) + (1 - frac) * post_log_var.reshape(shape)
         true_mean = coef1.reshape(shape) * x0 + coef2.reshape(shape) * x_t
         true_log_var = post_log_var.reshape(shape)
-        kl = 0.5 * (-1 + log_var - true_log_var + np.exp(true_log_var - log_var) + (true_mean - mean) ** 2 / np.exp(log_var))
+        kl = 0.5 * (-1 + log_var - true_log_var + np.exp(true_log_var - log_var)
+                    + (true_mean - mean) ** 2 / np.exp(log_var))
         sd = np.exp(0.5 * log_var[0])
         hi = np.where(x0 > 0.999, np.inf, (x0 + 1 / 255 - mean[0]) / sd)
         lo = np.where(x0 < -0.999, -np.inf, (x0 - 1 / 255 - mean[0]) / sd)
@@ -264,7 +266,8 @@ def test_the_estimate_gives_both_conventions_from_the_same_calls():
     est_u = estimate_bits_per_dim(model, variant, sched, images, calls_per_image=9, seed=1, clip_x0=False)
     assert torch.equal(est.other.total, est_u.total) and torch.equal(est.total, est_u.other.total)
     s = est.summary("bpd_estimate")
-    assert set(s) == {f"bpd_estimate{c}{k}" for c in ("", "_unclipped") for k in ("", "/prior", "/vb", "/decoder", "_stderr")}
+    assert set(s) == {f"bpd_estimate{c}{k}" for c in ("", "_unclipped")
+                      for k in ("", "/prior", "/vb", "/decoder", "_stderr")}
     assert s["bpd_estimate"] != s["bpd_estimate_unclipped"]
 
 

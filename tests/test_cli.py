@@ -50,8 +50,9 @@ def test_toml_only_fields_now_reach_the_config(tmp_path):
                   BENCH_HOME=str(tmp_path))
     assert res.exit_code == 0, res.output
     config = json.loads(res.output)
-    assert (config["weight_decay"], config["grad_clip"], config["hflip"], config["eval_calls"],
-            config["eval_batch_size"], config["sample_grid"], config["system_metrics"]) == (0.01, 0.5, True, 9, 64, 16, False)
+    assert ((config["weight_decay"], config["grad_clip"], config["hflip"], config["eval_calls"],
+             config["eval_batch_size"], config["sample_grid"], config["system_metrics"])
+            == (0.01, 0.5, True, 9, 64, 16, False))
 
 
 def test_dash_h_and_version():
@@ -64,7 +65,8 @@ def test_dash_h_and_version():
 def test_mlflow_experiment_name_is_honoured_below_the_option(tmp_path):
     res = _invoke(["run", "--dry-run"], BENCH_HOME=str(tmp_path), MLFLOW_EXPERIMENT_NAME="from-env")
     assert json.loads(res.output)["experiment"] == "from-env"
-    res = _invoke(["run", "--dry-run", "--experiment", "given"], BENCH_HOME=str(tmp_path), MLFLOW_EXPERIMENT_NAME="from-env")
+    res = _invoke(["run", "--dry-run", "--experiment", "given"], BENCH_HOME=str(tmp_path),
+                  MLFLOW_EXPERIMENT_NAME="from-env")
     assert json.loads(res.output)["experiment"] == "given"
     assert json.loads(_invoke(["run", "--dry-run"], BENCH_HOME=str(tmp_path)).output)["experiment"] == "elbo-bench"
 
@@ -91,7 +93,8 @@ def test_study_passes_run_options_to_its_trials(captured_study, tmp_path):
                    "--config", str(config)], BENCH_HOME=str(tmp_path), MLFLOW_EXPERIMENT_NAME="env-exp")
     assert res.exit_code == 0, res.output
     [sc] = captured_study
-    assert sc.run_overrides == {"lr": 0.002, "batch_size": 32, "system_metrics": False, "eval_calls": 7, "network": "tiny"}
+    assert sc.run_overrides == {"lr": 0.002, "batch_size": 32, "system_metrics": False, "eval_calls": 7,
+                                "network": "tiny"}
     assert sc.experiment == "env-exp"
     trial = sc.base_config("simple")
     assert (trial.lr, trial.batch_size, trial.eval_calls, trial.steps) == (0.002, 32, 7, 500)
@@ -128,8 +131,8 @@ def test_a_run_shorter_than_the_learning_rate_warm_up_says_so_in_one_line(tmp_pa
                               "step trains at 30% of --lr); raise --steps to 100 or more, or lower --warmup-steps"]
     res = _invoke(["run", "--dry-run", "--steps", "200", "--no-ema-warmup"], BENCH_HOME=str(tmp_path))
     assert _warnings(res) == ["warning: --steps 200 leaves 37% of the initial network in the EMA that evaluation and "
-                              "sampling use (--ema-decay 0.995, --no-ema-warmup; under 1% from 919 steps); raise --steps "
-                              "to 919 or more, or use --ema-warmup"]
+                              "sampling use (--ema-decay 0.995, --no-ema-warmup; under 1% from 919 steps); "
+                              "raise --steps to 919 or more, or use --ema-warmup"]
     (both,) = _warnings(_invoke(["run", "--dry-run", "--steps", "30", "--no-ema-warmup"], BENCH_HOME=str(tmp_path)))
     assert "warm-up" in both and "86% of the initial network" in both and both.endswith(
         "raise --steps to 919 or more, or lower --warmup-steps, or use --ema-warmup")
@@ -217,4 +220,5 @@ def test_every_default_the_help_states_is_what_the_command_resolves(command, dat
     assert len(compared) > 20  # the run options are there, not a hand list
     wrong = {name: (_for_dataset(text, dataset, steps), config[name]) for name, text in compared.items()
              if not _agrees(_for_dataset(text, dataset, steps), config[name])}
-    assert wrong == {}, f"bench {command} -h states defaults that --dry-run does not resolve (stated, resolved): {wrong}"
+    assert wrong == {}, (f"bench {command} -h states defaults that --dry-run does not resolve "
+                         f"(stated, resolved): {wrong}")

@@ -68,7 +68,8 @@ def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_p
     two_losses = _losses(home2, run.info.run_id)
     assert [s for s, _ in two_losses] == [10, 20, 30, 40]  # one set of metrics
     (model,) = _client(home2).search_logged_models([run.info.experiment_id])  # rank 0 alone logs the EMA network
-    assert model.model_id == run.data.tags["model_id"] and {m.key: m.value for m in model.metrics}["bpd"] == run.data.metrics["bpd"]
+    assert (model.model_id == run.data.tags["model_id"]
+            and {m.key: m.value for m in model.metrics}["bpd"] == run.data.metrics["bpd"])
 
     res1 = subprocess.run([sys.executable, *RUN], env=_env(home1), capture_output=True, text=True, timeout=600)
     assert res1.returncode == 0, res1.stderr[-3000:]
@@ -85,7 +86,8 @@ def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_p
                              "0", "--device", "cpu"], env=_env(home2), capture_output=True, text=True, timeout=600)
              for launcher in (TORCHRUN, [sys.executable])]
     assert [e.returncode for e in evals] == [0, 0], evals[0].stderr[-3000:]
-    assert evals[0].stdout == evals[1].stdout and "bpd " in evals[0].stdout  # `bench eval` under torchrun: rank 0 prints
+    # `bench eval` under torchrun: rank 0 prints
+    assert evals[0].stdout == evals[1].stdout and "bpd " in evals[0].stdout
     res = subprocess.run([sys.executable, "-m", "bench", "run", "--resume", str(ckpt), "--reopen", "--steps", "50"],
                          env=_env(home2), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""FID / KID / precision-recall / IS through torch-fidelity (bench.metrics.fid, bench.metrics.extractors); CPU only, no network."""
+"""FID / KID / precision-recall / IS through torch-fidelity (bench.metrics.fid, bench.metrics.extractors); CPU only,
+no network."""
 
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def test_cache_reuses_classifier_and_reference_stats(
     (cached,) = (p for p in files if p.suffix == ".npz")  # features and FID statistics of the reference, no pickles
     assert sorted(p.name.removeprefix(cached.stem) for p in files if p != cached) == [  # the reference points
         "-refnoise-n100-seed0.json", f"-reftest-n100-{hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:8]}.json"]
-    assert cached.name.startswith("digits-train-n1500-") and cached.name.endswith(f"-{extractors_mod.digits_extractor_name()}-64.npz")
+    assert (cached.name.startswith("digits-train-n1500-")
+            and cached.name.endswith(f"-{extractors_mod.digits_extractor_name()}-64.npz"))
     with np.load(cached, allow_pickle=False) as z:
         assert sorted(z.files) == ["features", "mu", "sigma"]
         assert z["features"].shape == (1500, 64) and z["sigma"].shape == (64, 64)

@@ -1,6 +1,6 @@
 """Inception Score (and the digits classifier's analogue), the FID reference points, saved samples and
-``bench fid`` (bench.metrics.fid, bench.metrics.samples, bench.cli.main); CPU only, no network.  The CIFAR-10 check against torch-fidelity's
-published FID runs only where real CIFAR-10 and the real Inception weights are present."""
+``bench fid`` (bench.metrics.fid, bench.metrics.samples, bench.cli.main); CPU only, no network.  The CIFAR-10 check
+against torch-fidelity's published FID runs only where real CIFAR-10 and the real Inception weights are present."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def test_reference_test_point_skipped_when_the_test_split_is_missing(
     assert res.tags["fid_ref_test_skipped"] == "test split not loadable: CIFAR-10 not found: nowhere"
 
 
-# ---------------------------------------------------------------------------------------------- saved samples, bench fid
+# --------------------------------------------------------------------------------------------- saved samples, bench fid
 
 
 def _bench(home: Path, *args: str):

@@ -127,7 +127,8 @@ def test_numpy2_protocol2_format_still_loads(cifar10_root):
     raw = (cifar10_root / "cifar-10-batches-py" / "test_batch").read_bytes()
     assert b"numpy._core.multiarray" in raw and b"_codecs" in raw
     expected = pickle.loads(raw, encoding="bytes")[b"data"]
-    assert np.array_equal(load_dataset("cifar10", "test", data_dir=cifar10_root).numpy(), expected.reshape(-1, 3, 32, 32))
+    assert np.array_equal(load_dataset("cifar10", "test", data_dir=cifar10_root).numpy(),
+                          expected.reshape(-1, 3, 32, 32))
 
 
 # ---------------------------------------------------------------------------------------------- FID cache

@@ -49,7 +49,8 @@ def home(tmp_path, store_template, monkeypatch):
 def digits_config(home, **overrides):
     """A digits run that trains ``steps`` and ends with a cheap estimated bound (no FID)."""
     values = dict(steps=4, batch_size=16, T=40, log_every=2, eval_every=0, final_eval="estimate",
-                  final_eval_images=8, eval_calls=5, fid_samples=0, sample_steps=5, sample_grid=4, device="cpu", log_model=False,
+                  final_eval_images=8, eval_calls=5, fid_samples=0, sample_steps=5, sample_grid=4, device="cpu",
+                  log_model=False,
                   tracking_uri=f"sqlite:///{home}/mlflow.db", experiment="gpu-features")
     return make_config("digits", **{**values, **overrides})
 
@@ -175,8 +176,8 @@ def test_bf16_bound_of_a_trained_digits_model_is_within_a_hundredth_of_a_bit_of_
     net = build_network(config.network, 1, variant.out_channels(1), 8)
     net.load_state_dict(ema_weights(load_checkpoint(result.checkpoint)["ema"]))
     images = load_dataset("digits", "test")[:64]
-    bounds = {precision: estimate_bits_per_dim(Autocast(net, precision, CPU), variant, sched,
-                                               images, calls_per_image=33, seed=EVAL_SEED, runtime=Runtime(CPU)).summary()
+    bounds = {precision: estimate_bits_per_dim(Autocast(net, precision, CPU), variant, sched, images,
+                                               calls_per_image=33, seed=EVAL_SEED, runtime=Runtime(CPU)).summary()
               for precision in ("fp32", "bf16")}
     fp32, bf16 = bounds["fp32"], bounds["bf16"]
     diff = {k: bf16[k] - fp32[k] for k in ("bpd", "bpd_unclipped", "bpd/vb", "bpd/decoder")}

@@ -108,7 +108,8 @@ def test_a_rerun_trains_only_the_pairs_without_a_result(home):
 
 
 def test_a_diverged_pair_is_a_result_a_crashed_one_is_not(home):
-    args = ["--variant", "simple", "--seeds", "1", *TINY, "--lr", "1e30", "--experiment", "g", "--out", str(home / "rep")]
+    args = ["--variant", "simple", "--seeds", "1", *TINY, "--lr", "1e30", "--experiment", "g",
+            "--out", str(home / "rep")]
     assert "1 runs, 1 diverged" in grid_ok(home, args)
     (run,) = training_runs(home, "g")
     assert run.info.status == "FAILED" and run.data.tags["diverged"] == "true"
@@ -156,7 +157,8 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     for key, value in {"BENCH_HOME": str(home), "MLFLOW_TRACKING_URI": None, "BENCH_DATA_DIR": None}.items():
         monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
     seed0 = make_config(variant="simple", seed=0, steps=3, T=40, batch_size=16, log_every=1, eval_every=0,
-                        eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10, log_model=False,
+                        eval_images=8, final_eval="estimate", final_eval_images=8, fid_samples=0, sample_steps=10,
+                        log_model=False,
                         experiment="g")  # the grid's first pair
     train, trained, held, grid_waits = bench.cli.grid.train, [], threading.Event(), threading.Event()
 
@@ -180,7 +182,8 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     other.start()
     try:
         assert held.wait(60)
-        out = grid_ok(home, ["--variant", "simple", "--seeds", "2", *TINY, "--experiment", "g", "--out", str(home / "rep")])
+        out = grid_ok(home, ["--variant", "simple", "--seeds", "2", *TINY, "--experiment", "g",
+                             "--out", str(home / "rep")])
     finally:
         grid_waits.set()
         other.join()
@@ -191,7 +194,8 @@ def test_a_pair_another_grid_is_training_is_left_to_it_or_taken_over(home, monke
     assert all(r.info.status == "FINISHED" for r in runs)
     if claimant == "finishes":
         assert trained == [1]
-        assert "skipped: recorded meanwhile by another grid as run" in out and "1 trained meanwhile by another grid" in out
+        assert ("skipped: recorded meanwhile by another grid as run" in out
+                and "1 trained meanwhile by another grid" in out)
     else:
         assert trained == [1, 0]
         assert "2 runs, 0 diverged" in out and "meanwhile" not in out

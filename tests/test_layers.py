@@ -72,7 +72,8 @@ def project_imports(module: str, path: Path | None = None) -> list[tuple[str, in
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])])
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1],
+                                 *([base] if base else [])])
             names = [f"{base}.{a.name}" for a in node.names]  # a submodule if it is one, else a name in ``base``
         else:
             continue

@@ -20,8 +20,9 @@ from bench.runtime.progress import Progress, format_duration, progress_of
 from bench.training.record import summarize
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = ["--T", "40", "--steps", "12", "--batch-size", "16", "--log-every", "2", "--eval-every", "4", "--eval-images", "8",
-       "--final-eval-images", "8", "--fid-samples", "16", "--sample-steps", "10", "--experiment", "logs-test"]
+RUN = ["--T", "40", "--steps", "12", "--batch-size", "16", "--log-every", "2", "--eval-every", "4",
+       "--eval-images", "8", "--final-eval-images", "8", "--fid-samples", "16", "--sample-steps", "10",
+       "--experiment", "logs-test"]
 PHASES = ("train simple[small]:", "exact bits/dim", "sampling (", "FID:")
 
 
@@ -66,7 +67,8 @@ def test_the_run_says_where_it_writes_and_when_it_evaluates(piped_run):
     for step, later in ((4, "1 more evaluation"), (8, "0 more evaluations")):
         [announce, result] = [line for line in done.stderr.splitlines() if line.startswith(f"step {step}: ")]
         assert announce.startswith(f"step {step}: evaluating (bound estimate on 8 test images, 33 calls each")
-        assert re.match(rf"step {step}: bpd_estimate \d+\.\d{{4}} ± \d+\.\d{{4}} bits/dim .* in \d+s; {later} before the end$",
+        assert re.match(rf"step {step}: bpd_estimate \d+\.\d{{4}} ± \d+\.\d{{4}} bits/dim "
+                        rf".* in \d+s; {later} before the end$",
                         result), result
 
 

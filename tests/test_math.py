@@ -105,10 +105,12 @@ def test_normal_kl_against_torch_distributions():
     assert normal_kl(m1, lv1, m1, lv1).abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("mean,log_var", [(0.0, -4.0), (0.37, -9.0), (-0.99, -2.0), (0.999, -12.0), (0.2, 3.0), (5.0, -6.0)])
+@pytest.mark.parametrize("mean,log_var",
+                         [(0.0, -4.0), (0.37, -9.0), (-0.99, -2.0), (0.999, -12.0), (0.2, 3.0), (5.0, -6.0)])
 def test_discretized_likelihood_sums_to_one_over_a_pixels_256_bins(mean, log_var):
     grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1
-    logp = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=torch.float64), torch.tensor(log_var, dtype=torch.float64))
+    logp = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=torch.float64),
+                                               torch.tensor(log_var, dtype=torch.float64))
     assert torch.isfinite(logp).all()
     assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
@@ -122,7 +124,8 @@ def test_discretized_likelihood_against_direct_cdf_difference():
 
     direct = cdf(grid + 1 / 255) - cdf(grid - 1 / 255)
     direct[0], direct[-1] = cdf(grid[0] + 1 / 255), 1 - cdf(grid[-1] - 1 / 255)
-    got = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=grid.dtype), torch.tensor(2 * math.log(std), dtype=grid.dtype))
+    got = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=grid.dtype),
+                                              torch.tensor(2 * math.log(std), dtype=grid.dtype))
     assert torch.allclose(got.exp(), direct, rtol=1e-9, atol=1e-15)
 
 
@@ -155,6 +158,7 @@ def test_invalid_schedules_are_refused(build, match):
 
 
 def test_schedule_spec_round_trips():
-    for s in (Schedule.linear(T=300, scale_to_T=True), Schedule.cosine(T=200, s=0.01), Schedule.from_betas([0.1, 0.2, 0.3])):
+    for s in (Schedule.linear(T=300, scale_to_T=True), Schedule.cosine(T=200, s=0.01),
+              Schedule.from_betas([0.1, 0.2, 0.3])):
         again = Schedule.from_spec(s.spec)
         assert torch.equal(again.betas, s.betas)

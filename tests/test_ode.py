@@ -92,7 +92,8 @@ def sde():
 
 
 # ----------------------------------------------------------------------------- the continuous-time process
-@pytest.mark.parametrize("sched", [Schedule.linear(T=1000), Schedule.cosine(T=100), Schedule.from_betas([0.1, 0.5, 0.2, 0.9])],
+@pytest.mark.parametrize("sched",
+                         [Schedule.linear(T=1000), Schedule.cosine(T=100), Schedule.from_betas([0.1, 0.5, 0.2, 0.9])],
                          ids=["linear", "cosine", "explicit"])
 def test_vp_sde_has_the_chains_marginals_at_every_step(sched):
     sde, T = VpSde(sched), sched.T
@@ -355,7 +356,8 @@ def test_bad_data_is_one_error_line(sde):
     with pytest.raises(BenchError, match="batch_size must be an integer >= 1"):
         flow_nll(score, sde, torch.zeros(2, 1, 2, 2, dtype=torch.float64), runtime=Runtime(batch_size=0))
     with pytest.raises(BenchError, match="uint8 images"):
-        nll_ode(GaussianOracle(sde.sched, 0.3, "fixed_small"), get_variant("simple"), sde.sched, torch.zeros(2, 1, 2, 2))
+        nll_ode(GaussianOracle(sde.sched, 0.3, "fixed_small"), get_variant("simple"), sde.sched,
+                torch.zeros(2, 1, 2, 2))
 
 
 def test_a_non_finite_score_stops_the_solve_with_one_line(sde):

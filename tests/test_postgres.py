@@ -293,7 +293,8 @@ def test_a_password_never_reaches_the_servers_command_line(postgres, tmp_path, c
     log = tmp_path / "server.log"
     extra = ["--no-browser"] if command == "ui" else ["--workers", "1"]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", command, option, secret_url, "--port", str(port), *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "bench", command, option, secret_url, "--port", str(port),
+                                 *extra],
                                 env=env(home), cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     try:
@@ -494,7 +495,8 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_survivor(postgres, tmp_path
     procs = [bench(args, tmp_path / f"home{i}", log) for i, log in enumerate(logs)]
     by_pid = {p.pid: (p, log) for p, log in zip(procs, logs)}
     try:
-        number, pid = wait_for("a RUNNING trial with its MLflow run", lambda: running_trial_owner(postgres, storage, mlflow_db, name, set(by_pid)), 180, 0.1)
+        number, pid = wait_for("a RUNNING trial with its MLflow run",
+                               lambda: running_trial_owner(postgres, storage, mlflow_db, name, set(by_pid)), 180, 0.1)
         victim, _ = by_pid.pop(pid)
         victim.send_signal(signal.SIGKILL)
         [(survivor, survivor_log)] = by_pid.values()
@@ -519,7 +521,8 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_survivor(postgres, tmp_path
     client = MlflowClient(tracking_uri=mlflow_db)
     runs = mlflow_runs(client, name)
     [dead] = [r for r in runs if r.data.tags.get("optuna.trial") == str(number)]
-    assert dead.info.status == "KILLED" and dead.data.tags.get("killed_reason"), dead.data.tags  # closed by the survivor
+    # closed by the survivor
+    assert dead.info.status == "KILLED" and dead.data.tags.get("killed_reason"), dead.data.tags
     check_runs(client, study, trials)
     print(f"\nkilled worker {pid} in trial {number}; trials {counts(trials)}; retry: trial {retries[0].number} "
           f"{retries[0].state.name}; killed trial's run {dead.info.status} ({dead.data.tags['killed_reason']})")

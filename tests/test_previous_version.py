@@ -39,7 +39,8 @@ def _old_network():
 
 def test_a_checkpoint_written_before_the_layers_loads_with_its_config_and_network_output():
     ckpt, config, net = _old_network()
-    assert (config.variant, config.dataset, config.network, config.T, ckpt["step"]) == ("hybrid", "digits", "tiny", 40, 6)
+    assert ((config.variant, config.dataset, config.network, config.T, ckpt["step"])
+            == ("hybrid", "digits", "tiny", 40, 6))
     expected = torch.load(OLD / "expected_output.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(net(expected["x"], expected["t"]), expected["ema_output"], **FLOAT32_ROUNDING)

@@ -71,7 +71,8 @@ def start(args: list[str], home: Path, tag: str) -> subprocess.Popen:
 
 
 def output(home: Path, tag: str) -> str:
-    return f"--- stdout\n{(home / f'{tag}.out').read_text()[-2000:]}\n--- stderr\n{(home / f'{tag}.err').read_text()[-3000:]}"
+    return (f"--- stdout\n{(home / f'{tag}.out').read_text()[-2000:]}\n"
+            f"--- stderr\n{(home / f'{tag}.err').read_text()[-3000:]}")
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -190,7 +191,8 @@ def test_a_diverged_run_exits_3_and_grid_goes_on_and_counts_it(tmp_path, store_t
 @contextmanager
 def long_run(home: Path, checkpoint_every: int):
     """A ``bench run`` process of 100000 steps, SIGKILLed when the block ends; yields (process, run id)."""
-    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", str(checkpoint_every)], home, "run")
+    proc = start([str(BENCH), "run", *TINY, "--steps", "100000", "--checkpoint-every", str(checkpoint_every)],
+                 home, "run")
     try:
         yield proc, wait_until(lambda: running_run(home), 90, "a RUNNING run", proc)
     finally:
@@ -326,7 +328,8 @@ def test_a_writer_killed_in_its_first_save_leaves_a_temp_file_the_next_claim_rem
     folder is never claimed again: whoever claims the next run folder removes the dead writer's temp file (its
     folder's lock is free) and nothing else: not a user's file, not the temp file of a writer that is alive."""
     root = tmp_path / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_INSIDE_THE_FIRST_SAVE, str(root / "dead")], env=env_for(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_INSIDE_THE_FIRST_SAVE, str(root / "dead")],
+                            env=env_for(tmp_path))
     assert proc.wait(timeout=120) == -signal.SIGKILL
     (stale,) = (root / "dead").glob("*.tmp")
     assert stale.name.startswith(f".last.pt.{proc.pid}.") and stale.read_bytes() == b"half a checkpoint"
@@ -358,7 +361,8 @@ def test_a_resumed_run_logs_its_sample_grids_whatever_the_system_metrics_steps(t
     c = mlflow(tmp_path)
     run_id = c.create_run(c.create_experiment("resumed")).info.run_id
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric("loss", 0.5, now, 10), Metric("system/cpu_utilization_percentage", 40.0, now, 900)])
+    c.log_batch(run_id, metrics=[Metric("loss", 0.5, now, 10),
+                                 Metric("system/cpu_utilization_percentage", 40.0, now, 900)])
     log = RunLogger(c, run_id)
     log.skip_logged()  # as bench.training.run does on a resume
     grid = np.zeros((8, 8, 3), dtype=np.uint8)
@@ -426,7 +430,8 @@ def test_cleanup_reads_a_run_again_before_marking_it_killed(tmp_path, store_temp
     (tmp_path / "mlflow.db").write_bytes(store_template.read_bytes())
     c = mlflow(tmp_path)
     exp = c.create_experiment("x")
-    run_id = c.create_run(exp, tags={**liveness.owner_tags(), "owner.pid": str(_dead_pid()), "owner.start": ""}).info.run_id
+    run_id = c.create_run(exp, tags={**liveness.owner_tags(), "owner.pid": str(_dead_pid()),
+                                     "owner.start": ""}).info.run_id
     search = c.search_runs
 
     def search_then_resumed(*args, **kwargs):

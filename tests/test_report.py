@@ -121,7 +121,8 @@ def test_table_values_equal_pandas_on_the_same_records(store):
         assert (rep.out_dir / name).is_file(), name
     md = (rep.out_dir / "report.md").read_text()
     assert "| elbo[small] | 4 (3 finished, 1 diverged) |" in md and "![samples](samples.png)" in md
-    assert "Common settings (the same in every row):\n\n- dataset: digits\n- schedule: linear(T=1000, 0.0001..0.02)\n" in md
+    assert ("Common settings (the same in every row):\n\n"
+            "- dataset: digits\n- schedule: linear(T=1000, 0.0001..0.02)\n") in md
     assert_self_contained(rep.html)
     captions = _captions(rep.html)
     assert set(captions) == {"bits/dim against training step", "training loss", "per-timestep terms of the bound",
@@ -129,9 +130,11 @@ def test_table_values_equal_pandas_on_the_same_records(store):
     assert ("against FID (metric fid: 1000 samples drawn by ancestral, 250 of 1000 steps (strided, iDDPM respacing), "
             "features digits-classifier-abcd1234, reference digits train split, 1500 images) of each of the 9") \
         in captions["bits/dim against FID"]
-    assert "Final bits/dim (metric bpd: exact (all 1000 t, 297 test images); x̂_0 clipped" in captions["bits/dim against FID"]
+    assert ("Final bits/dim (metric bpd: exact (all 1000 t, 297 test images); x̂_0 clipped"
+            in captions["bits/dim against FID"])
     assert "exact (all 1000 t, 297 test images)" in captions["per-timestep terms of the bound"]
-    assert "(3 grids); sampler ancestral, 250 of 1000 steps (strided, iDDPM respacing)." in captions["samples"]  # its fid_sampler tag
+    # its fid_sampler tag
+    assert "(3 grids); sampler ancestral, 250 of 1000 steps (strided, iDDPM respacing)." in captions["samples"]
     assert all(f"![{title}]" in md and caption in md for title, caption in captions.items())
     logged = {a.path for a in MlflowClient(uri).list_artifacts(rep.run_id)}  # asked for: the report is a run
     assert {"report.html", "report.md", "table.csv"} <= logged
@@ -147,10 +150,11 @@ def test_report_adds_a_run_only_when_asked(store):
     uri, _, tmp = store
     rep = build_report(["fake"], None, tmp / "quiet", uri)
     assert rep.run_id is None and _report_runs(uri) == []  # the default: a report adds nothing to the store
-    ok = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "quiet2"), "--tracking-uri", uri])
+    ok = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "quiet2"),
+                                  "--tracking-uri", uri])
     assert ok.exit_code == 0 and "logged as MLflow run" not in ok.output and _report_runs(uri) == []
-    logged = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "loud"), "--tracking-uri", uri,
-                                      "--log-to-mlflow"])
+    logged = CliRunner().invoke(cli, ["report", "--experiment", "fake", "--out", str(tmp / "loud"),
+                                      "--tracking-uri", uri, "--log-to-mlflow"])
     assert logged.exit_code == 0, logged.output
     (run,) = _report_runs(uri)
     assert f"logged as MLflow run {run.info.run_id}" in logged.output and run.info.status == "FINISHED"
@@ -170,7 +174,8 @@ def test_report_cli_and_its_errors(store):
     for args, match in [(["--experiment", "nope"], "no MLflow experiment named nope"),
                         (["--filter", "tags.variant = 'nothing'"], "no training runs match"),
                         (["--filter", "this is not a filter"], "could not search runs"),
-                        (["--out", str(Path(__file__).resolve().parent.parent / "reports" / "x")], "inside the source package")]:
+                        (["--out", str(Path(__file__).resolve().parent.parent / "reports" / "x")],
+                         "inside the source package")]:
         bad = runner.invoke(cli, ["report", "--tracking-uri", uri, *args])
         assert bad.exit_code == 2 and match in bad.output, bad.output
     assert not (Path(__file__).resolve().parent.parent / "reports" / "x").exists()
@@ -230,7 +235,8 @@ def test_report_html_renders_with_table_and_every_image(store):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp / 'chrome'}", "--virtual-time-budget=5000", "--window-size=1400,2400"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
     marker = dom.split("data-check=\"", 1)[1].split("\"", 1)[0].replace("&quot;", "\"")
     check = json.loads(marker)
     assert check["rows"] == 3  # one row per variant, rendered
@@ -299,7 +305,8 @@ def test_report_renders_inside_mlflows_artifact_viewer(small_store):
     beacon = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Beacon)
     threading.Thread(target=beacon.serve_forever, daemon=True).start()
     check = tmp / "check.html"
-    check.write_text(rep.html.read_text().replace("</body>", BEACON % f"http://127.0.0.1:{beacon.server_port}/" + "</body>"))
+    check.write_text(rep.html.read_text().replace("</body>",
+                                                  BEACON % f"http://127.0.0.1:{beacon.server_port}/" + "</body>"))
     client.log_artifact(rep.run_id, str(check))
     port, server_log = _free_port(), tmp / "mlflow-server.log"
     with server_log.open("w") as out:  # a file, not a pipe nobody reads while the UI's requests are logged
@@ -341,8 +348,8 @@ def test_bench_ui_serves_health_and_runs_then_stops(store):
     uri, _, tmp = store
     port = _free_port()
     bench = Path(sys.executable).with_name("bench")
-    proc = subprocess.Popen([str(bench), "ui", "--no-browser", "--port", str(port), "--tracking-uri", uri], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([str(bench), "ui", "--no-browser", "--port", str(port), "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, proc, "bench ui")
@@ -366,8 +373,9 @@ def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli, ["grid", "--variant", "simple", "--variant", "mu-mse", "--seeds", "2", "--steps", "2",
-                                      "--T", "20", "--fid-samples", "0", "--final-eval", "estimate", "--sample-steps", "5"])
+    result = CliRunner().invoke(cli, ["grid", "--variant", "simple", "--variant", "mu-mse", "--seeds", "2",
+                                      "--steps", "2", "--T", "20", "--fid-samples", "0", "--final-eval", "estimate",
+                                      "--sample-steps", "5"])
     assert result.exit_code == 0, result.output
     assert "[4/4] mu-mse-digits-seed1" in result.output
     out = tmp_path / "report-grid-digits"
@@ -393,7 +401,8 @@ def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
     def run(steps: str, final_eval: str, seed: int, bpd: float, status: str = "FINISHED") -> str:
         rid = client.create_run(exp, run_name=f"simple-{steps}-{seed}").info.run_id
         prior = 2e-5 * (1 + 1e-15 * seed)  # the same closed form, up to float rounding
-        client.log_batch(rid, metrics=[Metric("bpd", bpd, now, int(steps)), Metric("bpd/prior", prior, now, int(steps))],
+        client.log_batch(rid,
+                         metrics=[Metric("bpd", bpd, now, int(steps)), Metric("bpd/prior", prior, now, int(steps))],
                          params=[Param("config.seed", str(seed)), Param("config.steps", steps),
                                  Param("config.final_eval", final_eval), Param("protocol.bpd", "x0-clipped")],
                          tags=[RunTag("variant", "simple[small]"), RunTag("dataset", "digits"),
@@ -436,9 +445,11 @@ def small_store(tmp_path, monkeypatch, store_template):
             schedule: str = "linear(T=1000, 0.0001..0.02)", grid: bool = False, T: int = 1000,
             fid: float | None = None) -> str:
         rid = client.create_run(exp, run_name=f"{variant}-{steps}-{seed}").info.run_id
-        method = "exact (all 1000 t, 297 test images)" if final == "exact" else "estimate (33 calls/image, 297 test images)"
+        method = ("exact (all 1000 t, 297 test images)" if final == "exact"
+                  else "estimate (33 calls/image, 297 test images)")
         metrics = [Metric("bpd", bpd, now, steps)] + [Metric("bpd_stderr", 0.02, now, steps)] * (final == "estimate")
-        metrics += [m for s, v in estimates for m in (Metric("bpd_estimate", v, now, s), Metric("bpd_estimate_stderr", 0.01, now, s))]
+        metrics += [m for s, v in estimates
+                    for m in (Metric("bpd_estimate", v, now, s), Metric("bpd_estimate_stderr", 0.01, now, s))]
         metrics += [Metric("loss", v, now, s) for s, v in losses] + [Metric("fid", fid, now, steps)] * (fid is not None)
         client.log_batch(rid, metrics=metrics,
                          params=[Param("config.seed", str(seed)), Param("config.steps", str(steps)),
@@ -488,8 +499,10 @@ def test_the_bpd_caption_says_exact_or_estimated_from_the_runs(small_store):
     log("elbo", 30, "estimate", 3.0, estimates=[(20, 3.2)])
     both = _captions(build_report(["small"], None, tmp / "both", uri).html)["bits/dim against training step"]
     assert "Stars: the final bound computed exactly (metric bpd), exact (all 1000 t, 297 test images)" in both
-    assert "Hollow diamonds: the final bound estimated without bias (metric bpd), estimate (33 calls/image, 297 " in both
-    assert "(metric bpd_estimate), estimate (33 calls/image, 128 test images, seed 1234); x̂_0 clipped to [-1, 1]" in both
+    assert ("Hollow diamonds: the final bound estimated without bias (metric bpd), "
+            "estimate (33 calls/image, 297 ") in both
+    assert ("(metric bpd_estimate), estimate (33 calls/image, 128 test images, seed 1234); "
+            "x̂_0 clipped to [-1, 1]") in both
     assert "test split" in both and "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)" in both
     rep = build_report(["small"], "tags.variant = 'elbo'", tmp / "estimated", uri)
     estimated = _captions(rep.html)["bits/dim against training step"]
@@ -525,8 +538,8 @@ def test_each_table_row_has_one_colour_in_every_figure_and_legends_follow_the_ta
     """Rows sort by the key (T before steps); labels would sort by steps first: the figures follow the table."""
     uri, client, log, tmp = small_store
     for variant, T, steps, bpd in (("simple", 1000, 2000, 3.0), ("simple", 4000, 200, 3.1), ("hybrid", 1000, 200, 3.2)):
-        rid = log(variant, steps, "exact", bpd, estimates=[(100, bpd + .2), (200, bpd + .1)], losses=[(10, 1.), (20, .9)],
-                  T=T, fid=20 + bpd, grid=True)
+        rid = log(variant, steps, "exact", bpd, estimates=[(100, bpd + .2), (200, bpd + .1)],
+                  losses=[(10, 1.), (20, .9)], T=T, fid=20 + bpd, grid=True)
         client.log_dict(rid, {"t": [1, 2, 3], "L_t_bits_per_dim": [1.0, 0.1, bpd / 100]}, "per_t_bound.json")
     rep = build_report(["small"], None, tmp / "rep", uri)
     rows = ["hybrid · 200 steps · T=1000", "simple · 2000 steps · T=1000", "simple · 200 steps · T=4000"]
@@ -541,7 +554,8 @@ def test_each_table_row_has_one_colour_in_every_figure_and_legends_follow_the_ta
     assert [t.get_text() for t in legend.get_texts()][:3] == rows
     assert [to_hex(h.get_color()) for h in legend.legend_handles[:3]] == tab10
     loss = figures.loss_history(client, df).legends[0]
-    assert [t.get_text() for t in loss.get_texts()] == rows and [to_hex(h.get_color()) for h in loss.legend_handles] == tab10
+    assert ([t.get_text() for t in loss.get_texts()] == rows
+            and [to_hex(h.get_color()) for h in loss.legend_handles] == tab10)
     (fid_ax,) = figures.bpd_vs_fid(df).axes
     assert [(c.get_label(), to_hex(c.get_facecolor()[0])) for c in fid_ax.collections] == list(zip(rows, tab10))
     per_t, _ = figures.per_t_curves(client, df)
@@ -560,7 +574,8 @@ def test_runs_evaluated_at_one_step_only_are_spread_by_group(small_store):
     assert _multi_point_lines(ax) == []
     assert [t.get_text() for t in ax.get_xticklabels()] == ["hybrid\n30 steps", "simple\n30 steps"]
     assert ax.get_xlabel() == "every point at training step 30"
-    markers = sorted((round(ln.get_xdata()[0], 2), ln.get_ydata()[0]) for ln in ax.get_lines() if ln.get_marker() in "*D")
+    markers = sorted((round(ln.get_xdata()[0], 2), ln.get_ydata()[0])
+                     for ln in ax.get_lines() if ln.get_marker() in "*D")
     assert markers == [(0, 3.0), (0.96, 3.1), (1.04, 3.12)]  # the two seeds side by side in their group's column
 
 
@@ -599,9 +614,11 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
         if nll is not None:
             metrics += [Metric("nll_ode", nll, now, 100), Metric("nll_ode_stderr", 0.05, now, 100),
                         Metric("nll_ode_nfe", 300.0, now, 100)]
-        client.log_batch(rid, metrics=metrics, params=[Param("config.seed", str(seed)), Param("protocol.bpd", "x0-clipped")],
+        client.log_batch(rid, metrics=metrics,
+                         params=[Param("config.seed", str(seed)), Param("protocol.bpd", "x0-clipped")],
                          tags=[RunTag("variant", variant), RunTag("dataset", "digits"), RunTag("schedule", "linear")]
-                         + [RunTag("nll_ode_method", "probability-flow ODE NLL (not the bound), RK45")] * (nll is not None))
+                         + [RunTag("nll_ode_method", "probability-flow ODE NLL (not the bound), RK45")]
+                         * (nll is not None))
         client.set_terminated(rid, "FINISHED")
 
     run("simple[small]", 0, 4.6, 4.2)
@@ -625,8 +642,9 @@ def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
 # ------------------------------------------------------------------------- what a row pools (its key)
 def _config_run(client, exp: str, seed: int, bpd: float, variant: str = "simple", extractor: str = "",
                 fid: float | None = None, **config) -> str:
-    """A finished run logged as bench.training logs one: its whole RunConfig as `config.*` params (``config``: fields
-    changed from the defaults), the protocol, its tags, the final bound and, with ``fid``, a FID and its extractor."""
+    """A finished run logged as bench.training logs one: its whole RunConfig as `config.*` params (``config``:
+    fields changed from the defaults), the protocol, its tags, the final bound and, with ``fid``, a FID and its
+    extractor."""
     from bench.training.config import RunConfig, flatten
 
     rid = client.create_run(exp, run_name=f"{variant}-{seed}").info.run_id
@@ -753,20 +771,24 @@ def test_a_report_over_mixed_settings_stays_narrow_and_says_what_it_shows(key_st
                                   "digits-classifier-abcd1234", 20.0 + seed, steps=steps, T=T, final_eval=final)
                 now = int(time.time() * 1000)
                 prior = 2.1e-5 if T == 1000 else 1.3e-5  # the same in both seeds of a row: no spread to print
-                client.log_batch(rid, metrics=[Metric("bpd/prior", prior, now, 100), Metric("train_seconds", 60.0 + seed, now, 100)],
-                                 tags=[RunTag("bpd_method", f"{final} (…, 297 test images)"), RunTag("fid_samples", "500")])
+                client.log_batch(rid, metrics=[Metric("bpd/prior", prior, now, 100),
+                                               Metric("train_seconds", 60.0 + seed, now, 100)],
+                                 tags=[RunTag("bpd_method", f"{final} (…, 297 test images)"),
+                                       RunTag("fid_samples", "500")])
     rep = build_report(["key"], None, tmp_path / "rep", client.tracking_uri)
     md, page = rep.markdown.read_text(), rep.html.read_text()
     for text in (md, page.replace("<li>", "- ").replace("</li>", "\n")):
         assert "Common settings (the same in every row):" in text and "- dataset: digits" in text
-        assert "- fid_samples: 500" in text and "- network: " in text and "- bound images: all" in text  # 0: the whole split
+        # bound images 0: the whole split
+        assert "- fid_samples: 500" in text and "- network: " in text and "- bound images: all" in text
     main = _header(md, "## Comparison by variant")
     assert main == ["variant", "settings", "runs", "bpd", "fid"]
     assert "| elbo | T=1000, steps=200, bound=exact | 2 |" in md  # the key column: only what differs
     details = _header(md, "## Details by row")
     assert details == ["variant", "settings", "bpd/prior", "train s", "measured"]
-    assert "| elbo | T=1000, steps=200, bound=exact | 2.10e-05 (n=2, identical) | 60.5 ± 0.7 (n=2) | bpd_method: exact " \
-           "(…, 297 test images) |" in md and "± 0.00e+00" not in md  # a zero spread is not printed as one
+    # a zero spread is not printed as one
+    assert "| elbo | T=1000, steps=200, bound=exact | 2.10e-05 (n=2, identical) | 60.5 ± 0.7 (n=2) | " \
+           "bpd_method: exact (…, 297 test images) |" in md and "± 0.00e+00" not in md
     for text in (md, page):
         assert "std is the sample standard deviation of those differences (across seeds, not a standard error)" in text
         assert "95% t-interval of their mean" in text and "a negative A − B favours A" in text

@@ -226,7 +226,8 @@ def test_run_end_to_end_records_everything(tiny_run):
     # artifacts
     names = {f.path for f in c.list_artifacts(run_id)}
     assert {"config.json", "per_t_bound.png", "per_t_bound.json", "images", "per_t_estimate"} <= names
-    assert "model" not in names  # the model is a LoggedModel of its own (test_the_ema_network_is_an_mlflow_3_logged_model)
+    # the model is a LoggedModel of its own (test_the_ema_network_is_an_mlflow_3_logged_model)
+    assert "model" not in names
     assert "checkpoints" not in names  # one copy of the checkpoint: in checkpoints/, named by the run's tag
     assert run.data.tags["checkpoint"] == str(home / "checkpoints" / run_id / "last.pt")
     dl = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(home / "dl"),
@@ -241,7 +242,8 @@ def test_run_end_to_end_records_everything(tiny_run):
     assert len(per_t["L_t_bits_per_dim"]) == T
     # the curve is the bound's decoder + Σ L_{t-1}; adding the prior gives the total
     assert sum(per_t["L_t_bits_per_dim"]) + final["bpd/prior"] == pytest.approx(final["bpd"], rel=1e-6)
-    assert sum(per_t["L_t_bits_per_dim_unclipped"]) + final["bpd/prior"] == pytest.approx(unclipped["bpd_unclipped"], rel=1e-6)
+    assert (sum(per_t["L_t_bits_per_dim_unclipped"]) + final["bpd/prior"]
+            == pytest.approx(unclipped["bpd_unclipped"], rel=1e-6))
     assert (dl / "per_t_bound.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(run.data.tags["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["run_id"] == run_id and ckpt["config"] == logged_config
@@ -447,8 +449,8 @@ def test_resume_after_an_interrupt_between_steps_equals_the_uninterrupted_run(ho
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, values, step)
 
-    state, bpd, stopped = _interrupt_then_resume(home, monkeypatch,
-                                                 lambda m: m.setattr(bench.tracking.logger.RunLogger, "metrics", metrics))
+    state, bpd, stopped = _interrupt_then_resume(
+        home, monkeypatch, lambda m: m.setattr(bench.tracking.logger.RunLogger, "metrics", metrics))
     assert stopped == 4
     assert _same_weights(state["ema"], uninterrupted[0]["ema"])
     assert _same_weights(state["model"], uninterrupted[0]["model"])
@@ -617,7 +619,8 @@ def test_eval_by_the_other_method_logs_under_its_own_name_and_keeps_the_headline
     assert after.tags["bpd_method"] == before.tags["bpd_method"] and before.tags["bpd_method"].startswith("exact")
     assert after.tags["bpd_rounded"] == f"{before.metrics['bpd']:.4f} bits/dim (exact)"  # for the runs table
     assert after.tags["bpd_eval_estimate_rounded"] == (f"{after.metrics['bpd_eval_estimate']:.4f} ± "
-                                                       f"{after.metrics['bpd_eval_estimate_stderr']:.4f} bits/dim (estimate)")
+                                                       f"{after.metrics['bpd_eval_estimate_stderr']:.4f} "
+                                                       "bits/dim (estimate)")
     assert "bpd_stderr" not in after.metrics
     estimate = after.metrics["bpd_eval_estimate"]
     assert [s for s, _ in history(c, run_id, "bpd_eval_estimate")] == [STEPS] and estimate != before.metrics["bpd"]
@@ -645,16 +648,18 @@ def test_eval_options_take_effect_and_a_subset_never_overwrites_the_runs_bpd(hom
     before, grids = c.get_run(run_id).data, _sample_grids(c, run_id)
     assert before.tags["bpd_images"] == "8"
     ckpt = home / "checkpoints" / run_id / "last.pt"
-    cheap = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--final-eval-images", "4", "--eval-calls", "5",
-                          "--fid-samples", "0", "--log-to-run"])
+    cheap = invoke(home, ["eval", str(ckpt), "--final-eval", "estimate", "--final-eval-images", "4",
+                          "--eval-calls", "5", "--fid-samples", "0", "--log-to-run"])
     assert cheap.exit_code == 0, describe(cheap)
     plan = cheap.stdout.split("\n")
     assert plan[0] == f"evaluating the EMA weights of run {run_id} at step {STEPS} on cpu:"
-    assert plan[1] == "  bound      estimate (5 network calls per image) on 4 of 297 test images, as bpd_eval_estimate_4images"
+    assert plan[1] == ("  bound      estimate (5 network calls per image) on 4 of 297 test images, "
+                       "as bpd_eval_estimate_4images")
     assert plan[2] == "  samples    none (no FID, no grid)"
     after = c.get_run(run_id).data
     assert after.tags["bpd_eval_estimate_4images_method"].startswith("estimate (5 calls/image, 4 test images)")
-    assert after.tags["bpd_eval_estimate_4images_images"] == "4" and after.metrics["bpd_eval_estimate_4images_stderr"] > 0
+    assert (after.tags["bpd_eval_estimate_4images_images"] == "4"
+            and after.metrics["bpd_eval_estimate_4images_stderr"] > 0)
     same_method = invoke(home, ["eval", str(ckpt), "--final-eval-images", "4", "--fid-samples", "0", "--log-to-run"])
     assert same_method.exit_code == 0, describe(same_method)
     assert "exact (all 40 t) on 4 of 297 test images, as bpd_eval_exact_4images" in same_method.stdout
@@ -687,8 +692,8 @@ def test_eval_only_ode_adds_nll_ode_without_the_bound_or_samples(home, monkeypat
     refused = invoke(home, ["eval", str(ckpt), "--only", "ode", "--fid-samples", "5"])
     assert refused.exit_code == 2 and refused.stderr.strip() == \
         "error: --only ode draws no samples; leave out --fid-samples 5", describe(refused)
-    ode = invoke(home, ["eval", str(ckpt), "--only", "ode", "--ode-images", "3", "--ode-method", "RK23", "--ode-rtol", "1e-3",
-                        "--ode-atol", "1e-3", "--ode-batch-size", "2", "--log-to-run"])
+    ode = invoke(home, ["eval", str(ckpt), "--only", "ode", "--ode-images", "3", "--ode-method", "RK23",
+                        "--ode-rtol", "1e-3", "--ode-atol", "1e-3", "--ode-batch-size", "2", "--log-to-run"])
     assert ode.exit_code == 0, describe(ode)
     assert "  bound      not computed\n" in ode.stdout and "on 3 of 297 test images, as nll_ode" in ode.stdout
     assert "probability-flow NLL: 3 images\n" in ode.stderr  # the progress counts images (2 batches of at most 2)
@@ -884,7 +889,8 @@ def test_the_probability_flow_nll_is_logged_apart_from_the_bound(home):
     assert {"nll_ode", "nll_ode_stderr", "nll_ode_nfe", "nll_ode_stderr_draws"} <= set(m)
     assert math.isfinite(m["nll_ode"]) and m["nll_ode_stderr"] > 0 and m["nll_ode_nfe"] >= 2
     assert m["nll_ode"] != m["bpd"] and sorted(s for s, _ in history(c, run_id, "bpd")) == [STEPS]
-    assert tags["nll_ode_method"].startswith("probability-flow ODE NLL (not the bound)") and "2 rademacher" in tags["nll_ode_method"]
+    assert (tags["nll_ode_method"].startswith("probability-flow ODE NLL (not the bound)")
+            and "2 rademacher" in tags["nll_ode_method"])
     assert tags["nll_ode_images"] == "8" and said("nll_ode", m["nll_ode"], result.stdout)
     ckpt = home / "checkpoints" / run_id / "last.pt"
     again = invoke(home, ["eval", str(ckpt), "--nll", "ode", "--fid-samples", "0", "--device", "cpu"])
@@ -908,7 +914,8 @@ def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monke
     import bench.training.evaluation
 
     def diverges(*args, **kwargs):
-        raise bench.diffusion.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 (network index 113, along the flow)")
+        raise bench.diffusion.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 "
+                                               "(network index 113, along the flow)")
 
     monkeypatch.setattr(bench.training.evaluation, "nll_ode", diverges)
     run_id, _ = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode"])

@@ -83,7 +83,8 @@ def test_bench_server_takes_runs_and_artifacts_over_http_and_stops(tmp_path):
         assert list(store.rglob("MLmodel")) and list(store.rglob("config.json"))  # …into its destination
         # the EMA network: a LoggedModel with the final metrics linked, its files uploaded too, loadable over HTTP
         (model,) = MlflowClient(url).search_logged_models(experiment_ids=[run.info.experiment_id])
-        assert model.source_run_id == run.info.run_id and {m.key: m.value for m in model.metrics}["bpd"] == run.data.metrics["bpd"]
+        assert (model.source_run_id == run.info.run_id
+                and {m.key: m.value for m in model.metrics}["bpd"] == run.data.metrics["bpd"])
         assert model.artifact_location.startswith("mlflow-artifacts:") and list(store.rglob("model.pt2"))
         with _use_tracking_uri(url):
             net = mlflow.pytorch.load_model(f"models:/{model.model_id}")

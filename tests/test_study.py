@@ -265,7 +265,8 @@ def test_cli_three_trial_study_end_to_end(home, monkeypatch, t40_space):
                f"bpd {t.value:.4f} ± {se[t.number]:.4f} (se) bits/dim (estimate, test split)" in line
         assert all(p in line.split() for p in param_text(t.params)), line
         assert re.search(r"\((\d+m)?\d+s\)$", line), line  # the trial's duration
-    exact_line = f"exact bound, trial {best.number}: bpd {exact[str(best.number)]:.4f} bits/dim (exact bound, test split)"
+    exact_line = (f"exact bound, trial {best.number}: bpd {exact[str(best.number)]:.4f} "
+                  "bits/dim (exact bound, test split)")
     assert f"exact bound, trial {best.number} (1/1): its checkpoint on the test split, all T steps, 297 test images " \
            "(as its estimate)" in out
     summary = ["study e2e: variant simple on digits, objective bpd",
@@ -307,8 +308,8 @@ def test_objective_both_is_a_pareto_study_without_intermediate_reports(home, mon
     assert sorted(lines) == [0, 1], res.stdout
     for t in study.trials:
         se = runs[t.number].data.metrics["bpd_stderr"]
-        assert f"complete  bpd {t.values[0]:.4f} ± {se:.4f} (se) bits/dim (estimate, test split)  fid {t.values[1]:.2f} " \
-               "(n=16, vs train split)" in lines[t.number][2]
+        assert f"complete  bpd {t.values[0]:.4f} ± {se:.4f} (se) bits/dim (estimate, test split)  " \
+               f"fid {t.values[1]:.2f} (n=16, vs train split)" in lines[t.number][2]
     # the Pareto front as a table: a header, then one row per front trial, lowest bpd first
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     exact = {int(k): v for k, v in study.user_attrs["bpd_exact"].items()}
@@ -323,7 +324,8 @@ def test_objective_both_is_a_pareto_study_without_intermediate_reports(home, mon
         assert cells[:4] == [f"{t.number}{'*' if t.number == 0 else ''}", f"{t.values[0]:.4f}", f"{t.values[1]:.2f}",
                              f"{exact[t.number]:.4f}" if t.number in exact else "-"], row
         assert cells[4:] == [param_cell(t.params[k]) if k in t.params else "-" for k in params], row
-    legend = f"  fid: FID of n=16 samples against the digits train split, {front[0].user_attrs['fid_extractor']} features"
+    legend = (f"  fid: FID of n=16 samples against the digits train split, "
+              f"{front[0].user_attrs['fid_extractor']} features")
     assert any(line.startswith(legend) for line in out), res.stdout
 
 
@@ -377,7 +379,8 @@ def check_shared_study(home: Path, name: str, n: int) -> None:
 
 @pytest.mark.slow
 def test_eight_spawned_workers_lose_and_duplicate_no_trial(home):
-    run_study(study_config(trials=8, workers=8, study_name="w8", exact_top=0), progress=False)  # raises if a worker failed
+    # raises if a worker failed
+    run_study(study_config(trials=8, workers=8, study_name="w8", exact_top=0), progress=False)
     check_shared_study(home, "w8", 8)
 
 
@@ -561,7 +564,8 @@ def resumed(tmp_path_factory, store_template):
         # the flat EMA: 16 steps from the zero-output network keep it near that network under the drawn schedule
         # (11.28 bits/dim against the first session's 11.71); the warmed-up EMA tracks a 16-step network (13.34)
         [second] = run_study(study_config(trials=3, steps=16, study_name="resume",
-                                          run_overrides={**LIB, "warmup_steps": 1, "ema_warmup": False}), progress=False)
+                                          run_overrides={**LIB, "warmup_steps": 1, "ema_warmup": False}),
+                             progress=False)
     return {"home": home, "first": first, "second": second, "best_after_first": best_after_first,
             "study": load(home, "resume")}
 
@@ -630,7 +634,8 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space, capsys):
     try:
         deadline = time.monotonic() + 90
         while not (_running_trial_with_params(home / "optuna.db", "hb") and _trial_run_started(home / "mlflow.db")):
-            assert proc.poll() is None, f"exited with {proc.returncode} before a trial ran\n" + process_output(home, "hb")
+            assert proc.poll() is None, (f"exited with {proc.returncode} before a trial ran\n"
+                                         + process_output(home, "hb"))
             assert time.monotonic() < deadline, "no RUNNING trial appeared\n" + process_output(home, "hb")
             time.sleep(0.2)
     finally:
@@ -653,7 +658,8 @@ def test_a_killed_workers_trial_is_failed_and_retried(home, t40_space, capsys):
     assert retry.params == stale.params == {**DEFAULT_PARAMS, "T": 40}
     assert lines[0][2].startswith("[1/3] trial 0 [default schedule] failed "
                                   "(its worker stopped sending heartbeats (killed or stalled); retried as trial 1)  ")
-    assert lines[1][2].startswith(f"[2/3] trial 1 [default schedule, retry of trial 0] complete  bpd {retry.value:.4f} ")
+    assert lines[1][2].startswith("[2/3] trial 1 [default schedule, retry of trial 0] "
+                                  f"complete  bpd {retry.value:.4f} ")
     assert lines[2][2].startswith("[3/3] trial 2 complete  bpd ")
     assert retry.user_attrs.get("default_schedule") is True
     client = mlflow_client(home)
@@ -685,7 +691,8 @@ def test_a_trial_left_running_by_a_dead_worker_is_retried_and_the_study_finishes
                       timeout=240.0)  # the timeout: a hang fails, not hangs
     client = tracking.client()
     study = study_mod._open_study(sc, name)
-    study_mod._parent_run(client, study, sc, name, "simple", load_space(sc.space_file))  # the dead worker's start: trial 0 queued
+    # the dead worker's start: trial 0 queued
+    study_mod._parent_run(client, study, sc, name, "simple", load_space(sc.space_file))
     lost = study.ask()  # … and taken: RUNNING
     dead_run = None
     if left != "taken":

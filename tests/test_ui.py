@@ -125,7 +125,8 @@ def test_sigkill_of_the_watchdog_takes_the_server_down_and_bench_ui_says_so(tmp_
         assert not [p for p in tree if _alive(p)], "server processes outlived the watchdog"
         assert proc.wait(timeout=10) == 2
         err = proc.stderr.read().splitlines()  # the server's log lines, then bench ui's
-        assert err[-1] == "error: the watchdog of the MLflow server was killed by signal 9; the MLflow server was stopped with it"
+        assert err[-1] == ("error: the watchdog of the MLflow server was killed by signal 9; "
+                           "the MLflow server was stopped with it")
     finally:
         _kill_all(proc, tree)
 
@@ -152,7 +153,8 @@ def test_ui_warns_once_that_a_non_loopback_host_has_no_authentication(tmp_path, 
 
 # ------------------------------------------------------------------------- helpers: processes, pages
 needs_chromium = pytest.mark.usefixtures("chromium")  # skips without it, fails under CI=true (tests/tools.py)
-needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="reads the process tree from /proc (Linux)")
+needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(),
+                                reason="reads the process tree from /proc (Linux)")
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -272,7 +274,8 @@ class _Page(HTMLParser):
 # ------------------------------------------------------------------------- bench ui: the runs table
 def _bench_run(c, experiment_id: str, name: str, variant: str, metrics: dict[str, float], start_ms: int) -> str:
     """A finished run with the tags and params `bench run` gives its runs (and the metrics given)."""
-    run = c.create_run(experiment_id, start_time=start_ms, run_name=name, tags={"variant": variant, "dataset": "digits"})
+    run = c.create_run(experiment_id, start_time=start_ms, run_name=name,
+                       tags={"variant": variant, "dataset": "digits"})
     rid = run.info.run_id
     params = {"protocol.bpd": "x0-clipped", "config.variant": variant.split("[")[0], "config.steps": "30"}
     c.log_batch(rid, metrics=[Metric(k, v, start_ms + 1000, 30) for k, v in metrics.items()],
@@ -322,9 +325,12 @@ def test_ui_opens_the_runs_table_with_bpd_fid_and_variant_of_the_newest_experime
         # The name cell also holds the run's chart colour as hidden text ("#9e102c…"); the name ends it.
         assert page.cells[better]["attributes.`Run Name`"].endswith("hybrid-digits-seed0")
         assert page.cells[worse]["attributes.`Run Name`"].endswith("simple-digits-seed0")
-        assert page.cells[better]["tags.`variant`"] == "hybrid" and page.cells[worse]["tags.`variant`"] == "simple[small]"
-        assert page.cells[better]["metrics.`bpd`"].startswith("1.111") and page.cells[worse]["metrics.`bpd`"].startswith("1.234")
-        assert page.cells[better]["metrics.`fid`"].startswith("38.2") and page.cells[worse]["metrics.`fid`"].startswith("45.6")
+        assert (page.cells[better]["tags.`variant`"] == "hybrid"
+                and page.cells[worse]["tags.`variant`"] == "simple[small]")
+        assert (page.cells[better]["metrics.`bpd`"].startswith("1.111")
+                and page.cells[worse]["metrics.`bpd`"].startswith("1.234"))
+        assert (page.cells[better]["metrics.`fid`"].startswith("38.2")
+                and page.cells[worse]["metrics.`fid`"].startswith("45.6"))
         assert page.row_index[better] < page.row_index[worse]  # sorted by bpd, the lowest first
         assert old_run not in page.text
         _ctrl_c_stops_everything(proc, port)
@@ -362,7 +368,8 @@ def test_ui_refuses_an_unknown_experiment_in_one_line_listing_the_others(tmp_pat
     result = CliRunner().invoke(cli, ["ui", "--experiment", "grid-digit", "--port", str(_free_port())])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --experiment 'grid-digit': no such experiment in sqlite:///{tmp_path}/mlflow.db; it has Default, grid-digits"]
+        f"error: --experiment 'grid-digit': no such experiment in sqlite:///{tmp_path}/mlflow.db; "
+        "it has Default, grid-digits"]
 
 
 def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never_replaced(tmp_path, monkeypatch):
@@ -375,7 +382,8 @@ def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     real = c.get_experiment_by_name("real")
     page, note = ui.runs_page(c, real)  # a run made by `bench run` is recognised as one
-    assert note is None and page == f"#/experiments/{real.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={ui.VIEW_KEY}"
+    assert note is None and page == (f"#/experiments/{real.experiment_id}/runs?workflowType=machine_learning"
+                                     f"&viewStateShareKey={ui.VIEW_KEY}")
     view = json.loads(c.get_experiment(real.experiment_id).tags[ui.VIEW_TAG])
     state = json.loads(view["state"])
     assert view["name"] == ui.VIEW_KEY and state["selectedColumns"] == list(ui.VIEW_COLUMNS)
@@ -443,9 +451,11 @@ def test_dashboard_opens_the_page_of_the_study_asked_about(tmp_path, monkeypatch
     ok = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "schedule-digits-bpd-hybrid"],
                             env={"BENCH_HOME": str(home)})
     assert ok.exit_code == 0, ok.output
-    study_id = optuna.storages.RDBStorage(storage).get_study_id_from_name("schedule-digits-bpd-hybrid")  # as the dashboard
-    assert served == [f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"] and study_id == 2  # numbers its pages
-    bad = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "nope"], env={"BENCH_HOME": str(home)})
+    # as the dashboard numbers its pages
+    study_id = optuna.storages.RDBStorage(storage).get_study_id_from_name("schedule-digits-bpd-hybrid")
+    assert served == [f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"] and study_id == 2
+    bad = CliRunner().invoke(cli, ["dashboard", "--port", str(port), "--study-name", "nope"],
+                             env={"BENCH_HOME": str(home)})
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
         f"error: --study-name 'nope': no such study in {storage}; it has schedule-digits-bpd-hybrid, "
         "schedule-digits-bpd-simple"], bad.stderr

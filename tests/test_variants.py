@@ -42,7 +42,8 @@ def test_fixed_variants_can_use_beta_and_say_so(name):
     x = torch.zeros(1, 1, 2, 2)
     t = torch.tensor([4])
     out = torch.zeros(1, 1, 2, 2)
-    assert large.p_mean_variance(out, sched, x, t).log_var.flatten()[0].item() == pytest.approx(sched.log_betas[4].item(), rel=1e-6)
+    assert large.p_mean_variance(out, sched, x, t).log_var.flatten()[0].item() == pytest.approx(
+        sched.log_betas[4].item(), rel=1e-6)
     assert small.p_mean_variance(out, sched, x, t).log_var.flatten()[0].item() == pytest.approx(
         sched.posterior_log_variance_clipped[4].item(), rel=1e-6
     )

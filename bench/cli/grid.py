@@ -55,8 +55,10 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     variants = variants or ((file_values["variant"],) if "variant" in file_values else GRID_VARIANTS)
     replaced = sorted(set(file_values) & {"seed", "run_name"})
     if replaced:
-        click.echo(f"note: the grid sets {' and '.join(replaced)} itself; the config file's value is not used", err=True)
-    configs = [replace(assemble_config({**values, "variant": v, "seed": s}, file_values, own=grid_defaults), run_name=None)
+        click.echo(f"note: the grid sets {' and '.join(replaced)} itself; the config file's value is not used",
+                   err=True)
+    configs = [replace(assemble_config({**values, "variant": v, "seed": s}, file_values, own=grid_defaults),
+                       run_name=None)
                for v in dict.fromkeys(variants) for s in range(seeds)]  # all validated up front
     experiment, tracking_uri = configs[0].experiment, configs[0].tracking_uri
     if not dry_run:
@@ -106,11 +108,13 @@ def grid_cmd(variants, seeds, out, log_to_mlflow, dry_run, config_file, **values
     if dry_run:
         click.echo(f"{len(configs)} runs: {len(configs) - skipped} to train, {skipped} already recorded; "
                    "every run's config but its variant and seed:")
-        click.echo(json.dumps({k: v for k, v in configs[0].redacted().to_dict().items() if k not in ("variant", "seed", "run_name")},
+        click.echo(json.dumps({k: v for k, v in configs[0].redacted().to_dict().items()
+                               if k not in ("variant", "seed", "run_name")},
                               indent=2))
         return
     rep = build_report([experiment], None, out, tracking_uri, log_to_mlflow=log_to_mlflow)
-    click.echo(f"report of {rep.runs} runs: {rep.html}" + (f"; logged as MLflow run {rep.run_id}" if rep.run_id else ""))
+    click.echo(f"report of {rep.runs} runs: {rep.html}"
+               + (f"; logged as MLflow run {rep.run_id}" if rep.run_id else ""))
     click.echo(f"{len(configs)} runs, {diverged} diverged (recorded FAILED; counted, not averaged, in the report)"
                + (f"; {skipped} already recorded before this grid, skipped" if skipped else "")
                + (f"; {elsewhere} trained meanwhile by another grid" if elsewhere else ""))

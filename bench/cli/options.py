@@ -36,7 +36,8 @@ def default_text(name: str) -> str:
     return "default: " + ", ".join(f"{show(v)} ({d})" for d, v in per.items())
 
 
-def config_option(name: str, *, help: str | None = None, state_default: bool = True, param: str | None = None, **click_kw):
+def config_option(name: str, *, help: str | None = None, state_default: bool = True, param: str | None = None,
+                  **click_kw):
     """The option of the RunConfig field ``name``: ``--NAME`` (``-`` for ``_``), a ``--NAME/--no-NAME`` switch for a
     bool, its choices or path, and its help from the field's metadata, ending with the default it resolves to
     (unless not ``state_default``). A command that says something else of it gives its own ``help`` ('' for none),
@@ -60,7 +61,8 @@ def config_option(name: str, *, help: str | None = None, state_default: bool = T
 
 
 CONFIG_FILE = click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                           help="TOML file of RunConfig values (keys: these options' names with _); options given here win.")
+                           help="TOML file of RunConfig values (keys: these options' names with _); "
+                                "options given here win.")
 # the options of `bench run` that set its config (--config, then each RunConfig field in the config's order);
 # `bench grid` and `bench study` take them too, less those they set themselves
 RUN_OPTIONS = [CONFIG_FILE, *(config_option(name) for name in FIELDS)]

@@ -56,7 +56,8 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
     processes: --nproc N here, or `torchrun --nproc_per_node N -m bench run …` (multi-node: torchrun's
     --nnodes/--rdzv-* flags); the global batch stays --batch-size."""
     if nproc and "WORLD_SIZE" in os.environ:
-        raise BenchError("--nproc starts its own ranks; under torchrun leave it out (torchrun's --nproc_per_node sets them)")
+        raise BenchError("--nproc starts its own ranks; "
+                         "under torchrun leave it out (torchrun's --nproc_per_node sets them)")
     if resume:
         extra = sorted(k for k, v in values.items() if v is not None and k not in ("steps", "device", "tracking_uri"))
         if extra or config_file:
@@ -75,14 +76,16 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
         return 0
     if nproc and nproc > 1:
         if config.batch_size % nproc:
-            raise BenchError(f"--batch-size {config.batch_size} does not split over --nproc {nproc}; use a multiple of {nproc}")
+            raise BenchError(f"--batch-size {config.batch_size} does not split over --nproc {nproc}; "
+                             f"use a multiple of {nproc}")
         return launch(nproc, _without_nproc(click.get_current_context().meta[ARGV]))
     result = train(config, resume=resume, reopen=reopen, warn_short_budget=True)
     if result.rank != 0:
         return EXIT_DIVERGED if result.status == "FAILED" else 0
     click.echo(f"run {result.run_id}: {result.status} at step {result.step}")
     if result.status == "FAILED":
-        click.echo(f"  the run diverged ({result.reason}); recorded in MLflow as FAILED with tags failure_reason, failure_step")
+        click.echo(f"  the run diverged ({result.reason}); "
+                   "recorded in MLflow as FAILED with tags failure_reason, failure_step")
     else:
         click.echo(summarize(result.metrics, "  "))
         click.echo(f"  checkpoint: {result.checkpoint}")
@@ -95,14 +98,15 @@ def run_cmd(config_file, resume, reopen, dry_run, nproc, **values) -> int:
 def _eval_option(name: str, help: str | None = None, **click_kw):
     """An option of `bench eval` for the RunConfig field ``name``, with the field's help or, where eval's says
     something else, ``help``; unset, the run's own value applies."""
-    return config_option(name, help=f"{help or FIELDS[name].metadata['help']} [default: the run's]", state_default=False,
-                         **click_kw)
+    return config_option(name, help=f"{help or FIELDS[name].metadata['help']} [default: the run's]",
+                         state_default=False, **click_kw)
 
 
 EVAL_OPTIONS = [
     _eval_option("final_eval",
                  help="The bound's method: exact (all T terms) or the unbiased estimate (--eval-calls per image)."),
-    _eval_option("final_eval_images", type=click.IntRange(min=0), help="Test images in the bound (0: the whole split)."),
+    _eval_option("final_eval_images", type=click.IntRange(min=0),
+                 help="Test images in the bound (0: the whole split)."),
     _eval_option("eval_calls", type=click.IntRange(min=3), help="Network calls per image in the estimate."),
     _eval_option("eval_batch_size", type=click.IntRange(min=1), help="(image, t) pairs per network call in the bound."),
     _eval_option("ode_images", type=click.IntRange(min=0), help="Test images for nll_ode (0: the bound's)."),
@@ -112,7 +116,8 @@ EVAL_OPTIONS = [
     _eval_option("ode_probes", type=click.IntRange(min=1)),
     _eval_option("ode_probe_type"),
     _eval_option("ode_batch_size", type=click.IntRange(min=1), help="Images solved together as one ODE."),
-    _eval_option("fid_samples", type=click.IntRange(min=0), help="Samples scored by FID, with a sample grid (0: no FID, no grid)."),
+    _eval_option("fid_samples", type=click.IntRange(min=0),
+                 help="Samples scored by FID, with a sample grid (0: no FID, no grid)."),
     _eval_option("sample_steps", type=click.IntRange(min=0), help="Sampler steps (0: all T)."),
 ]
 ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID untouched, not recomputed)",
@@ -122,8 +127,8 @@ ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID u
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--nll", type=click.Choice(["bound", "ode"]), default=None,
-              help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; not a "
-                   "bound); bound: the bound without it. [default: the run's final_eval_ode]")
+              help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; "
+                   "not a bound); bound: the bound without it. [default: the run's final_eval_ode]")
 @click.option("--only", type=click.Choice(list(ONLY)), default=None,
               help="Compute one thing: " + "; ".join(f"{k}: {v}" for k, v in ONLY.items())
                    + ". `--only ode --log-to-run` adds the ODE likelihood to a run.")
@@ -133,7 +138,8 @@ ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID u
               help="Log the results into the run that produced the checkpoint: a bound by the run's method on as many "
                    "images extends bpd; by the other method, bpd_eval_exact/_estimate; on another number of images, "
                    "bpd_eval_<method>_<N>images (nll_ode likewise), so the run's own numbers are never overwritten.")
-@options.tracking_uri("With --log-to-run: the run's store, where the checkpoint holds its URI with the password masked.")
+@options.tracking_uri("With --log-to-run: the run's store, "
+                      "where the checkpoint holds its URI with the password masked.")
 def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) -> None:
     """Evaluate a saved model's EMA weights: bits/dim on the test split, nll_ode, samples and FID.
 

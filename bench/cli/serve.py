@@ -23,11 +23,13 @@ def ui_cmd(host, port, tracking_uri, experiment, browser) -> None:
 @click.command("server")
 @click.option("--backend-store-uri", default=None, envvar="MLFLOW_BACKEND_STORE_URI",
               help="Database of the runs: postgresql://USER:PASSWORD@HOST/DB, or sqlite:///PATH (unset: "
-                   "$MLFLOW_BACKEND_STORE_URI, which keeps a password off the command line, else mlflow.db in BENCH_HOME).")
+                   "$MLFLOW_BACKEND_STORE_URI, which keeps a password off the command line, "
+                   "else mlflow.db in BENCH_HOME).")
 @click.option("--artifacts-destination", default=None,
               help="Where uploaded artifacts are kept: a folder or an object-store URI such as s3://bucket/path "
                    "(unset: mlartifacts-served/ in BENCH_HOME).")
-@options.host("Address to serve on; workers on other machines need 0.0.0.0 or this machine's address (no authentication).")
+@options.host("Address to serve on; "
+              "workers on other machines need 0.0.0.0 or this machine's address (no authentication).")
 @options.port(5000)
 @click.option("--workers", type=int, default=4, show_default=True, help="Server processes answering requests.")
 @click.option("--allowed-hosts", default=None,

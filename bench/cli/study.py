@@ -28,24 +28,29 @@ STUDY_RUN_OPTIONS = stating(without(RUN_OPTIONS, STUDY_OWNS),
 @config_option("variant", param="variants", multiple=True, state_default=False,
                help=f"Variant to tune (repeat for several: one study each). [default: {', '.join(STUDY['variants'])}]")
 @config_option("dataset", help="", state_default=False, default=STUDY["dataset"], show_default=True)
-@click.option("--trials", type=int, default=STUDY["trials"], show_default=True, help="Trials in the study (resumed ones count; a trial lost with its worker is replaced by its retry).")
+@click.option("--trials", type=int, default=STUDY["trials"], show_default=True,
+              help="Trials in the study (resumed ones count; a trial lost with its worker is replaced by its retry).")
 @click.option("--timeout", type=float, default=STUDY["timeout"], help="Seconds per study and worker (unset: no limit).")
-@config_option("steps", help="Optimiser steps per trial.", state_default=False, default=STUDY["steps"], show_default=True)
+@config_option("steps", help="Optimiser steps per trial.", state_default=False, default=STUDY["steps"],
+               show_default=True)
 @click.option("--objective", type=click.Choice(list(OBJECTIVES)), default=STUDY["objective"], show_default=True,
               help="What trials minimise: estimated bits/dim on the test split, FID, or both (a Pareto front).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=STUDY["sampler"], show_default=True,
               help="Optuna sampler.")
 @config_option("seed", help="Seeds the sampler and every trial's training.", state_default=False, default=STUDY["seed"],
                show_default=True)
-@click.option("--workers", type=int, default=STUDY["workers"], show_default=True, help="Worker processes sharing the study.")
+@click.option("--workers", type=int, default=STUDY["workers"], show_default=True,
+              help="Worker processes sharing the study.")
 @options.storage("Optuna RDB URL (unset: sqlite optuna.db in BENCH_HOME).")
 @options.study_name("Name a study, or resume one (unset: schedule-DATASET-OBJECTIVE-VARIANT).")
 @config_option("tracking_uri")
 @config_option("experiment", state_default=False,
-               help="MLflow experiment of the study and trial runs (unset: $MLFLOW_EXPERIMENT_NAME, else elbo-bench-studies).")
+               help="MLflow experiment of the study and trial runs "
+                    "(unset: $MLFLOW_EXPERIMENT_NAME, else elbo-bench-studies).")
 @click.option("--space", "space_file", default=None, help="Study TOML (path or a name in studies/; see --show-space).")
 @click.option("--tune-lr", is_flag=True, help="Add the learning rate to the search space.")
-@click.option("--exact-top", type=int, default=STUDY["exact_top"], show_default=True, help="Best trials re-evaluated with the exact bound.")
+@click.option("--exact-top", type=int, default=STUDY["exact_top"], show_default=True,
+              help="Best trials re-evaluated with the exact bound.")
 @config_option("fid_samples", help="Samples per trial when FID is an objective (else none).", state_default=False,
                default=STUDY["fid_samples"], show_default=True)
 @click.option("--heartbeat", type=int, default=STUDY["heartbeat"], show_default=True,

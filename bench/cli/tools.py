@@ -46,7 +46,8 @@ def runs_cmd(experiments, cleanup, tracking_uri) -> None:
 
 @click.command("fid")
 @click.argument("samples_file", metavar="SAMPLES.npz", type=click.Path(dir_okay=False))
-@config_option("dataset", state_default=False, help="What the samples imitate (default: the dataset the samples file records).")
+@config_option("dataset", state_default=False,
+               help="What the samples imitate (default: the dataset the samples file records).")
 @config_option("data_dir", state_default=False, help="Data root (else $BENCH_DATA_DIR).")
 @config_option("fid_weights", state_default=False, help="Inception weights file for RGB FID.")
 @config_option("device", state_default=False, help="auto, cpu, cuda, cuda:N.", default="auto", show_default=True)

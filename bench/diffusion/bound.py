@@ -273,7 +273,8 @@ def estimate_bits_per_dim(
     _check_inputs(images, sched, runtime.batch_size)
     S = (calls_per_image - 1) // 2
     if S < 1:
-        raise BenchError(f"calls_per_image must be >= 3 (one decoder call, two stratified replicates), got {calls_per_image}")
+        raise BenchError("calls_per_image must be >= 3 (one decoder call, two stratified replicates), "
+                         f"got {calls_per_image}")
     edges = strata_edges(sched.T, S)
     sizes = (edges[1:] - edges[:-1]).to(torch.float64)
     N, K = images.shape[0], 1 + 2 * S
@@ -300,7 +301,8 @@ def estimate_bits_per_dim(
     return _paired(*results, clip_x0)
 
 
-def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip_x0: bool, edges: torch.Tensor) -> EstimateResult:
+def _estimate(bits: torch.Tensor, sizes: torch.Tensor, prior: torch.Tensor, clip_x0: bool,
+              edges: torch.Tensor) -> EstimateResult:
     """The estimate from the per-call terms ``bits`` [N, K] (decoder, replicate A's strata, replicate B's)."""
     N, S = bits.shape[0], len(sizes)
     decoder = bits[:, 0]

@@ -13,8 +13,9 @@ Its metrics are ``nll_ode…`` and are never mixed into ``bpd``.
 
 Noise is keyed by (seed, image index) alone (streams DEQUANTISATION and PROBES), and ranks take
 contiguous blocks of whole batches (each rank's solver takes its own steps; results are gathered after
-the solves), so every rank gets the numbers one process computes with the same ``batch_size``. Within one batch the solver's steps are
-shared by all its images: another ``batch_size`` changes an image's number by up to the tolerances.
+the solves), so every rank gets the numbers one process computes with the same ``batch_size``. Within one batch
+the solver's steps are shared by all its images: another ``batch_size`` changes an image's number by up to the
+tolerances.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def dequantise(pixels: torch.Tensor, seed: int, image: int, count: int) -> torch
     return pixels.to(torch.float64) / 127.5 - 1 + (2 * w - 1) * BIN_HALF_WIDTH
 
 
-def score_and_quadratic(score: ScoreFn, x: torch.Tensor, s: float, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_and_quadratic(score: ScoreFn, x: torch.Tensor, s: float,
+                        probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """score(x, s) [B, …] and, per row, vᵀ (∂score/∂x) v [B] for the probe v of that row (one vector–Jacobian
     product; its mean over probes with E[v vᵀ] = I is the trace of the Jacobian)."""
     with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller is in
@@ -255,7 +257,8 @@ class NllResult:
 
     def summary(self) -> dict[str, float]:
         """Means over the images, under the metric names the suite logs (never ``bpd``)."""
-        out = {"nll_ode": self.total.mean().item(), "nll_ode_stderr": self.stderr, "nll_ode_nfe": self.nfe.mean().item()}
+        out = {"nll_ode": self.total.mean().item(), "nll_ode_stderr": self.stderr,
+               "nll_ode_nfe": self.nfe.mean().item()}
         if math.isfinite(self.stderr_draws):
             out["nll_ode_stderr_draws"] = self.stderr_draws
         return out
@@ -306,7 +309,8 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     for start in progress_of(starts, len(mine), runtime.label("probability-flow NLL"), "image", runtime.shows_progress,
                              weight=lambda start: min(batch_size, mine.stop - start)):
         batch = range(start, min(start + batch_size, mine.stop))
-        points = torch.cat([dequantise(data[i], seed, i, K) if dequantised else data[i].to(torch.float64).expand(K, *shape)
+        points = torch.cat([dequantise(data[i], seed, i, K) if dequantised
+                            else data[i].to(torch.float64).expand(K, *shape)
                             for i in batch])
         probes = torch.cat([draw_probes(seed, i, K, shape, options.probe_type) for i in batch])
         nats, nfe = flow_nll_nats(score, sde, points.to(device=device, dtype=runtime.precision), probes, options)

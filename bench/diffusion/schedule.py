@@ -191,7 +191,8 @@ class Schedule:
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t."""
-        return self.take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        return (self.take("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def describe(self) -> str:
         """A short human-readable name, e.g. ``linear(T=1000, 1e-4..0.02)``."""

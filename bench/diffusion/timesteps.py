@@ -25,7 +25,8 @@ class UniformSampler:
 
         Without a generator t is drawn on ``device`` from its default stream; a generator's stream is
         drawn on the generator's own device and moved, so its numbers do not depend on ``device``."""
-        t = _draw_on(device, generator, lambda on: torch.randint(0, self.T, (batch_size,), generator=generator, device=on))
+        t = _draw_on(device, generator,
+                     lambda on: torch.randint(0, self.T, (batch_size,), generator=generator, device=on))
         return t, torch.ones(batch_size, device=device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
@@ -110,7 +111,8 @@ class LossSecondMomentSampler(UniformSampler):
         self.loss_counts = (count + new).clamp(max=H)
 
     def state_dict(self) -> dict:
-        return {"loss_history": self.loss_history.to("cpu", copy=True), "loss_counts": self.loss_counts.to("cpu", copy=True)}
+        return {"loss_history": self.loss_history.to("cpu", copy=True),
+                "loss_counts": self.loss_counts.to("cpu", copy=True)}
 
     def load_state_dict(self, state: dict) -> None:
         history, counts = state["loss_history"], state["loss_counts"]

@@ -23,7 +23,8 @@ class Runtime:
     evaluator's own batch size, float64 terms (float32 on MPS), no progress bars."""
 
     device: torch.device | str | None = None  # where it runs; None: where the model's parameters are (else the CPU)
-    dist: Dist = SINGLE  # the ranks that share the work: each does a contiguous block of whole batches, all get the result
+    # the ranks that share the work: each does a contiguous block of whole batches, all get the result
+    dist: Dist = SINGLE
     batch_size: int | None = None  # pairs, samples or images per batch; None: the evaluator's default (its docstring)
     precision: torch.dtype | None = None  # the dtype the likelihoods' terms are formed in; None: see default_precision
     progress: bool = False  # show progress bars (on the main rank only)

@@ -117,7 +117,8 @@ _OPS = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": t
 
 def _comm_device() -> torch.device:
     """Where a tensor must be for a collective: the rank's GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl"
+            else torch.device("cpu"))
 
 
 def from_env() -> Dist:
@@ -128,7 +129,8 @@ def from_env() -> Dist:
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
-        raise BenchError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them)") from None
+        raise BenchError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                         "(torchrun sets them)") from None
     if world < 1 or not 0 <= rank < world:
         raise BenchError(f"RANK={rank} and WORLD_SIZE={world} do not describe a rank; launch with torchrun")
     return Dist(rank, world, local_rank, local_world)

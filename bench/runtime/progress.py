@@ -84,7 +84,8 @@ class Progress:
             pauses = self.pauses_left * self._paused / self._pauses if self._pauses else 0.0
             left = f", about {format_duration(elapsed / done * (self.total - self.n) + pauses)} left"
         postfix = f"; {self.postfix}" if self.postfix else ""
-        return f"{self.desc}: {self.n}/{self.total} {plural(self.unit, self.total)}{pct}, {format_duration(elapsed)}{left}{postfix}"
+        return (f"{self.desc}: {self.n}/{self.total} {plural(self.unit, self.total)}{pct}, "
+                f"{format_duration(elapsed)}{left}{postfix}")
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -133,7 +134,8 @@ class Progress:
             paused = f", and {format_duration(self._paused)} paused" if self._pauses else ""
             ended = "done" if self.n >= self.total else f"stopped at {self.n}/{self.total}"
             postfix = f"; {self.postfix}" if self.postfix else ""
-            say(f"{self.desc}: {ended}, {done} {plural(self.unit, done)} in {format_duration(elapsed)}{rate}{paused}{postfix}")
+            say(f"{self.desc}: {ended}, {done} {plural(self.unit, done)} "
+                f"in {format_duration(elapsed)}{rate}{paused}{postfix}")
 
     def __enter__(self) -> Progress:
         return self

@@ -2,9 +2,10 @@
 
 ``bench ui`` stops the server itself on Ctrl-C and SIGTERM, but a SIGKILL (or a crash) of ``bench ui``
 runs no cleanup, and ``mlflow server`` plus the uvicorn workers it starts would keep serving (as would
-optuna-dashboard). This script is started as ``python guard.py PARENT_PID [--pid-fd FD] -- COMMAND...``; it runs COMMAND
-in a new session (writing its process group id to FD when given) and, when its parent dies (PR_SET_PDEATHSIG on Linux; polling ``os.getppid()``
-everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole process group.
+optuna-dashboard). This script is started as ``python guard.py PARENT_PID [--pid-fd FD] -- COMMAND...``; it runs
+COMMAND in a new session (writing its process group id to FD when given) and, when its parent dies (PR_SET_PDEATHSIG on
+Linux; polling ``os.getppid()`` everywhere) or it is asked to stop (SIGTERM, SIGINT, SIGHUP), stops COMMAND's whole
+process group.
 Should the guard itself be killed (SIGKILL, which it cannot catch), ``bench ui`` stops COMMAND's group
 in its place (it learnt the group's id through FD), and COMMAND gets SIGTERM from Linux as well
 (PR_SET_PDEATHSIG, set in COMMAND's process before it starts; for when ``bench ui`` died too), which

@@ -47,11 +47,12 @@ READY_POLL_S = 0.5  # how often a starting server is asked whether it answers (t
 
 VIEW_KEY = "elbo-bench"  # the saved view's id, in its tag name and in the URL
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+# MLflow's column ids, in this order after the run name. The runs table prints a metric with all its digits and has no
+# setting to round them: bpd_rounded, a tag bench.training writes beside the metric, shows it rounded with its Monte
+# Carlo standard error and method; the metrics themselves (bpd, sortable; bpd_stderr, none for an exact bound) keep
+# every digit.
 VIEW_COLUMNS = ("tags.`variant`", "tags.`bpd_rounded`", "metrics.`bpd`", "metrics.`bpd_stderr`", "tags.`bpd_method`",
-                 "metrics.`bpd_estimate`", "metrics.`fid`", "params.`config.steps`", "tags.`dataset`")  # MLflow's column
-# ids, in this order after the run name. The runs table prints a metric with all its digits and has no setting to round
-# them: bpd_rounded, a tag bench.training writes beside the metric, shows it rounded with its Monte Carlo standard error
-# and method; the metrics themselves (bpd, sortable; bpd_stderr, none for an exact bound) keep every digit.
+                "metrics.`bpd_estimate`", "metrics.`fid`", "params.`config.steps`", "tags.`dataset`")
 VIEW_SORT = "metrics.`bpd`"  # ascending: the best bound first
 ML_VIEW = {"workflowType": "machine_learning"}  # MLflow's "Model training" side, not GenAI
 # A run `bench run` made: every run logs the protocol of its bpd as a param and its variant as a tag.
@@ -95,7 +96,8 @@ def _check_port_free(host: str, port: int) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
-        raise BenchError(f"--host {host} is not an address of this machine ({err.strerror}); give an IP address") from None
+        raise BenchError(f"--host {host} is not an address of this machine ({err.strerror}); "
+                         "give an IP address") from None
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -127,7 +129,8 @@ def pick_experiment(c, name: str | None):
         if found is not None and found.lifecycle_stage == "active":
             return found
         names = sorted(e.name for e in active)
-        listed = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+        listed = (", ".join(names[:NAMES_SHOWN])
+                  + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""))
         raise BenchError(f"{source} {name!r}: no such experiment in {masked(c.tracking_uri)}; "
                          f"it has {listed or 'no experiments'}")
     if not active:
@@ -227,7 +230,8 @@ def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: 
     previous = signal.signal(signal.SIGTERM, on_term)
     click.echo(f"{banner}: {url}  (Ctrl-C stops it)")
     if open_browser and browser is None:
-        click.echo("note: no graphical browser here (no display, or only a text browser); open the address above in one")
+        click.echo("note: no graphical browser here (no display, or only a text browser); "
+                   "open the address above in one")
     next_probe = 0.0
     try:
         while proc.poll() is None and not stop["now"]:
@@ -251,7 +255,8 @@ def _serve(cmd: list[str], banner: str, url: str, ready_url: str, open_browser: 
     if proc.returncode is not None and proc.returncode < 0 and server_group.isdigit():
         _stop_orphaned_group(int(server_group))  # the guard was killed before it could stop the server
         if proc.returncode != -signal.SIGTERM and not stop["now"]:
-            raise BenchError(f"the watchdog of {what} was killed by signal {-proc.returncode}; {what} was stopped with it")
+            raise BenchError(f"the watchdog of {what} was killed by signal {-proc.returncode}; "
+                             f"{what} was stopped with it")
     if proc.returncode not in (0, -signal.SIGTERM, None) and not stop["now"]:
         raise BenchError(f"{what} exited with status {proc.returncode} (its messages are above)")
 
@@ -282,7 +287,8 @@ def _stop_orphaned_group(pgid: int) -> None:
         pass
 
 
-def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None = None, open_browser: bool = False) -> None:
+def serve(tracking_uri: str | None, host: str, port: int, experiment: str | None = None,
+          open_browser: bool = False) -> None:
     """The MLflow UI on the store, opened on the runs table of ``experiment`` (see :func:`pick_experiment`)."""
     _warn_if_exposed(host, "the MLflow UI")
     _check_port(port)
@@ -328,7 +334,8 @@ def serve_tracking(backend_store: str | None, artifacts: str | None, host: str, 
         cmd += ["--allowed-hosts", allowed_hosts]
     root = base_url(host, port)
     click.echo(f"runs in {masked(uri)}; artifacts in {masked(artifacts)}, served through the server")
-    click.echo(f"workers: bench study --tracking-uri http://{socket.gethostname() if not is_loopback(host) else host}:{port} …")
+    click.echo("workers: bench study --tracking-uri "
+               f"http://{socket.gethostname() if not is_loopback(host) else host}:{port} …")
     _serve(cmd, "MLflow tracking server", root, f"{root}/health", False, "the MLflow server",
            env={BACKEND_STORE_ENV: uri, ARTIFACTS_DESTINATION_ENV: artifacts})
 

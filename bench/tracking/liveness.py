@@ -51,7 +51,8 @@ def _read(path: str, link: bool = False) -> str:
 def _machine() -> dict[str, str]:
     """What tells this kernel and PID namespace apart from others of the same hostname (containers, a
     reboot): the boot id and the PID namespace; empty where /proc does not tell (macOS)."""
-    return {"owner.boot": _read("/proc/sys/kernel/random/boot_id"), "owner.pidns": _read("/proc/self/ns/pid", link=True)}
+    return {"owner.boot": _read("/proc/sys/kernel/random/boot_id"),
+            "owner.pidns": _read("/proc/self/ns/pid", link=True)}
 
 
 def owner_tags() -> dict[str, str]:
@@ -88,8 +89,8 @@ def close_dead_runs(c, experiment_ids: list[str]) -> list[str]:
     from mlflow.entities import RunTag, ViewType  # heavy: mlflow loads only where a store is open
 
     closed = []
-    runs = c.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY,
-                         max_results=5000)
+    runs = c.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'",
+                         run_view_type=ViewType.ACTIVE_ONLY, max_results=5000)
     for r in runs:
         if not owner_gone(r.data.tags):
             continue

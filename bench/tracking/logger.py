@@ -30,7 +30,8 @@ class RunLogger:
         # MLflow's own ``system/*`` metrics count their steps in samples (one per 10 s), not training steps:
         # taken for ours, their larger steps would make every later sample grid look logged already.
         keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("system/")]
-        self._logged = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+        self._logged = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1)
+                        for k in keys}
 
     def _new(self, key: str, step: int) -> bool:
         return step > self._logged.get(key, -1)
@@ -47,7 +48,8 @@ class RunLogger:
         from mlflow.entities import Metric  # heavy: mlflow loads only where a run is recorded
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in values.items() if self._new(k, step)]
+        items = [Metric(k, float(v), now, step, model_id=self.model_id)
+                 for k, v in values.items() if self._new(k, step)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -67,8 +69,8 @@ class RunLogger:
         inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
         try:
             self.client.log_inputs(self.run_id, datasets=inputs)
-        except Exception:  # noqa: BLE001 - two runs registering the same dataset at once: the second finds it on a retry
-            time.sleep(0.5)
+        except Exception:  # noqa: BLE001 - two runs registering the same dataset at once:
+            time.sleep(0.5)  # the second finds it on a retry
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def image(self, array, key: str, step: int) -> None:
@@ -120,7 +122,8 @@ class RunLogger:
         def spec(x, name=None):
             return TensorSpec(np.dtype(str(x.dtype).removeprefix("torch.")), (-1, *x.shape[1:]), name)
 
-        signature = ModelSignature(inputs=Schema([spec(example[0], "x_t"), spec(example[1], "t")]), outputs=Schema([spec(out)]))
+        signature = ModelSignature(inputs=Schema([spec(example[0], "x_t"), spec(example[1], "t")]),
+                                   outputs=Schema([spec(out)]))
         run = self.client.get_run(self.run_id)
         logged = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
                                                  params=run.data.params)

@@ -39,7 +39,8 @@ def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_t in curves.items():
         values = per_t.detach().cpu().double().numpy()
-        ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2, color=colors.get(label))
+        ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2,
+                color=colors.get(label))
     ax.set_yscale("log")
     ax.set_xlabel("diffusion step t (t = 1: decoder L_0)")
     ax.set_ylabel("L_t term of the bound (bits/dim)")

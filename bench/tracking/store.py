@@ -30,7 +30,8 @@ def bench_home() -> Path:
     """Where the embedded store, checkpoints and caches live: $BENCH_HOME, else the working directory."""
     home = Path(os.environ.get(HOME_ENV) or Path.cwd()).expanduser().resolve()
     if home.exists() and not home.is_dir():
-        raise BenchError(f"{HOME_ENV}={home} is a file, not a folder; point {HOME_ENV} at a folder (it is created when missing)")
+        raise BenchError(f"{HOME_ENV}={home} is a file, not a folder; "
+                         f"point {HOME_ENV} at a folder (it is created when missing)")
     return home
 
 
@@ -150,8 +151,8 @@ def client(uri: str | None = None, must_exist: bool = False):
     if path is not None:
         check_sqlite_store(path, "--tracking-uri")
     # MLflow raises many types for a store it cannot reach
-    with reraised(lambda err: f"cannot reach the MLflow tracking store {masked(uri)!r} ({scrubbed(first_line(err), uri)}); "
-                              "check --tracking-uri", Exception):
+    with reraised(lambda err: f"cannot reach the MLflow tracking store {masked(uri)!r} "
+                              f"({scrubbed(first_line(err), uri)}); check --tracking-uri", Exception):
         with _quick_http(uri), store_lock(uri):
             if path is not None:
                 refuse_half_migrated(path)
@@ -195,7 +196,8 @@ def experiments(c, names: list[str] | None = None) -> list:
     found = [c.get_experiment_by_name(n) for n in names]
     missing = [n for n, e in zip(names, found) if e is None]
     if missing:
-        raise BenchError(f"no MLflow experiment named {', '.join(missing)}; see `mlflow experiments search` or `bench ui`")
+        raise BenchError(f"no MLflow experiment named {', '.join(missing)}; "
+                         "see `mlflow experiments search` or `bench ui`")
     return found
 
 
