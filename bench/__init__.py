@@ -4,9 +4,9 @@ The public API: schedules, the exact bound and its estimator (with the Runtime t
 """
 
 from bench.data.datasets import DATASETS, load_dataset
-from bench.errors import BenchError
 from bench.diffusion.bound import BoundResult, EstimateResult, bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.schedule import Schedule
+from bench.errors import BenchError
 from bench.nets.unet import NETWORK_PRESETS, UNet, build_network
 from bench.runtime.context import Runtime
 

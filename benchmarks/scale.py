@@ -37,13 +37,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.training.config import make_config
 from bench.diffusion.bound import bits_per_dim
 from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.sample import sample
-from bench.runtime.context import Runtime
 from bench.nets.unet import NETWORK_PRESETS, build_network, count_parameters
+from bench.runtime.context import Runtime
 from bench.runtime.devices import resolve_device
+from bench.training.config import make_config
 from variants import VARIANTS, get_variant
 
 CIFAR10_TEST_IMAGES = 10_000

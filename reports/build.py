@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.tracking import store as tracking
 from bench.errors import BenchError
 from bench.runtime.urls import masked
+from bench.tracking import store as tracking
 from reports import figures
 from reports.tables import (
     ROW,

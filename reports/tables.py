@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.errors import BenchError, first_line
 from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig
-from bench.errors import BenchError, first_line
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode", "nll_ode_stderr",
            "nll_ode_nfe", "fid", "isc", "fid_ref_test", "fid_ref_noise", "train_seconds", "images_per_sec_overall")

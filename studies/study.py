@@ -33,8 +33,8 @@ from bench.runtime.urls import masked
 from bench.tracking import liveness, provenance
 from bench.tracking import store as tracking
 from bench.tracking.logger import RunLogger
-from bench.training.record import NoLog
 from bench.training.config import RunConfig
+from bench.training.record import NoLog
 from bench.training.run import StopRun, train
 from studies.config import OBJECTIVES, SAMPLERS, StudyConfig, StudyResult, TrialDiverged
 from studies.space import Param, describe_space, load_space, suggest

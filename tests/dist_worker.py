@@ -9,11 +9,11 @@ import sys
 import torch
 from nets import nonzero_network, output_scale  # tests/nets.py: this script runs from tests/
 
-from bench.runtime import dist
 from bench.data.datasets import load_dataset
 from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.sample import sample
 from bench.diffusion.schedule import Schedule
+from bench.runtime import dist
 from bench.runtime.context import Runtime
 from variants import get_variant
 

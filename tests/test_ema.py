@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from bench.training.checkpoint import load_checkpoint, save_checkpoint
 from bench.nets.ema import Ema, horizon, initial_share, warmup_decay
+from bench.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _share_of_initial_weights(decay: float, updates: int, warmup: bool) -> float:

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import bench.training.checkpoint as checkpoint_mod
-from bench.training.checkpoint import load_checkpoint, save_checkpoint
 from bench.cli.main import cli
-from bench.training.config import RunConfig
 from bench.nets.unet import build_network
+from bench.training.checkpoint import load_checkpoint, save_checkpoint
+from bench.training.config import RunConfig
 from variants import get_variant
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,17 +18,17 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import bench.diffusion.ode
-from bench.training.checkpoint import load_checkpoint
-from bench.training.config import make_config
 from bench.data.datasets import load_dataset
 from bench.diffusion.bound import _terms, estimate_bits_per_dim
 from bench.diffusion.schedule import Schedule
 from bench.nets.ema import ema_weights
-from bench.runtime.devices import Autocast
-from bench.training.evaluation import EVAL_SEED
-from bench.training.run import train
 from bench.nets.unet import UNet, build_network
 from bench.runtime.context import Runtime
+from bench.runtime.devices import Autocast
+from bench.training.checkpoint import load_checkpoint
+from bench.training.config import make_config
+from bench.training.evaluation import EVAL_SEED
+from bench.training.run import train
 from variants import get_variant
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

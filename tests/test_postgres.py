@@ -206,9 +206,9 @@ def test_a_grid_pair_claimed_by_another_session_is_busy_until_released(postgres)
     """`bench grid`'s claims on a PostgreSQL store: advisory locks, tried without waiting."""
     from dataclasses import replace
 
+    from bench.runtime.locks import LockBusy
     from bench.training.config import make_config
     from bench.training.grid import claim
-    from bench.runtime.locks import LockBusy
 
     pair = make_config(variant="simple", seed=0, tracking_uri=postgres.create_database())
     with claim(pair):  # one session holds it …

@@ -22,11 +22,11 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from bench.cli.main import cli
+from bench.runtime.locks import file_lock
 from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.tracking.logger import RunLogger
-from bench.cli.main import cli
-from bench.runtime.locks import file_lock
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(sys.executable).with_name("bench")

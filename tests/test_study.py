@@ -34,10 +34,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 import bench.training.config as bench_config
-from bench.tracking import liveness
-from bench.tracking import store as tracking
 from bench.cli.main import cli
 from bench.errors import BenchError
+from bench.tracking import liveness
+from bench.tracking import store as tracking
 from studies import study as study_mod
 from studies.space import DEFAULT_SPACE, TUNABLE, Param, load_space, suggest
 from studies.study import StudyConfig, run_study

@@ -8,8 +8,8 @@ import contextlib
 import pytest
 import torch
 
-from bench.errors import BenchError
 from bench.diffusion.timesteps import LossSecondMomentSampler, UniformSampler
+from bench.errors import BenchError
 
 
 # ----------------------------------------------------------------------------- the reference

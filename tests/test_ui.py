@@ -28,9 +28,9 @@ from mlflow.tracking import MlflowClient
 from tools import CHROMIUM
 
 import bench.serve.ui as ui
-from bench.tracking import store as tracking
 from bench.cli.main import cli
 from bench.errors import BenchError
+from bench.tracking import store as tracking
 
 PROC = Path("/proc")
 

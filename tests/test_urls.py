@@ -8,12 +8,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bench.tracking import store as tracking
 from bench.cli.main import cli
-from bench.training.config import flatten, make_config
 from bench.errors import BenchError
 from bench.runtime.locks import advisory_name
 from bench.runtime.urls import hides_secret, masked, scrubbed
+from bench.tracking import store as tracking
+from bench.training.config import flatten, make_config
 
 SECRET = "s3cr%40t"  # percent-encoded '@'
 URL = f"postgresql://bench:{SECRET}@db.example:5432/runs"

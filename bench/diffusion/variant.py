@@ -13,8 +13,6 @@ from typing import ClassVar
 
 import torch
 
-from bench.runtime.dist import SINGLE, Dist
-from bench.errors import BenchError
 from bench.diffusion.gaussian import (
     bits_per_dim_from_nats,
     discretized_gaussian_log_likelihood,
@@ -23,6 +21,8 @@ from bench.diffusion.gaussian import (
 )
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.timesteps import UniformSampler
+from bench.errors import BenchError
+from bench.runtime.dist import SINGLE, Dist
 
 MEAN_TYPES = ("eps", "mu")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")

@@ -148,7 +148,9 @@ def _reference_features(
     net: FeatureExtractorBase, layer: str, reference: torch.Tensor, path: Path, batch_size: int, cuda: bool
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Reference features and FID statistics, from the ``.npz`` cache at ``path`` or computed and cached there."""
-    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics  # heavy: torch-fidelity loads torchvision's models
+    from torch_fidelity.metric_fid import (
+        fid_featuresdict_to_statistics,  # heavy: torch-fidelity loads torchvision's models
+    )
 
     cached = _read_reference_cache(path, int(reference.shape[0]))
     if cached is not None:
