@@ -109,7 +109,8 @@ VARIANCES = {
 
 
 # --------------------------------------------------------------------- the bound term L_t
-def vb_term_nats(step: ReverseStep, sched: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def vb_term_nats(step: ReverseStep, sched: Schedule, x0: torch.Tensor, x_t: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
     """L_t per example in nats, summed over dimensions: [B].
 
     Index 0 (paper t = 1): the decoder −log p_θ(x_0 | x_1), discretised Gaussian.
@@ -281,7 +282,8 @@ class Variant:
         torch.distributed every rank's, gathered in global batch order."""
         d = self._dist
         if d.active:  # one collective: t rides along as float64 (exact for any timestep index)
-            both = d.gather(torch.stack([t.to(torch.float64), losses.detach().to(torch.float64)], dim=1), len(t) * d.world)
+            both = d.gather(torch.stack([t.to(torch.float64), losses.detach().to(torch.float64)], dim=1),
+                            len(t) * d.world)
             t, losses = both[:, 0].long(), both[:, 1]
         self.sampler(sched.T).update(t, losses)
 

@@ -1,7 +1,7 @@
 """The feature extractors FID, KID, precision/recall and IS are computed in, one per dataset.
 
-* RGB data (``cifar10``): torch-fidelity's ``inception-v3-compat``, layer ``"2048"`` (IS: ``"logits_unbiased"``).  Weights come
-  from ``fid_weights`` (``--fid-weights PATH``), else torch-fidelity's file in the torch hub cache
+* RGB data (``cifar10``): torch-fidelity's ``inception-v3-compat``, layer ``"2048"`` (IS: ``"logits_unbiased"``).
+  Weights come from ``fid_weights`` (``--fid-weights PATH``), else torch-fidelity's file in the torch hub cache
   (``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else
   torch-fidelity's download URL; when all fail (offline) :class:`FidUnavailable` is raised.  No
   other network is ever substituted.  The weights are read with ``torch.load(weights_only=True)``
@@ -164,7 +164,8 @@ def digits_classifier_file() -> Path:
     digest = _sha256_file(path)
     if digest != DIGITS_CLASSIFIER_SHA256:
         raise BenchError(f"the digits classifier {path} has sha256 {digest[:16]}…, not the released "
-                         f"{DIGITS_CLASSIFIER_SHA256[:16]}…: its FIDs would not compare with anyone's; reinstall elbo-bench")
+                         f"{DIGITS_CLASSIFIER_SHA256[:16]}…: its FIDs would not compare with anyone's; "
+                         "reinstall elbo-bench")
     return path
 
 
@@ -290,7 +291,8 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from exc
     except (RuntimeError, ValueError, OSError, EOFError) as exc:
         raise BenchError(
-            f"Inception weights {path} are not a readable torch file ({type(exc).__name__}: {first_line(exc)}); {official}"
+            f"Inception weights {path} are not a readable torch file ({type(exc).__name__}: {first_line(exc)}); "
+            f"{official}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise BenchError(f"Inception weights {path} do not hold a state dict (names -> tensors); {official}")

@@ -352,7 +352,8 @@ def compute_fid(
     # one BLAS thread on the CPU: numpy's pool would fight torch's OpenMP pool for the same cores
     context = torch.cuda.device(dev) if cuda else threadpool_limits(limits=1, user_api="blas")
     ref_tags: dict[str, str] = {}
-    with reraised(lambda exc: f"FID with {ext.name} (weights {ext.weights}) failed: {type(exc).__name__}: {first_line(exc)}",
+    with reraised(lambda exc: f"FID with {ext.name} (weights {ext.weights}) failed: "
+                              f"{type(exc).__name__}: {first_line(exc)}",
                   RuntimeError, ValueError, OSError, EOFError, chain=True):  # e.g. a weights file of the wrong shape
         with context:
             net = build_extractor(ext, [layer, ext.logits] if isc else [layer], dev)

@@ -90,7 +90,8 @@ def load_samples(path: str | Path, dataset: str | None = None) -> torch.Tensor:
     if not path.is_file():
         raise BenchError(f"{what}: no such file")
     expected = f"{what}: expected an .npz holding a uint8 array {SAMPLES_KEY!r} (as save_samples writes)"
-    with reraised(lambda exc: f"{what} is not a readable .npz of plain arrays ({type(exc).__name__}: {first_line(exc)}); "
+    with reraised(lambda exc: f"{what} is not a readable .npz of plain arrays "
+                              f"({type(exc).__name__}: {first_line(exc)}); "
                               "refusing it (pickled objects could run code)", OSError, ValueError, KeyError, EOFError,
                   zipfile.BadZipFile):
         loaded = np.load(path, allow_pickle=False)

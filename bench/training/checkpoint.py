@@ -24,9 +24,11 @@ from bench.training.config import FIELD_NAMES
 
 FORMAT = "elbo-bench-checkpoint-1"
 REQUIRED = ("format", "config", "step", "model", "ema", "optimizer", "rng", "run_id", "tracking_uri")
-# the temp names write_atomically gives a checkpoint (.last.pt.<pid>.<random>.tmp; before the pid: .last.pt.<random>.tmp)
+# the temp names write_atomically gives a checkpoint
+# (.last.pt.<pid>.<random>.tmp; before the pid: .last.pt.<random>.tmp)
 OUR_TEMP = re.compile(r"\.[^/]+\.pt\.(\d+\.)?\w+\.tmp")
-CLAIM_PATIENCE_S = 1.0  # how long a claim waits for a run folder's lock (another claimant's sweep holds it for an instant)
+# how long a claim waits for a run folder's lock (another claimant's sweep holds it for an instant)
+CLAIM_PATIENCE_S = 1.0
 
 
 @contextmanager
@@ -96,7 +98,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise BenchError(f"checkpoint {path} is not an elbo-bench checkpoint (expected format {FORMAT})")
     unknown = sorted(set(state["config"]) - set(FIELD_NAMES)) if isinstance(state["config"], dict) else ["(not a dict)"]
     if unknown:
-        raise BenchError(f"checkpoint {path}: its config has unknown key(s) {', '.join(map(str, unknown))}; it was written "
-                         "by another version of elbo-bench or altered, so it cannot be read as a RunConfig")
+        raise BenchError(f"checkpoint {path}: its config has unknown key(s) {', '.join(map(str, unknown))}; "
+                         "it was written by another version of elbo-bench or altered, "
+                         "so it cannot be read as a RunConfig")
     state["config"].setdefault("ema_warmup", False)  # written before the EMA's warm-up existed: its run had none
     return state

@@ -54,7 +54,8 @@ class RunConfig:
                           choices=tuple(sorted(DATASETS)))
     data_dir: str | None = _field(None, "Data root for file-backed datasets (unset: $BENCH_DATA_DIR).", path="dir")
     download: bool = _field(False, "Download a missing dataset (needs internet).")
-    network: str = _field("tiny", "U-Net preset (ddpm-cifar10: DDPM's 35.7M network).", choices=tuple(sorted(NETWORK_PRESETS)))
+    network: str = _field("tiny", "U-Net preset (ddpm-cifar10: DDPM's 35.7M network).",
+                          choices=tuple(sorted(NETWORK_PRESETS)))
     # noise schedule
     schedule: str = _field("linear", "Noise schedule.", choices=SCHEDULES)
     T: int = _field(1000, "Diffusion steps T.")
@@ -83,8 +84,9 @@ class RunConfig:
                              choices=FINAL_EVALS)
     final_eval_images: int = _field(0, "Test images in the final bound (0: the whole split).")
     eval_batch_size: int = _field(1024, "(image, t) pairs per network call in evaluation.")
-    final_eval_ode: bool = _field(False, "Also the NLL under the probability-flow ODE at the end (nll_ode: a likelihood "
-                                         "estimate, not a bound; slow: hundreds of network calls per image).")
+    final_eval_ode: bool = _field(
+        False, "Also the NLL under the probability-flow ODE at the end (nll_ode: a likelihood estimate, not a bound; "
+        "slow: hundreds of network calls per image).")
     ode_images: int = _field(0, "Test images for nll_ode (0: the final bound's).")
     ode_method: str = _field("RK45", "The ODE solver (scipy solve_ivp).", choices=SOLVERS)
     ode_rtol: float = _field(1e-5, "The ODE solver's relative tolerance.")
@@ -96,7 +98,8 @@ class RunConfig:
     sample_steps: int = _field(250, "Ancestral sampler steps (fewer than T: strided; 0: all T).")  # iDDPM respacing
     sample_grid: int = _field(64, "Images in each logged sample grid.")
     fid_weights: str | None = _field(
-        None, "Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing).", path="file")
+        None, "Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing).",
+        path="file")
     log_model: bool = _field(True, "Log the EMA network as an MLflow model at the end (a LoggedModel; its torch.export "
                                    "takes 5-15 s on a CPU core); the checkpoint holds the weights either way.")
     # system
@@ -125,8 +128,8 @@ class RunConfig:
 
     def ode_options(self) -> OdeOptions:
         """The probability-flow NLL's solver and estimator options."""
-        return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, method=self.ode_method, probe_type=self.ode_probe_type,
-                          probes=self.ode_probes)
+        return OdeOptions(rtol=self.ode_rtol, atol=self.ode_atol, method=self.ode_method,
+                          probe_type=self.ode_probe_type, probes=self.ode_probes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,9 +149,11 @@ class RunConfig:
         check_choice("schedule", self.schedule, SCHEDULES, field=True)
         check_choice("precision", self.precision, PRECISIONS, field=True)
         check_choice("final_eval", self.final_eval, FINAL_EVALS, field=True)
-        for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid", "checkpoint_every"):
+        for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid",
+                     "checkpoint_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "final_eval_images", "ode_images", "fid_samples", "sample_steps", "seed"):
+        for name in ("warmup_steps", "eval_every", "final_eval_images", "ode_images", "fid_samples", "sample_steps",
+                     "seed"):
             _positive_int(name, getattr(self, name), allow_zero=True)
         for name, most in (("T", MAX_T), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH),
                            ("ode_batch_size", MAX_BATCH), ("sample_grid", MAX_SAMPLES), ("fid_samples", MAX_SAMPLES)):
@@ -202,7 +207,8 @@ def _positive_int(name: str, value, allow_zero: bool = False) -> None:
 
 
 DATASET_DEFAULTS: dict[str, dict] = {
-    # Training, the exact test-split bound, samples and FID in 8 to 15 minutes on 2 CPU cores (README: How long things take).
+    # Training, the exact test-split bound, samples and FID in 8 to 15 minutes on 2 CPU cores
+    # (README: How long things take).
     "digits": {},
     # Ho et al. 2020, CIFAR-10: 35.7M-parameter U-Net, Adam 2e-4 with 5000 warmup steps, clip 1.0,
     # EMA 0.9999, random flips, batch 128, 800k steps; FID on 50k samples.

@@ -77,7 +77,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
     if ctx.dist.main:
         binned = est.binned_per_t(ctx.sched.T)
         S = len(est.per_stratum)
-        ctx.log.figure(per_t_figure({ctx.variant.label: binned}, f"estimate at step {step}, mean over each of {S} strata of t"),
+        ctx.log.figure(per_t_figure({ctx.variant.label: binned},
+                                    f"estimate at step {step}, mean over each of {S} strata of t"),
                        f"per_t_estimate/step_{step:08d}.png")
         ctx.log.dict({"step": step, "images": len(subset), "t_from": [1] + [int(e) + 1 for e in est.strata[:-1]],
                       "t_to": [1] + [int(e) for e in est.strata[1:]],
@@ -91,7 +92,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
     if bar is not None:
         bar.pauses_left = later = (config.steps - 1) // config.eval_every - step // config.eval_every
         bar.write(f"step {step}: bpd_estimate {summary['bpd_estimate']:.4f} ± {summary['bpd_estimate_stderr']:.4f} "
-                  f"bits/dim (lower is better; {len(subset)} test images) in {format_duration(time.monotonic() - started)}; "
+                  f"bits/dim (lower is better; {len(subset)} test images) "
+                  f"in {format_duration(time.monotonic() - started)}; "
                   f"{later} more evaluation{'s' * (later != 1)} before the end")
     if ctx.on_eval is not None:
         ctx.on_eval(step, summary)
@@ -140,8 +142,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         return metrics
     if res is not None:
         conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
-        log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test", f"{bound}_images": len(subset),
-                  f"{bound}_rounded": _rounded(metrics, bound, method)})
+        log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test",
+                  f"{bound}_images": len(subset), f"{bound}_rounded": _rounded(metrics, bound, method)})
     if nll is not None:
         log.tags({**ode_tags, f"{ode}_method": nll.method, f"{ode}_split": "test", f"{ode}_images": len(ode_subset)})
     if ode_failed:
@@ -157,7 +159,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
-            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset), "samples")
+            log.artifact(save_samples(images[: config.fid_samples], Path(tmp) / "fid_samples.npz", config.dataset),
+                         "samples")
         started = time.monotonic()
         say(f"FID: {config.fid_samples} samples against the {config.dataset} train split", progress)
         try:
@@ -172,8 +175,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
             warnings.warn(f"FID skipped: {err}", stacklevel=2)
             log.tags({"fid_skipped": str(err)[:500], "fid_sampler": sampler})
     log.metrics(metrics, step)
-    fid = f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; features: {fid_tags['fid_extractor']})" \
-        if "fid" in metrics else ""
+    fid = (f"; FID {metrics['fid']:.4g} ({config.fid_samples} samples, sampler: {sampler}; "
+           f"features: {fid_tags['fid_extractor']})" if "fid" in metrics else "")
     ode_text = (f"{ode} {metrics[ode]:.4f} ± {metrics[f'{ode}_stderr']:.4f} bits/dim ({nll.method})" if nll is not None
                 else f"{ode} not computed ({ode_failed})" if ode_failed else "")
     if res is None:  # no bound: the description's Result keeps saying what `bpd` is
@@ -183,7 +186,8 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
                              f"at step {step}, {what}. The run's bpd is unchanged.")
         return metrics
     stderr = f" ± {metrics[f'{bound}_stderr']:.4f} (Monte Carlo)" if f"{bound}_stderr" in metrics else ""
-    result = f"at step {step}, {bound} {metrics[bound]:.4f}{stderr}, {method}{'; ' + ode_text if ode_text else ''}{fid}."
+    result = (f"at step {step}, {bound} {metrics[bound]:.4f}{stderr}, "
+              f"{method}{'; ' + ode_text if ode_text else ''}{fid}.")
     if bound == HEADLINE:
         log.note_section("Result", result)
     else:  # the Result keeps saying what `bpd` is; this number is another method's, under its own name
@@ -227,8 +231,8 @@ class CheckpointEval:
                          f"test images, as {self.bound}")
         if self.ode is not None:
             images = len(eval_subset(self.test_images, c.ode_images or c.final_eval_images))
-            lines.append(f"  nll_ode    probability-flow ODE ({c.ode_options().describe()}; batches of {c.ode_batch_size}) "
-                         f"on {images} of {n_test} test images, as {self.ode}")
+            lines.append(f"  nll_ode    probability-flow ODE ({c.ode_options().describe()}; "
+                         f"batches of {c.ode_batch_size}) on {images} of {n_test} test images, as {self.ode}")
         sampler = describe_sampler(self.sched, c.sample_steps or None, self.variant)
         if c.fid_samples:
             lines.append(f"  fid        {c.fid_samples} samples against the train split (sampler: {sampler}), and a "
@@ -237,7 +241,8 @@ class CheckpointEval:
             lines.append(f"  samples    a grid of {c.sample_grid} (sampler: {sampler}); no FID")
         else:
             lines.append("  samples    none (no FID, no grid)")
-        lines.append(f"  logged into run {self.run_id}" if self.client is not None else "  printed, not logged (--log-to-run logs)")
+        lines.append(f"  logged into run {self.run_id}" if self.client is not None
+                     else "  printed, not logged (--log-to-run logs)")
         return "\n".join(lines)
 
 
@@ -253,7 +258,8 @@ def prepare_evaluation(path: str | Path, overrides: dict | None = None, bound: b
     d, device_name = (SINGLE, device) if alone else dist_mod.setup(device)
     # the run must still be there before minutes of evaluation
     client = d.main_decides(lambda: _run_client(ckpt, tracking_uri)) if log_to_run else None
-    config = replace(RunConfig(**ckpt["config"]), device=device, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    config = replace(RunConfig(**ckpt["config"]), device=device,
+                     **{k: v for k, v in (overrides or {}).items() if v is not None})
     dev, train_images, test_images, variant, sched = setup(config, device_name)
     if not (bound or config.final_eval_ode or config.fid_samples or grid):
         raise BenchError("nothing to evaluate: no bound, no nll_ode and fid_samples 0; give --fid-samples N, or leave "
@@ -262,7 +268,8 @@ def prepare_evaluation(path: str | Path, overrides: dict | None = None, bound: b
     if client is not None:  # rank 0's: the others log nothing
         run = client.get_run(ckpt["run_id"]).data
         if bound:
-            names["bound"] = _bound_name(run, config.final_eval, len(eval_subset(test_images, config.final_eval_images)))
+            names["bound"] = _bound_name(run, config.final_eval,
+                                         len(eval_subset(test_images, config.final_eval_images)))
         if config.final_eval_ode:
             names["ode"] = _ode_name(run, len(eval_subset(test_images, config.ode_images or config.final_eval_images)))
     return CheckpointEval(ckpt, config, d, dev, train_images, test_images, variant, sched, client, **names,
@@ -298,7 +305,8 @@ def _rounded(metrics: dict[str, float], bound: str, method: str) -> str:
 def evaluate_checkpoint(path: str | Path, final_eval: str | None = None, fid_samples: int | None = None,
                         sample_steps: int | None = None, log_to_run: bool = False, device: str = "auto",
                         progress: bool = True, desc: str = "", alone: bool = False,
-                        ode: bool | None = None, tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
+                        ode: bool | None = None,
+                        tracking_uri: str | None = None) -> tuple[dict[str, float], str | None, Dist]:
     """The final evaluation of a saved model's EMA weights (:func:`prepare_evaluation`, then :func:`run_evaluation`);
     logged into its run when asked. Returns (metrics, the run logged into or None, this rank). ``desc`` names
     the progress bars."""
@@ -322,8 +330,8 @@ def _bound_name(run, method: str, images: int) -> str:
 
 
 def _ode_name(run, images: int) -> str:
-    """Where ``nll_ode`` on ``images`` test images is logged in ``run``: ``nll_ode``, unless the run holds one on another
-    number of images (``nll_ode_images``): then ``nll_ode_<images>images``."""
+    """Where ``nll_ode`` on ``images`` test images is logged in ``run``: ``nll_ode``, unless the run holds one on
+    another number of images (``nll_ode_images``): then ``nll_ode_<images>images``."""
     if "nll_ode" in run.metrics and run.tags.get("nll_ode_images", str(images)) != str(images):
         return f"nll_ode_{images}images"
     return "nll_ode"

@@ -2,8 +2,9 @@
 
 A grid that is interrupted (Ctrl-C, a lost machine) and started again trains only what is missing. A pair
 counts as done when its experiment holds a run with the same full config (the flattened ``RunConfig`` that
-every run logs as its ``config.*`` params; a field the run predates counts at its default) that ended FINISHED, or FAILED because it diverged: divergence
-is a result the report counts. A KILLED, RUNNING or crashed run is no result, so the pair is trained again.
+every run logs as its ``config.*`` params; a field the run predates counts at its default) that ended
+FINISHED, or FAILED because it diverged: divergence is a result the report counts. A KILLED, RUNNING or
+crashed run is no result, so the pair is trained again.
 
 Grids running at the same time on one store (two machines, or two terminals) share the work: a pair is
 trained under its claim (:func:`claim`), which a live process holds while it trains it and which its death
@@ -82,7 +83,8 @@ def claim(config: RunConfig, wait: bool = False):
     if is_server_database(uri):
         return store_lock(uri, f"grid-{pair}", blocking=wait)
     store = sqlite_path(uri)
-    folder = store.with_name(f"{store.name}.grid-claims") if store is not None else tracking.bench_home() / "grid-claims"
+    folder = (store.with_name(f"{store.name}.grid-claims") if store is not None
+              else tracking.bench_home() / "grid-claims")
     return file_lock(folder / f"{pair}.lock", blocking=wait, what=f"the grid's pair {config.default_run_name}")
 
 
@@ -93,7 +95,8 @@ def _key(params: dict[str, str]) -> tuple:
 def _all_runs(c, experiment_id: str):
     token = None
     while True:
-        page = c.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)
+        page = c.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"],
+                             page_token=token)
         yield from page
         token = page.token
         if not token:

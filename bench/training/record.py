@@ -76,16 +76,17 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
             f"(mean: {variant.mean_type}, variance: {variant.var_type}). {config.network} U-Net, "
             f"{count_parameters(net):,} parameters; noise schedule {sched.describe()}. {config.steps} steps of AdamW "
             f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
-            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, seed {config.seed}{world}.\n\n"
+            f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, "
+            f"seed {config.seed}{world}.\n\n"
             f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
             f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")
 
 
 def log_model(ema_net, ctx: RunContext, step: int) -> None:
-    """The EMA network as the run's MLflow model (:meth:`bench.tracking.logger.RunLogger.model`), linked to the final metrics
-    logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a failed run:
-    the checkpoint holds the weights."""
+    """The EMA network as the run's MLflow model (:meth:`bench.tracking.logger.RunLogger.model`), linked to the final
+    metrics logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a
+    failed run: the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
     example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
     try:
@@ -101,7 +102,8 @@ def model_metadata(ctx: RunContext, step: int) -> dict:
     """What the logged MLflow model is and how to call it."""
     C, H, W = ctx.train_images.shape[1:]
     return {"what": f"EMA weights (decay {ctx.config.ema_decay:g}) of {ctx.variant.label} at step {step}",
-            "call": f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, t long [B] in 0..{ctx.sched.T - 1} "
+            "call": f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, "
+                    f"t long [B] in 0..{ctx.sched.T - 1} "
                     f"(paper time t + 1); returns [B, {ctx.variant.out_channels(C)}, {H}, {W}]: the predicted "
                     f"{'ε' if ctx.variant.mean_type == 'eps' else 'μ̃'}"
                     + (" then the variance channels" if ctx.variant.out_channels(C) > C else ""),
@@ -202,5 +204,5 @@ def summarize(metrics: dict[str, float], indent: str = "") -> str:
     way is better, the bound's terms, FID's reference points)."""
     rows = _summary_rows(metrics)
     widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
-    return "\n".join(f"{indent}{name:<{widths[0]}}  {value:>{widths[1]}} {error:<{widths[2]}} {unit:<{widths[3]}}  {note}"
-                     .rstrip() for name, value, error, unit, note in rows)
+    return "\n".join(f"{indent}{name:<{widths[0]}}  {value:>{widths[1]}} {error:<{widths[2]}} "
+                     f"{unit:<{widths[3]}}  {note}".rstrip() for name, value, error, unit, note in rows)

@@ -162,15 +162,16 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
                 held.enter_context(provenance.system_metrics(uri, run_id, resume=ckpt is not None))
         if d.active:
             held.enter_context(sigterm_fails())
-        ctx = RunContext(config, variant, sched, device, train_images, test_images, log, run_id, uri, d, progress and d.main,
-                   on_eval, cores)
+        ctx = RunContext(config, variant, sched, device, train_images, test_images, log, run_id, uri, d,
+                         progress and d.main, on_eval, cores)
         return _run(state, ctx, fresh=ckpt is None)
 
 
 def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, reopen: bool, parent_run_id, tags):
     """Create the MLflow run, or reopen the checkpoint's, and claim its checkpoint folder (rank 0).
     Returns (run id, client)."""
-    client = tracking.client(uri, must_exist=ckpt is not None)  # refuses an unreachable store before anything is written
+    # refuses an unreachable store before anything is written
+    client = tracking.client(uri, must_exist=ckpt is not None)
     if ckpt is not None:
         run_id = ckpt["run_id"]
         held.enter_context(claim_run_dir(checkpoint_path(run_id).parent, run_id))  # before the status check
@@ -183,7 +184,8 @@ def _open_run(held: ExitStack, uri: str, config: RunConfig, ckpt: dict | None, r
         exp = tracking.experiment_id(client, config.experiment)
         run_tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(exp, run_name=config.default_run_name,
-                                   tags={**run_tags, **provenance.source_tags(), **{k: str(v) for k, v in (tags or {}).items()},
+                                   tags={**run_tags, **provenance.source_tags(),
+                                         **{k: str(v) for k, v in (tags or {}).items()},
                                          **liveness.owner_tags()}).info.run_id
         held.enter_context(claim_run_dir(checkpoint_path(run_id).parent, run_id))
     return run_id, client
@@ -197,7 +199,8 @@ def _check_resumable(client, run_id: str, uri: str, step: int, steps: int, reope
         run = client.get_run(run_id)
     status, run_tags = run.info.status, run.data.tags
     if status == "RUNNING" and "owner.pid" in run_tags and not liveness.owner_gone(run_tags):
-        raise BenchError(f"run {run_id} is being trained by process {run_tags['owner.pid']} on {run_tags.get('owner.host')}; "
+        raise BenchError(f"run {run_id} is being trained by process {run_tags['owner.pid']} "
+                         f"on {run_tags.get('owner.host')}; "
                          "wait for it to finish or stop it, then resume")
     if status == "FINISHED" and not reopen:
         raise BenchError(f"run {run_id} is FINISHED at step {step}: resuming would redo and log its final evaluation "
@@ -235,7 +238,8 @@ def _run(state: TrainState, ctx: RunContext, fresh: bool) -> RunResult:
                                    ctx.device, log, state.step, ctx.progress, d)
         if d.main and config.log_model:
             log_model(state.ema.module, ctx, state.step)
-        d.barrier()  # the others wait for rank 0's export: a rank that exits first takes the process group down under it
+        # the others wait for rank 0's export: a rank that exits first takes the process group down under it
+        d.barrier()
         log.end("FINISHED")
         return result("FINISHED", state.step, checkpoint=path, metrics=metrics)
     except StopRun as stop:

@@ -82,7 +82,8 @@ def save(state: TrainState, ctx: RunContext) -> Path:
     cuda = [torch.cuda.get_rng_state(ctx.device)] if ctx.device.type == "cuda" else []
     return save_checkpoint(path, {
         "config": ctx.config.redacted().to_dict(), "step": state.step, "model": state.net.state_dict(),
-        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(), "lr_schedule": state.lr_schedule.state_dict(),
+        "ema": state.ema.state_dict(), "optimizer": state.opt.state_dict(),
+        "lr_schedule": state.lr_schedule.state_dict(),
         "variant": ctx.variant.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(), "cuda": cuda},
         "run_id": ctx.run_id, "tracking_uri": masked(ctx.uri), "images_seen": state.images_seen,
@@ -96,7 +97,8 @@ def load_weights(net: torch.nn.Module, weights: dict, what: str) -> None:
         net.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:300]
-        raise BenchError(f"the checkpoint's {what} do not fit the network its config builds ({detail or first_line(err)}); "
+        raise BenchError(f"the checkpoint's {what} do not fit the network its config builds "
+                         f"({detail or first_line(err)}); "
                          "it was written by another version of elbo-bench or altered") from None
 
 
@@ -109,7 +111,8 @@ def load_state(state: TrainState, variant, sched, ckpt: dict, device: torch.devi
         state.lr_schedule.load_state_dict(ckpt["lr_schedule"])
     else:  # a checkpoint from before the schedule was saved: its position is the step count
         state.lr_schedule.last_epoch = ckpt["step"]
-        for group, base, factor in zip(state.opt.param_groups, state.lr_schedule.base_lrs, state.lr_schedule.lr_lambdas):
+        for group, base, factor in zip(state.opt.param_groups, state.lr_schedule.base_lrs,
+                                       state.lr_schedule.lr_lambdas):
             group["lr"] = base * factor(ckpt["step"])
     variant.load_state_dict(ckpt.get("variant", {}), sched.T)
     torch.set_rng_state(ckpt["rng"]["torch"])
