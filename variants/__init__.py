@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from bench.errors import check_choice
 from bench.diffusion.variant import Variant
+from bench.errors import check_choice
 
 
 def _discover() -> dict[str, type[Variant]]:
