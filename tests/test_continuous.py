@@ -104,7 +104,8 @@ def test_low_discrepancy_times_put_one_time_in_each_interval():
 def test_half_precision_time_and_reversed_end_points_are_refused():
     with pytest.raises(BenchError, match="float32 or float64"):
         FixedLinear().gamma(torch.zeros(3, dtype=torch.bfloat16))
-    with pytest.raises(BenchError, match="gamma_min < gamma_max"):
-        LearnedEndpoints(5.0, -13.3)
+    for schedule in (FixedLinear, LearnedEndpoints, MonotoneNet):
+        with pytest.raises(BenchError, match="gamma_min < gamma_max"):
+            schedule(5.0, -13.3)
     gamma32 = FixedLinear().gamma(torch.zeros(2, dtype=torch.float32))
     assert gamma32.dtype == torch.float32

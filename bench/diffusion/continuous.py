@@ -50,6 +50,11 @@ def _check_time(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_ends(gamma_min: float, gamma_max: float) -> None:
+    if not gamma_min < gamma_max:
+        raise BenchError(f"a noise schedule needs gamma_min < gamma_max, got {gamma_min} and {gamma_max}")
+
+
 class NoiseSchedule(nn.Module):
     """γ(t) = −log SNR(t), increasing on [0, 1]; a subclass defines ``forward(t)``."""
 
@@ -79,8 +84,7 @@ class FixedLinear(NoiseSchedule):
 
     def __init__(self, gamma_min: float = VDM_GAMMA_MIN, gamma_max: float = VDM_GAMMA_MAX):
         super().__init__()
-        if not gamma_min < gamma_max:
-            raise BenchError(f"a noise schedule needs gamma_min < gamma_max, got {gamma_min} and {gamma_max}")
+        _check_ends(gamma_min, gamma_max)
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -92,8 +96,7 @@ class LearnedEndpoints(NoiseSchedule):
 
     def __init__(self, gamma_min: float = VDM_GAMMA_MIN, gamma_max: float = VDM_GAMMA_MAX):
         super().__init__()
-        if not gamma_min < gamma_max:
-            raise BenchError(f"a noise schedule needs gamma_min < gamma_max, got {gamma_min} and {gamma_max}")
+        _check_ends(gamma_min, gamma_max)
         self.b = nn.Parameter(torch.tensor(float(gamma_min)))
         self.w = nn.Parameter(torch.tensor(float(gamma_max - gamma_min)))
 
@@ -124,8 +127,7 @@ class MonotoneNet(NoiseSchedule):
 
     def __init__(self, gamma_min: float = VDM_GAMMA_MIN, gamma_max: float = VDM_GAMMA_MAX, width: int = 1024):
         super().__init__()
-        if not gamma_min < gamma_max:
-            raise BenchError(f"a noise schedule needs gamma_min < gamma_max, got {gamma_min} and {gamma_max}")
+        _check_ends(gamma_min, gamma_max)
         self.l1 = _PositiveLinear(1, 1, weight=gamma_max - gamma_min, bias=gamma_min)
         self.l2 = _PositiveLinear(1, width)
         self.l3 = _PositiveLinear(width, 1)
