@@ -137,3 +137,109 @@ class MonotoneNet(NoiseSchedule):
         x = t.reshape(-1, 1)
         h = 2 * (torch.sigmoid(self.l2(2 * (x - 0.5))) - 0.5)
         return (self.l1(x) + self.l3(h) / self.width).reshape(t.shape)
+
+
+# --------------------------------------------------------------------- the model: a network conditioned on γ(t)
+def fourier_features(z: torch.Tensor, exponents: tuple[int, ...] = (6, 7)) -> torch.Tensor:
+    """VDM's Fourier features of z_t [B, C, H, W]: sin and cos of 2ⁿ·2π·z for each n, [B, 2·len(n)·C, H, W]. They
+    let the network see the fine detail of z near t = 0, where a pixel's 8-bit value is a small change in z."""
+    freqs = torch.tensor([2.0**n * 2 * math.pi for n in exponents], dtype=z.dtype, device=z.device)
+    h = (z.unsqueeze(2) * freqs.view(1, 1, -1, 1, 1)).flatten(1, 2)  # [B, C·len(n), H, W]
+    return torch.cat([torch.sin(h), torch.cos(h)], dim=1)
+
+
+FOURIER_EXPONENTS = (6, 7)
+
+
+class ContinuousDenoiser(nn.Module):
+    """ε̂(z_t; t) of a continuous-time model: a network ``net(x, c)`` conditioned on c = 1000·(γ(t) − γ₀)/(γ₁ − γ₀),
+    with γ₀, γ₁ the schedule's end points when built (so a fixed line conditions on 1000·t, DDPM's index scale),
+    and the noise schedule ``schedule`` as a submodule, so the optimiser, the EMA and the checkpoint carry the
+    schedule's parameters with the network's. γ is computed in float32 or float64 with autocast off, whatever
+    the network's precision. With ``fourier`` the network also sees :func:`fourier_features` of z_t (its
+    input then has 5·C channels)."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, fourier: bool = False):
+        super().__init__()
+        self.net, self.schedule, self.fourier = net, schedule, bool(fourier)
+        self.cond_range = schedule.endpoints()
+
+    @staticmethod
+    def in_channels(channels: int, fourier: bool) -> int:
+        """The network's input channels for C image channels."""
+        return channels * (1 + 2 * len(FOURIER_EXPONENTS)) if fourier else channels
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z_t [B, C, H, W], t [B] float in [0, 1] → ε̂ [B, C, H, W]."""
+        with torch.autocast(z.device.type, enabled=False):
+            gamma = self.schedule.gamma(t if t.dtype == torch.float64 else t.float())
+        lo, hi = self.cond_range
+        cond = (gamma.float() - lo) * (1000.0 / (hi - lo))
+        x = torch.cat([z, fourier_features(z, FOURIER_EXPONENTS)], dim=1) if self.fourier else z
+        return self.net(x, cond)
+
+
+def find_denoiser(model: nn.Module) -> ContinuousDenoiser:
+    """The :class:`ContinuousDenoiser` inside ``model``'s wrappers (autocast, DistributedDataParallel,
+    torch.compile), to read its schedule; BenchError when there is none (a DDPM network)."""
+    seen = model
+    for _ in range(8):
+        if isinstance(seen, ContinuousDenoiser):
+            return seen
+        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None) or getattr(seen, "net", None)
+        if seen is None:
+            break
+    raise BenchError(f"{type(model).__name__} is not a continuous-time model (no noise schedule γ(t) inside it): "
+                     "a continuous-time variant needs the network its config builds")
+
+
+# --------------------------------------------------------------------- the bound's three terms, per example in nats
+def sum_dims(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the first: [B, ...] → [B]."""
+    return x.flatten(1).sum(dim=1)
+
+
+def diffusion_nats(eps: torch.Tensor, eps_hat: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """L_∞'s integrand at one t per example: ½ γ'(t) ‖ε − ε̂‖² [B] (summed over D), in the dtype of ``slope``."""
+    return 0.5 * slope * sum_dims((eps.to(slope.dtype) - eps_hat.to(slope.dtype)) ** 2)
+
+
+def finite_diffusion_nats(eps: torch.Tensor, eps_hat: torch.Tensor, gamma_t: torch.Tensor, gamma_s: torch.Tensor,
+                          T: int) -> torch.Tensor:
+    """L_T's term at one step s = t − 1/T per example: (T/2)·expm1(γ(t) − γ(s))·‖ε − ε̂‖² [B]. The step's KL with
+    the true posterior's variance is ½·expm1(γ_t − γ_s)·‖ε − ε̂‖²; T times it, at a uniform step, is unbiased for
+    the sum over all T steps."""
+    d = gamma_t - gamma_s
+    return 0.5 * T * torch.expm1(d) * sum_dims((eps.to(d.dtype) - eps_hat.to(d.dtype)) ** 2)
+
+
+def prior_nats(x: torch.Tensor, gamma_1: torch.Tensor) -> torch.Tensor:
+    """KL(q(z_1 | x) ‖ N(0, I)) = ½ Σ_d [α₁² x_d² + σ₁² − log σ₁² − 1] per example [B]; ``gamma_1`` a scalar
+    or [B]."""
+    g = gamma_1.reshape(-1, *([1] * (x.dim() - 1))) if gamma_1.dim() else gamma_1
+    x = x.to(g.dtype)
+    terms = torch.sigmoid(-g) * x**2 + torch.sigmoid(g) - torch.nn.functional.logsigmoid(g) - 1
+    return 0.5 * sum_dims(terms.expand_as(x))
+
+
+def bin_centres(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The 256 values an 8-bit pixel k takes on the project's scale, c_k = k/127.5 − 1 (``to_data_scale``): the
+    decoder is a normalised distribution over these, so the bound is on −log P of the 8-bit image."""
+    return torch.arange(256, dtype=dtype, device=device) / 127.5 - 1
+
+
+def decoder_logits(z0: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """VDM's decoder p(x_d = c_k | z_0) ∝ q(z_0,d | x_d = c_k): logits −½ e^{−γ₀} (z_0,d/α₀ − c_k)² over the 256
+    bin centres, [..., 256] (not normalised: take log_softmax over the last dimension). ``gamma_0`` a scalar or
+    broadcastable to z0."""
+    g = gamma_0.reshape(-1, *([1] * (z0.dim() - 1))) if gamma_0.dim() else gamma_0
+    z = z0.to(g.dtype) / torch.sqrt(torch.sigmoid(-g))  # z_0/α₀
+    c = bin_centres(g.dtype, z0.device)
+    return -0.5 * torch.exp(-g).unsqueeze(-1) * (z.unsqueeze(-1) - c) ** 2
+
+
+def decoder_nats(x: torch.Tensor, z0: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """−log p(x | z_0) of the 8-bit image x (on the project's scale, exactly some c_k per pixel) per example [B]."""
+    k = torch.round((x.to(torch.float64) + 1) * 127.5).clamp(0, 255).long()
+    logp = torch.log_softmax(decoder_logits(z0, gamma_0), dim=-1)
+    return -sum_dims(logp.gather(-1, k.unsqueeze(-1)).squeeze(-1))
