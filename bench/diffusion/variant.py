@@ -149,6 +149,7 @@ class Variant:
     mean_type: ClassVar[str]  # 'eps' or 'mu'
     var_type: str = "fixed_small"  # one of VAR_TYPES; fixed variants may switch small ↔ large
     timestep_sampler: ClassVar[type[UniformSampler]] = UniformSampler
+    continuous: ClassVar[bool] = False  # a continuous-time model (bench.diffusion.vdm), with its own bound and sampler
 
     def __init__(self, variance: str | None = None):
         if variance is not None:

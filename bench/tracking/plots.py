@@ -35,6 +35,23 @@ def per_t_figure(curves: dict[str, torch.Tensor], title: str = "", colors: dict 
         return _per_t_figure(curves, title, colors or {})
 
 
+def continuous_curve_figure(curves: dict[str, tuple[list[float], list[float]]], title: str = ""):
+    """A continuous-time bound's diffusion integrand (bits/dim) against t ∈ [0, 1], one (t, value) curve per label."""
+    with FIGURES:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, (t, values) in curves.items():
+            ax.plot(t, np.clip(values, 1e-12, None), label=label, lw=1.2, marker=".")
+        ax.set_yscale("log")
+        ax.set_xlabel("continuous time t (γ(t) = −log SNR increases with t)")
+        ax.set_ylabel("½γ'(t)‖ε − ε̂‖² (bits/dim)")
+        ax.set_title(f"The diffusion term of the continuous-time bound by t{': ' + title if title else ''}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        plt.close(fig)
+        return fig
+
+
 def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, per_t in curves.items():

@@ -17,12 +17,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.data.datasets import DATASETS
+from bench.diffusion.continuous import VDM_GAMMA_MAX, VDM_GAMMA_MIN, ContinuousDenoiser, NoiseSchedule
 from bench.diffusion.ode import PROBE_TYPES, SOLVERS, OdeOptions
 from bench.diffusion.schedule import Schedule
-from bench.diffusion.variant import FIXED_VARIANCES
+from bench.diffusion.variant import FIXED_VARIANCES, Variant
+from bench.diffusion.vdm import GAMMA_SCHEDULES, build_noise_schedule
 from bench.errors import BenchError, check_choice
-from bench.nets.unet import NETWORK_PRESETS
+from bench.nets.unet import NETWORK_PRESETS, build_network
 from bench.runtime.urls import masked
 from variants import VARIANTS, get_variant
 
@@ -62,6 +66,16 @@ class RunConfig:
     beta_start: float = _field(1e-4, "Linear schedule: β_1.")
     beta_end: float = _field(0.02, "Linear schedule: β_T.")
     cosine_s: float = _field(0.008, "Cosine schedule: offset s.")
+    gamma_schedule: str = _field(
+        "auto", "Continuous-time variants: the noise schedule γ(t) = −log SNR(t). fixed: VDM's line from --gamma-min "
+        "to --gamma-max; linear-beta, cosine: the --schedule's β read in continuous time (x_1 at t = 0, x_T at t = 1); "
+        "learned-ends: a line whose end points are learned; learned-net: VDM's monotone network. auto: learned-ends "
+        "for vdm, fixed otherwise.", choices=GAMMA_SCHEDULES)
+    gamma_min: float = _field(VDM_GAMMA_MIN, "Continuous-time variants: γ(0), the log of 1/SNR at t = 0 (a learned "
+                              "schedule's start).")
+    gamma_max: float = _field(VDM_GAMMA_MAX, "Continuous-time variants: γ(1) (a learned schedule's start).")
+    fourier_features: bool = _field(False, "Continuous-time variants: the network also sees sin and cos of 2ⁿ·2π·z_t "
+                                    "(n = 6, 7; VDM's Fourier features).")
     # optimisation
     steps: int = _field(3000, "Optimiser steps.")
     batch_size: int = _field(128, "Images per optimiser step (the global batch, whatever the number of processes).")
@@ -116,6 +130,21 @@ class RunConfig:
         None, "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME).")
 
     # ----------------------------------------------------------------- derived
+    def build_noise_schedule(self, variant: Variant) -> NoiseSchedule:
+        """The continuous-time γ(t) a continuous-time ``variant`` trains with (gamma_schedule resolved for it)."""
+        return build_noise_schedule(variant.gamma_schedule(self.gamma_schedule), self.gamma_min, self.gamma_max,
+                                    T=self.T, beta_start=self.beta_start, beta_end=self.beta_end,
+                                    cosine_s=self.cosine_s)
+
+    def build_model(self, variant: Variant, channels: int, size: int) -> torch.nn.Module:
+        """The network ``variant`` trains on images [C, size, size]: the U-Net preset, or for a continuous-time
+        variant the U-Net conditioned on γ(t) with the schedule inside it (ContinuousDenoiser)."""
+        if not variant.continuous:
+            return build_network(self.network, channels, variant.out_channels(channels), size)
+        inputs = ContinuousDenoiser.in_channels(channels, self.fourier_features)
+        return ContinuousDenoiser(build_network(self.network, inputs, channels, size),
+                                  self.build_noise_schedule(variant), self.fourier_features)
+
     def build_schedule(self) -> Schedule:
         if self.schedule == "linear":
             return Schedule.linear(T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
@@ -149,6 +178,7 @@ class RunConfig:
         check_choice("schedule", self.schedule, SCHEDULES, field=True)
         check_choice("precision", self.precision, PRECISIONS, field=True)
         check_choice("final_eval", self.final_eval, FINAL_EVALS, field=True)
+        self._validate_continuous()
         for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid",
                      "checkpoint_every"):
             _positive_int(name, getattr(self, name))
@@ -176,6 +206,20 @@ class RunConfig:
         if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
             raise BenchError(f"--fid-weights {self.fid_weights}: no such file")
         return self
+
+
+    def _validate_continuous(self) -> None:
+        variant = get_variant(self.variant, self.variance)
+        if not variant.continuous:
+            if self.gamma_schedule != "auto" or self.fourier_features:
+                raise BenchError(f"--gamma-schedule and --fourier-features are for continuous-time variants "
+                                 f"({', '.join(n for n, v in sorted(VARIANTS.items()) if v.continuous)}), "
+                                 f"not {self.variant!r}")
+            return
+        for name in ("gamma_min", "gamma_max"):
+            if not math.isfinite(getattr(self, name)):
+                raise BenchError(f"{name} must be a finite number, got {getattr(self, name)}")
+        self.build_noise_schedule(variant)  # raises on a schedule the variant cannot train with, or bad end points
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim
-from bench.diffusion.ode import FlowFailed, network_dtype, nll_ode
-from bench.diffusion.sample import describe_sampler, sample
+from bench.diffusion.bound import bits_per_dim
+from bench.diffusion.continuous_bound import ContinuousResult
+from bench.diffusion.ode import FlowFailed, network_dtype
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.variant import Variant
 from bench.errors import BenchError, reraised
@@ -23,7 +23,6 @@ from bench.metrics.extractors import FidUnavailable
 from bench.metrics.fid import compute_fid
 from bench.metrics.samples import save_samples
 from bench.nets.ema import ema_weights
-from bench.nets.unet import build_network
 from bench.runtime import dist as dist_mod
 from bench.runtime.context import Runtime
 from bench.runtime.cores import CoreShare
@@ -32,14 +31,17 @@ from bench.runtime.dist import SINGLE, Dist
 from bench.runtime.progress import Progress, format_duration, say
 from bench.tracking import store as tracking
 from bench.tracking.logger import RunLogger
-from bench.tracking.plots import per_t_figure, sample_grid
+from bench.tracking.plots import continuous_curve_figure, per_t_figure, sample_grid
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import RunConfig
 from bench.training.record import NoLog
+from bench.training.ruler import bound_estimate, continuous_bound_name, draw_samples, ode_nll, sampler_description
 from bench.training.state import RunContext, load_weights, setup
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
 BPD_CONVENTIONS = "bpd: x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM protocol); bpd_unclipped: not clipped"
+CONTINUOUS_CONVENTION = ("a continuous-time model's bound: decoder + prior + diffusion, each an upper-bound term on "
+                        "−log P of the 8-bit images (no x̂_0 clipping enters it)")
 HEADLINE = "bpd"  # a run's final bound; `bpd_method` says whether it is exact or an estimate
 
 
@@ -66,15 +68,21 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
     config = ctx.config
     started = time.monotonic()
     subset = eval_subset(ctx.test_images, config.eval_images)
-    est = estimate_bits_per_dim(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, seed=EVAL_SEED,
-                                runtime=Runtime(ctx.device, ctx.dist, batch_size=config.eval_batch_size))
+    est = bound_estimate(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, seed=EVAL_SEED,
+                         runtime=Runtime(ctx.device, ctx.dist, batch_size=config.eval_batch_size))
     summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
                "bpd_estimate_calls": est.calls_per_image}
     ctx.log.metrics(summary, step)
-    ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test images, "
-                                         f"seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] (DDPM/iDDPM), "
-                                         "bpd_estimate_unclipped: unclipped"})
-    if ctx.dist.main:
+    if isinstance(est, ContinuousResult):
+        ctx.log.tags({"bpd_estimate_method": f"estimate ({est.method}; seed {EVAL_SEED})"})
+        if ctx.dist.main:
+            log_continuous_curve(ctx.log, est, ctx.variant.label, f"estimate at step {step}",
+                                 f"per_t_estimate/step_{step:08d}")
+    else:
+        ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test "
+                                             f"images, seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] "
+                                             "(DDPM/iDDPM), bpd_estimate_unclipped: unclipped"})
+    if ctx.dist.main and not isinstance(est, ContinuousResult):
         binned = est.binned_per_t(ctx.sched.T)
         S = len(est.per_stratum)
         ctx.log.figure(per_t_figure({ctx.variant.label: binned},
@@ -85,8 +93,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
                       "L_t_bits_per_dim_mean": [float(binned[0])] + est.per_stratum.tolist(),
                       "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
                               "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
-    grid = sample(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
-                  config.sample_steps or None, seed=config.seed, runtime=Runtime(ctx.device, ctx.dist))
+    grid = draw_samples(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
+                        config.sample_steps or None, seed=config.seed, runtime=Runtime(ctx.device, ctx.dist))
     if ctx.dist.main:
         ctx.log.image(sample_grid(grid), "samples", step)
     if bar is not None:
@@ -97,6 +105,16 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
                   f"{later} more evaluation{'s' * (later != 1)} before the end")
     if ctx.on_eval is not None:
         ctx.on_eval(step, summary)
+
+
+def log_continuous_curve(log, res: ContinuousResult, label: str, what: str, name: str) -> None:
+    """A continuous-time bound's diffusion integrand by bin of t, as a figure and a JSON file ``name``."""
+    centres = ((res.per_t_edges[1:] + res.per_t_edges[:-1]) / 2).tolist()
+    log.figure(continuous_curve_figure({label: (centres, res.per_t.tolist())}, what), f"{name}.png")
+    log.dict({"t_from": res.per_t_edges[:-1].tolist(), "t_to": res.per_t_edges[1:].tolist(),
+              "diffusion_bits_per_dim_mean": res.per_t.tolist(),
+              "note": f"{what}: {res.method}; the mean of the diffusion term's integrand over each bin of t"},
+             f"{name}.json")
 
 
 def final_evaluation(model, variant, sched, config: RunConfig, train_images, test_images, device, log, step: int,
@@ -113,7 +131,10 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     runtime = Runtime(device, dist, config.eval_batch_size, progress=progress, desc=desc)
     if bound is not None:
         subset = eval_subset(test_images, config.final_eval_images)
-        if config.final_eval == "exact":
+        if variant.continuous:
+            res = bound_estimate(model, variant, sched, subset, config.eval_calls, seed=EVAL_SEED, runtime=runtime)
+            method = f"estimate ({res.method})"
+        elif config.final_eval == "exact":
             res = bits_per_dim(model, variant, sched, subset, seed=EVAL_SEED, runtime=runtime)
             method = f"exact (all {sched.T} t, {len(subset)} test images)"
         else:
@@ -127,7 +148,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         flow_net = without_autocast(model)  # the network in float32 whatever the run's precision (network_score)
         ode_tags[f"{ode}_precision"] = str(network_dtype(flow_net)).removeprefix("torch.")
         try:
-            nll = nll_ode(flow_net, variant, sched, ode_subset, config.ode_options(), seed=EVAL_SEED,
+            nll = ode_nll(flow_net, variant, sched, ode_subset, config.ode_options(), seed=EVAL_SEED,
                           runtime=Runtime(device, dist, config.ode_batch_size, progress=progress, desc=desc))
             metrics.update({ode + k.removeprefix("nll_ode"): v for k, v in nll.summary().items()})
         except FlowFailed as err:  # diverged, or the solver gave up: a result about this network, recorded; the
@@ -136,26 +157,29 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
     shape = tuple(train_images.shape[1:])
     steps = config.sample_steps or None
     drawn = max(config.fid_samples, config.sample_grid) if grid or config.fid_samples else 0
-    images = sample(model, variant, sched, drawn, shape, steps, seed=config.seed,
-                    runtime=Runtime(device, dist, progress=progress, desc=desc)) if drawn else None
+    images = draw_samples(model, variant, sched, drawn, shape, steps, seed=config.seed,
+                          runtime=Runtime(device, dist, progress=progress, desc=desc)) if drawn else None
     if not dist.main:
         return metrics
     if res is not None:
-        conventions = BPD_CONVENTIONS.replace(HEADLINE, bound)
+        conventions = CONTINUOUS_CONVENTION if variant.continuous else BPD_CONVENTIONS.replace(HEADLINE, bound)
         log.tags({f"{bound}_method": f"{method}; {conventions}", f"{bound}_split": "test",
                   f"{bound}_images": len(subset), f"{bound}_rounded": _rounded(metrics, bound, method)})
     if nll is not None:
         log.tags({**ode_tags, f"{ode}_method": nll.method, f"{ode}_split": "test", f"{ode}_images": len(ode_subset)})
     if ode_failed:
         log.tags({**ode_tags, f"{ode}_failed": ode_failed[:500], f"{ode}_method": config.ode_options().describe()})
-    if res is not None and res.per_t.numel():
+    if isinstance(res, ContinuousResult):
+        log_continuous_curve(log, res, variant.label, "final bound",
+                             "per_t_bound" if bound == HEADLINE else f"per_t_{bound}")
+    elif res is not None and res.per_t.numel():
         per_t = "per_t_bound" if bound == HEADLINE else f"per_t_{bound}"
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), f"{per_t}.png")
         log.dict({"t": list(range(1, sched.T + 1)), "L_t_bits_per_dim": res.per_t.tolist(),
                   "L_t_bits_per_dim_unclipped": res.other.per_t.tolist()}, f"{per_t}.json")
     if grid and images is not None:
         log.image(sample_grid(images[: config.sample_grid]), "samples", step)
-    sampler = describe_sampler(sched, steps, variant)
+    sampler = sampler_description(sched, steps, variant)
     fid_tags: dict[str, str] = {}
     if config.fid_samples:
         with tempfile.TemporaryDirectory() as tmp:  # the samples FID scores, to re-score with `bench fid`
@@ -225,7 +249,9 @@ class CheckpointEval:
         if self.bound is None:
             lines.append("  bound      not computed")
         else:
-            how = f"exact (all {self.sched.T} t)" if c.final_eval == "exact" else \
+            how = f"estimate of {continuous_bound_name(self.variant, self.sched)} ({c.eval_calls - c.eval_calls % 2} " \
+                "stratified t per image)" if self.variant.continuous else \
+                f"exact (all {self.sched.T} t)" if c.final_eval == "exact" else \
                 f"estimate ({c.eval_calls} network calls per image)"
             lines.append(f"  bound      {how} on {len(eval_subset(self.test_images, c.final_eval_images))} of {n_test} "
                          f"test images, as {self.bound}")
@@ -233,7 +259,7 @@ class CheckpointEval:
             images = len(eval_subset(self.test_images, c.ode_images or c.final_eval_images))
             lines.append(f"  nll_ode    probability-flow ODE ({c.ode_options().describe()}; "
                          f"batches of {c.ode_batch_size}) on {images} of {n_test} test images, as {self.ode}")
-        sampler = describe_sampler(self.sched, c.sample_steps or None, self.variant)
+        sampler = sampler_description(self.sched, c.sample_steps or None, self.variant)
         if c.fid_samples:
             lines.append(f"  fid        {c.fid_samples} samples against the train split (sampler: {sampler}), and a "
                          f"grid of {c.sample_grid}")
@@ -268,7 +294,7 @@ def prepare_evaluation(path: str | Path, overrides: dict | None = None, bound: b
     if client is not None:  # rank 0's: the others log nothing
         run = client.get_run(ckpt["run_id"]).data
         if bound:
-            names["bound"] = _bound_name(run, config.final_eval,
+            names["bound"] = _bound_name(run, "estimate" if variant.continuous else config.final_eval,
                                          len(eval_subset(test_images, config.final_eval_images)))
         if config.final_eval_ode:
             names["ode"] = _ode_name(run, len(eval_subset(test_images, config.ode_images or config.final_eval_images)))
@@ -281,7 +307,7 @@ def run_evaluation(plan: CheckpointEval, progress: bool = True, desc: str = "") 
     model, its tag ``model_id``). Returns the metrics under the names they are logged under."""
     c, d, dev = plan.config, plan.dist, plan.device
     C, H = plan.train_images.shape[1], plan.train_images.shape[2]
-    ema = build_network(c.network, C, plan.variant.out_channels(C), H)
+    ema = c.build_model(plan.variant, C, H)
     load_weights(ema, ema_weights(plan.ckpt["ema"]), "EMA weights")
     model = Autocast(ema.to(dev).eval(), c.precision, dev)
     log = NoLog()

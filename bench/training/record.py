@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from bench.diffusion.sample import describe_sampler
 from bench.errors import first_line
 from bench.nets.unet import count_parameters
 from bench.runtime.devices import synchronize
@@ -22,6 +21,7 @@ from bench.runtime.progress import Progress
 from bench.tracking import provenance
 from bench.training.config import RunConfig, flatten
 from bench.training.state import RunContext, TrainState, checkpoint_path
+from bench.training.ruler import continuous_bound_name, sampler_description
 
 BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<term>: total = prior + vb + decoder
 
@@ -64,10 +64,12 @@ def log_start(log, config, variant, sched, net, train_images, device, d: Dist, c
 def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
     """The run's description in MLflow: what was trained and how it is measured."""
     world = f", {d.world} data-parallel processes" if d.world > 1 else ""
-    final = f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact" else \
-        f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)"
+    final = (f"the unbiased estimate of the continuous-time bound ({continuous_bound_name(variant, sched)}; "
+             f"{config.eval_calls - config.eval_calls % 2} stratified t per image)" if variant.continuous
+             else f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact"
+             else f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)")
     images = f"{config.final_eval_images} test images" if config.final_eval_images else "the whole test split"
-    sampler = describe_sampler(sched, config.sample_steps or None, variant)
+    sampler = sampler_description(sched, config.sample_steps or None, variant)
     during = (f" During training, `bpd_estimate` (the unbiased estimate, {config.eval_calls} calls per image, "
               f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
     fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
@@ -88,7 +90,7 @@ def log_model(ema_net, ctx: RunContext, step: int) -> None:
     metrics logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a
     failed run: the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
-    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), torch.tensor([0, ctx.sched.T - 1]))
+    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), (torch.tensor([0.0, 1.0]) if ctx.variant.continuous else torch.tensor([0, ctx.sched.T - 1])))
     try:
         model_id = ctx.log.model(ema_net, example, step, metadata=model_metadata(ctx, step))
     except Exception as err:  # noqa: BLE001 - torch.export cannot trace some network, or the store refused the upload
@@ -102,11 +104,14 @@ def model_metadata(ctx: RunContext, step: int) -> dict:
     """What the logged MLflow model is and how to call it."""
     C, H, W = ctx.train_images.shape[1:]
     return {"what": f"EMA weights (decay {ctx.config.ema_decay:g}) of {ctx.variant.label} at step {step}",
-            "call": f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, "
+            "call": (f"model(z_t, t): z_t float [B, {C}, {H}, {W}], t float [B] in [0, 1] (continuous time; the "
+                     f"model holds its noise schedule γ(t)); returns [B, {C}, {H}, {W}]: the predicted ε"
+                     if ctx.variant.continuous else
+                     f"model(x_t, t): x_t float [B, {C}, {H}, {W}] on the [-1, 1] data scale, "
                     f"t long [B] in 0..{ctx.sched.T - 1} "
                     f"(paper time t + 1); returns [B, {ctx.variant.out_channels(C)}, {H}, {W}]: the predicted "
                     f"{'ε' if ctx.variant.mean_type == 'eps' else 'μ̃'}"
-                    + (" then the variance channels" if ctx.variant.out_channels(C) > C else ""),
+                    + (" then the variance channels" if ctx.variant.out_channels(C) > C else "")),
             "schedule": ctx.sched.describe(), "variant": ctx.variant.label, "dataset": ctx.config.dataset,
             "checkpoint": str(checkpoint_path(ctx.run_id))}
 

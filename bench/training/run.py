@@ -23,7 +23,6 @@ import torch
 
 from bench.errors import BenchError, reraised
 from bench.nets.ema import Ema, horizon, initial_share
-from bench.nets.unet import build_network
 from bench.runtime import dist as dist_mod
 from bench.runtime.cores import CoreShare
 from bench.runtime.devices import Autocast, channels_last
@@ -128,7 +127,7 @@ def train(config: RunConfig, resume: str | Path | dict | None = None, progress: 
     C, H = train_images.shape[1], train_images.shape[2]
 
     torch.manual_seed(config.seed)
-    net = build_network(config.network, C, variant.out_channels(C), H).to(device)
+    net = config.build_model(variant, C, H).to(device)
     if channels_last(config.channels_last, device):
         net = net.to(memory_format=torch.channels_last)
     ema = Ema(net, config.ema_decay, config.ema_warmup)

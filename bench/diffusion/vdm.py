@@ -1,0 +1,150 @@
+"""Continuous-time objectives (VDM, Kingma et al. 2021) as variants of the shared trainer.
+
+A continuous-time variant trains a :class:`~bench.diffusion.continuous.ContinuousDenoiser`: the network
+conditioned on γ(t), with the noise schedule γ(t) as its submodule (so the optimiser, the EMA and the checkpoint
+carry a learned schedule with the network). Its loss is the whole bound in bits/dim, per example,
+
+    (L_recon + L_prior + L_diffusion) / (D ln 2),
+
+with L_diffusion = L_∞ = ½ γ'(t) ‖ε − ε̂(z_t; t)‖² at one low-discrepancy t per example (``vdm``, ``vdm-fixed``),
+or the finite-T form L_T = (T/2)·expm1(γ(t_i) − γ(t_{i−1}))·‖ε − ε̂‖² at a step i of T (``vdm-finite``);
+L_recon = −log p(x | z_0) of VDM's 256-way decoder with one z_0 ~ q(z_0 | x); L_prior = KL(q(z_1 | x) ‖ N(0, I)).
+The end points γ(0), γ(1) reach the loss through the decoder and the prior, the schedule's shape through γ'(t)
+(and the network's conditioning). γ, γ' and the three terms are float32 (the network may run in bf16).
+
+These variants have no discrete reverse step: the evaluator, the sampler and the ODE of a continuous-time model
+are their own (``continuous_bound``, ``continuous_sample``); :attr:`ContinuousVariant.continuous` says which.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from bench.diffusion.continuous import (
+    FixedLinear,
+    LearnedEndpoints,
+    MonotoneNet,
+    NoiseSchedule,
+    alpha_sigma_squared,
+    decoder_nats,
+    diffusion_nats,
+    find_denoiser,
+    finite_diffusion_nats,
+    low_discrepancy_times,
+    prior_nats,
+)
+from bench.diffusion.variant import Loss, Variant
+from bench.errors import BenchError, check_choice
+
+# γ(t) schedules by name: what a continuous-time variant may train with (config field gamma_schedule)
+FIXED_GAMMAS = ("fixed", "linear-beta", "cosine")  # VDM's line; the project's schedules read as continuous γ(t)
+LEARNED_GAMMAS = ("learned-ends", "learned-net")  # end points learned (a line); VDM's monotone network
+GAMMA_SCHEDULES = ("auto", *FIXED_GAMMAS, *LEARNED_GAMMAS)
+
+
+def build_noise_schedule(name: str, gamma_min: float, gamma_max: float, **discrete) -> NoiseSchedule:
+    """The γ(t) schedule ``name`` (one of GAMMA_SCHEDULES but ``auto``). ``fixed``, ``learned-ends`` and
+    ``learned-net`` start at (``gamma_min``, ``gamma_max``); ``linear-beta`` and ``cosine`` read the project's
+    discrete schedule given by ``discrete`` (T, beta_start, beta_end, cosine_s) as continuous γ(t)."""
+    check_choice("gamma_schedule", name, GAMMA_SCHEDULES[1:])
+    if name == "fixed":
+        return FixedLinear(gamma_min, gamma_max)
+    if name == "learned-ends":
+        return LearnedEndpoints(gamma_min, gamma_max)
+    if name == "learned-net":
+        return MonotoneNet(gamma_min, gamma_max)
+    return _discrete_reading(name, **discrete)
+
+
+def _discrete_reading(name: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                      cosine_s: float = 0.008) -> NoiseSchedule:
+    raise BenchError(f"gamma_schedule {name!r} (the project's schedule read as continuous time) is not built yet")
+
+
+def _times_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (x.dim() - 1)))
+
+
+class ContinuousVariant(Variant):
+    """A continuous-time variant: subclasses set ``name``, ``objective``, ``learns_schedule`` and ``finite``."""
+
+    continuous: ClassVar[bool] = True
+    learns_schedule: ClassVar[bool] = False  # trains γ(t) (a learned gamma_schedule), else a fixed one
+    finite: ClassVar[bool] = False  # L_T with the config's T instead of L_∞
+    mean_type = "eps"
+    var_type = "fixed_small"  # unused: a continuous-time model has no discrete reverse variance
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def strides(self) -> bool:
+        return True
+
+    def gamma_schedule(self, asked: str) -> str:
+        """The γ(t) schedule this variant trains with when ``asked`` (config gamma_schedule; ``auto``: learned
+        end points for a learned schedule, else VDM's fixed line); BenchError on one it cannot train with."""
+        check_choice("gamma_schedule", asked, GAMMA_SCHEDULES)
+        if asked == "auto":
+            return "learned-ends" if self.learns_schedule else "fixed"
+        allowed = LEARNED_GAMMAS if self.learns_schedule else FIXED_GAMMAS if not self.finite else GAMMA_SCHEDULES[1:]
+        if asked not in allowed:
+            raise BenchError(f"variant {self.name!r} trains with gamma_schedule {' or '.join(allowed)}, "
+                             f"not {asked!r}" + ("; learn the schedule with --variant vdm" if asked in LEARNED_GAMMAS
+                                                 else "; a fixed schedule is --variant vdm-fixed"))
+        return asked
+
+    def describe(self) -> dict:
+        return {"variant": self.label, "variant_name": self.name, "objective": self.objective,
+                "mean_type": "eps", "var_type": "none (continuous time)", "time": "continuous"}
+
+    def p_mean_variance(self, *args, **kwargs):
+        raise BenchError(f"variant {self.name!r} is a continuous-time model: it has no discrete reverse step "
+                         "(its bound, sampler and ODE are the continuous-time ones)")
+
+    p_mean_variance_strided = vb_bits = p_mean_variance
+
+    def loss(self, model, sched, x0: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
+        """The bound in bits/dim per example of a batch x_0 [B, C, H, W]: one low-discrepancy t (of the global
+        batch) and one ε per example for the diffusion term, one z_0 for the decoder; ``t`` of the result is t on
+        the grid of ``sched.T`` (for the loss's quarters of t)."""
+        schedule = find_denoiser(model).schedule
+        b, d = x0.shape[0], self._dist
+        B = b * d.world
+        t = low_discrepancy_times(B, generator if generator is None or generator.device.type == "cpu" else None)
+        shape = (2, B, *x0.shape[1:])
+        if generator is not None:
+            noise = torch.randn(shape, generator=generator, device=generator.device).to(x0.device)
+        else:
+            noise = torch.randn(shape, device=x0.device, dtype=x0.dtype)
+        if d.active:
+            mine = slice(d.rank * b, (d.rank + 1) * b)
+            t, noise = t[mine], noise[:, mine]
+        t = t.to(x0.device, torch.float32)
+        eps, eps0 = noise[0], noise[1]
+        if self.finite:
+            T = sched.T
+            step = torch.clamp(torch.ceil(t * T), 1, T)  # i ∈ 1..T, uniform over the steps
+            t = step / T
+            gamma_t, gamma_s = schedule.gamma(t), schedule.gamma((step - 1) / T)
+        else:
+            gamma_t, slope = schedule.gamma_and_slope(t)
+        alpha2, sigma2 = alpha_sigma_squared(gamma_t)
+        z_t = _times_like(alpha2.sqrt(), x0) * x0 + _times_like(sigma2.sqrt(), x0) * eps
+        eps_hat = model(z_t, t).float()
+        if self.finite:
+            diffusion = finite_diffusion_nats(eps, eps_hat, gamma_t, gamma_s, sched.T)
+        else:
+            diffusion = diffusion_nats(eps, eps_hat, slope)
+        ends = schedule.gamma(torch.tensor([0.0, 1.0], device=x0.device))
+        a0, s0 = alpha_sigma_squared(ends[0])
+        decoder = decoder_nats(x0, a0.sqrt() * x0 + s0.sqrt() * eps0, ends[0])
+        prior = prior_nats(x0, ends[1])
+        per_dim = 1 / (x0[0].numel() * math.log(2))
+        terms = {"diffusion": diffusion * per_dim, "decoder": decoder * per_dim, "prior": prior * per_dim}
+        grid = torch.clamp((t * sched.T).long(), max=sched.T - 1)
+        return Loss(terms["diffusion"] + terms["decoder"] + terms["prior"], grid, terms)
