@@ -44,7 +44,7 @@ def continuous_curve_figure(curves: dict[str, tuple[list[float], list[float]]], 
         ax.set_yscale("log")
         ax.set_xlabel("continuous time t (γ(t) = −log SNR increases with t)")
         ax.set_ylabel("½γ'(t)‖ε − ε̂‖² (bits/dim)")
-        ax.set_title(f"The diffusion term of the continuous-time bound by t{': ' + title if title else ''}", fontsize=10)
+        ax.set_title(f"The continuous-time bound's diffusion term by t{': ' + title if title else ''}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

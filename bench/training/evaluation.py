@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bench.diffusion.bound import bits_per_dim
+from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim
 from bench.diffusion.continuous_bound import ContinuousResult
 from bench.diffusion.ode import FlowFailed, network_dtype
 from bench.diffusion.schedule import Schedule

@@ -20,8 +20,8 @@ from bench.runtime.dist import Dist
 from bench.runtime.progress import Progress
 from bench.tracking import provenance
 from bench.training.config import RunConfig, flatten
-from bench.training.state import RunContext, TrainState, checkpoint_path
 from bench.training.ruler import continuous_bound_name, sampler_description
+from bench.training.state import RunContext, TrainState, checkpoint_path
 
 BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<term>: total = prior + vb + decoder
 
@@ -90,7 +90,8 @@ def log_model(ema_net, ctx: RunContext, step: int) -> None:
     metrics logged at ``step``. One that cannot be exported is a tag (``model_not_logged``) and a warning, not a
     failed run: the checkpoint holds the weights."""
     C, H, W = ctx.train_images.shape[1:]
-    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), (torch.tensor([0.0, 1.0]) if ctx.variant.continuous else torch.tensor([0, ctx.sched.T - 1])))
+    times = torch.tensor([0.0, 1.0]) if ctx.variant.continuous else torch.tensor([0, ctx.sched.T - 1])
+    example = (torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(0)), times)
     try:
         model_id = ctx.log.model(ema_net, example, step, metadata=model_metadata(ctx, step))
     except Exception as err:  # noqa: BLE001 - torch.export cannot trace some network, or the store refused the upload
