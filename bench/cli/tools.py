@@ -19,7 +19,8 @@ def variants_cmd() -> None:
     width = max(len(n) for n in VARIANTS)
     for name in sorted(VARIANTS):
         v = get_variant(name)
-        click.echo(f"{name:<{width}}  mean={v.mean_type:<3}  variance={v.var_type:<13}  {v.objective}")
+        kind = "time=continuous (VDM)" if v.continuous else f"mean={v.mean_type:<3}  variance={v.var_type:<13}"
+        click.echo(f"{name:<{width}}  {kind:<{34}}  {v.objective}")
 
 
 @click.command("runs")

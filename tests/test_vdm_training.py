@@ -1,0 +1,104 @@
+"""Continuous-time variants (vdm, vdm-fixed, vdm-finite) on the shared trainer: their config, their model, their loss
+(the whole bound in bits/dim, its gradient reaching a learned schedule) and a short run end to end."""
+
+import math
+
+import pytest
+import torch
+
+from bench.diffusion.continuous import ContinuousDenoiser, FixedLinear, LearnedEndpoints, MonotoneNet, find_denoiser
+from bench.errors import BenchError
+from bench.runtime.devices import Autocast
+from bench.training.config import make_config
+from variants import get_variant
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=g).float() / 127.5 - 1
+
+
+@pytest.mark.parametrize(("variant", "asked", "built"), [
+    ("vdm", "auto", LearnedEndpoints), ("vdm", "learned-net", MonotoneNet), ("vdm-fixed", "auto", FixedLinear),
+    ("vdm-finite", "auto", FixedLinear), ("vdm-finite", "learned-ends", LearnedEndpoints),
+])
+def test_the_config_builds_the_model_with_its_schedule_inside(variant, asked, built):
+    config = make_config("digits", variant=variant, gamma_schedule=asked)
+    model = config.build_model(get_variant(variant), 1, 8)
+    assert isinstance(model, ContinuousDenoiser) and isinstance(model.schedule, built)
+    assert find_denoiser(Autocast(model, "fp32", torch.device("cpu"))) is model
+    assert model.schedule.endpoints() == pytest.approx((-13.3, 5.0), abs=1e-9 if built is not MonotoneNet else 2.0)
+    learned = [n for n, _ in model.named_parameters() if n.startswith("schedule.")]
+    assert bool(learned) == (built is not FixedLinear)  # the optimiser and the EMA see the schedule's parameters
+    assert all(f"{n}" in model.state_dict() for n in learned)  # and the checkpoint holds them
+
+
+def test_fourier_features_widen_the_input():
+    config = make_config("digits", variant="vdm", fourier_features=True)
+    model = config.build_model(get_variant("vdm"), 1, 8)
+    assert model.net.in_channels == 5 and model(_batch(2), torch.tensor([0.1, 0.9])).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(("given", "words"), [
+    ({"variant": "vdm", "gamma_schedule": "fixed"}, "vdm-fixed"),
+    ({"variant": "vdm-fixed", "gamma_schedule": "learned-ends"}, "--variant vdm"),
+    ({"variant": "simple", "gamma_schedule": "fixed"}, "continuous-time variants"),
+    ({"variant": "hybrid", "fourier_features": True}, "continuous-time variants"),
+    ({"variant": "vdm", "gamma_min": 6.0}, "gamma_min < gamma_max"),
+    ({"variant": "vdm-fixed", "gamma_max": math.inf}, "finite"),
+])
+def test_bad_continuous_settings_are_one_line(given, words):
+    with pytest.raises(BenchError, match=words) as err:
+        make_config("digits", **given)
+    assert "\n" not in str(err.value)
+
+
+def test_the_loss_is_the_whole_bound_and_trains_the_schedule():
+    torch.manual_seed(0)
+    variant = get_variant("vdm")
+    config = make_config("digits", variant="vdm")
+    model = config.build_model(variant, 1, 8)
+    x0 = _batch()
+    loss = variant.loss(model, config.build_schedule(), x0, torch.Generator().manual_seed(1))
+    assert set(loss.terms) == {"diffusion", "decoder", "prior"}
+    assert torch.allclose(loss.loss, loss.terms["diffusion"] + loss.terms["decoder"] + loss.terms["prior"])
+    # a freshly built network outputs ε̂ = 0: the diffusion term is ½γ'‖ε‖² with γ' = 18.3, about 13.2 bits/dim
+    assert loss.terms["diffusion"].mean().item() == pytest.approx(0.5 * 18.3 / math.log(2), rel=0.3)
+    assert loss.t.dtype == torch.long and 0 <= loss.t.min() and loss.t.max() < 1000
+    spread = torch.sort(loss.t.double() / 1000).values.diff()  # low-discrepancy t: one per 1/B of [0, 1]
+    assert spread.max().item() < 2 / len(x0) + 1e-3
+    loss.loss.mean().backward()
+    assert model.schedule.b.grad.abs() > 0 and model.schedule.w.grad.abs() > 0
+    with torch.no_grad():  # one step lowers the bound (the end points move with it)
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    assert model.schedule.endpoints() != pytest.approx((-13.3, 5.0), abs=1e-6)
+
+
+def test_finite_t_draws_steps_of_the_configs_t():
+    variant = get_variant("vdm-finite")
+    config = make_config("digits", variant="vdm-finite", T=10)
+    model = config.build_model(variant, 1, 8)
+    loss = variant.loss(model, config.build_schedule(), _batch(), torch.Generator().manual_seed(2))
+    assert loss.t.max() < 10 and torch.isfinite(loss.loss).all()
+    assert loss.terms["diffusion"].mean() > 0
+
+
+def test_a_short_vdm_run_trains_evaluates_and_resumes(tmp_path, monkeypatch):
+    """A few steps of `vdm` end to end: its bound is logged with its method and terms, samples are drawn, the learned
+    end points are in the checkpoint."""
+    from bench.training.run import train  # noqa: PLC0415 - the trainer, only for this test
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    config = make_config("digits", variant="vdm", steps=4, batch_size=16, log_every=2, eval_every=0,
+                         final_eval_images=8, eval_calls=4, fid_samples=0, sample_grid=4, sample_steps=5,
+                         log_model=False, system_metrics=False, checkpoint_every=4)
+    result = train(config, progress=False)
+    assert result.status == "FINISHED"
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert {"schedule.b", "schedule.w"} <= set(ckpt["model"])
+    metrics = result.metrics
+    for name in ("bpd", "bpd/diffusion", "bpd/decoder", "bpd/prior", "bpd_stderr"):
+        assert math.isfinite(metrics[name]), name
+    assert metrics["bpd"] == pytest.approx(metrics["bpd/diffusion"] + metrics["bpd/decoder"] + metrics["bpd/prior"])
