@@ -59,6 +59,15 @@ def build_noise_schedule(name: str, gamma_min: float, gamma_max: float, **discre
     return _discrete_reading(name, **discrete)
 
 
+def describe_gamma(schedule: NoiseSchedule) -> str:
+    """A schedule in words with its end points now, e.g. ``learned (end points; a line), γ(0) = −13.3, γ(1) = 5``."""
+    kinds = {FixedLinear: "fixed (VDM's line)", LearnedEndpoints: "learned (end points; a line)",
+             MonotoneNet: "learned (VDM's monotone network)"}
+    kind = kinds.get(type(schedule), f"fixed ({type(schedule).__name__})")
+    start, end = schedule.endpoints()
+    return f"{kind}, γ(0) = {start:.4g}, γ(1) = {end:.4g}"
+
+
 def _discrete_reading(name: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                       cosine_s: float = 0.008) -> NoiseSchedule:
     raise BenchError(f"gamma_schedule {name!r} (the project's schedule read as continuous time) is not built yet")

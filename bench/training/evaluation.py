@@ -34,7 +34,7 @@ from bench.tracking.logger import RunLogger
 from bench.tracking.plots import continuous_curve_figure, per_t_figure, sample_grid
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import RunConfig
-from bench.training.record import NoLog
+from bench.training.record import NoLog, schedule_metrics
 from bench.training.ruler import bound_estimate, continuous_bound_name, draw_samples, ode_nll, sampler_description
 from bench.training.state import RunContext, load_weights, setup
 
@@ -134,6 +134,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         if variant.continuous:
             res = bound_estimate(model, variant, sched, subset, config.eval_calls, seed=EVAL_SEED, runtime=runtime)
             method = f"estimate ({res.method})"
+            metrics.update(schedule_metrics(model))  # the EMA model's γ(0), γ(1): the bound's end points
         elif config.final_eval == "exact":
             res = bits_per_dim(model, variant, sched, subset, seed=EVAL_SEED, runtime=runtime)
             method = f"exact (all {sched.T} t, {len(subset)} test images)"
@@ -141,7 +142,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
             res = estimate_bits_per_dim(model, variant, sched, subset, config.eval_calls, seed=EVAL_SEED,
                                         runtime=runtime)
             method = f"estimate ({res.calls_per_image} calls/image, {len(subset)} test images)"
-        metrics = res.summary(bound)
+        metrics.update(res.summary(bound))
     nll, ode_failed, ode_tags = None, "", {}
     if config.final_eval_ode:  # a different estimand from the bound: logged as nll_ode, never as bpd
         ode_subset = eval_subset(test_images, config.ode_images or config.final_eval_images)

@@ -111,7 +111,7 @@ def training_loop(state: TrainState, model, ema_model, ctx: RunContext, interrup
             if failure := health.check(d):
                 bar.close()
                 return failure
-            log_training(ctx, state.step, means, ips, lr, bar)
+            log_training(ctx, state.step, means, ips, lr, bar, state.net)
         if evaluating or saving:
             clock.pause()
             if failure := health.check(d):

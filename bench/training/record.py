@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from bench.diffusion.continuous import find_denoiser
+from bench.diffusion.vdm import describe_gamma
 from bench.errors import first_line
 from bench.nets.unet import count_parameters
 from bench.runtime.devices import synchronize
@@ -74,14 +76,24 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
               f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
     fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
            "dataset's extractor (tag `fid_extractor`)." if config.fid_samples else "No FID.")
+    if variant.continuous:
+        kind = "continuous time, ε-prediction"
+        schedule = f"γ(t) = −log SNR(t) {describe_gamma(find_denoiser(net).schedule)}"
+        if variant.finite:
+            schedule += f", T = {sched.T} steps"
+        convention = "no x̂_0 clipping enters it (decoder + prior + diffusion terms: `bpd/decoder`, …)"
+    else:
+        kind = f"mean: {variant.mean_type}, variance: {variant.var_type}"
+        schedule = sched.describe()
+        convention = "x̂_0 clipped to [-1, 1] in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without)"
     return (f"**{variant.label}** trained on **{config.dataset}**: {variant.objective} "
-            f"(mean: {variant.mean_type}, variance: {variant.var_type}). {config.network} U-Net, "
-            f"{count_parameters(net):,} parameters; noise schedule {sched.describe()}. {config.steps} steps of AdamW "
+            f"({kind}). {config.network} U-Net, "
+            f"{count_parameters(net):,} parameters; noise schedule {schedule}. {config.steps} steps of AdamW "
             f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
             f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, "
             f"seed {config.seed}{world}.\n\n"
-            f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, x̂_0 clipped to [-1, 1] "
-            f"in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without). {fid}{during} Loss by quarter "
+            f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, {convention}. "
+            f"{fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")
 
 
@@ -152,10 +164,20 @@ class Throughput:
         self.tick = time.perf_counter()
 
 
-def log_training(ctx: RunContext, step: int, means: dict[str, float], ips: float, lr: float, bar: Progress) -> None:
-    """The logging window's training loss (``loss``, ``loss/<term>``, ``loss_q0``..), ``images_per_sec`` and the
-    learning rate, logged at ``step`` and shown on the bar."""
-    ctx.log.metrics({**means, "images_per_sec": ips, "lr": lr}, step)
+def schedule_metrics(net) -> dict[str, float]:
+    """A continuous-time model's noise schedule now: its end points ``gamma_0`` = γ(0) and ``gamma_1`` = γ(1)
+    (a learned schedule's move with training)."""
+    start, end = find_denoiser(net).schedule.endpoints()
+    return {"gamma_0": start, "gamma_1": end}
+
+
+def log_training(ctx: RunContext, step: int, means: dict[str, float], ips: float, lr: float, bar: Progress,
+                 net=None) -> None:
+    """The logging window's training loss (``loss``, ``loss/<term>``, ``loss_q0``..), ``images_per_sec``, the
+    learning rate and, for a continuous-time model ``net``, its schedule's end points, logged at ``step`` and shown
+    on the bar."""
+    extra = schedule_metrics(net) if net is not None and ctx.variant.continuous else {}
+    ctx.log.metrics({**means, "images_per_sec": ips, "lr": lr, **extra}, step)
     if ctx.cores is not None:
         ctx.cores.apply()  # another elbo-bench process may have started or ended on this machine
     bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{ips:.0f}")
