@@ -65,6 +65,10 @@ SETTINGS["protocol.bpd"] = "bpd convention"
 # part of a row's key too: FIDs of different feature extractors are never pooled or compared
 EXTRACTOR = "fid_extractor"
 FEATURE_METRICS = ("fid", "isc", "fid_ref_test", "fid_ref_noise")  # numbers the feature extractor computes
+# RunConfig fields added after runs were recorded that could not have changed those runs (they were all DDPM
+# variants, which the continuous-time settings do not touch): a run without the param had its default.
+PREDATING_DEFAULTS = {"config.gamma_schedule": "auto", "config.gamma_min": "-13.3", "config.gamma_max": "5.0",
+                      "config.fourier_features": "False"}
 LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
 
 
@@ -97,7 +101,8 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
             "experiment_id": r.info.experiment_id, "seed": params.get("config.seed"), "start_time": r.info.start_time,
             "diverged": tags.get("diverged") == "true", "study": tags.get("optuna.study", ""),
         }
-        row.update({name: params.get(key, "") for key, name in SETTINGS.items()})  # '' where a run predates a field
+        # '' where a run predates a field (but those that could not have changed it: PREDATING_DEFAULTS)
+        row.update({name: params.get(key, PREDATING_DEFAULTS.get(key, "")) for key, name in SETTINGS.items()})
         row["precision"] = _precision(params)
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})

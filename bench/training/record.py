@@ -41,18 +41,20 @@ class NoLog:
 
 def log_start(log, config, variant, sched, net, train_images, device, d: Dist, checkpoint: Path) -> None:
     """A new run's params, tags, description, config file and training dataset."""
+    schedule = schedule_label(config, variant, sched)
     log.params({
         **flatten(config), **{f"variant.{k}": v for k, v in variant.describe().items()},
-        **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": sched.describe(),
+        **{f"schedule.{k}": v for k, v in sched.spec.items()}, "schedule": schedule,
         "network.parameters": count_parameters(net), "optimizer": "AdamW", "device": str(device),
         "lr_schedule": "LambdaLR: linear warmup over warmup_steps, then constant",
         "ema": "torch AveragedModel from the initial weights, decay min(ema_decay, (1+n)/(10+n)) at update n"
                if config.ema_warmup else "torch AveragedModel from the initial weights, decay ema_decay",
         "code_version": provenance.git_commit(), **provenance.versions(),
-        "protocol.bpd": "x0-clipped",  # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM); reports keep conventions apart
+        # bpd with x̂_0 clipped to [-1, 1] (DDPM/iDDPM), or a continuous-time bound; reports keep conventions apart
+        "protocol.bpd": CONTINUOUS_PROTOCOL if variant.continuous else "x0-clipped",
         "dist.world_size": d.world, "dist.backend": _backend(d),
     })
-    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": sched.describe(),
+    log.tags({"variant": variant.label, "dataset": config.dataset, "schedule": schedule,
               "images_per_sec": "images trained per wall-clock second between two logging points, all ranks together "
                                 "(evaluation and checkpoint time left out)",
               "checkpoint": str(checkpoint), "checkpoint_host": socket.gethostname(),
@@ -61,6 +63,21 @@ def log_start(log, config, variant, sched, net, train_images, device, d: Dist, c
     log.note(describe_run(config, variant, sched, net, d))
     log.dict(config.redacted().to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
+
+
+CONTINUOUS_PROTOCOL = "continuous-time"  # protocol.bpd of a continuous-time model: its bound has no x̂_0 to clip
+
+
+def schedule_label(config: RunConfig, variant, sched) -> str:
+    """The noise schedule a run trains with, as its ``schedule`` tag and param (part of a report row's key): the
+    discrete schedule's description, or a continuous-time model's γ(t) as it starts (a learned one moves)."""
+    if not variant.continuous:
+        return sched.describe()
+    name = variant.gamma_schedule(config.gamma_schedule)
+    steps = f", T={sched.T}" if variant.finite else ""
+    if name in ("linear-beta", "cosine"):
+        return f"γ(t) {name} reading of {sched.describe()}{steps}"
+    return f"γ(t) {name}({config.gamma_min:g}..{config.gamma_max:g}){steps}"
 
 
 def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
