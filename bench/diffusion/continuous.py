@@ -9,7 +9,7 @@ The schedules:
 
 - :class:`FixedLinear`: VDM's fixed γ(t) = γ_min + (γ_max − γ_min) t, γ_min = −13.3, γ_max = 5.0.
 - :class:`LearnedEndpoints`: γ(t) = b + |w| t (VDM's "learnable_scalar"): only the end points are learned.
-- :class:`MonotoneNet`: VDM's monotone network γ(t) = l1(t) + l3(φ(l2(t)))/1024, every weight taken in absolute
+- :class:`MonotoneNet`: VDM's monotone network γ(t) = l1(t) + l3(φ(l2(2(t − ½))))/1024, every weight taken in absolute
   value so that γ increases in t; its end points are not pinned (as in the authors' code).
 
 γ, γ' and everything formed from them are float32 or float64, never bfloat16 (the schedule's end points need
