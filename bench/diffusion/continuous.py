@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from bench.diffusion.schedule import Schedule
 from bench.errors import BenchError
 
 VDM_GAMMA_MIN = -13.3
@@ -243,3 +244,76 @@ def decoder_nats(x: torch.Tensor, z0: torch.Tensor, gamma_0: torch.Tensor) -> to
     k = torch.round((x.to(torch.float64) + 1) * 127.5).clamp(0, 255).long()
     logp = torch.log_softmax(decoder_logits(z0, gamma_0), dim=-1)
     return -sum_dims(logp.gather(-1, k.unsqueeze(-1)).squeeze(-1))
+
+
+# --------------------------------------------------------------------- the project's discrete schedules, read as γ(t)
+def _gamma_of_minus_log_alpha_squared(x: torch.Tensor) -> torch.Tensor:
+    """γ = log(σ²/α²) = log(expm1(x)) for x = −log α² > 0, written x + log(−expm1(−x)) so that neither a small x
+    (expm1 keeps its digits) nor a large one (no overflow) loses precision."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+class LinearBetaReading(NoiseSchedule):
+    """DDPM's linear schedule (``Schedule.linear(T, beta_start, beta_end)``) read as a continuous γ(t): step i of
+    the chain (x_i, i = 1..T) sits at t = (i − 1)/(T − 1), so γ(0) is x_1's −log SNR and γ(1) is x_T's.
+
+    With a = β_start and b = (β_end − β_start)/(T − 1) (β_j = a + b(j − 1)), −log ᾱ_i = Σ_{j≤i} −log(1 − β_j)
+    = Σ_j (β_j + β_j²/2) + O(Σβ³); both power sums are polynomials in i, evaluated at the real i = 1 + t(T − 1):
+
+      −log ᾱ(i) = i a + b i(i−1)/2 + ½ [i a² + a b i(i−1) + b² i(i−1)(2i−1)/6],
+
+    i.e. the VP-SDE of the linear schedule in diffusion time u = i/T ∈ [1/T, 1] (its rate β(u) = d(−log ᾱ)/du
+    ≈ T(a + b(Tu − ½)) is linear up to the β² term). It agrees with the chain's ᾱ_i at every step up to the
+    omitted Σβ³/3: for T = 1000, 1e-4..0.02, γ at t = 0 within 1e-8 and at t = 1 within 7e-4 of the chain's
+    −log SNR (score_sde's plain form T(a u + ½(β_end − β_start) u²) is off by 0.095 in γ at the first step).
+    """
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.spec = Schedule.linear(T, beta_start, beta_end).spec  # validates the arguments as the chain does
+        self.T, self.a, self.b = T, float(beta_start), (beta_end - beta_start) / (T - 1)
+
+    def discrete(self) -> Schedule:
+        """The chain this schedule reads."""
+        return Schedule.from_spec(self.spec)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        i = 1 + t * (self.T - 1)
+        a, b, pairs = self.a, self.b, i * (i - 1)
+        first = i * a + b * pairs / 2
+        second = i * a * a + a * b * pairs + b * b * pairs * (2 * i - 1) / 6
+        return _gamma_of_minus_log_alpha_squared(first + second / 2)
+
+
+class CosineReading(NoiseSchedule):
+    """iDDPM's cosine schedule (``Schedule.cosine(T, s)``) read as a continuous γ(t): ᾱ(u) = f(u)/f(0),
+    f(u) = cos²((u + s)/(1 + s)·π/2), at u = u₀ + t(u₁ − u₀) with u₀ = 1/T (the chain's first step) and u₁ the
+    time where ᾱ(u₁) is the chain's last ᾱ_T. The chain clips β at 0.999, so ᾱ_T is tiny but positive (2.4e-9
+    for T = 1000) and γ(1) is finite (19.84); u₁ is just below 1. Between the ends ᾱ(u) is the chain's at every
+    step u = i/T whose β was not clipped (for T = 1000, all but the last).
+
+    γ = log((f(0) − f(u))/f(u)) is formed as log sin(θ − θ₀) + log sin(θ + θ₀) − 2 log cos θ (θ = (u + s)/(1 + s)
+    ·π/2, f(0) − f(u) = sin(θ − θ₀) sin(θ + θ₀)), with cos θ = sin((1 − u)·π/(2(1 + s))) and
+    1 − u = (1 − u₁) + (1 − t)(u₁ − u₀): no difference of nearly equal numbers at either end.
+    """
+
+    def __init__(self, T: int = 1000, s: float = 0.008):
+        super().__init__()
+        chain = Schedule.cosine(T, s)
+        self.spec, self.T, self.s = chain.spec, T, float(s)
+        k = math.pi / (2 * (1 + s))
+        f0 = math.cos(s * k) ** 2
+        self.u0 = 1 / T
+        self.one_minus_u1 = math.asin(math.sqrt(float(chain.alphas_cumprod[-1]) * f0)) / k  # f(u₁) = ᾱ_T f(0)
+        self.span = 1 - self.one_minus_u1 - self.u0  # u₁ − u₀
+
+    def discrete(self) -> Schedule:
+        """The chain this schedule reads."""
+        return Schedule.from_spec(self.spec)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        k = math.pi / (2 * (1 + self.s))
+        u = self.u0 + t * self.span
+        rest = self.one_minus_u1 + (1 - t) * self.span  # 1 − u
+        return (torch.log(torch.sin(u * k)) + torch.log(torch.sin((u + 2 * self.s) * k))
+                - 2 * torch.log(torch.sin(rest * k)))

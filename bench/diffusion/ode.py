@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -91,6 +92,15 @@ def _is_number(value) -> bool:
 
 
 # --------------------------------------------------------------------- the continuous-time process
+class FlowSde(Protocol):
+    """What the flow reads of its process: :class:`VpSde` here, ``GammaSde`` (a continuous-time model's own γ(t),
+    bench.diffusion.continuous_sample)."""
+
+    def beta(self, s: float) -> float: ...  # β(s) of dx = −½β(s)x ds + √β(s) dW, float64
+    def index(self, s: float) -> int: ...  # where the network is at s, for error messages
+    def describe(self) -> str: ...  # the process, for the tag nll_ode_method
+
+
 @dataclass(frozen=True, eq=False)
 class VpSde:
     """The VP-SDE dx = −½β(s)x ds + √β(s) dW the discrete schedule discretises, on diffusion time s ∈ [0, 1].
@@ -135,6 +145,10 @@ class VpSde:
         held in 1..T. The network was trained on these integer t only."""
         t = min(max(math.floor(s * self.sched.T + 0.5), 1), self.sched.T)
         return t - 1
+
+    def describe(self) -> str:
+        """The process, for the tag ``nll_ode_method``: ``VP-SDE of linear(T=1000, 0.0001..0.02)``."""
+        return f"VP-SDE of {self.sched.describe()}"
 
 
 def network_score(model, variant: Variant, sde: VpSde) -> ScoreFn:
@@ -198,7 +212,7 @@ def score_and_quadratic(score: ScoreFn, x: torch.Tensor, s: float,
     return value.detach(), (vjp * probes).flatten(1).sum(1)
 
 
-def flow_nll_nats(score: ScoreFn, sde: VpSde, z: torch.Tensor, probes: torch.Tensor,
+def flow_nll_nats(score: ScoreFn, sde: FlowSde, z: torch.Tensor, probes: torch.Tensor,
                   options: OdeOptions) -> tuple[torch.Tensor, int]:
     """−log p_{s_0}(z) in nats per row of z [B, C, H, W] under the probability-flow ODE, one solve for the batch.
 
@@ -279,7 +293,7 @@ def nll_ode(model, variant: Variant, sched: Schedule, images: torch.Tensor, opti
         return flow_nll(network_score(model, variant, sde), sde, images, options, seed=seed, runtime=runtime)
 
 
-def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions | None = None, *,
+def flow_nll(score: ScoreFn, sde: FlowSde, data: torch.Tensor, options: OdeOptions | None = None, *,
              seed: int = 0, runtime: Runtime = LOCAL) -> NllResult:
     """The probability-flow NLL of ``data`` [N, C, H, W] under ``score``, in bits/dim.
 
@@ -324,7 +338,7 @@ def flow_nll(score: ScoreFn, sde: VpSde, data: torch.Tensor, options: OdeOptions
     stderr = total.std().item() / math.sqrt(N) if N > 1 else math.nan
     # Var(mean of K draws | image) = s²_within / K per image; the mean over N images divides by N.
     stderr_draws = math.sqrt(draws.var(dim=1).mean().item() / (K * N)) if K > 1 else math.nan
-    method = (f"probability-flow ODE NLL (not the bound), VP-SDE of {sde.sched.describe()}, "
+    method = (f"probability-flow ODE NLL (not the bound), {sde.describe()}, "
               f"{'uniform dequantisation of 8-bit data' if dequantised else 'continuous data'}, {options.describe()}")
     return NllResult(total=total, draws=draws, nfe=both[:, K], method=method, options=options, stderr=stderr,
                      stderr_draws=stderr_draws)
