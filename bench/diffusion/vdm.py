@@ -24,8 +24,10 @@ from typing import ClassVar
 import torch
 
 from bench.diffusion.continuous import (
+    CosineReading,
     FixedLinear,
     LearnedEndpoints,
+    LinearBetaReading,
     MonotoneNet,
     NoiseSchedule,
     alpha_sigma_squared,
@@ -62,7 +64,8 @@ def build_noise_schedule(name: str, gamma_min: float, gamma_max: float, **discre
 def describe_gamma(schedule: NoiseSchedule) -> str:
     """A schedule in words with its end points now, e.g. ``learned (end points; a line), γ(0) = −13.3, γ(1) = 5``."""
     kinds = {FixedLinear: "fixed (VDM's line)", LearnedEndpoints: "learned (end points; a line)",
-             MonotoneNet: "learned (VDM's monotone network)"}
+             MonotoneNet: "learned (VDM's monotone network)", LinearBetaReading: "fixed (the linear β schedule read "
+             "in continuous time)", CosineReading: "fixed (the cosine schedule read in continuous time)"}
     kind = kinds.get(type(schedule), f"fixed ({type(schedule).__name__})")
     start, end = schedule.endpoints()
     return f"{kind}, γ(0) = {start:.4g}, γ(1) = {end:.4g}"
@@ -70,7 +73,9 @@ def describe_gamma(schedule: NoiseSchedule) -> str:
 
 def _discrete_reading(name: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                       cosine_s: float = 0.008) -> NoiseSchedule:
-    raise BenchError(f"gamma_schedule {name!r} (the project's schedule read as continuous time) is not built yet")
+    if name == "linear-beta":
+        return LinearBetaReading(T=T, beta_start=beta_start, beta_end=beta_end)
+    return CosineReading(T=T, s=cosine_s)
 
 
 def _times_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
