@@ -89,8 +89,34 @@ def continuous_diffusion_closed_form(gamma_0: float, gamma_1: float, s: float, d
     return 0.5 * dims * (math.log1p(s * s * math.exp(-gamma_0)) - math.log1p(s * s * math.exp(-gamma_1)))
 
 
+def continuous_diffusion_given_x(x: torch.Tensor, gamma_0: float, gamma_1: float, mu: float, s: float) -> torch.Tensor:
+    """E_ε[L_∞ | x] in nats per image [N] of the same denoiser, these images held fixed. Per dimension
+    E_ε‖ε − ε̂*‖² = (α⁴s⁴ + α²σ²(x − μ)²)/(α²s² + σ²)² = (s⁴ + u (x − μ)²)/(s² + u)² with u = e^γ, and dγ = du/u:
+    ½ ∫ s⁴/(u (s² + u)²) du = ½ [log(u/(s² + u)) + s²/(s² + u)], ½ ∫ (x − μ)²/(s² + u)² du = −½ (x − μ)²/(s² + u),
+    between u₀ = e^{γ₀} and u₁ = e^{γ₁} (their mean over x ~ N(μ, s²) is the closed form above)."""
+    a = s * s
+
+    def antiderivative(u: float, sq: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (math.log(u / (a + u)) + a / (a + u) - sq / (a + u))
+
+    sq = ((x.to(torch.float64) - mu) ** 2).flatten(1)
+    return (antiderivative(math.exp(gamma_1), sq) - antiderivative(math.exp(gamma_0), sq)).sum(1)
+
+
 def finite_diffusion_closed_form(gamma, T: int, s: float, dims: int) -> float:
     """E_x,ε[L_T] in nats of the same denoiser: Σ_{i=1..T} ½ expm1(γ(i/T) − γ((i−1)/T)) · D s²/(s² + e^{γ(i/T)}),
     for ``gamma`` a function of t (float → float)."""
     g = [gamma(i / T) for i in range(T + 1)]
     return sum(0.5 * math.expm1(g[i] - g[i - 1]) * dims * s * s / (s * s + math.exp(g[i])) for i in range(1, T + 1))
+
+
+def finite_diffusion_given_x(x: torch.Tensor, gamma, T: int, mu: float, s: float) -> torch.Tensor:
+    """E_ε[L_T | x] in nats per image [N]: Σ_i ½ expm1(γ(i/T) − γ((i−1)/T)) · Σ_d (s⁴ + u (x_d − μ)²)/(s² + u)²
+    with u = e^{γ(i/T)}."""
+    sq = ((x.to(torch.float64) - mu) ** 2).flatten(1)
+    g = [gamma(i / T) for i in range(T + 1)]
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for i in range(1, T + 1):
+        u = math.exp(g[i])
+        total += 0.5 * math.expm1(g[i] - g[i - 1]) * ((s**4 + u * sq) / (s * s + u) ** 2).sum(1)
+    return total
