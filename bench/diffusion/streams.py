@@ -28,6 +28,7 @@ class Stream(enum.IntEnum):
     SAMPLES = 2  # sampling, per block of batch_size samples: x_T, then each reverse step's noise
     DEQUANTISATION = 3  # the flow NLL, per image: the uniform dequantisation noise w
     PROBES = 4  # the flow NLL, per image: the Hutchinson probes v
+    CONTINUOUS = 5  # the continuous-time bound, per image: its strata's uniforms (which t), then its pairs' noise
 
     def generator(self, seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """This stream's generator for (``seed``, ``index``) on ``device``: keyed (seed, index, number), except
