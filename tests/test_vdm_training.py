@@ -27,7 +27,7 @@ def test_the_config_builds_the_model_with_its_schedule_inside(variant, asked, bu
     model = config.build_model(get_variant(variant), 1, 8)
     assert isinstance(model, ContinuousDenoiser) and isinstance(model.schedule, built)
     assert find_denoiser(Autocast(model, "fp32", torch.device("cpu"))) is model
-    assert model.schedule.endpoints() == pytest.approx((-13.3, 5.0), abs=1e-9 if built is not MonotoneNet else 2.0)
+    assert model.schedule.endpoints() == pytest.approx((-13.3, 5.0), abs=1e-5 if built is not MonotoneNet else 2.0)
     learned = [n for n, _ in model.named_parameters() if n.startswith("schedule.")]
     assert bool(learned) == (built is not FixedLinear)  # the optimiser and the EMA see the schedule's parameters
     assert all(f"{n}" in model.state_dict() for n in learned)  # and the checkpoint holds them

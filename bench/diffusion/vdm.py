@@ -30,14 +30,10 @@ from bench.diffusion.continuous import (
     LinearBetaReading,
     MonotoneNet,
     NoiseSchedule,
-    alpha_sigma_squared,
-    decoder_nats,
-    diffusion_nats,
     find_denoiser,
-    finite_diffusion_nats,
     low_discrepancy_times,
-    prior_nats,
 )
+from bench.diffusion.continuous_bound import bound_terms_nats
 from bench.diffusion.variant import Loss, Variant
 from bench.errors import BenchError, check_choice
 
@@ -124,41 +120,24 @@ class ContinuousVariant(Variant):
 
     def loss(self, model, sched, x0: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         """The bound in bits/dim per example of a batch x_0 [B, C, H, W]: one low-discrepancy t (of the global
-        batch) and one ε per example for the diffusion term, one z_0 for the decoder; ``t`` of the result is t on
-        the grid of ``sched.T`` (for the loss's quarters of t)."""
-        schedule = find_denoiser(model).schedule
+        batch) and one ε per example, for z_t and the decoder's z_0 (:func:`bound_terms_nats`); ``t`` of the result is
+        t on the grid of ``sched.T`` (for the loss's quarters of t)."""
+        find_denoiser(model)  # one line for a network without a schedule
         b, d = x0.shape[0], self._dist
         B = b * d.world
         t = low_discrepancy_times(B, generator if generator is None or generator.device.type == "cpu" else None)
-        shape = (2, B, *x0.shape[1:])
         if generator is not None:
-            noise = torch.randn(shape, generator=generator, device=generator.device).to(x0.device)
+            eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device).to(x0.device)
         else:
-            noise = torch.randn(shape, device=x0.device, dtype=x0.dtype)
+            eps = torch.randn((B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
         if d.active:
             mine = slice(d.rank * b, (d.rank + 1) * b)
-            t, noise = t[mine], noise[:, mine]
+            t, eps = t[mine], eps[mine]
         t = t.to(x0.device, torch.float32)
-        eps, eps0 = noise[0], noise[1]
-        if self.finite:
-            T = sched.T
-            step = torch.clamp(torch.ceil(t * T), 1, T)  # i ∈ 1..T, uniform over the steps
-            t = step / T
-            gamma_t, gamma_s = schedule.gamma(t), schedule.gamma((step - 1) / T)
-        else:
-            gamma_t, slope = schedule.gamma_and_slope(t)
-        alpha2, sigma2 = alpha_sigma_squared(gamma_t)
-        z_t = _times_like(alpha2.sqrt(), x0) * x0 + _times_like(sigma2.sqrt(), x0) * eps
-        eps_hat = model(z_t, t).float()
-        if self.finite:
-            diffusion = finite_diffusion_nats(eps, eps_hat, gamma_t, gamma_s, sched.T)
-        else:
-            diffusion = diffusion_nats(eps, eps_hat, slope)
-        ends = schedule.gamma(torch.tensor([0.0, 1.0], device=x0.device))
-        a0, s0 = alpha_sigma_squared(ends[0])
-        decoder = decoder_nats(x0, a0.sqrt() * x0 + s0.sqrt() * eps0, ends[0])
-        prior = prior_nats(x0, ends[1])
+        if self.finite:  # a step i ∈ 1..T, uniform over the steps (low-discrepancy too), at t = i/T
+            t = torch.clamp(torch.ceil(t * sched.T), 1, sched.T) / sched.T
+        nats = bound_terms_nats(model, x0.float(), t, eps, sched.T if self.finite else None)
         per_dim = 1 / (x0[0].numel() * math.log(2))
-        terms = {"diffusion": diffusion * per_dim, "decoder": decoder * per_dim, "prior": prior * per_dim}
+        terms = {k: v * per_dim for k, v in nats.items()}
         grid = torch.clamp((t * sched.T).long(), max=sched.T - 1)
         return Loss(terms["diffusion"] + terms["decoder"] + terms["prior"], grid, terms)

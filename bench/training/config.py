@@ -109,7 +109,8 @@ class RunConfig:
     ode_probe_type: str = _field("rademacher", "Law of the Hutchinson probes.", choices=PROBE_TYPES)
     ode_batch_size: int = _field(64, "Images solved together as one ODE (they share its adaptive steps).")
     fid_samples: int = _field(1000, "Samples scored by FID against the train split (0: no FID).")
-    sample_steps: int = _field(250, "Ancestral sampler steps (fewer than T: strided; 0: all T).")  # iDDPM respacing
+    sample_steps: int = _field(250, "Ancestral sampler steps (fewer than T: strided; 0: all T; continuous-time "
+                               "variants: any number, 0 meaning T).")  # iDDPM respacing
     sample_grid: int = _field(64, "Images in each logged sample grid.")
     fid_weights: str | None = _field(
         None, "Inception weights file for RGB FID (unset: torch-fidelity's cache, downloaded when missing).",
@@ -197,7 +198,7 @@ class RunConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise BenchError("grad_clip and weight_decay must be >= 0")
         sched = self.build_schedule()  # raises on an invalid schedule
-        if self.sample_steps > sched.T:
+        if self.sample_steps > sched.T and not get_variant(self.variant, self.variance).continuous:
             raise BenchError(f"sample_steps ({self.sample_steps}) cannot exceed T ({sched.T}); use 0 for all T steps")
         if self.sample_steps == 1:
             raise BenchError("sample_steps must be 0 (all T) or at least 2")

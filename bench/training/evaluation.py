@@ -70,8 +70,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
     subset = eval_subset(ctx.test_images, config.eval_images)
     est = bound_estimate(ema_model, ctx.variant, ctx.sched, subset, config.eval_calls, seed=EVAL_SEED,
                          runtime=Runtime(ctx.device, ctx.dist, batch_size=config.eval_batch_size))
-    summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset),
-               "bpd_estimate_calls": est.calls_per_image}
+    calls = est.t_per_image if isinstance(est, ContinuousResult) else est.calls_per_image
+    summary = {**est.summary("bpd_estimate"), "bpd_estimate_images": len(subset), "bpd_estimate_calls": calls}
     ctx.log.metrics(summary, step)
     if isinstance(est, ContinuousResult):
         ctx.log.tags({"bpd_estimate_method": f"estimate ({est.method}; seed {EVAL_SEED})"})
