@@ -9,6 +9,7 @@ from bench.errors import BenchError, check_choice
 from bench.runtime.urls import masked
 from bench.tracking import store as tracking
 from bench.training.config import RunConfig, assemble_config
+from studies.space import Param, load_space
 
 OBJECTIVES = {"bpd": ("bpd",), "fid": ("fid",), "both": ("bpd", "fid")}
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
@@ -70,6 +71,11 @@ class StudyConfig:
                  "fid_samples": self.fid_samples if uses_fid else 0,
                  "experiment": self.experiment, "tracking_uri": self.tracking_uri, **self.run_overrides}
         return assemble_config(given, own=lambda dataset: own, dataset=self.dataset)
+
+    def space(self, variant: str) -> dict[str, Param]:
+        """The search space of ``variant``'s study: its kind's default space (studies.space.default_space), the
+        learning rate if tuned, the study file's changes, checked against the variant's trial config."""
+        return load_space(self.space_file, self.tune_lr, self.base_config(variant))
 
     def storage_url(self) -> str:
         url = self.storage or f"sqlite:///{tracking.bench_home() / 'optuna.db'}"

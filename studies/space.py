@@ -10,6 +10,16 @@ float or int range; ``enabled = false`` drops a default parameter. Example (``st
     low = 3e-4
     high = 3e-3
     log = true
+
+The built-in space depends on the study's variant. A DDPM variant tunes the discrete schedule (``schedule``,
+``beta_start``/``beta_end`` or ``cosine_s``, ``T``). A continuous-time variant (``vdm-fixed``, ``vdm-finite``)
+tunes its schedule's end points instead, ``gamma_min`` = γ(0) and ``gamma_max`` = γ(1) of γ(t) = −log SNR(t),
+and ``vdm-finite`` its ``T`` as well. For ``vdm`` (a learned schedule) the same two parameters are the learned
+schedule's *starting* end points: training moves them by the bound, but an Adam step moves a parameter by about
+the learning rate, so within a study's short trials where they start largely decides where they end; tuning them
+is what "tuned (Optuna) vs learned (VDM) schedule" compares against ``vdm-fixed``. A study file may also tune
+``gamma_schedule`` among the schedules the variant trains with. A parameter that does not act on the study's
+variant (``gamma_min`` for a DDPM variant, ``schedule`` for a continuous-time one) is refused.
 """
 
 from __future__ import annotations
@@ -20,15 +30,21 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.diffusion.vdm import GAMMA_SCHEDULES, LEARNED_GAMMAS
 from bench.errors import BenchError
 from bench.training.config import SCHEDULES, RunConfig
+from variants import get_variant
 
 STUDY_DIR = Path(__file__).resolve().parent
 TUNABLE = {  # RunConfig fields a study may tune → their type
     "schedule": str, "beta_start": float, "beta_end": float, "cosine_s": float, "T": int,
+    "gamma_schedule": str, "gamma_min": float, "gamma_max": float,
     "lr": float, "warmup_steps": int, "ema_decay": float, "batch_size": int,
 }
 LINEAR_ONLY, COSINE_ONLY = ("beta_start", "beta_end"), ("cosine_s",)
+GAMMA_ENDS = ("gamma_min", "gamma_max")  # γ(0) < γ(1), kept like β_1 < β_T
+DISCRETE_ONLY = ("schedule",)  # a continuous-time variant's γ(t) is named by gamma_schedule
+READINGS = {"linear-beta": LINEAR_ONLY, "cosine": COSINE_ONLY}  # γ(t) read from the discrete schedule's fields
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,16 @@ DEFAULT_SPACE: dict[str, Param] = {
     "cosine_s": Param("cosine_s", low=1e-3, high=0.1, log=True),
     "T": Param("T", choices=(250, 500, 1000)),
 }
+# Continuous-time variants: the end points of γ(t) = −log SNR(t), around VDM's (−13.3, 5.0). γ(0) sets the
+# decoder's noise, σ_0 ≈ exp(γ_min/2): 3e-4 at −16 (the diffusion term must span more SNR) to 0.018 at −8 (over
+# two of the 8-bit bins of width 2/255, so the reconstruction term grows). γ(1) sets the prior term, α_1² =
+# sigmoid(−γ_max): 0.12 at 2 (KL(q(z_1|x) ‖ N(0, I)) costs bits) to 3e-4 at 8 (the prior term vanishes and the
+# diffusion term spans more). The ranges are disjoint, so γ(0) < γ(1) at every point.
+CONTINUOUS_SPACE: dict[str, Param] = {
+    "gamma_min": Param("gamma_min", low=-16.0, high=-8.0),
+    "gamma_max": Param("gamma_max", low=2.0, high=8.0),  # drawn first; γ(0) < γ(1)
+}
+FINITE_SPACE: dict[str, Param] = {**CONTINUOUS_SPACE, "T": DEFAULT_SPACE["T"]}  # vdm-finite: L_T's T too
 
 
 def _param(name: str, spec: dict, where: str) -> Param:
@@ -64,12 +90,17 @@ def _param(name: str, spec: dict, where: str) -> Param:
     kind = TUNABLE[name]
     if "choices" in spec and name in LINEAR_ONLY:
         raise BenchError(f"{where}: {name} takes a range (low, high) so that β_1 < β_T can be kept, not choices")
+    if "choices" in spec and name in GAMMA_ENDS:
+        raise BenchError(f"{where}: {name} takes a range (low, high) so that γ(0) < γ(1) can be kept, not choices")
     if "choices" in spec:
         choices = tuple(spec["choices"])
         if not choices:
             raise BenchError(f"{where}: parameter {name!r} has no choices")
         if name == "schedule" and not set(choices) <= set(SCHEDULES):
             raise BenchError(f"{where}: schedule choices must be among {', '.join(SCHEDULES)}, got {list(choices)}")
+        if name == "gamma_schedule" and not set(choices) <= set(GAMMA_SCHEDULES):
+            raise BenchError(f"{where}: gamma_schedule choices must be among {', '.join(GAMMA_SCHEDULES)}, "
+                             f"got {list(choices)}")
         if kind is not str and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
             raise BenchError(f"{where}: parameter {name!r} needs numeric choices, got {list(choices)}")
         return Param(name, choices=choices)
@@ -88,12 +119,26 @@ def _param(name: str, spec: dict, where: str) -> Param:
                  log=log)
 
 
-def load_space(path: str | Path | None = None, tune_lr: bool = False) -> dict[str, Param]:
-    """The default space, with ``lr`` added when ``tune_lr``, then the study file's changes.
+def default_space(base: RunConfig) -> dict[str, Param]:
+    """The built-in space of ``base``'s variant: the discrete schedule for a DDPM variant, γ(t)'s end points for a
+    continuous-time one (and T for the finite-T bound)."""
+    variant = get_variant(base.variant, base.variance)
+    if not variant.continuous:
+        return dict(DEFAULT_SPACE)
+    return dict(FINITE_SPACE if variant.finite else CONTINUOUS_SPACE)
+
+
+def load_space(path: str | Path | None = None, tune_lr: bool = False,
+               base: RunConfig | None = None) -> dict[str, Param]:
+    """The default space of ``base``'s variant (a trial's config before the space's values; default: ``bench run``'s
+    defaults, variant ``simple``), with ``lr`` added when ``tune_lr``, then the study file's changes, checked
+    against that config: every parameter the file gives must act on its variant and every value must be one a
+    run accepts.
 
     ``path`` is a file path or the name of a file in ``studies/`` (with or without ``.toml``).
     """
-    space = dict(DEFAULT_SPACE)
+    base = base or RunConfig()
+    space, given = default_space(base), set()
     if tune_lr:
         space["lr"] = Param("lr", low=1e-4, high=3e-3, log=True)
     if path is not None:
@@ -119,12 +164,80 @@ def load_space(path: str | Path | None = None, tune_lr: bool = False) -> dict[st
                 space.pop(name, None)
                 continue
             space[name] = _param(name, spec, f"study file {file}")
-    _check_consistent(space)
-    _check_runnable(space)
+            given.add(name)
+    _check_acts(space, base, given)
+    _check_consistent(space, base)
+    _check_runnable(space, base)
     return space
 
 
-def _check_consistent(space: dict[str, Param]) -> None:
+def acts(name: str, base: RunConfig, schedule: str | None = None, gamma_schedule: str | None = None) -> bool:
+    """Whether the tunable field ``name`` changes a run of ``base``'s variant when the discrete ``schedule`` and
+    the ``gamma_schedule`` are these (default: ``base``'s). A DDPM variant reads β_1, β_T for a linear schedule,
+    s for a cosine one and no γ; a continuous-time one reads γ(0), γ(1) for VDM's line and the learned schedules,
+    β_1, β_T or s (with T) where γ(t) is the discrete schedule read in continuous time, never ``schedule``."""
+    variant = get_variant(base.variant, base.variance)
+    if not variant.continuous:
+        schedule = schedule or base.schedule
+        if name in GAMMA_ENDS or name == "gamma_schedule":
+            return False
+        return not (name in LINEAR_ONLY and schedule != "linear" or name in COSINE_ONLY and schedule != "cosine")
+    if name in DISCRETE_ONLY:
+        return False
+    reading = READINGS.get(variant.gamma_schedule(gamma_schedule or base.gamma_schedule))
+    if name in GAMMA_ENDS:
+        return reading is None
+    if name in LINEAR_ONLY + COSINE_ONLY:
+        return reading is not None and name in reading
+    return True
+
+
+def base_value(name: str, base: RunConfig):
+    """``base``'s value of the tunable field ``name``, its gamma_schedule resolved for its variant (``auto`` →
+    what the variant trains with), so that a study's default point names the schedule it runs."""
+    variant = get_variant(base.variant, base.variance)
+    if name == "gamma_schedule" and variant.continuous:
+        return variant.gamma_schedule(base.gamma_schedule)
+    return getattr(base, name)
+
+
+def default_point(base: RunConfig, space: dict[str, Param]) -> dict | None:
+    """``base``'s values of the tuned parameters that act on its run (a study's trial 0, to compare with), or None
+    when the space cannot hold them."""
+    point = {}
+    for name in space:
+        if not acts(name, base):
+            continue
+        point[name] = value = base_value(name, base)
+        p = space[name]
+        inside = value in p.choices if p.choices is not None else p.low <= value <= p.high
+        if not inside:
+            return None
+    return point
+
+
+def _check_acts(space: dict[str, Param], base: RunConfig, given: set[str]) -> None:
+    """Refuse a parameter of the study file (``given``) that acts on the variant under none of the schedules the
+    study can draw. A default one that does not act under them is kept and never drawn (β with cosine only)."""
+    variant = get_variant(base.variant, base.variance)
+    schedules = space["schedule"].choices if "schedule" in space else (base.schedule,)
+    gammas = space["gamma_schedule"].choices if "gamma_schedule" in space else (base.gamma_schedule,)
+    if variant.continuous:
+        for g in gammas:  # a schedule the variant cannot train with: its own one-line refusal
+            try:
+                variant.gamma_schedule(g)
+            except BenchError as err:
+                raise BenchError(f"impossible choice for gamma_schedule: {err}") from None
+    for name in sorted(given):
+        if not any(acts(name, base, s, g) for s in schedules for g in gammas):
+            kind = ("a continuous-time variant: its γ(t) is set by gamma_schedule, gamma_min and gamma_max"
+                    if variant.continuous else "a DDPM variant: its schedule is schedule, beta_start/beta_end or "
+                    "cosine_s, and T")
+            raise BenchError(f"parameter {name} does not act on variant {base.variant} ({kind}); drop it from the "
+                             "study file or study another variant")
+
+
+def _check_consistent(space: dict[str, Param], base: RunConfig) -> None:
     start, end = space.get("beta_start"), space.get("beta_end")
     if start and end and start.choices is None and end.choices is None and not start.low < end.low:
         raise BenchError(
@@ -133,38 +246,56 @@ def _check_consistent(space: dict[str, Param]) -> None:
         )
     if end and end.choices is None and end.high >= 1:
         raise BenchError(f"impossible range: beta_end's high must be below 1, got {end.high:g}")
+    low, high = space.get("gamma_min"), space.get("gamma_max")  # ranges: _param refuses choices for them
+    if low and high and not low.low < high.low:
+        raise BenchError(f"impossible range: gamma_min's low ({low.low:g}) must be below gamma_max's low "
+                         f"({high.low:g}) so that γ(0) < γ(1)")
+    if low and not high and not low.high < base.gamma_max:
+        raise BenchError(f"impossible range: gamma_min's high ({low.high:g}) must be below gamma_max "
+                         f"({base.gamma_max:g}, not tuned) so that γ(0) < γ(1)")
+    if high and not low and not base.gamma_min < high.low:
+        raise BenchError(f"impossible range: gamma_max's low ({high.low:g}) must be above gamma_min "
+                         f"({base.gamma_min:g}, not tuned) so that γ(0) < γ(1)")
 
 
-def _check_runnable(space: dict[str, Param]) -> None:
-    """Every end of a range and every choice must be a value a run accepts (RunConfig.validate)."""
+def _check_runnable(space: dict[str, Param], base: RunConfig) -> None:
+    """Every end of a range and every choice must be a value a run of ``base`` accepts (RunConfig.validate)."""
     for p in space.values():
-        if p.name in LINEAR_ONLY:  # checked against each other by _check_consistent
+        if p.name in LINEAR_ONLY + GAMMA_ENDS:  # checked against each other by _check_consistent
             continue
         values = p.choices if p.choices is not None else (p.low, p.high)
         for v in values:
-            try:
-                dataclasses.replace(RunConfig(), sample_steps=0, **{p.name: v}).validate()
-            except BenchError as err:
-                raise BenchError(f"impossible range for {p.name}: a run refuses {v!r} ({err})") from None
+            _runs(base, p.name, v, **{p.name: v})
+    if any(n in space for n in GAMMA_ENDS):  # the widest pair a draw can give, for the variant's say
+        low = space["gamma_min"].low if "gamma_min" in space else base.gamma_min
+        high = space["gamma_max"].high if "gamma_max" in space else base.gamma_max
+        _runs(base, "gamma_min/gamma_max", (low, high), gamma_min=low, gamma_max=high)
 
 
-def suggest(trial, space: dict[str, Param], base_schedule: str = "linear") -> dict:
-    """Draw one point; β parameters only for linear schedules, s only for cosine, β_1 < β_T.
+def _runs(base: RunConfig, name: str, value, **fields) -> None:
+    try:
+        dataclasses.replace(base, sample_steps=0, **fields).validate()
+    except BenchError as err:
+        raise BenchError(f"impossible range for {name}: a run of {base.variant} refuses {value!r} ({err})") from None
 
-    ``base_schedule`` is the schedule kind when the space does not tune it.
-    """
+
+def suggest(trial, space: dict[str, Param], base: RunConfig | None = None) -> dict:
+    """Draw one point for a trial of ``base`` (default: ``bench run``'s defaults); a parameter only where it
+    acts (β for linear schedules, s for cosine, γ's end points for VDM's line and the learned schedules),
+    β_1 < β_T and γ(0) < γ(1): β_T and γ(1) are drawn first, β_1 and γ(0) below them. The schedules are
+    ``base``'s where the space does not tune them."""
+    base = base or RunConfig()
     values = {}
-    order = (["schedule", "beta_end", "beta_start"]
-             + [n for n in space if n not in ("schedule", "beta_end", "beta_start")])
-    schedule = base_schedule
+    first = ("schedule", "gamma_schedule", "beta_end", "beta_start", "gamma_max", "gamma_min")
+    order = [*first, *(n for n in space if n not in first)]
     for name in order:
         p = space.get(name)
         if p is None:
             continue
-        if name == "schedule":
-            schedule = values["schedule"] = trial.suggest_categorical("schedule", list(p.choices))
+        if name in ("schedule", "gamma_schedule"):
+            values[name] = trial.suggest_categorical(name, list(p.choices))
             continue
-        if schedule == "cosine" and name in LINEAR_ONLY or schedule == "linear" and name in COSINE_ONLY:
+        if not acts(name, base, values.get("schedule"), values.get("gamma_schedule")):
             continue
         if p.choices is not None:
             values[name] = trial.suggest_categorical(name, list(p.choices))
@@ -174,12 +305,51 @@ def suggest(trial, space: dict[str, Param], base_schedule: str = "linear") -> di
             high = p.high
             if name == "beta_start" and "beta_end" in values:
                 high = min(high, values["beta_end"] * 0.999)  # keep β_1 < β_T
+            if name == "gamma_min":  # keep γ(0) < γ(1); _check_consistent keeps low below it
+                high = min(high, math.nextafter(values.get("gamma_max", base.gamma_max), -math.inf))
             values[name] = trial.suggest_float(name, p.low, high, log=p.log)
     return values
 
 
-def describe_space(space: dict[str, Param]) -> str:
+def describe_space(space: dict[str, Param], base: RunConfig | None = None) -> str:
+    """The space as ``--show-space`` prints it, one parameter a line, then what applies where for ``base``'s
+    variant (default: ``simple``)."""
+    base = base or RunConfig()
     lines = [space[n].describe() for n in space]
-    lines.append("(beta_start/beta_end apply to linear schedules, cosine_s to cosine; "
-                 "beta_end is drawn first and β_1 < β_T)")
+    if not get_variant(base.variant, base.variance).continuous:
+        lines.append("(beta_start/beta_end apply to linear schedules, cosine_s to cosine; "
+                     "beta_end is drawn first and β_1 < β_T)")
+    elif any(n in space for n in GAMMA_ENDS):
+        lines.append(f"({gamma_note(base)}; gamma_max is drawn first and γ(0) < γ(1))")
     return "\n".join(lines)
+
+
+def gamma_note(base: RunConfig, gamma_schedule: str | None = None) -> str:
+    """What gamma_min/gamma_max are in a run of ``base`` (its gamma_schedule, or ``gamma_schedule``): the fixed
+    schedule's end points, or a learned schedule's starting ones."""
+    variant = get_variant(base.variant, base.variance)
+    if not variant.continuous:
+        return "gamma_min/gamma_max: not used by a DDPM variant"
+    if variant.gamma_schedule(gamma_schedule or base.gamma_schedule) in LEARNED_GAMMAS:
+        return ("gamma_min/gamma_max: the learned schedule's starting end points γ(0), γ(1) "
+                "(training moves them)")
+    return "gamma_min/gamma_max: the fixed schedule's end points γ(0), γ(1)"
+
+
+def describe_schedule(params: dict, base: RunConfig) -> str:
+    """The noise schedule a trial of ``base`` ran with its ``params`` (a study's point), in one phrase, so the
+    studies of a DDPM and a continuous-time variant compare in one column: the discrete schedule, or γ(t)
+    with its end points (a learned schedule's starting ones)."""
+    config = dataclasses.replace(base, **{k: v for k, v in params.items() if k in TUNABLE})
+    variant = get_variant(config.variant, config.variance)
+    if not variant.continuous:
+        return (f"linear β_1={config.beta_start:.4g} β_T={config.beta_end:.4g}" if config.schedule == "linear"
+                else f"cosine s={config.cosine_s:.4g}") + f", T={config.T}"
+    gamma = variant.gamma_schedule(config.gamma_schedule)
+    if gamma in READINGS:
+        text = (f"γ(t) {gamma} from β_1={config.beta_start:.4g} β_T={config.beta_end:.4g}" if gamma == "linear-beta"
+                else f"γ(t) cosine from s={config.cosine_s:.4g}")
+        return f"{text}, T={config.T}"
+    ends = f"γ(0)={config.gamma_min:.4g} γ(1)={config.gamma_max:.4g}"
+    text = f"γ(t) {gamma}, " + (f"learned from {ends}" if gamma in LEARNED_GAMMAS else ends)
+    return text + (f", L_T with T={config.T}" if variant.finite else "")

@@ -37,7 +37,7 @@ from bench.training.config import RunConfig
 from bench.training.record import NoLog
 from bench.training.run import StopRun, train
 from studies.config import OBJECTIVES, SAMPLERS, StudyConfig, StudyResult, TrialDiverged
-from studies.space import Param, describe_space, load_space, suggest
+from studies.space import default_point, describe_space, suggest
 from studies.storage import check_optuna_storage, open_storage
 from studies.summary import Progress, describe_start, describe_status, exact_reevaluation, log_study
 from studies.workers import lost_worker, registered, workers_alive
@@ -108,26 +108,10 @@ def _open_study(sc: StudyConfig, name: str):
     return study
 
 
-def _default_point(base: RunConfig, space: dict[str, Param]) -> dict | None:
-    """The base config's values of the tuned parameters, or None when the space cannot hold them."""
-    point = {}
-    for name in space:
-        if name in ("beta_start", "beta_end") and base.schedule != "linear":
-            continue
-        if name == "cosine_s" and base.schedule != "cosine":
-            continue
-        point[name] = value = getattr(base, name)
-        p = space[name]
-        inside = value in p.choices if p.choices is not None else p.low <= value <= p.high
-        if not inside:
-            return None
-    return point
-
-
 def _trial_config(trial, sc: StudyConfig, name: str, variant: str, space) -> RunConfig:
     """The run config of ``trial``: the study's base config with the point the sampler suggests."""
     base = sc.base_config(variant)
-    params = suggest(trial, space, base.schedule)
+    params = suggest(trial, space, base)
     if base.sample_steps > params.get("T", base.T):
         params["sample_steps"] = 0  # a smaller T than the sampler's default steps: sample with all T
     return replace(base, **params, run_name=f"{name}/trial-{trial.number}").validate()
@@ -336,13 +320,13 @@ def _parent_run(client, study, sc: StudyConfig, name: str, variant: str, space) 
         RunLogger(client, run_id).params({
             "study.name": name, "study.objective": sc.objective, "study.sampler": sc.sampler,
             "study.trial_steps": sc.steps, "study.variant": variant, "study.dataset": sc.dataset,
-            "study.seed": sc.seed, "study.space": describe_space(space),
+            "study.seed": sc.seed, "study.space": describe_space(space, sc.base_config(variant)),
             "study.storage": masked(sc.storage_url()),
         })
         study.set_user_attr("objective", sc.objective)
-        study.set_user_attr("space", describe_space(space))
+        study.set_user_attr("space", describe_space(space, sc.base_config(variant)))
         if not study.trials:  # the default schedule is trial 0, so the answer compares with it
-            default = _default_point(sc.base_config(variant), space)
+            default = default_point(sc.base_config(variant), space)
             if default is not None:
                 study.enqueue_trial(default, user_attrs={"default_schedule": True})
         study.set_user_attr("mlflow_parent_run_id", run_id)  # last: a starter that sees it sees the rest
@@ -371,7 +355,7 @@ def run_study(sc: StudyConfig, progress: bool = True, notice: str | None = None)
     may work on one study: each returns once every trial has finished, and the first to get there does
     the exact re-evaluation, records the study in its parent run and closes it FINISHED (:func:`_finish`)."""
     sc.validate()
-    space = load_space(sc.space_file, sc.tune_lr)
+    spaces = {variant: sc.space(variant) for variant in sc.variants}  # every study file checked before any study opens
     d, _ = dist_mod.setup(sc.run_overrides.get("device", "auto"))
     if d.active and sc.workers > 1:
         raise BenchError("under torchrun the ranks are one study worker that trains each trial on all of them; "
@@ -379,7 +363,7 @@ def run_study(sc: StudyConfig, progress: bool = True, notice: str | None = None)
     client = d.main_decides(lambda: tracking.client(sc.tracking_uri))
     results = []
     for variant in sc.variants:
-        name = sc.name_for(variant)
+        name, space = sc.name_for(variant), spaces[variant]
         study = _open_study(sc, name) if d.main else None
         parent_run_id = d.share(d.main_decides(partial(_parent_run, client, study, sc, name, variant, space)))
         if not d.main:

@@ -25,7 +25,7 @@ from bench.tracking.plots import FIGURES
 from bench.training.evaluation import evaluate_checkpoint, other_method_name
 from bench.training.record import NoLog
 from studies.config import OBJECTIVES, StudyResult
-from studies.space import TUNABLE
+from studies.space import GAMMA_ENDS, TUNABLE, describe_schedule, gamma_note
 from studies.workers import lost_worker, workers_alive
 
 
@@ -341,7 +341,32 @@ def describe_result(r, sc) -> str:
         lines += [f"  default schedule, trial {d['trial']}: {_values(d, keys)}", f"    {format_params(d['params'])}"]
     else:
         lines.append("  default schedule: no complete trial (outside the search space, or it failed)")
+    if any(k in row["params"] for row in r.best + ([r.default] if r.default else []) for k in GAMMA_ENDS):
+        lines.append(f"  {gamma_note(sc.base_config(r.variant))}")  # tuned end points, or a learned schedule's start
     return "\n".join(lines)
+
+
+def compare_results(results: list, sc) -> str:
+    """The block ``bench study`` prints after several variants' studies (e.g. ``--variant vdm-fixed --variant vdm``:
+    tuned vs learned schedule): each study's best trial (of a Pareto front, its lowest bpd) in one table, with
+    the schedule it ran (studies.space.describe_schedule)."""
+    keys = OBJECTIVES[sc.objective]
+    table = []
+    for r in results:
+        if not r.best:
+            table.append({"variant": r.variant, "trial": "-", "schedule": "no trial completed"})
+            continue
+        b = min(r.best, key=lambda row: row["values"])
+        cells = {"variant": r.variant, "trial": str(b["trial"])}
+        cells |= {k: f"{v:.4f}" if k == "bpd" else f"{v:.2f}" for k, v in zip(keys, b["values"])}
+        cells["exact bpd"] = f"{b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else "-"
+        cells["schedule"] = describe_schedule(b["params"], sc.base_config(r.variant))
+        table.append(cells)
+    legend = ("bpd: estimated bits/dim on the test split, exact bpd: the exact bound where re-evaluated (lower is "
+              "better); a learned schedule (vdm) is shown by where it started")
+    body = pd.DataFrame(table).fillna("-").to_string(index=False)
+    return "\n".join(["studies compared, the best trial of each:", *(f"  {line}" for line in body.splitlines()),
+                      f"  {legend}"])
 
 
 # ------------------------------------------------------------------------- what a running study shows

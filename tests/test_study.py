@@ -40,8 +40,8 @@ from bench.tracking import liveness
 from bench.tracking import store as tracking
 from studies import study as study_mod
 from studies.space import DEFAULT_SPACE, TUNABLE, Param, load_space, suggest
-from studies.study import StudyConfig, run_study
-from studies.summary import best_so_far, describe_trial
+from studies.study import StudyConfig, StudyResult, run_study
+from studies.summary import best_so_far, compare_results, describe_result, describe_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"batch_size": 16, "eval_images": 8, "eval_calls": 5, "sample_grid": 4, "sample_steps": 10, "log_every": 2,
@@ -833,6 +833,67 @@ def test_a_narrowed_space_runs(home):
     trials = load(home, "narrow").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(t.params["schedule"] == "cosine" and 3e-4 <= t.params["lr"] <= 3e-3 for t in trials)
+
+
+def test_show_space_of_a_ddpm_and_a_continuous_time_variant(home, monkeypatch):
+    res = invoke(monkeypatch, ["study", "--show-space", "--variant", "vdm-fixed", "--variant", "vdm"])
+    assert res.exit_code == 0, describe(res)
+    assert res.stdout.splitlines() == [
+        "variant vdm-fixed:", "  gamma_min: uniform in [-16, -8]", "  gamma_max: uniform in [2, 8]",
+        "  (gamma_min/gamma_max: the fixed schedule's end points γ(0), γ(1); gamma_max is drawn first and γ(0) < γ(1))",
+        "variant vdm:", "  gamma_min: uniform in [-16, -8]", "  gamma_max: uniform in [2, 8]",
+        "  (gamma_min/gamma_max: the learned schedule's starting end points γ(0), γ(1) (training moves them); "
+        "gamma_max is drawn first and γ(0) < γ(1))"]
+    res = invoke(monkeypatch, ["study", "--show-space", "--variant", "simple", "--variant", "vdm-fixed",
+                               "--space", "vdm-ends"])
+    assert "parameter gamma_max does not act on variant simple" in _one_error_line(res)
+    res = invoke(monkeypatch, ["study", "--variant", "vdm-fixed", "--gamma-min", "-10"])
+    assert "--gamma-min is tuned by the study's search space" in _one_error_line(res)
+
+
+def test_tuned_and_learned_schedule_studies_run_and_compare(home):
+    """`bench study --variant vdm-fixed --variant vdm`: one study each, γ's end points tuned, trial 0 VDM's line."""
+    sc = study_config(variants=("vdm-fixed", "vdm"), trials=2, exact_top=0, space_file="vdm-ends")
+    results = run_study(sc, progress=False)
+    client = mlflow_client(home)
+    for r in results:
+        trials = load(home, r.name).trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, r.variant
+        assert trials[0].params == {"gamma_min": -13.3, "gamma_max": 5.0}  # the configured schedule
+        for t, run in trial_runs(client, trials).items():
+            p = trials[t].params
+            assert -16 <= p["gamma_min"] < p["gamma_max"] <= 8
+            assert float(run.data.params["config.gamma_min"]) == p["gamma_min"]  # what the trial trained with
+            assert float(run.data.params["config.gamma_max"]) == p["gamma_max"]
+            assert run.data.params["config.variant"] == r.variant
+    text = compare_results(results, sc)
+    assert "vdm-fixed" in text and "γ(t) fixed, γ(0)=" in text and "γ(t) learned-ends, learned from γ(0)=" in text
+    assert "the learned schedule's starting end points" in describe_result(results[1], sc)
+
+
+def _result(variant: str, params: dict, bpd: float, exact=None) -> StudyResult:
+    row = {"trial": 1, "params": params, "values": [bpd], "bpd_estimate": bpd, "bpd_stderr": 0.01,
+           "bpd_exact": exact, "mlflow_run_id": "r", "default_schedule": False, "fid_samples": None,
+           "fid_extractor": None}
+    return StudyResult(f"s-{variant}", variant, "parent", [row], None, {"complete": 1})
+
+
+def test_several_studies_compare_their_best_trials_and_schedules():
+    sc = StudyConfig(variants=("simple", "vdm-fixed", "vdm"))
+    results = [_result("simple", {"schedule": "cosine", "cosine_s": 0.01, "T": 500}, 1.5, 1.4567),
+               _result("vdm-fixed", {"gamma_min": -12.25, "gamma_max": 4.5}, 1.25),
+               _result("vdm", {"gamma_min": -10.5, "gamma_max": 6.0}, 1.125)]
+    lines = compare_results(results, sc).splitlines()
+    assert lines[0] == "studies compared, the best trial of each:"
+    assert lines[1].split() == ["variant", "trial", "bpd", "exact", "bpd", "schedule"]
+    assert lines[2].split() == ["simple", "1", "1.5000", "1.4567", "cosine", "s=0.01,", "T=500"]
+    assert lines[3].split() == ["vdm-fixed", "1", "1.2500", "-", "γ(t)", "fixed,", "γ(0)=-12.25", "γ(1)=4.5"]
+    assert lines[4].split() == ["vdm", "1", "1.1250", "-", "γ(t)", "learned-ends,", "learned", "from", "γ(0)=-10.5",
+                                "γ(1)=6"]
+    text = describe_result(results[2], sc)
+    assert "    gamma_min=-10.5 gamma_max=6" in text.splitlines()
+    assert "  gamma_min/gamma_max: the learned schedule's starting end points γ(0), γ(1) (training moves them)" in text
+    assert "gamma_min/gamma_max" not in describe_result(results[0], sc)  # a DDPM study's block as before
 
 
 # ----------------------------------------------------------------------------- 9. the sampler's constraints

@@ -12,9 +12,9 @@ from bench.cli.options import RUN_OPTIONS, config_option, stating, with_options,
 from bench.errors import BenchError
 from bench.training.config import read_toml
 from bench.training.run import short_budget
-from studies.space import describe_space, load_space
+from studies.space import describe_space
 from studies.study import OBJECTIVES, SAMPLERS, StudyConfig, run_study, study_status
-from studies.summary import describe_result
+from studies.summary import compare_results, describe_result
 
 STUDY = {f.name: f.default for f in fields(StudyConfig)}  # the study's own defaults (studies.study.StudyConfig)
 STUDY_OWNS = ("variant", "dataset", "steps", "seed", "experiment", "tracking_uri", "fid_samples", "run_name", "resume",
@@ -69,25 +69,31 @@ def study_cmd(variants, space_file, tune_lr, show_space, status_of, config_file,
     if status_of is not None:
         click.echo(study_status(status_of, values["storage"]))
         return
-    space = load_space(space_file, tune_lr)
-    if show_space:
-        click.echo(describe_space(space))
-        return
     run_values = {k: v for k, v in values.items() if k not in STUDY and v is not None}
     overrides = {**read_toml(config_file), **run_values}
     owned = sorted(set(overrides) & set(STUDY_OWNS))
     if owned:
         raise BenchError(f"--config {config_file} sets {', '.join(owned)}, which bench study sets itself; "
                          "use the study's own options instead")
-    tuned = sorted(set(overrides) & set(space))
-    if tuned:
-        flags = ", ".join("--" + k.replace("_", "-") for k in tuned)
-        raise BenchError(f"{flags} is tuned by the study's search space; fix it with a --space file (see --show-space) "
-                         "instead of an option")
     study_values = {k: v for k, v in values.items() if k in STUDY}
     study_values["experiment"] = study_values["experiment"] or os.environ.get("MLFLOW_EXPERIMENT_NAME") \
         or STUDY["experiment"]
     sc = StudyConfig(variants=tuple(variants) or STUDY["variants"], space_file=space_file, tune_lr=tune_lr,
                      run_overrides=overrides, **study_values).validate()
-    for r in run_study(sc, notice=short_budget(sc.base_config(sc.variants[0]), tuned=space)):
+    spaces = {v: sc.space(v) for v in sc.variants}  # a variant's kind decides its default space
+    if show_space:
+        for v, space in spaces.items():
+            text = describe_space(space, sc.base_config(v))
+            click.echo(text if len(spaces) == 1 else f"variant {v}:\n" + "\n".join(f"  {line}" for line in
+                                                                                  text.splitlines()))
+        return
+    tuned = sorted(set(overrides) & {name for space in spaces.values() for name in space})
+    if tuned:
+        flags = ", ".join("--" + k.replace("_", "-") for k in tuned)
+        raise BenchError(f"{flags} is tuned by the study's search space; fix it with a --space file (see --show-space) "
+                         "instead of an option")
+    results = run_study(sc, notice=short_budget(sc.base_config(sc.variants[0]), tuned=spaces[sc.variants[0]]))
+    for r in results:
         click.echo(describe_result(r, sc))
+    if len(results) > 1:
+        click.echo(compare_results(results, sc))
