@@ -53,6 +53,14 @@ def test_two_ranks_share_the_bound_the_estimate_and_sampling_bit_equal(tmp_path)
                 "estimate.stderr", "samples"):
         assert torch.equal(got[f"shared.{key}"], got[f"alone.{key}"]), key
     assert got["shared.samples"].shape == (11, 1, 8, 8)
+    # a continuous-time model: its bound and samples, and a DDP training step of `vdm` (the gradient of the network
+    # and of the learned schedule, averaged over the ranks) equal one process's on the whole batch
+    for key in ("bound", "samples"):
+        assert torch.equal(got[f"shared.vdm.{key}"], got[f"alone.vdm.{key}"]), key
+    assert got["shared.vdm.samples"].shape == (5, 1, 8, 8)
+    grad, alone = got["shared.vdm.grad"], got["alone.vdm.grad"]
+    assert alone.abs().max() > 0 and torch.allclose(grad, alone, rtol=1e-4, atol=1e-6)
+    assert alone[-2:].abs().min() > 0  # the schedule's two parameters (b, w) get a gradient
 
 
 def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_path):
