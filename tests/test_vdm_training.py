@@ -1,7 +1,10 @@
 """Continuous-time variants (vdm, vdm-fixed, vdm-finite) on the shared trainer: their config, their model, their loss
 (the whole bound in bits/dim, its gradient reaching a learned schedule) and a short run end to end."""
 
+import dataclasses
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,10 @@ from bench.diffusion.continuous import ContinuousDenoiser, FixedLinear, LearnedE
 from bench.errors import BenchError
 from bench.runtime.devices import Autocast
 from bench.training.config import make_config
+from bench.training.run import train
 from variants import get_variant
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(n=8, seed=0):
@@ -85,11 +91,9 @@ def test_finite_t_draws_steps_of_the_configs_t():
     assert loss.terms["diffusion"].mean() > 0
 
 
-def test_a_short_vdm_run_trains_evaluates_and_resumes(tmp_path, monkeypatch):
-    """A few steps of `vdm` end to end: its bound is logged with its method and terms, samples are drawn, the learned
-    end points are in the checkpoint."""
-    from bench.training.run import train  # noqa: PLC0415 - the trainer, only for this test
-
+def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
+    """A few steps of `vdm` end to end: its bound is logged with its terms, samples are drawn, the learned end points
+    are in the checkpoint; the claims benchmark runs on it."""
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     config = make_config("digits", variant="vdm", steps=4, batch_size=16, log_every=2, eval_every=0,
                          final_eval_images=8, eval_calls=4, fid_samples=0, sample_grid=4, sample_steps=5,
@@ -102,3 +106,51 @@ def test_a_short_vdm_run_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     for name in ("bpd", "bpd/diffusion", "bpd/decoder", "bpd/prior", "bpd_stderr"):
         assert math.isfinite(metrics[name]), name
     assert metrics["bpd"] == pytest.approx(metrics["bpd/diffusion"] + metrics["bpd/decoder"] + metrics["bpd/prior"])
+    assert metrics["gamma_0"] != pytest.approx(-13.3, abs=1e-7)  # the learned end points moved, and were logged
+
+    # benchmarks/vdm_claims.py on this checkpoint: L_∞, L_T and two other shapes through the same end points
+    spec = importlib.util.spec_from_file_location("vdm_claims", ROOT / "benchmarks" / "vdm_claims.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.claims(str(result.checkpoint), images=4, t_per_image=4, steps=(2, 8))
+    assert [r["bound"] for r in rows] == ["L_∞", "L_2", "L_8", "L_∞, shape t³", "L_∞, shape 1 − (1 − t)³"]
+    assert all(math.isfinite(r["bpd"]) and r["se"] > 0 for r in rows)
+    assert rows[0]["prior"] == rows[3]["prior"] and rows[0]["bpd"] != rows[3]["bpd"]  # same ends, other t-density
+    with torch.no_grad():  # the script put the model's own schedule back after each swap
+        model, _, _ = script.load_model(str(result.checkpoint))
+    assert type(model.schedule).__name__ == "LearnedEndpoints"
+
+
+def test_a_vdm_run_resumes_bit_exactly(tmp_path, monkeypatch):
+    """2 steps, then resumed to 4, end with the weights, learned schedule, EMA and optimiser state of 4 straight."""
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    config = make_config("digits", variant="vdm", steps=4, batch_size=8, log_every=1, eval_every=0,
+                         final_eval_images=2, eval_calls=3, fid_samples=0, sample_grid=1, sample_steps=2,
+                         log_model=False, system_metrics=False, checkpoint_every=100, warmup_steps=0)
+    straight = torch.load(train(config, progress=False).checkpoint, weights_only=True)
+    first = train(dataclasses.replace(config, steps=2), progress=False)
+    resumed = train(config, resume=first.checkpoint, reopen=True, progress=False)
+    assert resumed.status == "FINISHED" and resumed.step == 4
+    again = torch.load(resumed.checkpoint, weights_only=True)
+    for part in ("model", "ema"):
+        assert straight[part].keys() == again[part].keys()
+        assert all(torch.equal(straight[part][k], again[part][k]) for k in straight[part]), part
+    assert not torch.equal(straight["model"]["schedule.b"], torch.tensor(-13.3))  # the schedule trained
+
+
+def test_a_bf16_network_keeps_the_schedule_and_the_bound_in_float32():
+    """Under bf16 autocast the network runs in bf16 but γ, γ' and the three terms stay float32 (VDM: never bf16);
+    the monotone network schedule has dense layers, which autocast would run in bf16."""
+    variant = get_variant("vdm")
+    config = make_config("digits", variant="vdm", gamma_schedule="learned-net")
+    model = config.build_model(variant, 1, 8)
+    seen = set()
+    model.schedule.register_forward_hook(lambda m, args, out: seen.add(out.dtype))  # returns None: output kept
+    x0 = _batch()
+    fp32 = variant.loss(model, config.build_schedule(), x0, torch.Generator().manual_seed(3))
+    bf16 = variant.loss(Autocast(model, "bf16", torch.device("cpu")), config.build_schedule(), x0,
+                        torch.Generator().manual_seed(3))
+    assert seen == {torch.float32}
+    assert all(v.dtype == torch.float32 for v in bf16.terms.values())
+    assert torch.equal(bf16.terms["prior"], fp32.terms["prior"])  # no network: bit-equal
+    assert torch.allclose(bf16.loss, fp32.loss, rtol=0.05)
