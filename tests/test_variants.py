@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from bench import BenchError, Schedule, build_network, load_dataset
+from bench import BenchError, Schedule, load_dataset
 from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.variant import MEAN_TYPES, VAR_TYPES
+from bench.training.config import make_config
 from variants import VARIANTS, get_variant
 
 TABLE = {  # the table: name → (mean_type, var_type)
@@ -20,11 +21,27 @@ TABLE = {  # the issue's table: name → (mean_type, var_type)
 }
 
 
+CONTINUOUS = {"vdm": (True, False), "vdm-fixed": (False, False), "vdm-finite": (False, True)}  # (learns γ, finite T)
+DDPM = sorted(TABLE)
+
+
 def test_registry_holds_exactly_the_table():
-    assert sorted(VARIANTS) == sorted(TABLE)
+    assert sorted(VARIANTS) == sorted([*TABLE, *CONTINUOUS])
+    assert {n for n, v in VARIANTS.items() if v.continuous} == set(CONTINUOUS)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(CONTINUOUS))
+def test_continuous_time_declarations(name):
+    v = get_variant(name)
+    assert (v.learns_schedule, v.finite) == CONTINUOUS[name] and v.label == name and v.out_channels(3) == 3
+    assert v.describe()["time"] == "continuous" and v.describe()["variant"] == name
+    with pytest.raises(BenchError, match="continuous-time model: it has no discrete reverse step"):
+        v.p_mean_variance(torch.zeros(1, 1, 2, 2), Schedule.linear(T=10), torch.zeros(1, 1, 2, 2), torch.tensor([1]))
+    with pytest.raises(BenchError, match="continuous-time model with no reverse variance to fix"):
+        get_variant(name, variance="large")
+
+
+@pytest.mark.parametrize("name", DDPM)
 def test_declarations(name):
     v = get_variant(name)
     assert (v.mean_type, v.var_type) == TABLE[name]
@@ -116,7 +133,7 @@ def grads(name, key):
     return g[:, :1].abs().sum().item(), g[:, 1:].abs().sum().item()
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", DDPM)  # continuous-time variants: tests/test_vdm_training.py
 def test_loss_trains_every_output_it_should(name):
     mean_grad, var_grad = grads(name, "loss")
     assert mean_grad > 0
@@ -153,12 +170,12 @@ def test_importance_sampler_turns_on_after_ten_values_per_t():
     assert torch.equal(fresh.probabilities(), p)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", [*DDPM, "vdm"])
 def test_a_few_hundred_steps_on_digits_lower_the_loss(name):
     torch.manual_seed(0)
     sched = Schedule.linear(T=100, scale_to_T=True)
     variant = get_variant(name)
-    net = build_network("tiny", 1, variant.out_channels(1), 8)
+    net = make_config("digits", variant=name).build_model(variant, 1, 8)  # vdm: with its learned schedule inside
     data = to_data_scale(load_dataset("digits", split="train"))
     probe = data[:512]
 

@@ -265,18 +265,26 @@ class Variant:
 
         Returns (t, weight, noise, x_t, out).
         """
-        b, d = x0.shape[0], self._dist
-        B = b * d.world
+        B = x0.shape[0] * self._dist.world
         t, weight = self.sampler(sched.T).sample(B, x0.device, generator)
-        if generator is not None:
-            noise = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device).to(x0.device)
-        else:
-            noise = torch.randn((B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        if d.active:
-            mine = slice(d.rank * b, (d.rank + 1) * b)
-            t, weight, noise = t[mine], weight[mine], noise[mine]
+        t, weight, noise = self.share(x0.shape[0], t, weight, self.global_noise(x0, generator))
         x_t = sched.q_sample(x0, t, noise)
         return t, weight, noise, x_t, model(x_t, t)
+
+    def global_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """ε ~ N(0, I) for the global batch of which x0 [b, C, H, W] is this rank's share: [b · world, C, H, W] on
+        x0's device, from ``generator`` (on its own device) or the default stream."""
+        shape = (x0.shape[0] * self._dist.world, *x0.shape[1:])
+        if generator is not None:
+            return torch.randn(shape, generator=generator, device=generator.device).to(x0.device)
+        return torch.randn(shape, device=x0.device, dtype=x0.dtype)
+
+    def share(self, b: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's contiguous share (``b`` rows) of each global-batch tensor (all of it in one process)."""
+        d = self._dist
+        if not d.active:
+            return tensors
+        return tuple(x[d.rank * b : (d.rank + 1) * b] for x in tensors)
 
     def record(self, sched: Schedule, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Give the timestep sampler this step's L_t values (any unit, the same for all t); under

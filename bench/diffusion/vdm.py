@@ -87,6 +87,12 @@ class ContinuousVariant(Variant):
     mean_type = "eps"
     var_type = "fixed_small"  # unused: a continuous-time model has no discrete reverse variance
 
+    def __init__(self, variance: str | None = None):
+        if variance is not None:
+            raise BenchError(f"variant {self.name!r} is a continuous-time model with no reverse variance to fix: "
+                             "--variance small|large applies only to DDPM's fixed-variance variants")
+        super().__init__()
+
     @property
     def label(self) -> str:
         return self.name
@@ -123,16 +129,9 @@ class ContinuousVariant(Variant):
         batch) and one ε per example, for z_t and the decoder's z_0 (:func:`bound_terms_nats`); ``t`` of the result is
         t on the grid of ``sched.T`` (for the loss's quarters of t)."""
         find_denoiser(model)  # one line for a network without a schedule
-        b, d = x0.shape[0], self._dist
-        B = b * d.world
+        B = x0.shape[0] * self._dist.world
         t = low_discrepancy_times(B, generator if generator is None or generator.device.type == "cpu" else None)
-        if generator is not None:
-            eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device).to(x0.device)
-        else:
-            eps = torch.randn((B, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        if d.active:
-            mine = slice(d.rank * b, (d.rank + 1) * b)
-            t, eps = t[mine], eps[mine]
+        t, eps = self.share(x0.shape[0], t, self.global_noise(x0, generator))
         t = t.to(x0.device, torch.float32)
         if self.finite:  # a step i ∈ 1..T, uniform over the steps (low-discrepancy too), at t = i/T
             t = torch.clamp(torch.ceil(t * sched.T), 1, sched.T) / sched.T

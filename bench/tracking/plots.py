@@ -41,15 +41,9 @@ def continuous_curve_figure(curves: dict[str, tuple[list[float], list[float]]], 
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, (t, values) in curves.items():
             ax.plot(t, np.clip(values, 1e-12, None), label=label, lw=1.2, marker=".")
-        ax.set_yscale("log")
-        ax.set_xlabel("continuous time t (γ(t) = −log SNR increases with t)")
-        ax.set_ylabel("½γ'(t)‖ε − ε̂‖² (bits/dim)")
-        ax.set_title(f"The continuous-time bound's diffusion term by t{': ' + title if title else ''}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        plt.close(fig)
-        return fig
+        return _log_scaled(fig, ax, "continuous time t (γ(t) = −log SNR increases with t)",
+                           "½γ'(t)‖ε − ε̂‖² (bits/dim)",
+                           f"The continuous-time bound's diffusion term by t{': ' + title if title else ''}")
 
 
 def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
@@ -58,10 +52,16 @@ def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
         values = per_t.detach().cpu().double().numpy()
         ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2,
                 color=colors.get(label))
+    return _log_scaled(fig, ax, "diffusion step t (t = 1: decoder L_0)", "L_t term of the bound (bits/dim)",
+                       f"Per-timestep terms of the variational bound{': ' + title if title else ''}")
+
+
+def _log_scaled(fig, ax, xlabel: str, ylabel: str, title: str):
+    """A per-t curve's axes finished: log y, labels, title, grid and legend; the figure closed and returned."""
     ax.set_yscale("log")
-    ax.set_xlabel("diffusion step t (t = 1: decoder L_0)")
-    ax.set_ylabel("L_t term of the bound (bits/dim)")
-    ax.set_title(f"Per-timestep terms of the variational bound{': ' + title if title else ''}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
