@@ -87,8 +87,14 @@ def _counted(values, missing: str = "not recorded") -> str:
 
 
 def _method(tag: str) -> str:
-    """The method part of a bpd_method / bpd_estimate_method tag ('exact (all 1000 t, 297 test images)')."""
-    return str(tag).split(";")[0].strip() if tag else ""
+    """The method part of a bpd_method / bpd_estimate_method tag ('exact (all 1000 t, 297 test images)'): up to its
+    first ';' outside parentheses."""
+    depth = 0
+    for i, ch in enumerate(str(tag or "")):
+        depth += (ch == "(") - (ch == ")")
+        if ch == ";" and depth == 0:
+            return str(tag)[:i].strip()
+    return str(tag or "").strip()
 
 
 def _convention(r) -> str:

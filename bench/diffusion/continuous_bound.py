@@ -166,8 +166,9 @@ def _describe(T: int | None, pairs: int, N: int, precision: torch.dtype, every_s
     how = ("every step once per replicate" if every_step
            else "one t uniform in each of the replicate's strata" if T is None
            else "one step uniform in each of the replicate's strata of steps")
-    return (f"continuous-time bound {what}; Monte Carlo: 2×{pairs} stratified t per image ({how}), {N} images; "
-            f"decoder: VDM's 256-way on the 8-bit bins k/127.5 − 1, one z_0 per pair; prior exact at γ(1); "
+    # no ';' inside: a tag's first ';' ends its method part (reports show that part)
+    return (f"continuous-time bound {what}, Monte Carlo: 2×{pairs} stratified t per image ({how}), {N} images, "
+            f"decoder: VDM's 256-way on the 8-bit bins k/127.5 − 1 with one z_0 per pair, prior exact at γ(1), "
             f"terms in {str(precision).removeprefix('torch.')}")
 
 
