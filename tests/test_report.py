@@ -803,8 +803,7 @@ def test_a_report_over_mixed_settings_stays_narrow_and_says_what_it_shows(key_st
 
 def test_a_method_tag_ends_at_its_first_semicolon_outside_parentheses():
     """A continuous-time bound's method (its own parentheses and commas) is shown whole, its convention cut off."""
-    from reports.figures import _method  # noqa: PLC0415 - a private helper, only here
-
+    _method = figures._method
     tag = "estimate (continuous-time bound L_∞ (VDM), Monte Carlo: 2×16 t; old; form); a continuous-time model's bound"
     assert _method(tag) == "estimate (continuous-time bound L_∞ (VDM), Monte Carlo: 2×16 t; old; form)"
     assert _method("exact (all 1000 t, 297 test images); bpd: x̂_0 clipped") == "exact (all 1000 t, 297 test images)"
