@@ -171,7 +171,7 @@ def test_importance_sampler_turns_on_after_ten_values_per_t():
 
 
 @pytest.mark.parametrize("name", [*DDPM, "vdm"])
-def test_a_few_hundred_steps_on_digits_lower_the_loss(name):
+def test_sixty_steps_on_digits_lower_the_loss(name):
     torch.manual_seed(0)
     sched = Schedule.linear(T=100, scale_to_T=True)
     variant = get_variant(name)
@@ -186,7 +186,7 @@ def test_a_few_hundred_steps_on_digits_lower_the_loss(name):
     before = probe_loss()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
+    for _ in range(60):  # after 60 steps every variant measured at most 0.58 of its start (vdm; the rest <= 0.42)
         batch = data[torch.randint(0, len(data), (64,), generator=g)]
         loss = variant.loss(net, sched, batch).loss.mean()
         opt.zero_grad()
