@@ -285,8 +285,11 @@ def _intro(meta: dict) -> list[str]:
         "mean ± std [95% t-interval of the mean] over seeds of FINISHED runs (mean ± std (n) under 3 seeds; "
         "a value every seed gave alike is shown once, '(n=3, identical)'); "
         "★ marks the lowest mean per dataset. bpd is the variational bound on the test split with x̂_0 clipped to "
-        "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; an estimated bpd shows its "
-        "Monte Carlo standard error (MC se). Diverged runs are counted, not averaged.",
+        "[-1, 1] (DDPM/iDDPM), bpd_unclipped the unclipped bound from the same calls; for a continuous-time variant "
+        "(bpd convention continuous-time: vdm…) bpd is its continuous-time bound (L_∞, or L_T for vdm-finite: "
+        "bpd/decoder + bpd/prior + bpd/diffusion). Each is an upper bound on −log P of the same 8-bit test images, "
+        "so rows of both kinds compare. An estimated bpd shows its Monte Carlo standard error (MC se). Diverged runs "
+        "are counted, not averaged.",
     ]
     if meta.get("ode"):
         lines.append("nll_ode is another estimand: the negative log-likelihood under the probability-flow ODE of the "
@@ -323,7 +326,8 @@ PAIRS_CAPTION = ("Each line compares variants A and B on the runs they share: th
                  "ci_low..ci_high is the 95% t-interval of their mean (empty under 2 pairs). bpd and FID are "
                  "lower-is-better, so a negative A − B favours A and a positive one favours B; an interval that "
                  "excludes 0 is a difference these seeds resolve.")
-DETAILS_CAPTION = ("The same rows: the bound's terms (bpd/prior, bpd/vb, bpd/decoder; bits/dim), the unclipped bound, "
+DETAILS_CAPTION = ("The same rows: the bound's terms (bpd/prior, bpd/vb or a continuous-time bound's bpd/diffusion, "
+                   "bpd/decoder; bits/dim), the unclipped bound, "
                    "the FID's reference points and the Inception score, the cost (train s, images/s), and how each "
                    "number was obtained (measured: the method tags that differ between rows); "
                    "cells as in the comparison.")

@@ -26,7 +26,8 @@ from bench.tracking.plots import per_t_figure, plt
 from reports.tables import EXTRACTOR, ROW, SETTINGS
 
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
-               "x0-unclipped": "x̂_0 not clipped"}
+               "x0-unclipped": "x̂_0 not clipped",
+               "continuous-time": "a continuous-time model's bound (VDM: decoder + prior + diffusion, nothing clipped)"}
 
 
 def _colors(df: pd.DataFrame, groups) -> dict:
@@ -289,7 +290,10 @@ def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
                 path = client.download_artifacts(r.run_id, "per_t_bound.json", tmp)
             except Exception:  # noqa: BLE001 - a run without the artifact (an estimate-only final evaluation)
                 continue
-            values = np.asarray(json.loads(Path(path).read_text())["L_t_bits_per_dim"], dtype=float)
+            logged = json.loads(Path(path).read_text())
+            if "L_t_bits_per_dim" not in logged:  # a continuous-time model's curve (its integrand over t) of a run
+                continue  # logged before those had a file of their own: not DDPM's L_t over steps
+            values = np.asarray(logged["L_t_bits_per_dim"], dtype=float)
             label = group + (f" · {r['bpd convention']}" if mixed_conventions else "")
             curves.setdefault(label, []).append(values)
             of_group[label] = group

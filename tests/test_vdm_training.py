@@ -3,17 +3,20 @@
 
 import dataclasses
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from bench.diffusion.continuous import ContinuousDenoiser, FixedLinear, LearnedEndpoints, MonotoneNet, find_denoiser
 from bench.errors import BenchError
 from bench.runtime.devices import Autocast
 from bench.training.config import make_config
 from bench.training.run import train
+from reports.build import build_report
 from variants import get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +110,18 @@ def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
         assert math.isfinite(metrics[name]), name
     assert metrics["bpd"] == pytest.approx(metrics["bpd/diffusion"] + metrics["bpd/decoder"] + metrics["bpd/prior"])
     assert metrics["gamma_0"] != pytest.approx(-13.3, abs=1e-7)  # the learned end points moved, and were logged
+
+    # the report shows the row with its terms and says what its bound is; a curve file of the continuous kind under
+    # DDPM's per-t name (as runs logged before it had its own) is passed over, not misread
+    client = MlflowClient(result.tracking_uri)
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "diffusion_by_t_bound.json" in names and "per_t_bound.json" not in names
+    legacy = tmp_path / "per_t_bound.json"
+    legacy.write_text(json.dumps({"t_from": [0.0], "t_to": [1.0], "diffusion_bits_per_dim_mean": [1.0]}))
+    client.log_artifact(result.run_id, str(legacy))
+    report = build_report([config.experiment], None, tmp_path / "report", result.tracking_uri).markdown.read_text()
+    assert "bpd convention=" not in report and "bpd convention: continuous-time" in report
+    assert "estimate (continuous-time bound L_∞ (VDM)" in report and "| bpd/diffusion |" in report
 
     # benchmarks/vdm_claims.py on this checkpoint: L_∞, L_T and two other shapes through the same end points
     spec = importlib.util.spec_from_file_location("vdm_claims", ROOT / "benchmarks" / "vdm_claims.py")

@@ -77,7 +77,7 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
         ctx.log.tags({"bpd_estimate_method": f"estimate ({est.method}; seed {EVAL_SEED})"})
         if ctx.dist.main:
             log_continuous_curve(ctx.log, est, ctx.variant.label, f"estimate at step {step}",
-                                 f"per_t_estimate/step_{step:08d}")
+                                 f"diffusion_by_t_estimate/step_{step:08d}")
     else:
         ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test "
                                              f"images, seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] "
@@ -108,7 +108,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
 
 
 def log_continuous_curve(log, res: ContinuousResult, label: str, what: str, name: str) -> None:
-    """A continuous-time bound's diffusion integrand by bin of t, as a figure and a JSON file ``name``."""
+    """A continuous-time bound's diffusion integrand by bin of t, as a figure and a JSON file ``name`` (not DDPM's
+    ``per_t_…``, which hold L_t by step)."""
     centres = ((res.per_t_edges[1:] + res.per_t_edges[:-1]) / 2).tolist()
     log.figure(continuous_curve_figure({label: (centres, res.per_t.tolist())}, what), f"{name}.png")
     log.dict({"t_from": res.per_t_edges[:-1].tolist(), "t_to": res.per_t_edges[1:].tolist(),
@@ -172,7 +173,7 @@ def final_evaluation(model, variant, sched, config: RunConfig, train_images, tes
         log.tags({**ode_tags, f"{ode}_failed": ode_failed[:500], f"{ode}_method": config.ode_options().describe()})
     if isinstance(res, ContinuousResult):
         log_continuous_curve(log, res, variant.label, "final bound",
-                             "per_t_bound" if bound == HEADLINE else f"per_t_{bound}")
+                             "diffusion_by_t_bound" if bound == HEADLINE else f"diffusion_by_t_{bound}")
     elif res is not None and res.per_t.numel():
         per_t = "per_t_bound" if bound == HEADLINE else f"per_t_{bound}"
         log.figure(per_t_figure({variant.label: res.per_t}, sched.describe()), f"{per_t}.png")
