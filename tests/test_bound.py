@@ -130,7 +130,7 @@ def test_the_streams_keep_their_numbers():
     """A stream's key is part of every result drawn from it: (seed, index) for the exact bound's noise, and
     (seed, index, n) for the others, n as before the streams had names."""
     old_keys = {Stream.BOUND_NOISE: (), Stream.ESTIMATE: (1,), Stream.SAMPLES: (2,), Stream.DEQUANTISATION: (3,),
-                Stream.PROBES: (4,)}
+                Stream.PROBES: (4,), Stream.CONTINUOUS: (5,)}
     assert set(old_keys) == set(Stream)
     for stream, number in old_keys.items():
         for seed, index in ((0, 0), (1234, 7), (5, 2**20)):
