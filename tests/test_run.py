@@ -912,13 +912,13 @@ def test_bad_ode_options_are_one_error_line(home, args, message):
 
 def test_a_flow_that_diverges_is_recorded_and_the_run_still_finishes(home, monkeypatch):
     import bench.diffusion.ode
-    import bench.training.evaluation
+    import bench.training.ruler
 
     def diverges(*args, **kwargs):
         raise bench.diffusion.ode.FlowDiverged("the flow's drift is not finite at s = 0.11 "
                                                "(network index 113, along the flow)")
 
-    monkeypatch.setattr(bench.training.evaluation, "nll_ode", diverges)
+    monkeypatch.setattr(bench.training.ruler, "nll_ode", diverges)  # the DDPM branch of the ruler's ode_nll
     run_id, _ = run_ok(home, [*TINY, "--eval-every", "0", "--final-eval-ode"])
     run = client(home).get_run(run_id)
     assert run.info.status == "FINISHED" and "bpd" in run.data.metrics and "nll_ode" not in run.data.metrics
