@@ -38,10 +38,12 @@ def alpha_sigma_squared(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def low_discrepancy_times(batch: int, generator: torch.Generator | None = None,
                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """VDM's low-discrepancy t for one batch: t_b = (u + b/B) mod 1 with one u ~ U(0, 1), so the batch has exactly
-    one time in each interval [b/B, (b + 1)/B) (a lower-variance estimate of an integral over t than B draws)."""
+    one time in each interval [b/B, (b + 1)/B) (a lower-variance estimate of an integral over t than B draws).
+    On the CPU, whatever the generator's device."""
     if batch < 1:
         raise BenchError(f"a batch of times needs at least one time, got {batch}")
-    u = torch.rand((), generator=generator, dtype=dtype)
+    device = generator.device if generator is not None else None  # u from the generator, on its own device
+    u = torch.rand((), generator=generator, dtype=dtype, device=device).cpu()
     return torch.remainder(u + torch.arange(batch, dtype=dtype) / batch, 1.0)
 
 

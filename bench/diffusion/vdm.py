@@ -30,7 +30,6 @@ from bench.diffusion.continuous import (
     LinearBetaReading,
     MonotoneNet,
     NoiseSchedule,
-    find_denoiser,
     low_discrepancy_times,
 )
 from bench.diffusion.continuous_bound import bound_terms_nats
@@ -74,10 +73,6 @@ def _discrete_reading(name: str, T: int = 1000, beta_start: float = 1e-4, beta_e
     return CosineReading(T=T, s=cosine_s)
 
 
-def _times_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (x.dim() - 1)))
-
-
 class ContinuousVariant(Variant):
     """A continuous-time variant: subclasses set ``name``, ``objective``, ``learns_schedule`` and ``finite``."""
 
@@ -96,10 +91,6 @@ class ContinuousVariant(Variant):
     @property
     def label(self) -> str:
         return self.name
-
-    @property
-    def strides(self) -> bool:
-        return True
 
     def gamma_schedule(self, asked: str) -> str:
         """The γ(t) schedule this variant trains with when ``asked`` (config gamma_schedule; ``auto``: learned
@@ -128,9 +119,7 @@ class ContinuousVariant(Variant):
         """The bound in bits/dim per example of a batch x_0 [B, C, H, W]: one low-discrepancy t (of the global
         batch) and one ε per example, for z_t and the decoder's z_0 (:func:`bound_terms_nats`); ``t`` of the result is
         t on the grid of ``sched.T`` (for the loss's quarters of t)."""
-        find_denoiser(model)  # one line for a network without a schedule
-        B = x0.shape[0] * self._dist.world
-        t = low_discrepancy_times(B, generator if generator is None or generator.device.type == "cpu" else None)
+        t = low_discrepancy_times(x0.shape[0] * self._dist.world, generator)
         t, eps = self.share(x0.shape[0], t, self.global_noise(x0, generator))
         t = t.to(x0.device, torch.float32)
         if self.finite:  # a step i ∈ 1..T, uniform over the steps (low-discrepancy too), at t = i/T
