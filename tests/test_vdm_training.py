@@ -98,7 +98,7 @@ def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
     """A few steps of `vdm` end to end: its bound is logged with its terms, samples are drawn, the learned end points
     are in the checkpoint; the claims benchmark runs on it."""
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
-    config = make_config("digits", variant="vdm", steps=4, batch_size=16, log_every=2, eval_every=0,
+    config = make_config("digits", variant="vdm", steps=4, batch_size=16, log_every=2, eval_every=2, eval_images=4,
                          final_eval_images=8, eval_calls=4, fid_samples=0, sample_grid=4, sample_steps=5,
                          log_model=False, system_metrics=False, checkpoint_every=4)
     result = train(config, progress=False)
@@ -116,6 +116,9 @@ def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
     client = MlflowClient(result.tracking_uri)
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert "diffusion_by_t_bound.json" in names and "per_t_bound.json" not in names
+    during = client.get_run(result.run_id).data  # the training-time estimate at step 2
+    assert "diffusion_by_t_estimate" in names and "continuous-time bound L_∞" in during.tags["bpd_estimate_method"]
+    assert [m.step for m in client.get_metric_history(result.run_id, "bpd_estimate")] == [2]
     legacy = tmp_path / "per_t_bound.json"
     legacy.write_text(json.dumps({"t_from": [0.0], "t_to": [1.0], "diffusion_bits_per_dim_mean": [1.0]}))
     client.log_artifact(result.run_id, str(legacy))

@@ -82,17 +82,17 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
         ctx.log.tags({"bpd_estimate_method": f"estimate ({est.calls_per_image} calls/image, {len(subset)} test "
                                              f"images, seed {EVAL_SEED}); bpd_estimate: x̂_0 clipped to [-1, 1] "
                                              "(DDPM/iDDPM), bpd_estimate_unclipped: unclipped"})
-    if ctx.dist.main and not isinstance(est, ContinuousResult):
-        binned = est.binned_per_t(ctx.sched.T)
-        S = len(est.per_stratum)
-        ctx.log.figure(per_t_figure({ctx.variant.label: binned},
-                                    f"estimate at step {step}, mean over each of {S} strata of t"),
-                       f"per_t_estimate/step_{step:08d}.png")
-        ctx.log.dict({"step": step, "images": len(subset), "t_from": [1] + [int(e) + 1 for e in est.strata[:-1]],
-                      "t_to": [1] + [int(e) for e in est.strata[1:]],
-                      "L_t_bits_per_dim_mean": [float(binned[0])] + est.per_stratum.tolist(),
-                      "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
-                              "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
+        if ctx.dist.main:
+            binned = est.binned_per_t(ctx.sched.T)
+            S = len(est.per_stratum)
+            ctx.log.figure(per_t_figure({ctx.variant.label: binned},
+                                        f"estimate at step {step}, mean over each of {S} strata of t"),
+                           f"per_t_estimate/step_{step:08d}.png")
+            ctx.log.dict({"step": step, "images": len(subset), "t_from": [1] + [int(e) + 1 for e in est.strata[:-1]],
+                          "t_to": [1] + [int(e) for e in est.strata[1:]],
+                          "L_t_bits_per_dim_mean": [float(binned[0])] + est.per_stratum.tolist(),
+                          "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
+                                  "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
     grid = draw_samples(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
                         config.sample_steps or None, seed=config.seed, runtime=Runtime(ctx.device, ctx.dist))
     if ctx.dist.main:
