@@ -173,13 +173,13 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
         _check_types(self)
-        get_variant(self.variant, self.variance)
+        variant = get_variant(self.variant, self.variance)
         check_choice("dataset", self.dataset, sorted(DATASETS))
         check_choice("network", self.network, sorted(NETWORK_PRESETS))
         check_choice("schedule", self.schedule, SCHEDULES, field=True)
         check_choice("precision", self.precision, PRECISIONS, field=True)
         check_choice("final_eval", self.final_eval, FINAL_EVALS, field=True)
-        self._validate_continuous()
+        self._validate_continuous(variant)
         for name in ("steps", "batch_size", "log_every", "eval_images", "eval_batch_size", "sample_grid",
                      "checkpoint_every"):
             _positive_int(name, getattr(self, name))
@@ -198,7 +198,7 @@ class RunConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise BenchError("grad_clip and weight_decay must be >= 0")
         sched = self.build_schedule()  # raises on an invalid schedule
-        if self.sample_steps > sched.T and not get_variant(self.variant, self.variance).continuous:
+        if self.sample_steps > sched.T and not variant.continuous:
             raise BenchError(f"sample_steps ({self.sample_steps}) cannot exceed T ({sched.T}); use 0 for all T steps")
         if self.sample_steps == 1:
             raise BenchError("sample_steps must be 0 (all T) or at least 2")
@@ -209,8 +209,7 @@ class RunConfig:
         return self
 
 
-    def _validate_continuous(self) -> None:
-        variant = get_variant(self.variant, self.variance)
+    def _validate_continuous(self, variant: Variant) -> None:
         if not variant.continuous:
             if self.gamma_schedule != "auto" or self.fourier_features:
                 raise BenchError(f"--gamma-schedule and --fourier-features are for continuous-time variants "

@@ -35,7 +35,14 @@ from bench.tracking.plots import continuous_curve_figure, per_t_figure, sample_g
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import RunConfig
 from bench.training.record import NoLog, schedule_metrics
-from bench.training.ruler import bound_estimate, continuous_bound_name, draw_samples, ode_nll, sampler_description
+from bench.training.ruler import (
+    bound_estimate,
+    continuous_bound_name,
+    continuous_t_per_image,
+    draw_samples,
+    ode_nll,
+    sampler_description,
+)
 from bench.training.state import RunContext, load_weights, setup
 
 EVAL_SEED = 1234  # the noise of every bound evaluation, fixed so numbers compare across runs
@@ -251,8 +258,8 @@ class CheckpointEval:
         if self.bound is None:
             lines.append("  bound      not computed")
         else:
-            how = f"estimate of {continuous_bound_name(self.variant, self.sched)} ({c.eval_calls - c.eval_calls % 2} " \
-                "stratified t per image)" if self.variant.continuous else \
+            how = f"estimate of {continuous_bound_name(self.variant, self.sched)} " \
+                f"({continuous_t_per_image(c.eval_calls)} stratified t per image)" if self.variant.continuous else \
                 f"exact (all {self.sched.T} t)" if c.final_eval == "exact" else \
                 f"estimate ({c.eval_calls} network calls per image)"
             lines.append(f"  bound      {how} on {len(eval_subset(self.test_images, c.final_eval_images))} of {n_test} "

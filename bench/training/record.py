@@ -22,7 +22,7 @@ from bench.runtime.dist import Dist
 from bench.runtime.progress import Progress
 from bench.tracking import provenance
 from bench.training.config import RunConfig, flatten
-from bench.training.ruler import continuous_bound_name, sampler_description
+from bench.training.ruler import continuous_bound_name, continuous_t_per_image, sampler_description
 from bench.training.state import RunContext, TrainState, checkpoint_path
 
 BOUND_TERMS = ("prior", "vb", "decoder")  # a bound's parts, logged as <bound>/<term>: total = prior + vb + decoder
@@ -84,7 +84,7 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
     """The run's description in MLflow: what was trained and how it is measured."""
     world = f", {d.world} data-parallel processes" if d.world > 1 else ""
     final = (f"the unbiased estimate of the continuous-time bound ({continuous_bound_name(variant, sched)}; "
-             f"{config.eval_calls - config.eval_calls % 2} stratified t per image)" if variant.continuous
+             f"{continuous_t_per_image(config.eval_calls)} stratified t per image)" if variant.continuous
              else f"the exact bound (all {sched.T} terms)" if config.final_eval == "exact"
              else f"the unbiased estimate of the bound ({config.eval_calls} network calls per image)")
     images = f"{config.final_eval_images} test images" if config.final_eval_images else "the whole test split"

@@ -24,6 +24,12 @@ def continuous_steps(sched: Schedule, steps: int | None) -> int:
     return steps or sched.T
 
 
+def continuous_t_per_image(calls: int) -> int:
+    """The stratified t per image a continuous-time bound takes for ``calls`` (--eval-calls): rounded down to even
+    (two replicates of equal strata)."""
+    return max(2, calls - calls % 2)
+
+
 def continuous_bound_name(variant: Variant, sched: Schedule) -> str:
     """Which bound a continuous-time variant is measured by: L_∞, or L_T at the config's T."""
     return f"L_T, T = {sched.T}" if variant.finite else "L_∞"
@@ -50,7 +56,7 @@ def bound_estimate(model, variant: Variant, sched: Schedule, images: torch.Tenso
     the discrete chain's (:func:`estimate_bits_per_dim`), or a continuous-time model's L_∞ (L_T for a finite-T
     variant) with ``calls`` rounded down to an even number of stratified t (:func:`continuous_bound`)."""
     if variant.continuous:
-        return continuous_bound(model, images, t_per_image=max(2, calls - calls % 2),
+        return continuous_bound(model, images, t_per_image=continuous_t_per_image(calls),
                                 T=sched.T if variant.finite else None, seed=seed, runtime=runtime)
     return estimate_bits_per_dim(model, variant, sched, images, calls, seed=seed, runtime=runtime)
 
