@@ -28,11 +28,12 @@ def _discover() -> dict[str, type[Variant]]:
 VARIANTS: dict[str, type[Variant]] = _discover()
 
 
-def get_variant(name: str, variance: str | None = None) -> Variant:
+def get_variant(name: str, variance: str | None = None, **options) -> Variant:
     """A fresh instance of the variant ``name``; ``variance`` ('small' = β̃, 'large' = β) only for
-    fixed-variance variants (default β̃)."""
+    fixed-variance variants (default β̃); ``options`` what else its constructor takes (a weighted variant's
+    ``weighting`` and ``adaptive``)."""
     check_choice("variant", name, sorted(VARIANTS))
-    return VARIANTS[name](variance=variance)
+    return VARIANTS[name](variance=variance, **options)
 
 
 __all__ = ["VARIANTS", "Variant", "get_variant"]

@@ -11,6 +11,11 @@ The schedules:
 - :class:`LearnedEndpoints`: γ(t) = b + |w| t (VDM's "learnable_scalar"): only the end points are learned.
 - :class:`MonotoneNet`: VDM's monotone network γ(t) = l1(t) + l3(φ(l2(2(t − ½))))/1024, every weight taken in absolute
   value so that γ increases in t; its end points are not pinned (as in the authors' code).
+- :class:`CosineEnds`: the continuous cosine schedule α = cos(πu/2), σ = sin(πu/2), over the u where γ runs from
+  γ_min to γ_max: its density in λ = −γ is p(λ) ∝ sech(λ/2), the weighting of ε-MSE with this schedule.
+
+What the network predicts (``prediction``: ε, x or v = α ε − σ x) is converted exactly to ε̂
+(:func:`eps_from_output`): every bound, sampler and ODE reads ε̂, whatever the network was trained to output.
 
 γ, γ' and everything formed from them are float32 or float64, never bfloat16 (the schedule's end points need
 the digits): a half-precision time is refused.
@@ -107,6 +112,75 @@ class LearnedEndpoints(NoiseSchedule):
         return self.b.to(t.dtype) + self.w.to(t.dtype).abs() * t
 
 
+class CosineEnds(NoiseSchedule):
+    """The continuous cosine schedule with given end points: γ(t) = 2 log tan(πu/2), u = u₀ + t(u₁ − u₀), with
+    u₀, u₁ where γ is γ_min and γ_max. Its slope is γ'(t) = 2π(u₁ − u₀)·cosh(γ/2), so t uniform puts the density
+    p(λ) = sech(λ/2)/(2π(u₁ − u₀)) on λ = −γ: ε-MSE at uniform t is the weighting sech(λ/2) up to a constant."""
+
+    def __init__(self, gamma_min: float = VDM_GAMMA_MIN, gamma_max: float = VDM_GAMMA_MAX):
+        super().__init__()
+        _check_ends(gamma_min, gamma_max)
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        self.u0, self.u1 = (2 / math.pi * math.atan(math.exp(g / 2)) for g in (gamma_min, gamma_max))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.log(torch.tan(math.pi / 2 * (self.u0 + t * (self.u1 - self.u0))))
+
+
+def time_of_gamma(schedule: NoiseSchedule, gamma: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+    """The t ∈ [0, 1] where the increasing ``schedule`` takes the values ``gamma`` [B] (clamped to its ends), by
+    bisection in float64 (60 halvings: to the last digit), without a graph."""
+    g = gamma.detach().to(torch.float64)
+    lo, hi = torch.zeros_like(g), torch.ones_like(g)
+    with torch.no_grad():
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            below = schedule.gamma(mid) < g
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+# --------------------------------------------------------------------- what the network predicts
+PREDICTIONS = ("eps", "x", "v")
+
+
+def _broadcast(gamma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return gamma.reshape(-1, *([1] * (like.dim() - 1))) if gamma.dim() else gamma
+
+
+def eps_from_output(prediction: str, out: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """ε̂ from the network's output ``out`` at z_t = α z + σ ε with γ = γ(t) [B]: ε itself; from x̂,
+    ε̂ = (z − α x̂)/σ; from v̂ (v = α ε − σ x), ε̂ = σ z + α v̂. In γ's dtype (float32 or float64)."""
+    if prediction == "eps":
+        return out
+    g = _broadcast(gamma, z)
+    a, s = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+    out, z = out.to(g.dtype), z.to(g.dtype)
+    if prediction == "x":
+        return (z - a * out) / s
+    if prediction == "v":
+        return s * z + a * out
+    raise BenchError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
+
+def prediction_target(prediction: str, x: torch.Tensor, eps: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """What a network making ``prediction`` is trained to output at γ = γ(t) [B]: ε, x, or v = α ε − σ x."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x":
+        return x
+    g = _broadcast(gamma, x)
+    return torch.sigmoid(-g).sqrt() * eps - torch.sigmoid(g).sqrt() * x
+
+
+def eps_error_scale(prediction: str, gamma: torch.Tensor) -> torch.Tensor:
+    """c(γ) with ‖ε − ε̂‖² = c·‖target − output‖² for ``prediction``: 1 for ε, SNR = e^{−γ} for x, α² = sigmoid(−γ)
+    for v (so ‖v − v̂‖² = (1 + SNR)‖x − x̂‖²)."""
+    if prediction == "eps":
+        return torch.ones_like(gamma)
+    return torch.exp(-gamma) if prediction == "x" else torch.sigmoid(-gamma)
+
+
 class _PositiveLinear(nn.Module):
     """A dense layer with its weights taken in absolute value, so its output increases in its input."""
 
@@ -162,9 +236,11 @@ class ContinuousDenoiser(nn.Module):
     the network's precision. With ``fourier`` the network also sees :func:`fourier_features` of z_t (its
     input then has 5·C channels)."""
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, fourier: bool = False):
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, fourier: bool = False, prediction: str = "eps"):
         super().__init__()
-        self.net, self.schedule, self.fourier = net, schedule, bool(fourier)
+        if prediction not in PREDICTIONS:
+            raise BenchError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+        self.net, self.schedule, self.fourier, self.prediction = net, schedule, bool(fourier), prediction
         self.cond_range = schedule.endpoints()
 
     @staticmethod
@@ -172,14 +248,19 @@ class ContinuousDenoiser(nn.Module):
         """The network's input channels for C image channels."""
         return channels * (1 + 2 * len(FOURIER_EXPONENTS)) if fourier else channels
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """z_t [B, C, H, W], t [B] float in [0, 1] → ε̂ [B, C, H, W]."""
+    def forward(self, z: torch.Tensor, t: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """z_t [B, C, H, W], t [B] float in [0, 1] → ε̂ [B, C, H, W] (``raw``: the network's own output, its
+        ``prediction`` of ε, x or v)."""
         with torch.autocast(z.device.type, enabled=False):
             gamma = self.schedule.gamma(t if t.dtype == torch.float64 else t.float())
         lo, hi = self.cond_range
         cond = (gamma.float() - lo) * (1000.0 / (hi - lo))
         x = torch.cat([z, fourier_features(z, FOURIER_EXPONENTS)], dim=1) if self.fourier else z
-        return self.net(x, cond)
+        out = self.net(x, cond)
+        if raw or self.prediction == "eps":
+            return out
+        with torch.autocast(z.device.type, enabled=False):
+            return eps_from_output(self.prediction, out.float(), z.float(), gamma.float())
 
 
 def find_denoiser(model: nn.Module) -> ContinuousDenoiser:

@@ -150,6 +150,7 @@ class Variant:
     var_type: str = "fixed_small"  # one of VAR_TYPES; fixed variants may switch small ↔ large
     timestep_sampler: ClassVar[type[UniformSampler]] = UniformSampler
     continuous: ClassVar[bool] = False  # a continuous-time model (bench.diffusion.vdm), with its own bound and sampler
+    weighted: ClassVar[bool] = False  # a member of the weighted-ELBO family (bench.diffusion.weighted): --weighting
 
     def __init__(self, variance: str | None = None):
         if variance is not None:

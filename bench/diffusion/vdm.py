@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from bench.diffusion.continuous import (
+    CosineEnds,
     CosineReading,
     FixedLinear,
     LearnedEndpoints,
@@ -37,14 +38,16 @@ from bench.diffusion.variant import Loss, Variant
 from bench.errors import BenchError, check_choice
 
 # γ(t) schedules by name: what a continuous-time variant may train with (config field gamma_schedule)
-FIXED_GAMMAS = ("fixed", "linear-beta", "cosine")  # VDM's line; the project's schedules read as continuous γ(t)
+# VDM's line; the project's schedules read as continuous γ(t); the continuous cosine between the end points
+FIXED_GAMMAS = ("fixed", "linear-beta", "cosine", "cosine-ends")
 LEARNED_GAMMAS = ("learned-ends", "learned-net")  # end points learned (a line); VDM's monotone network
 GAMMA_SCHEDULES = ("auto", *FIXED_GAMMAS, *LEARNED_GAMMAS)
 
 
 def build_noise_schedule(name: str, gamma_min: float, gamma_max: float, **discrete) -> NoiseSchedule:
     """The γ(t) schedule ``name`` (one of GAMMA_SCHEDULES but ``auto``). ``fixed``, ``learned-ends`` and
-    ``learned-net`` start at (``gamma_min``, ``gamma_max``); ``linear-beta`` and ``cosine`` read the project's
+    ``learned-net`` start at (``gamma_min``, ``gamma_max``), ``cosine-ends`` runs between them; ``linear-beta`` and
+    ``cosine`` read the project's
     discrete schedule given by ``discrete`` (T, beta_start, beta_end, cosine_s) as continuous γ(t)."""
     check_choice("gamma_schedule", name, GAMMA_SCHEDULES[1:])
     if name == "fixed":
@@ -53,6 +56,8 @@ def build_noise_schedule(name: str, gamma_min: float, gamma_max: float, **discre
         return LearnedEndpoints(gamma_min, gamma_max)
     if name == "learned-net":
         return MonotoneNet(gamma_min, gamma_max)
+    if name == "cosine-ends":
+        return CosineEnds(gamma_min, gamma_max)
     return _discrete_reading(name, **discrete)
 
 
@@ -60,7 +65,8 @@ def describe_gamma(schedule: NoiseSchedule) -> str:
     """A schedule in words with its end points now, e.g. ``learned (end points; a line), γ(0) = −13.3, γ(1) = 5``."""
     kinds = {FixedLinear: "fixed (VDM's line)", LearnedEndpoints: "learned (end points; a line)",
              MonotoneNet: "learned (VDM's monotone network)", LinearBetaReading: "fixed (the linear β schedule read "
-             "in continuous time)", CosineReading: "fixed (the cosine schedule read in continuous time)"}
+             "in continuous time)", CosineReading: "fixed (the cosine schedule read in continuous time)",
+             CosineEnds: "fixed (the continuous cosine between the end points)"}
     kind = kinds.get(type(schedule), f"fixed ({type(schedule).__name__})")
     start, end = schedule.endpoints()
     return f"{kind}, γ(0) = {start:.4g}, γ(1) = {end:.4g}"

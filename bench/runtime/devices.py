@@ -48,9 +48,9 @@ class Autocast(torch.nn.Module):
         super().__init__()
         self.net, self._precision, self._device = net, precision, device
 
-    def forward(self, x, t):
+    def forward(self, x, t, **options):
         with autocast(self._precision, self._device):
-            return self.net(x, t).float()
+            return self.net(x, t, **options).float()
 
 
 def without_autocast(model: torch.nn.Module) -> torch.nn.Module:

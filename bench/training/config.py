@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from bench.data.datasets import DATASETS
-from bench.diffusion.continuous import VDM_GAMMA_MAX, VDM_GAMMA_MIN, ContinuousDenoiser, NoiseSchedule
+from bench.diffusion.continuous import PREDICTIONS, VDM_GAMMA_MAX, VDM_GAMMA_MIN, ContinuousDenoiser, NoiseSchedule
 from bench.diffusion.ode import PROBE_TYPES, SOLVERS, OdeOptions
 from bench.diffusion.schedule import Schedule
 from bench.diffusion.variant import FIXED_VARIANCES, Variant
 from bench.diffusion.vdm import GAMMA_SCHEDULES, build_noise_schedule
+from bench.diffusion.weighting import WEIGHTINGS, Weighting, build_weighting, check_weights
 from bench.errors import BenchError, check_choice
 from bench.nets.unet import NETWORK_PRESETS, build_network
 from bench.runtime.urls import masked
@@ -69,13 +70,28 @@ class RunConfig:
     gamma_schedule: str = _field(
         "auto", "Continuous-time variants: the noise schedule γ(t) = −log SNR(t). fixed: VDM's line from --gamma-min "
         "to --gamma-max; linear-beta, cosine: the --schedule's β read in continuous time (x_1 at t = 0, x_T at t = 1); "
-        "learned-ends: a line whose end points are learned; learned-net: VDM's monotone network. auto: learned-ends "
-        "for vdm, fixed otherwise.", choices=GAMMA_SCHEDULES)
+        "cosine-ends: the continuous cosine from --gamma-min to --gamma-max; learned-ends: a line whose end points are "
+        "learned; learned-net: VDM's monotone network. auto: learned-ends for vdm, cosine-ends for weighted, fixed "
+        "otherwise.", choices=GAMMA_SCHEDULES)
     gamma_min: float = _field(VDM_GAMMA_MIN, "Continuous-time variants: γ(0), the log of 1/SNR at t = 0 (a learned "
                               "schedule's start).")
     gamma_max: float = _field(VDM_GAMMA_MAX, "Continuous-time variants: γ(1) (a learned schedule's start).")
     fourier_features: bool = _field(False, "Continuous-time variants: the network also sees sin and cos of 2ⁿ·2π·z_t "
                                     "(n = 6, 7; VDM's Fourier features).")
+    prediction: str = _field("eps", "Continuous-time variants: what the network outputs, ε, x or v = αε − σx "
+                             "(converted exactly to ε̂ for the bound, the sampler and the ODE).", choices=PREDICTIONS)
+    weighting: str = _field("eps", "Variant weighted: the weighting w(λ) of the ε-error over λ = log SNR "
+                            "(see `bench weightings`).", choices=tuple(WEIGHTINGS))
+    min_snr_gamma: float = _field(5.0, "Weighting min-snr: the SNR clip γ (min(SNR, γ) on the x-error).")
+    sigmoid_bias: float = _field(0.0, "Weighting sigmoid: the bias b of sigmoid(b − λ).")
+    edm_mean: float = _field(2.4, "Weightings edm, edm-monotonic: the mean of EDM's normal density over λ "
+                             "(−2·P_mean).")
+    edm_std: float = _field(2.4, "Weightings edm, edm-monotonic: its standard deviation over λ (2·P_std).")
+    weighting_table: str | None = _field(None, "Weighting table: a CSV with the header lambda,w (linear between rows, "
+                                         "flat beyond).", path="file")
+    adaptive_schedule: bool = _field(False, "Variant weighted: draw λ from Kingma & Gao's adaptive schedule (an EMA "
+                                     "of the weighted loss in λ-bins), each sample weighted by w/q: the same "
+                                     "objective, lower variance.")
     # optimisation
     steps: int = _field(3000, "Optimiser steps.")
     batch_size: int = _field(128, "Images per optimiser step (the global batch, whatever the number of processes).")
@@ -131,6 +147,17 @@ class RunConfig:
         None, "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in BENCH_HOME).")
 
     # ----------------------------------------------------------------- derived
+    def build_variant(self) -> Variant:
+        """The variant this config trains, a weighted one with its weighting and adaptive schedule."""
+        if not VARIANTS[self.variant].weighted:
+            return get_variant(self.variant, self.variance)
+        return get_variant(self.variant, self.variance, weighting=self.build_weighting(),
+                           adaptive=self.adaptive_schedule)
+
+    def build_weighting(self) -> Weighting:
+        return build_weighting(self.weighting, min_snr_gamma=self.min_snr_gamma, sigmoid_bias=self.sigmoid_bias,
+                               edm_mean=self.edm_mean, edm_std=self.edm_std, weighting_table=self.weighting_table)
+
     def build_noise_schedule(self, variant: Variant) -> NoiseSchedule:
         """The continuous-time γ(t) a continuous-time ``variant`` trains with (gamma_schedule resolved for it)."""
         return build_noise_schedule(variant.gamma_schedule(self.gamma_schedule), self.gamma_min, self.gamma_max,
@@ -144,7 +171,7 @@ class RunConfig:
             return build_network(self.network, channels, variant.out_channels(channels), size)
         inputs = ContinuousDenoiser.in_channels(channels, self.fourier_features)
         return ContinuousDenoiser(build_network(self.network, inputs, channels, size),
-                                  self.build_noise_schedule(variant), self.fourier_features)
+                                  self.build_noise_schedule(variant), self.fourier_features, self.prediction)
 
     def build_schedule(self) -> Schedule:
         if self.schedule == "linear":
@@ -173,7 +200,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Refuse nonsense before anything is started; returns self."""
         _check_types(self)
-        variant = get_variant(self.variant, self.variance)
+        variant = self.build_variant()
         check_choice("dataset", self.dataset, sorted(DATASETS))
         check_choice("network", self.network, sorted(NETWORK_PRESETS))
         check_choice("schedule", self.schedule, SCHEDULES, field=True)
@@ -210,18 +237,30 @@ class RunConfig:
 
 
     def _validate_continuous(self, variant: Variant) -> None:
+        if not variant.weighted:
+            defaults = RunConfig()
+            given = [f"--{n.replace('_', '-')}" for n in WEIGHTED_FIELDS if getattr(self, n) != getattr(defaults, n)]
+            if given:
+                raise BenchError(f"{', '.join(given)}: for --variant weighted (the weighted-ELBO family), "
+                                 f"not {self.variant!r}")
         if not variant.continuous:
-            if self.gamma_schedule != "auto" or self.fourier_features:
-                raise BenchError(f"--gamma-schedule and --fourier-features are for continuous-time variants "
-                                 f"({', '.join(n for n, v in sorted(VARIANTS.items()) if v.continuous)}), "
+            if self.gamma_schedule != "auto" or self.fourier_features or self.prediction != "eps":
+                raise BenchError(f"--gamma-schedule, --fourier-features and --prediction are for continuous-time "
+                                 f"variants ({', '.join(n for n, v in sorted(VARIANTS.items()) if v.continuous)}), "
                                  f"not {self.variant!r}")
             return
+        check_choice("prediction", self.prediction, PREDICTIONS, field=True)
         for name in ("gamma_min", "gamma_max"):
             if not math.isfinite(getattr(self, name)):
                 raise BenchError(f"{name} must be a finite number, got {getattr(self, name)}")
-        self.build_noise_schedule(variant)  # raises on a schedule the variant cannot train with, or bad end points
+        schedule = self.build_noise_schedule(variant)  # raises on a schedule it cannot train with, or bad end points
+        if variant.weighted:
+            check_weights(variant.weighting, schedule, self.prediction)
 
 
+# the fields only a weighted variant reads (any other refuses a value other than the default)
+WEIGHTED_FIELDS = ("weighting", "min_snr_gamma", "sigmoid_bias", "edm_mean", "edm_std", "weighting_table",
+                   "adaptive_schedule")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 

@@ -22,7 +22,6 @@ from bench.runtime.urls import masked
 from bench.tracking import store as tracking
 from bench.training.checkpoint import save_checkpoint
 from bench.training.config import RunConfig
-from variants import get_variant
 
 
 def setup(config: RunConfig, device_name: str | None = None):
@@ -32,7 +31,7 @@ def setup(config: RunConfig, device_name: str | None = None):
     device = resolve_device(device_name or config.device)
     train_images = load_dataset(config.dataset, "train", config.data_dir, config.download)
     test_images = load_dataset(config.dataset, "test", config.data_dir, config.download)
-    return device, train_images, test_images, get_variant(config.variant, config.variance), config.build_schedule()
+    return device, train_images, test_images, config.build_variant(), config.build_schedule()
 
 
 @dataclass
