@@ -12,12 +12,13 @@ from nets import nonzero_network, output_scale  # tests/nets.py: this script run
 
 from bench.data.datasets import load_dataset
 from bench.diffusion.bound import bits_per_dim, estimate_bits_per_dim
-from bench.diffusion.continuous import ContinuousDenoiser, LearnedEndpoints
+from bench.diffusion.continuous import ContinuousDenoiser, CosineEnds, LearnedEndpoints
 from bench.diffusion.continuous_bound import continuous_bound
 from bench.diffusion.continuous_sample import sample_continuous
 from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.sample import sample
 from bench.diffusion.schedule import Schedule
+from bench.diffusion.weighting import build_weighting
 from bench.runtime import dist
 from bench.runtime.context import Runtime
 from variants import get_variant
@@ -54,6 +55,31 @@ def continuous_results(d) -> dict[str, torch.Tensor]:
     return got
 
 
+def weighted_results(d) -> dict[str, torch.Tensor]:
+    """Two DDP training steps of `weighted` (min-SNR, v-prediction, the adaptive schedule) on a global batch of 8: the
+    second step's gradient and the adaptive schedule's state after both, on every rank and (rank 0) alone."""
+    model = ContinuousDenoiser(nonzero_network("tiny", 1, 1, 8), CosineEnds(-12.0, 4.0), prediction="v")
+    x0 = to_data_scale(load_dataset("digits", "train")[:8])
+    sched = Schedule.linear(T=40)
+
+    def two_steps(net, dist_) -> tuple[torch.Tensor, torch.Tensor]:
+        variant = get_variant("weighted", weighting=build_weighting("min-snr"), adaptive=True)
+        variant.distribute(dist_)
+        mine = slice(dist_.rank * 4, dist_.rank * 4 + 4) if dist_.active else slice(0, 8)
+        g = torch.Generator().manual_seed(9)
+        for _ in range(2):  # the second step samples λ from what the first one taught the schedule
+            net.zero_grad()
+            variant.loss(net, sched, x0[mine], g).loss.mean().backward()
+        inner = net.module if hasattr(net, "module") else net
+        return torch.cat([p.grad.flatten() for p in inner.parameters()]), variant.adaptive.ema.clone()
+
+    got = dict(zip(("shared.weighted.grad", "shared.weighted.ema"),
+                   two_steps(torch.nn.parallel.DistributedDataParallel(model), d), strict=True))
+    if d.main:
+        got.update(zip(("alone.weighted.grad", "alone.weighted.ema"), two_steps(model, dist.SINGLE), strict=True))
+    return got
+
+
 def main(out: str) -> None:
     d, _ = dist.setup("cpu")
     torch.manual_seed(0)
@@ -67,7 +93,7 @@ def main(out: str) -> None:
                                           runtime=Runtime(batch_size=16, dist=d)),
         "samples": sample(net, variant, sched, 11, (1, 8, 8), steps=10, seed=5, runtime=Runtime(batch_size=4, dist=d)),
     }
-    continuous = continuous_results(d)
+    continuous = {**continuous_results(d), **weighted_results(d)}
     if d.main:
         alone = {
             "exact": bits_per_dim(net, variant, sched, images, seed=3, runtime=Runtime(batch_size=64)),

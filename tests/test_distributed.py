@@ -61,6 +61,12 @@ def test_two_ranks_share_the_bound_the_estimate_and_sampling_bit_equal(tmp_path)
     grad, alone = got["shared.vdm.grad"], got["alone.vdm.grad"]
     assert alone.abs().max() > 0 and torch.allclose(grad, alone, rtol=1e-4, atol=1e-6)
     assert alone[-2:].abs().min() > 0  # the schedule's two parameters (b, w) get a gradient
+    # two steps of `weighted` with the adaptive schedule: every rank folds the whole batch into it, so the second
+    # step's λ, and its gradient, are one process's
+    ema, alone_ema = got["shared.weighted.ema"], got["alone.weighted.ema"]
+    assert torch.isfinite(alone_ema).sum() > 2 and torch.allclose(ema, alone_ema, rtol=1e-5, equal_nan=True)
+    grad, alone = got["shared.weighted.grad"], got["alone.weighted.grad"]
+    assert alone.abs().max() > 0 and torch.allclose(grad, alone, rtol=1e-4, atol=1e-6)
 
 
 def test_two_rank_training_logs_one_run_equals_one_rank_and_resumes_on_one(tmp_path):

@@ -41,7 +41,7 @@ TINY = [
 ]
 WITH_MODEL = [*TINY, "--log-model"]
 VARIANT_NAMES = {"simple", "elbo", "hybrid", "elbo-learned", "elbo-learned-diag", "mu-elbo", "mu-elbo-learned-diag",
-                 "mu-mse", "vdm", "vdm-fixed", "vdm-finite"}
+                 "mu-mse", "vdm", "vdm-fixed", "vdm-finite", "weighted"}
 RUN_LINE = re.compile(r"^run ([0-9a-f]{32}): (FINISHED|FAILED|KILLED) at step (\d+)$", re.M)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -857,15 +857,16 @@ def test_dry_run_precedence_default_toml_command_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 10. variants
-def test_variants_lists_all_eleven(tmp_path):
+def test_variants_lists_all_twelve(tmp_path):
     result = invoke(tmp_path, ["variants"])
     assert result.exit_code == 0, describe(result)
     lines = result.stdout.splitlines()
-    assert len(lines) == 11
+    assert len(lines) == 12
     assert {line.split()[0] for line in lines} == VARIANT_NAMES
     by_name = {line.split()[0]: line for line in lines}
     assert "mean=mu" in by_name["mu-mse"] and "variance=learned_range" in by_name["hybrid"]
     assert "time=continuous (VDM)" in by_name["vdm"] and "learned schedule" in by_name["vdm"]
+    assert "time=continuous (weighted ELBO family)" in by_name["weighted"] and "--weighting" in by_name["weighted"]
 
 
 def test_system_metrics_are_logged_through_mlflow_and_can_be_turned_off(home, monkeypatch):

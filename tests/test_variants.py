@@ -26,8 +26,10 @@ DDPM = sorted(TABLE)
 
 
 def test_registry_holds_exactly_the_table():
-    assert sorted(VARIANTS) == sorted([*TABLE, *CONTINUOUS])
-    assert {n for n, v in VARIANTS.items() if v.continuous} == set(CONTINUOUS)
+    assert sorted(VARIANTS) == sorted([*TABLE, *CONTINUOUS, "weighted"])
+    assert {n for n, v in VARIANTS.items() if v.continuous} == {*CONTINUOUS, "weighted"}
+    assert {n for n, v in VARIANTS.items() if v.weighted} == {"weighted"}
+    assert get_variant("weighted").label == "weighted[eps]"  # its weighting shows in results
 
 
 @pytest.mark.parametrize("name", sorted(CONTINUOUS))
@@ -170,7 +172,7 @@ def test_importance_sampler_turns_on_after_ten_values_per_t():
     assert torch.equal(fresh.probabilities(), p)
 
 
-@pytest.mark.parametrize("name", [*DDPM, "vdm"])
+@pytest.mark.parametrize("name", [*DDPM, "vdm", "weighted"])
 def test_sixty_steps_on_digits_lower_the_loss(name):
     torch.manual_seed(0)
     sched = Schedule.linear(T=100, scale_to_T=True)

@@ -172,3 +172,28 @@ def test_a_bf16_network_keeps_the_schedule_and_the_bound_in_float32():
     assert all(v.dtype == torch.float32 for v in bf16.terms.values())
     assert torch.equal(bf16.terms["prior"], fp32.terms["prior"])  # no network: bit-equal
     assert torch.allclose(bf16.loss, fp32.loss, rtol=0.05)
+
+
+def test_the_adaptive_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
+    """`weighted` with the adaptive schedule: 2 steps, its state through a checkpoint file (read as tensors only),
+    then 2 more, draw the λ and end with the bins of 4 straight steps (the trainer restores the rest of a run: the
+    vdm test above); a run without the adaptive schedule refuses that state."""
+    config = make_config("digits", variant="weighted", weighting="min-snr", prediction="v", adaptive_schedule=True)
+    model, sched, x0 = config.build_model(config.build_variant(), 1, 8), config.build_schedule(), _batch()
+
+    def steps(variant, n, g):
+        return [variant.loss(model, sched, x0, g).t for _ in range(n)]
+
+    straight, g = config.build_variant(), torch.Generator().manual_seed(4)
+    drawn = steps(straight, 4, g)
+    first, g = config.build_variant(), torch.Generator().manual_seed(4)
+    steps(first, 2, g)
+    torch.save({"variant": first.state_dict()}, tmp_path / "last.pt")
+    resumed = config.build_variant()
+    resumed.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["variant"], sched.T)
+    assert [torch.equal(a, b) for a, b in zip(steps(resumed, 2, g), drawn[2:], strict=True)] == [True, True]
+    assert resumed.adaptive.updates == straight.adaptive.updates == 4
+    assert torch.equal(resumed.adaptive.ema.nan_to_num(-1), straight.adaptive.ema.nan_to_num(-1))
+    assert not torch.equal(straight.adaptive.probabilities(), torch.full((64,), 1 / 64, dtype=torch.float64))
+    with pytest.raises(BenchError, match="adaptive noise schedule but this run has none"):
+        dataclasses.replace(config, adaptive_schedule=False).build_variant().load_state_dict(first.state_dict(), 1000)

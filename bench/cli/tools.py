@@ -19,8 +19,9 @@ def variants_cmd() -> None:
     width = max(len(n) for n in VARIANTS)
     for name in sorted(VARIANTS):
         v = get_variant(name)
-        kind = "time=continuous (VDM)" if v.continuous else f"mean={v.mean_type:<3}  variance={v.var_type:<13}"
-        click.echo(f"{name:<{width}}  {kind:<{34}}  {v.objective}")
+        kind = ("time=continuous (weighted ELBO family)" if v.weighted else "time=continuous (VDM)" if v.continuous
+                else f"mean={v.mean_type:<3}  variance={v.var_type:<13}")
+        click.echo(f"{name:<{width}}  {kind:<{38}}  {v.objective}")
 
 
 @click.command("runs")
