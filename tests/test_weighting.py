@@ -444,3 +444,27 @@ def test_weighting_options_are_refused_for_other_variants_in_one_line():
     res = CliRunner().invoke(cli, ["run", "--variant", "simple", "--weighting", "v", "--dry-run"],
                              env={"MLFLOW_EXPERIMENT_NAME": None, "MLFLOW_TRACKING_URI": None})
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "--weighting" in res.stderr
+
+
+# --------------------------------------------------------------------- `bench weightings`
+def test_bench_weightings_lists_each_with_formula_monotone_options_and_source():
+    res = CliRunner().invoke(cli, ["weightings"], env={"MLFLOW_EXPERIMENT_NAME": None, "MLFLOW_TRACKING_URI": None})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 4 * len(WEIGHTINGS)
+    blocks = {b[0].split()[0]: [line.strip() for line in b] for b in (lines[i:i + 4] for i in range(0, len(lines), 4))}
+    assert list(blocks) == list(WEIGHTINGS)
+    for name, kind in WEIGHTINGS.items():
+        assert kind.formula in blocks[name][0] and blocks[name][3] == f"source: {kind.source}"
+    monotone = {name: block[1] for name, block in blocks.items()}
+    assert monotone == {
+        "elbo": "monotone: yes", "edm": "monotone: no", "edm-monotonic": "monotone: yes", "sigmoid": "monotone: yes",
+        "eps": "monotone: depends on the schedule: on the default cosine-ends, no",
+        "v": "monotone: depends on the schedule: on the default cosine-ends, yes",
+        "min-snr": "monotone: depends on the schedule: on the default cosine-ends, no",
+        "table": "monotone: depends on the table"}
+    assert blocks["elbo"][0].split() == ["elbo", "w(λ)", "=", "1"] and blocks["elbo"][2] == "options: none"
+    assert blocks["min-snr"][2] == "options: --min-snr-gamma (default 5.0)"
+    assert blocks["edm"][2] == "options: --edm-mean (default 2.4), --edm-std (default 2.4)"
+    assert blocks["sigmoid"][2] == "options: --sigmoid-bias (default 0.0)"
+    assert blocks["table"][2] == "options: --weighting-table FILE.csv (required)"
