@@ -6,7 +6,7 @@ Exit status: 0 done; 2 bad input (one line on stderr, ``error: …``, nothing wr
 ``bench run`` and ``bench eval`` also run as the ranks of ``torchrun -m bench …`` (see :mod:`bench.runtime.dist`);
 rank 0 alone prints results. This module holds the group, its error handling and ``main()``; the commands live
 by family in ``bench.cli.run`` (run, eval), ``.study``, ``.grid``, ``.report``, ``.serve`` (ui, server,
-dashboard) and ``.tools`` (variants, runs, fid); the options they share in ``bench.cli.options``.
+dashboard) and ``.tools`` (variants, weightings, runs, fid); the options they share in ``bench.cli.options``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def cli() -> None:
 
 
 for command in (run.run_cmd, run.eval_cmd, study.study_cmd, grid.grid_cmd, report.report_cmd, serve.ui_cmd,
-                serve.server_cmd, serve.dashboard_cmd, tools.variants_cmd, tools.runs_cmd, tools.fid_cmd):
+                serve.server_cmd, serve.dashboard_cmd, tools.variants_cmd, tools.weightings_cmd, tools.runs_cmd,
+                tools.fid_cmd):
     cli.add_command(command)
 
 

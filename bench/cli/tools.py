@@ -1,15 +1,20 @@
-"""``bench variants``, ``bench runs`` and ``bench fid``: list the objectives, the running runs; score samples."""
+"""``bench variants``, ``bench weightings``, ``bench runs`` and ``bench fid``: list the objectives and the
+weightings of the weighted-ELBO family, the running runs; score samples."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import click
 
 from bench.cli import options
-from bench.cli.options import config_option
+from bench.cli.options import config_option, show
+from bench.diffusion.weighting import WEIGHTINGS, is_monotone
 from bench.metrics.fid import score_samples
 from bench.metrics.samples import samples_dataset
 from bench.tracking import liveness
 from bench.tracking import store as tracking
+from bench.training.config import RunConfig
 from variants import VARIANTS, get_variant
 
 
@@ -22,6 +27,32 @@ def variants_cmd() -> None:
         kind = ("time=continuous (weighted ELBO family)" if v.weighted else "time=continuous (VDM)" if v.continuous
                 else f"mean={v.mean_type:<3}  variance={v.var_type:<13}")
         click.echo(f"{name:<{width}}  {kind:<{38}}  {v.objective}")
+
+
+@click.command("weightings")
+def weightings_cmd() -> None:
+    """List the weightings w(λ) of --variant weighted (--weighting NAME): formula, whether each is monotone
+    (non-increasing in λ = log SNR: then L_w is an ELBO of noise-augmented data), hyper-parameters, source."""
+    config = RunConfig(variant="weighted")  # the defaults a weighted run resolves: hyper-parameters, schedule
+    variant = config.build_variant()
+    schedule = config.build_noise_schedule(variant)
+    name_of = variant.gamma_schedule(config.gamma_schedule)
+    width = max(len(n) for n in WEIGHTINGS)
+    pad = " " * (width + 2)
+    for name, kind in WEIGHTINGS.items():
+        if kind.monotone == "with the schedule":
+            weighting = dataclasses.replace(config, weighting=name).build_weighting()
+            monotone = f"depends on the schedule: on the default {name_of}, " \
+                       f"{'yes' if is_monotone(weighting, schedule) else 'no'}"
+        else:
+            monotone = "depends on the table" if kind.monotone == "read" else kind.monotone
+        hyper = [f"--{k.replace('_', '-')} FILE.csv (required)" if getattr(config, k) is None
+                 else f"--{k.replace('_', '-')} (default {show(getattr(config, k))})" for k in kind.hyper]
+        formula = kind.formula if kind.formula.startswith("w(λ)") else f"w(λ) = {kind.formula}"
+        click.echo(f"{name:<{width}}  {formula}")
+        click.echo(f"{pad}monotone: {monotone}")
+        click.echo(f"{pad}options: {', '.join(hyper) or 'none'}")
+        click.echo(f"{pad}source: {kind.source}")
 
 
 @click.command("runs")

@@ -114,11 +114,11 @@ def read_weighting_table(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise BenchError(f"weighting table {path}: not a text CSV file") from None
     if not rows or [c.strip().lower() for c in rows[0]] != ["lambda", "w"]:
         raise BenchError(f"weighting table {path}: the first row must be the header lambda,w")
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    body = [(n, r) for n, r in enumerate(rows[1:], start=2) if any(c.strip() for c in r)]  # n: the file's row
     if not 2 <= len(body) <= TABLE_MAX_ROWS:
         raise BenchError(f"weighting table {path}: needs 2 to {TABLE_MAX_ROWS:,} rows of lambda,w, has {len(body)}")
     values = []
-    for n, row in enumerate(body, start=2):
+    for n, row in body:
         try:
             lam, w = (float(c) for c in row)
         except ValueError:
@@ -128,9 +128,12 @@ def read_weighting_table(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
                              f"got {lam}, {w}")
         values.append((lam, w))
     table = torch.tensor(values, dtype=torch.float64)
-    if not bool((table[1:, 0] > table[:-1, 0]).all()):
-        raise BenchError(f"weighting table {path}: lambda must increase strictly from row to row")
-    return table[:, 0], table[:, 1]
+    falls = (table[1:, 0] <= table[:-1, 0]).nonzero()
+    if len(falls):
+        n, row = body[int(falls[0]) + 1]
+        raise BenchError(f"weighting table {path}, row {n}: lambda must increase strictly from row to row, "
+                         f"got {row[0].strip()} after {values[int(falls[0])][0]:g}")
+    return table[:, 0].contiguous(), table[:, 1].contiguous()
 
 
 def _interpolate(lam: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
