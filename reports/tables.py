@@ -115,7 +115,7 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
         row["precision"] = _precision(params)
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})
-        row.update(weighted.row_values(params))  # a weighted run's label, monotone flag and weighting key
+        row.update(weighted.row_values(params, tags))  # a weighted run's label, monotone flag and weighting key
         row[EXTRACTOR] = _extractor(tags)
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)

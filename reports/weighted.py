@@ -1,5 +1,5 @@
 """A weighted-ELBO run (variant ``weighted``) in a report: its row's label and its monotone flag, read from the run's
-``config.*`` params alone, so runs recorded before the ``weighting_monotone`` tag existed show them too.
+``config.*`` params, so runs recorded before the ``weighting_monotone`` tag existed show them too.
 
 The label names what the model was trained on: ``weighted[edm]``, ``weighted[v+adaptive]``, with the hyper-parameters
 of the weighting that differ from their defaults (``weighted[min-snr γ=3]``). The flag says whether w(λ) is
@@ -88,13 +88,16 @@ def monotone(config: RunConfig) -> str:
         return UNKNOWN
 
 
-def row_values(params: dict[str, str]) -> dict[str, str]:
+def row_values(params: dict[str, str], tags: dict[str, str]) -> dict[str, str]:
     """What a weighted run puts in its report row: ``variant`` (its label), ``monotone`` and the weighted fields'
-    key values; for any other run only an empty ``monotone``."""
+    key values; for any other run only an empty ``monotone``. Where the weighting cannot be rebuilt here, the flag
+    the run recorded (tag ``weighting_monotone``) stands."""
     if not is_weighted(params):
         return {"monotone": ""}
+    recorded = tags.get("weighting_monotone") if tags.get("weighting_monotone") in ("yes", "no") else UNKNOWN
     try:
         config = run_config(params)
-    except ValueError:  # a param that is not its field's type: the run's own labels stand
-        return {"monotone": UNKNOWN}
-    return {"variant": label(config), "monotone": monotone(config), **key_values(config)}
+    except ValueError:  # a param that is not its field's type: the run's own label stands
+        return {"monotone": recorded}
+    flag = monotone(config)
+    return {"variant": label(config), "monotone": recorded if flag == UNKNOWN else flag, **key_values(config)}

@@ -854,3 +854,18 @@ def test_each_weighting_is_a_row_of_its_own_with_its_monotone_flag(key_store, tm
     pairs = pd.read_csv(rep.out_dir / "paired_differences.csv")
     edm_eps = pairs[(pairs.A == "weighted[edm]") & (pairs.B == "weighted[eps]") & (pairs.metric == "bpd")]
     assert list(edm_eps["pairs"]) == [2] and edm_eps["mean A−B"].iloc[0] == pytest.approx(0.55)
+
+
+def test_a_weighting_table_this_machine_cannot_read_keeps_the_runs_own_flag(key_store, tmp_path):
+    """A table weighting is read on the run's schedule where its file is here, else the run's recorded flag shows
+    (none recorded: '?'); the label names the file."""
+    client, exp = key_store
+    table = tmp_path / "w.csv"
+    table.write_text("lambda,w\n-20,1\n20,0.5\n")  # non-increasing: monotone
+    _config_run(client, exp, 0, 3.0, "weighted", weighting="table", weighting_table=str(table))
+    gone = _config_run(client, exp, 0, 3.1, "weighted", weighting="table", weighting_table=str(tmp_path / "gone.csv"))
+    client.set_tag(gone, "weighting_monotone", "no")
+    _config_run(client, exp, 0, 3.2, "weighted", weighting="table", weighting_table=str(tmp_path / "x" / "gone.csv"))
+    df = load_runs(client, ["key"]).set_index("bpd")
+    assert df.loc[3.0, "variant"] == "weighted[table w.csv]" and df.loc[3.1, "variant"] == "weighted[table gone.csv]"
+    assert df["monotone"].to_dict() == {3.0: "yes", 3.1: "no", 3.2: "?"}
