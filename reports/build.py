@@ -37,6 +37,7 @@ from bench.runtime.urls import masked
 from bench.tracking import store as tracking
 from reports import figures
 from reports.tables import (
+    MONOTONE,
     ROW,
     comparison_table,
     deduplicate,
@@ -229,7 +230,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
                 "tracking_uri": masked(client.tracking_uri), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
                 "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
-                "ode": bool(df["nll_ode"].notna().any())}
+                "ode": bool(df["nll_ode"].notna().any()), "weighted": bool((df[MONOTONE] != "").any())}
         _write_html(staging / "report.html", meta, shown, pairs, pictures)
         _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
         for d in staging.iterdir():
@@ -296,6 +297,8 @@ def _intro(meta: dict) -> list[str]:
                      "same network, on the same test images as the bound (dequantised, Hutchinson trace; MC se over "
                      "images, probes and dequantisation; nll_ode_nfe network evaluations per solve). It is an estimate "
                      "of −log p, not a bound; bpd − nll_ode, per run, is how loose the bound is.")
+    if meta.get("weighted"):
+        lines.append(WEIGHTED_INTRO)
     if meta["mixed"]:
         lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): "
                      "those runs are kept in separate rows, "
@@ -310,6 +313,15 @@ def _intro(meta: dict) -> list[str]:
     return lines
 
 
+WEIGHTED_INTRO = (
+    "Rows weighted[w] are the weighted-ELBO family (Kingma & Gao 2023): continuous-time models trained on "
+    "L_w = ½ ∫ w(λ) E‖ε − ε̂‖² dλ over λ = log SNR, for the weighting w the label names (with its hyper-parameters "
+    "where they are not the defaults; +adaptive: λ drawn by the adaptive noise schedule, the same objective at a "
+    "lower variance). Whatever it was trained on, each is measured by the same ruler as the VDM rows: bpd is its "
+    "continuous-time bound L_∞ (w ≡ 1), FID scores samples of the same ancestral sampler and nll_ode is the "
+    "probability-flow ODE's NLL. monotone: whether w(λ) is non-increasing in λ on the run's own schedule (read from "
+    "its config), which makes L_w an ELBO of Gaussian-noise-augmented data: yes or no (?: the weighting could not "
+    "be rebuilt here, e.g. a table file this machine cannot read).")
 COMMON = "Common settings (the same in every row):"  # then the protocol lines, a list above the comparison
 
 

@@ -17,7 +17,8 @@ from scipy import stats
 from bench.errors import BenchError, first_line
 from bench.tracking import liveness
 from bench.tracking import store as tracking
-from bench.training.config import RunConfig
+from bench.training.config import WEIGHTED_FIELDS, RunConfig, flatten
+from reports import weighted
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/diffusion", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode",
            "nll_ode_stderr", "nll_ode_nfe", "fid", "isc", "fid_ref_test", "fid_ref_noise", "train_seconds",
@@ -52,8 +53,9 @@ RESULT_FREE = {
                    "from the run's tags (fid_extractor, fid_weights)",
 }
 KEY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in RESULT_FREE)
-# fields the GROUP tags show (a variant tag is 'name[variance]')
-IN_GROUP = {"dataset", "variant", "variance", "schedule"}
+# fields the GROUP tags show (a variant tag is 'name[variance]'; a weighted run's label shows its weighting, its
+# hyper-parameters and the adaptive schedule: reports.weighted)
+IN_GROUP = {"dataset", "variant", "variance", "schedule", *WEIGHTED_FIELDS}
 # shorter names in labels; others by field name
 LABELS = {"batch_size": "batch", "final_eval": "bound", "final_eval_images": "bound images",
           "eval_calls": "estimate calls", "fid_samples": "FID samples", "sample_steps": "sampler steps"}
@@ -67,16 +69,22 @@ SETTINGS["protocol.bpd"] = "bpd convention"
 EXTRACTOR = "fid_extractor"
 FEATURE_METRICS = ("fid", "isc", "fid_ref_test", "fid_ref_noise")  # numbers the feature extractor computes
 # RunConfig fields added after runs were recorded that could not have changed those runs (they were all DDPM
-# variants, which the continuous-time settings do not touch): a run without the param had its default.
+# variants, which the continuous-time settings do not touch, or, for the prediction and the weighted family's
+# fields, DDPM and VDM variants: ε-prediction, no weighting): a run without the param had its default.
 PREDATING_DEFAULTS = {"config.gamma_schedule": "auto", "config.gamma_min": "-13.3", "config.gamma_max": "5.0",
-                      "config.fourier_features": "False"}
+                      "config.fourier_features": "False",
+                      **{k: v for k, v in flatten(RunConfig()).items()
+                         if k.removeprefix("config.") in ("prediction", *WEIGHTED_FIELDS)}}
+MONOTONE = "monotone"  # a weighted run's flag: is w(λ) non-increasing on its schedule (yes, no, ?); '' for others
 LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
 
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
     """Training runs (those tagged with a variant) of the named experiments (all when none) as one
-    DataFrame: columns run_id, status, seed, the GROUP tags, SETTINGS, DESCRIBE_TAGS, CAPTION_TAGS, diverged, and
-    METRICS. ``fid_extractor`` names the extractor with its weights' hash (see :func:`_extractor_of_rows`).
+    DataFrame: columns run_id, status, seed, the GROUP tags, SETTINGS, MONOTONE, DESCRIBE_TAGS, CAPTION_TAGS,
+    diverged, and METRICS. ``fid_extractor`` names the extractor with its weights' hash (see
+    :func:`_extractor_of_rows`). A weighted run's ``variant`` is its label from its config (:mod:`reports.weighted`:
+    ``weighted[min-snr γ=3+adaptive]``), so each weighting is a row of its own.
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
@@ -107,11 +115,12 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
         row["precision"] = _precision(params)
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})
+        row.update(weighted.row_values(params, tags))  # a weighted run's label, monotone flag and weighting key
         row[EXTRACTOR] = _extractor(tags)
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
     columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study",
-               *GROUP, *SETTINGS.values(), *DESCRIBE_TAGS, *CAPTION_TAGS, *METRICS]
+               *GROUP, *SETTINGS.values(), MONOTONE, *DESCRIBE_TAGS, *CAPTION_TAGS, *METRICS]
     return _extractor_of_rows(pd.DataFrame(rows, columns=columns))
 
 
@@ -197,6 +206,7 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
         done = g[g.status == "FINISHED"]
         row = dict(zip(keys, key))
         row["settings"] = ", ".join(f"{name}={shown_setting(name, row[name])}" for name in varying)
+        row[MONOTONE] = g[MONOTONE].iloc[0]  # the row's config gives it
         row.update({"runs": len(g), "finished": len(done), "diverged": int(g.diverged.sum())})
         for m in (*METRICS, GAP):
             mean, std, lo, hi, n = mean_ci(done[m])
@@ -215,8 +225,9 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _pairing(metric: str) -> list[str]:
     """What two variants' runs must share for their per-seed differences in ``metric``: the row key but the variant,
-    and the feature extractor only for the numbers it computes (a bound does not depend on it)."""
-    variant = {"variant", *(SETTINGS[f"config.{f}"] for f in ("variant", "variance"))}
+    and the feature extractor only for the numbers it computes (a bound does not depend on it). Two weightings of
+    the weighted family are two variants here (their labels say which)."""
+    variant = {"variant", *(SETTINGS[f"config.{f}"] for f in ("variant", "variance", *WEIGHTED_FIELDS))}
     return [k for k in row_key() if k not in variant and (k != EXTRACTOR or metric in FEATURE_METRICS)]
 
 
@@ -314,6 +325,8 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     if not several:  # one row: nothing to fold into the header; its dataset and schedule are its columns
         out.insert(0, "dataset", table["dataset"])
         out["schedule"] = table["schedule"]
+    if (table[MONOTONE] != "").any():  # weighted rows: is their w(λ) non-increasing (L_w an ELBO)?
+        out[MONOTONE] = table[MONOTONE]
     out["runs"] = [_runs_cell(r) for _, r in table.iterrows()]
     for m, spec in DISPLAY:
         if f"{m} mean" not in table or table[f"{m} n"].sum() == 0:
@@ -352,9 +365,9 @@ def split_display(shown: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The displayed table as (comparison, details): both keep the columns that name a row; the comparison has the
     run counts and HEADLINE_METRICS, the details the other metrics and one column, ``measured``, saying how the
     numbers were obtained (the DESCRIBE_TAGS that differ between rows, 'tag: value' each); details are empty when
-    there is nothing to put in them."""
+    there is nothing to put in them. Weighted rows' monotone flag is in the comparison, before the run counts."""
     names = [c for c in ("dataset", "variant", "schedule", "settings") if c in shown]
-    main = [c for c in ("runs", *HEADLINE_METRICS) if c in shown]
+    main = [c for c in (MONOTONE, "runs", *HEADLINE_METRICS) if c in shown]
     tags = [t for t in DESCRIBE_TAGS if t in shown]
     rest = [c for c in shown if c not in names and c not in main and c not in tags]
     details = shown[names + rest].copy()

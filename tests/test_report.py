@@ -808,3 +808,64 @@ def test_a_method_tag_ends_at_its_first_semicolon_outside_parentheses():
     assert _method(tag) == "estimate (continuous-time bound L_∞ (VDM), Monte Carlo: 2×16 t; old; form)"
     assert _method("exact (all 1000 t, 297 test images); bpd: x̂_0 clipped") == "exact (all 1000 t, 297 test images)"
     assert _method("") == ""
+
+
+# ------------------------------------------------------------------------- the weighted-ELBO family
+def test_each_weighting_is_a_row_of_its_own_with_its_monotone_flag(key_store, tmp_path):
+    """Weighted runs are one row per weighting (its hyper-parameters, the adaptive schedule), labelled from their
+    config params alone, with w's monotone flag read on their own schedule; a hyper-parameter the weighting does not
+    read, or 3 for 3.0, splits nothing; a run from before the family's fields pools with one that has them; two
+    weightings are paired like two variants; the intro says what the weighted rows are."""
+    client, exp = key_store
+    for seed in (0, 1):
+        _config_run(client, exp, seed, 3.0 + seed / 10, "weighted", weighting="eps")  # cosine-ends: sech(λ/2)
+        _config_run(client, exp, seed, 3.3, "weighted", weighting="eps", gamma_schedule="fixed")  # constant in λ
+        _config_run(client, exp, seed, 3.6, "weighted", weighting="edm")
+        _config_run(client, exp, seed, 3.4, "weighted", weighting="min-snr", min_snr_gamma=(3, 3.0)[seed],
+                    adaptive_schedule=True)
+        _config_run(client, exp, seed, 3.5, "weighted", weighting="sigmoid", sigmoid_bias=2.0)
+    _config_run(client, exp, 2, 3.6, "weighted", weighting="edm", min_snr_gamma=3.0)  # not read by edm
+    _config_run(client, exp, 0, 3.9, "simple")
+    old = client.create_run(exp, run_name="before-the-family").info.run_id  # logged before the family's fields
+    from bench.training.config import RunConfig, flatten
+
+    params = {k: v for k, v in flatten(RunConfig(seed=1)).items()
+              if k.removeprefix("config.") not in ("prediction", "weighting", "min_snr_gamma", "sigmoid_bias",
+                                                   "edm_mean", "edm_std", "weighting_table", "adaptive_schedule")}
+    client.log_batch(old, metrics=[Metric("bpd", 4.1, int(time.time() * 1000), 100)],
+                     params=[Param(k, v) for k, v in params.items()] + [Param("protocol.bpd", "x0-clipped")],
+                     tags=[RunTag("variant", "simple"), RunTag("dataset", "digits"), RunTag("schedule", "linear")])
+    client.set_terminated(old, "FINISHED")
+    rep = build_report(["key"], None, tmp_path / "rep", client.tracking_uri)
+    table = rep.table.assign(gamma=rep.table["gamma_schedule"]).set_index(["variant", "gamma"])
+    assert table["runs"].to_dict() == {
+        ("simple", "auto"): 2, ("weighted[edm]", "auto"): 3, ("weighted[eps]", "auto"): 2,
+        ("weighted[eps]", "fixed"): 2, ("weighted[min-snr γ=3+adaptive]", "auto"): 2,
+        ("weighted[sigmoid b=2]", "auto"): 2}
+    assert table["monotone"].to_dict() == {
+        ("simple", "auto"): "", ("weighted[edm]", "auto"): "no", ("weighted[eps]", "auto"): "no",
+        ("weighted[eps]", "fixed"): "yes", ("weighted[min-snr γ=3+adaptive]", "auto"): "no",
+        ("weighted[sigmoid b=2]", "auto"): "yes"}
+    assert table.loc[("weighted[eps]", "auto"), "bpd mean"] == pytest.approx(3.05)
+    md = rep.markdown.read_text()
+    assert _header(md, "## Comparison by variant")[:4] == ["variant", "settings", "monotone", "runs"]
+    assert "| weighted[min-snr γ=3+adaptive] | gamma_schedule=auto | no | 2 |" in md
+    assert "Rows weighted[w] are the weighted-ELBO family" in md and "same ruler" in md
+    pairs = pd.read_csv(rep.out_dir / "paired_differences.csv")
+    edm_eps = pairs[(pairs.A == "weighted[edm]") & (pairs.B == "weighted[eps]") & (pairs.metric == "bpd")]
+    assert list(edm_eps["pairs"]) == [2] and edm_eps["mean A−B"].iloc[0] == pytest.approx(0.55)
+
+
+def test_a_weighting_table_this_machine_cannot_read_keeps_the_runs_own_flag(key_store, tmp_path):
+    """A table weighting is read on the run's schedule where its file is here, else the run's recorded flag shows
+    (none recorded: '?'); the label names the file."""
+    client, exp = key_store
+    table = tmp_path / "w.csv"
+    table.write_text("lambda,w\n-20,1\n20,0.5\n")  # non-increasing: monotone
+    _config_run(client, exp, 0, 3.0, "weighted", weighting="table", weighting_table=str(table))
+    gone = _config_run(client, exp, 0, 3.1, "weighted", weighting="table", weighting_table=str(tmp_path / "gone.csv"))
+    client.set_tag(gone, "weighting_monotone", "no")
+    _config_run(client, exp, 0, 3.2, "weighted", weighting="table", weighting_table=str(tmp_path / "x" / "gone.csv"))
+    df = load_runs(client, ["key"]).set_index("bpd")
+    assert df.loc[3.0, "variant"] == "weighted[table w.csv]" and df.loc[3.1, "variant"] == "weighted[table gone.csv]"
+    assert df["monotone"].to_dict() == {3.0: "yes", 3.1: "no", 3.2: "?"}

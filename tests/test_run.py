@@ -936,3 +936,33 @@ def test_loss_quarters_are_the_means_of_each_quarter_of_t():
     q.add(torch.tensor([3]), torch.tensor([20.0]))
     assert q.means(SINGLE) == {"loss_q0": 2.0, "loss_q1": 15.0, "loss_q3": 5.0}  # no example in q2: left out
     assert q.means(SINGLE) == {}  # a new window
+
+
+def test_a_weighted_run_says_what_it_trained_on_and_logs_its_adaptive_schedule(home):
+    """A weighted run with --adaptive-schedule: tags give the weighting in words, its monotone flag on the run's
+    schedule, the prediction and the adaptive schedule; the schedule's density is logged at each training-time
+    evaluation and at the end, its bins a density over λ beside the cosine schedule's own p(λ) in closed form."""
+    from mlflow.artifacts import download_artifacts
+
+    from bench.diffusion.weighting import build_weighting
+
+    run_id, _ = run_ok(home, [*TINY, "--variant", "weighted", "--weighting", "edm", "--adaptive-schedule",
+                              "--prediction", "v", "--sample-grid", "4"])
+    c = client(home)
+    tags = c.get_run(run_id).data.tags
+    assert tags["variant"] == "weighted[edm+adaptive]" and tags["prediction"] == "v"
+    assert tags["weighting"] == build_weighting("edm").describe() and tags["weighting_monotone"] == "no"
+    assert tags["adaptive_schedule"] == "yes"
+    assert "not monotone in λ on this schedule" in tags["mlflow.note.content"]
+    names = {a.path for a in c.list_artifacts(run_id)} | {a.path for a in c.list_artifacts(run_id, "adaptive_schedule")}
+    assert {"adaptive_schedule.png", "adaptive_schedule.json", f"adaptive_schedule/step_{EVAL_EVERY:08d}.png",
+            f"adaptive_schedule/step_{EVAL_EVERY:08d}.json"} <= names, sorted(names)
+    bins = json.loads(Path(download_artifacts(run_id=run_id, artifact_path="adaptive_schedule.json",
+                                              tracking_uri=f"sqlite:///{home}/mlflow.db")).read_text())
+    lo, hi = (torch.tensor(bins[k], dtype=torch.float64) for k in ("lambda_from", "lambda_to"))
+    assert bins["step"] == STEPS and bins["updates"] == STEPS and (lo[0], hi[-1]) == pytest.approx((-5.0, 13.3))
+    q = torch.tensor(bins["density"], dtype=torch.float64)
+    assert float((q * (hi - lo)).sum()) == pytest.approx(1.0) and float(q.min()) >= bins["floor"] / (hi[-1] - lo[0])
+    u0, u1 = (2 / math.pi * math.atan(math.exp(g / 2)) for g in (-13.3, 5.0))  # CosineEnds: p(λ) = sech(λ/2)/(2π Δu)
+    p = 1 / torch.cosh((lo + hi) / 4) / (2 * math.pi * (u1 - u0))  # at the bins' centres
+    assert bins["schedule_density"] == pytest.approx(p.tolist(), rel=1e-6)

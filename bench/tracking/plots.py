@@ -1,4 +1,5 @@
-"""Pictures the trainer logs: sample grids and the per-timestep bound curve (iDDPM Fig. 2)."""
+"""Pictures the trainer logs: sample grids, the per-timestep bound curve (iDDPM Fig. 2) and the adaptive noise
+schedule's density over λ."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def continuous_curve_figure(curves: dict[str, tuple[list[float], list[float]]], 
         return _log_scaled(fig, ax, "continuous time t (γ(t) = −log SNR increases with t)",
                            "½γ'(t)‖ε − ε̂‖² (bits/dim)",
                            f"The continuous-time bound's diffusion term by t{': ' + title if title else ''}")
+
+
+def adaptive_density_figure(edges: np.ndarray, density: np.ndarray, lam: np.ndarray, schedule_density: np.ndarray,
+                            title: str = ""):
+    """The adaptive noise schedule's piecewise-constant density q(λ) over its bins (``edges`` [bins + 1], ``density``
+    [bins], per unit λ) beside the fixed schedule's own p(λ) = 1/γ'(t) (``schedule_density`` at each ``lam``), log y."""
+    with FIGURES:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.stairs(np.clip(density, 1e-12, None), edges, baseline=None, label="adaptive q(λ)", lw=1.4)
+        ax.plot(lam, np.clip(schedule_density, 1e-12, None), label="the schedule's p(λ) = 1/γ'(t)", lw=1.0, ls="--")
+        return _log_scaled(fig, ax, "λ = log SNR (−γ)", "density over λ",
+                           f"The adaptive noise schedule's density{': ' + title if title else ''}")
 
 
 def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):

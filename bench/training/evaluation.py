@@ -34,7 +34,7 @@ from bench.tracking.logger import RunLogger
 from bench.tracking.plots import continuous_curve_figure, per_t_figure, sample_grid
 from bench.training.checkpoint import load_checkpoint
 from bench.training.config import RunConfig
-from bench.training.record import NoLog, schedule_metrics
+from bench.training.record import ADAPTIVE_FIGURE, NoLog, log_adaptive_schedule, schedule_metrics
 from bench.training.ruler import (
     bound_estimate,
     continuous_bound_name,
@@ -70,8 +70,9 @@ def evaluation_plan(config: RunConfig) -> str:
 
 
 def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progress | None = None) -> None:
-    """The training-time bound estimate on a test subset and a sample grid, logged at ``step``; ``bar``
-    (the training's progress) says the result and counts the evaluations still to come in its time left."""
+    """The training-time bound estimate on a test subset, a sample grid and a weighted run's adaptive noise schedule,
+    logged at ``step``; ``bar`` (the training's progress) says the result and counts the evaluations still to come in
+    its time left."""
     config = ctx.config
     started = time.monotonic()
     subset = eval_subset(ctx.test_images, config.eval_images)
@@ -100,6 +101,8 @@ def evaluate_during_training(ema_model, ctx: RunContext, step: int, bar: Progres
                           "L_t_bits_per_dim_mean": [float(binned[0])] + est.per_stratum.tolist(),
                           "note": "estimated: the decoder L_0 (t = 1), then the mean of L_t over each stratum of t "
                                   "(paper time, inclusive), x̂_0 clipped"}, f"per_t_estimate/step_{step:08d}.json")
+    if ctx.dist.main:
+        log_adaptive_schedule(ctx.log, ctx.variant, ema_model, f"{ADAPTIVE_FIGURE}/step_{step:08d}", step)
     grid = draw_samples(ema_model, ctx.variant, ctx.sched, config.sample_grid, tuple(ctx.train_images.shape[1:]),
                         config.sample_steps or None, seed=config.seed, runtime=Runtime(ctx.device, ctx.dist))
     if ctx.dist.main:

@@ -1,6 +1,7 @@
 """What a run records: its start (params, tags, description, config, dataset), the training loss and throughput at
-every logging step, its EMA network as an MLflow model, and an evaluation's metrics as aligned lines
-(:func:`summarize`). :class:`NoLog` stands in for the logger where nothing is to be recorded.
+every logging step, a weighted run's adaptive noise schedule, its EMA network as an MLflow model, and an
+evaluation's metrics as aligned lines (:func:`summarize`). :class:`NoLog` stands in for the logger where nothing is
+to be recorded.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from pathlib import Path
 
 import torch
 
-from bench.diffusion.continuous import find_denoiser
+from bench.diffusion.continuous import find_denoiser, time_of_gamma
 from bench.diffusion.vdm import describe_gamma
+from bench.diffusion.weighting import is_monotone
 from bench.errors import first_line
 from bench.nets.unet import count_parameters
 from bench.runtime.devices import synchronize
 from bench.runtime.dist import Dist
 from bench.runtime.progress import Progress
 from bench.tracking import provenance
+from bench.tracking.plots import adaptive_density_figure
 from bench.training.config import RunConfig, flatten
 from bench.training.ruler import continuous_bound_name, continuous_t_per_image, sampler_description
 from bench.training.state import RunContext, TrainState, checkpoint_path
@@ -59,10 +62,29 @@ def log_start(log, config, variant, sched, net, train_images, device, d: Dist, c
                                 "(evaluation and checkpoint time left out)",
               "checkpoint": str(checkpoint), "checkpoint_host": socket.gethostname(),
               "loss_quartiles": "loss_q0..loss_q3: the training loss (as minimised) of the examples whose t lies in "
-                                "each quarter of 1..T, means over the logging window"})
+                                "each quarter of 1..T, means over the logging window",
+              **trained_on(variant, net)})
     log.note(describe_run(config, variant, sched, net, d))
     log.dict(config.redacted().to_dict(), "config.json")
     log.dataset(train_images, config.dataset, "train")
+
+
+def trained_on(variant, net) -> dict[str, str]:
+    """What a continuous-time run was trained on, as tags: ``prediction`` (eps, x or v); for the weighted family also
+    ``weighting`` (its w(λ) with its hyper-parameters in words), ``weighting_monotone`` (yes/no: w non-increasing in
+    λ on this run's schedule, so L_w is an ELBO of noise-augmented data) and ``adaptive_schedule`` (yes/no)."""
+    if not variant.continuous:
+        return {}
+    tags = {"prediction": find_denoiser(net).prediction}
+    if variant.weighted:
+        tags.update({"weighting": variant.weighting.describe(),
+                     "weighting_monotone": "yes" if _monotone(variant, net) else "no",
+                     "adaptive_schedule": "yes" if variant.adaptive_asked else "no"})
+    return tags
+
+
+def _monotone(variant, net) -> bool:
+    return is_monotone(variant.weighting, find_denoiser(net).schedule)
 
 
 CONTINUOUS_PROTOCOL = "continuous-time"  # protocol.bpd of a continuous-time model: its bound has no x̂_0 to clip
@@ -93,18 +115,27 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
               f"{config.eval_images} test images) every {config.eval_every} steps.") if config.eval_every else ""
     fid = (f"`fid`: {config.fid_samples} samples (sampler: {sampler}) against the train split, in the features of the "
            "dataset's extractor (tag `fid_extractor`)." if config.fid_samples else "No FID.")
+    trained = ""
     if variant.continuous:
-        kind = "continuous time, ε-prediction"
+        kind = f"continuous time, {PREDICTION_WORDS[find_denoiser(net).prediction]}"
         schedule = f"γ(t) = −log SNR(t) {describe_gamma(find_denoiser(net).schedule)}"
         if variant.finite:
             schedule += f", T = {sched.T} steps"
         convention = "no x̂_0 clipping enters it (decoder + prior + diffusion terms: `bpd/decoder`, …)"
+        if variant.weighted:
+            monotone = _monotone(variant, net)
+            trained = (f"Weighting {variant.weighting.describe()}; "
+                       + ("it is non-increasing in λ on this schedule, so L_w is an ELBO of noise-augmented data"
+                          if monotone else "it is not monotone in λ on this schedule, so L_w is not an ELBO")
+                       + "; λ drawn " + ("by the adaptive noise schedule (an EMA of the weighted loss in λ-bins; its "
+                                         f"density: {ADAPTIVE_FIGURE}.png)" if variant.adaptive_asked
+                                         else "by the schedule at low-discrepancy t") + ". ")
     else:
         kind = f"mean: {variant.mean_type}, variance: {variant.var_type}"
         schedule = sched.describe()
         convention = "x̂_0 clipped to [-1, 1] in the reverse step (the DDPM/iDDPM protocol; `bpd_unclipped` without)"
     return (f"**{variant.label}** trained on **{config.dataset}**: {variant.objective} "
-            f"({kind}). {config.network} U-Net, "
+            f"({kind}). {trained}{config.network} U-Net, "
             f"{count_parameters(net):,} parameters; noise schedule {schedule}. {config.steps} steps of AdamW "
             f"(lr {config.lr:g}, {config.warmup_steps} warmup steps, batch {config.batch_size}, gradient clip "
             f"{config.grad_clip:g}), EMA decay {config.ema_decay:g}{' after a warm-up' * config.ema_warmup}, "
@@ -112,6 +143,41 @@ def describe_run(config: RunConfig, variant, sched, net, d: Dist) -> str:
             f"**Measured** with the EMA weights: `bpd` is {final} in bits/dim on {images}, {convention}. "
             f"{fid}{during} Loss by quarter "
             "of t: `loss_q0`..`loss_q3`.")
+
+
+PREDICTION_WORDS = {"eps": "ε-prediction", "x": "x-prediction", "v": "v-prediction (v = α ε − σ x)"}
+ADAPTIVE_FIGURE = "adaptive_schedule"  # the adaptive schedule at the end of training; adaptive_schedule/step_N during
+
+
+def log_adaptive_schedule(log, variant, net, name: str, step: int) -> None:
+    """A weighted run's adaptive noise schedule now (``variant.adaptive``: none without --adaptive-schedule or before
+    the first step): its density q(λ) over its bins beside the schedule's own p(λ) = 1/γ'(t), as the figure
+    ``name``.png and its bins as ``name``.json."""
+    adaptive = getattr(variant, "adaptive", None)
+    if adaptive is None:
+        return
+    schedule = find_denoiser(net).schedule
+    edges = adaptive.lam_min + adaptive.width * torch.arange(adaptive.bins + 1, dtype=torch.float64)
+    probability = adaptive.probabilities()
+    lam = torch.linspace(adaptive.lam_min, adaptive.lam_max, 513, dtype=torch.float64)
+    centres = (edges[1:] + edges[:-1]) / 2
+
+    def schedule_density(at: torch.Tensor) -> torch.Tensor:  # p(λ) = 1/γ'(t) at the t where γ(t) = −λ
+        with torch.no_grad():
+            return 1 / schedule.gamma_and_slope(time_of_gamma(schedule, -at))[1].detach().double()
+
+    log.figure(adaptive_density_figure(edges.numpy(), (probability / adaptive.width).numpy(), lam.numpy(),
+                                       schedule_density(lam).numpy(), f"step {step}, {adaptive.updates} updates"),
+               f"{name}.png")
+    log.dict({"step": step, "updates": adaptive.updates, "decay": adaptive.decay, "floor": adaptive.floor,
+              "lambda_from": edges[:-1].tolist(), "lambda_to": edges[1:].tolist(),
+              "probability": probability.tolist(), "density": (probability / adaptive.width).tolist(),
+              "schedule_density": schedule_density(centres).tolist(),
+              "ema_weighted_loss": [None if math.isnan(v) else v for v in adaptive.ema.tolist()],
+              "note": "the adaptive noise schedule: q(λ) per unit λ, constant in each bin [lambda_from, lambda_to), "
+                      "proportional to the EMA of ½w(λ)‖ε − ε̂‖² seen there (null: not seen yet), mixed with floor of "
+                      "the uniform density; schedule_density: the fixed schedule's own p(λ) = 1/γ'(t) at the bin's "
+                      "centre"}, f"{name}.json")
 
 
 def log_model(ema_net, ctx: RunContext, step: int) -> None:

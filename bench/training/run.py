@@ -35,7 +35,7 @@ from bench.training.checkpoint import claim_run_dir, load_checkpoint
 from bench.training.config import RunConfig
 from bench.training.evaluation import final_evaluation
 from bench.training.loop import training_loop
-from bench.training.record import NoLog, log_model, log_start
+from bench.training.record import ADAPTIVE_FIGURE, NoLog, log_adaptive_schedule, log_model, log_start
 from bench.training.signals import Interrupt, Interrupted, closing, sigterm_fails
 from bench.training.state import RunContext, TrainState, Window, checkpoint_path, load_state, save, setup
 
@@ -233,6 +233,8 @@ def _run(state: TrainState, ctx: RunContext, fresh: bool) -> RunResult:
             log.end("FAILED")
             return result("FAILED", step, checkpoint=None, reason=reason)
         path = save(state, ctx)
+        if d.main:
+            log_adaptive_schedule(log, ctx.variant, state.net, ADAPTIVE_FIGURE, state.step)
         metrics = final_evaluation(ema_model, ctx.variant, ctx.sched, config, ctx.train_images, ctx.test_images,
                                    ctx.device, log, state.step, ctx.progress, d)
         if d.main and config.log_model:
