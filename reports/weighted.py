@@ -13,12 +13,11 @@ import dataclasses
 import functools
 from pathlib import Path
 
-from bench.diffusion.weighting import WEIGHTINGS, is_monotone
+from bench.diffusion.weighting import SYMBOLS, WEIGHTINGS, is_monotone
 from bench.errors import BenchError
 from bench.training.config import WEIGHTED_FIELDS, RunConfig
 from variants import VARIANTS
 
-SYMBOLS = {"min_snr_gamma": "γ", "sigmoid_bias": "b", "edm_mean": "μ", "edm_std": "s"}  # as WEIGHTINGS' formulas
 # the fields that give the schedule a weighting is read on (with the variant's resolution of gamma_schedule)
 SCHEDULE_FIELDS = ("gamma_schedule", "gamma_min", "gamma_max", "T", "beta_start", "beta_end", "cosine_s")
 UNKNOWN = "?"  # the flag where the weighting cannot be rebuilt here (a table file this machine cannot read)

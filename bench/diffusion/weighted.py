@@ -54,7 +54,7 @@ class WeightedVariant(ContinuousVariant):
 
     @property
     def label(self) -> str:
-        return f"{self.name}[{self.weighting.name}{'+adaptive' if self.adaptive_asked else ''}]"
+        return f"{self.name}[{self.weighting.short()}{'+adaptive' if self.adaptive_asked else ''}]"
 
     def gamma_schedule(self, asked: str) -> str:
         check_choice("gamma_schedule", asked, ("auto", *FIXED_GAMMAS))

@@ -31,6 +31,8 @@ import torch
 from bench.diffusion.continuous import NoiseSchedule, eps_error_scale
 from bench.errors import BenchError, check_choice
 
+HYPER_DEFAULTS = {"min_snr_gamma": 5.0, "sigmoid_bias": 0.0, "edm_mean": 2.4, "edm_std": 2.4}
+SYMBOLS = {"min_snr_gamma": "γ", "sigmoid_bias": "b", "edm_mean": "μ", "edm_std": "s"}  # as WEIGHTINGS' formulas
 EDM_SIGMA_DATA = 0.5  # EDM's σ_data: its loss weight (σ² + σ_data²)/(σ σ_data)² on the x-error
 TABLE_MAX_ROWS = 100_000
 
@@ -74,6 +76,13 @@ class Weighting:
 
     def __call__(self, lam: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
         return self.fn(lam, density)
+
+    def short(self) -> str:
+        """The name with the hyper-parameters that differ from their defaults, e.g. ``min-snr γ=3``."""
+        hyper = [f"{SYMBOLS[k]}={v:g}" for k, v in self.params.items() if k in SYMBOLS and v != HYPER_DEFAULTS[k]]
+        if "weighting_table" in self.params:
+            hyper.append(Path(self.params["weighting_table"]).name)
+        return " ".join([self.name, *hyper])
 
     def describe(self) -> str:
         """e.g. ``min-snr(min_snr_gamma=5): p(λ)·min(1, γ_snr·e^{−λ})``."""
@@ -145,8 +154,9 @@ def _interpolate(lam: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def build_weighting(name: str, *, min_snr_gamma: float = 5.0, sigmoid_bias: float = 0.0, edm_mean: float = 2.4,
-                    edm_std: float = 2.4, weighting_table: str | None = None) -> Weighting:
+def build_weighting(name: str, *, min_snr_gamma: float = HYPER_DEFAULTS["min_snr_gamma"],
+                    sigmoid_bias: float = HYPER_DEFAULTS["sigmoid_bias"], edm_mean: float = HYPER_DEFAULTS["edm_mean"],
+                    edm_std: float = HYPER_DEFAULTS["edm_std"], weighting_table: str | None = None) -> Weighting:
     """The weighting ``name`` (a key of :data:`WEIGHTINGS`) with its hyper-parameters; BenchError on a bad one."""
     check_choice("weighting", name, tuple(WEIGHTINGS))
     hyper = {"min_snr_gamma": min_snr_gamma, "sigmoid_bias": sigmoid_bias, "edm_mean": edm_mean, "edm_std": edm_std}
