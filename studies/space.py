@@ -129,7 +129,8 @@ def _param(name: str, spec: dict, where: str) -> Param:
                              f"file: train it with bench run --weighting table), got {list(choices)}")
         if kind is bool and not all(isinstance(c, bool) for c in choices):
             raise BenchError(f"{where}: parameter {name!r} needs true/false choices, got {list(choices)}")
-        if kind not in (str, bool) and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+        numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+        if kind not in (str, bool) and not numeric:
             raise BenchError(f"{where}: parameter {name!r} needs numeric choices, got {list(choices)}")
         return Param(name, choices=choices)
     if kind in (str, bool):
