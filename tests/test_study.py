@@ -871,6 +871,35 @@ def test_tuned_and_learned_schedule_studies_run_and_compare(home):
     assert "the learned schedule's starting end points" in describe_result(results[1], sc)
 
 
+def test_a_weighting_study_gives_the_pareto_front_with_each_trials_weighting(home):
+    """`bench study --variant weighted --space weightings --objective both`: trial 0 the configured ε-MSE, then a
+    drawn weighting (seed 6: min-SNR with its γ); each trial trains what it drew; the front names each weighting."""
+    sc = study_config(variants=("weighted",), trials=2, steps=2, exact_top=0, objective="both", fid_samples=4, seed=6,
+                      space_file="weightings", run_overrides={**LIB, "eval_every": 0, "sample_steps": 4})
+    [r] = run_study(sc, progress=False)
+    trials = load(home, r.name).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.params for t in trials] == [{"weighting": "eps"},
+                                          {"weighting": "min-snr", "min_snr_gamma": trials[1].params["min_snr_gamma"]}]
+    assert 1 <= trials[1].params["min_snr_gamma"] <= 20 and all(len(t.values) == 2 for t in trials)
+    runs = trial_runs(mlflow_client(home), trials)
+    for t in trials:  # what the trial trained with, as `bench report` reads it
+        run = runs[t.number].data
+        assert run.params["config.weighting"] == t.params["weighting"] and run.tags["variant"] == \
+            f"weighted[{t.params['weighting']}]"
+        assert float(run.params["config.min_snr_gamma"]) == t.params.get("min_snr_gamma", 5.0)
+        assert run.metrics["fid"] == pytest.approx(t.values[1])
+    for t in trials:  # each trial's line
+        assert describe_trial(t, ("bpd", "fid")).split("  ")[-2] == " ".join(param_text(t.params))
+    out = describe_result(r, sc).splitlines()
+    front = sorted(load(home, r.name).best_trials, key=lambda t: t.values)
+    head = out.index(f"  Pareto front, {len(front)} trial{'s' * (len(front) > 1)} (* the default schedule):")
+    params = [k for k in ("weighting", "min_snr_gamma") if any(k in t.params for t in front)]
+    assert out[head + 1].split() == ["trial", "bpd", "fid", "exact", "bpd", *params], out
+    for row, t in zip(out[head + 2: head + 2 + len(front)], front):
+        assert row.split()[4:] == [param_cell(t.params.get(k, "-")) for k in params], row
+
+
 def _result(variant: str, params: dict, bpd: float, exact=None) -> StudyResult:
     row = {"trial": 1, "params": params, "values": [bpd], "bpd_estimate": bpd, "bpd_stderr": 0.01,
            "bpd_exact": exact, "mlflow_run_id": "r", "default_schedule": False, "fid_samples": None,
