@@ -925,6 +925,22 @@ def test_several_studies_compare_their_best_trials_and_schedules():
     assert "gamma_min/gamma_max" not in describe_result(results[0], sc)  # a DDPM study's block as before
 
 
+def test_a_weighted_study_names_its_weighting_in_the_comparison_and_when_not_tuned():
+    sc = StudyConfig(variants=("vdm-fixed", "weighted"))
+    results = [_result("vdm-fixed", {"gamma_min": -12.25, "gamma_max": 4.5}, 1.25),
+               _result("weighted", {"gamma_min": -12.0, "gamma_max": 5.0, "weighting": "min-snr",
+                                    "min_snr_gamma": 4.25}, 1.125)]
+    lines = compare_results(results, sc).splitlines()
+    assert lines[1].split() == ["variant", "trial", "bpd", "exact", "bpd", "schedule", "weighting"]
+    assert lines[2].split()[-1] == "-" and lines[3].split()[-1] == "min-snr(min_snr_gamma=4.25)", lines
+    assert "    gamma_min=-12 gamma_max=5 weighting=min-snr min_snr_gamma=4.25" in \
+        describe_result(results[1], sc).splitlines()  # a tuned weighting is among the trial's parameters
+    assert "weighting (not tuned)" not in describe_result(results[1], sc)
+    fixed = StudyConfig(variants=("weighted",), run_overrides={"weighting": "sigmoid", "sigmoid_bias": -2.0})
+    text = describe_result(_result("weighted", {"gamma_min": -12.0, "gamma_max": 5.0}, 1.1), fixed)
+    assert "  weighting (not tuned): sigmoid(sigmoid_bias=-2)" in text.splitlines(), text
+
+
 # ----------------------------------------------------------------------------- 9. the sampler's constraints
 def test_suggest_keeps_beta_start_below_beta_end():
     points = ask_many(DEFAULT_SPACE)
