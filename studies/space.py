@@ -93,9 +93,9 @@ CONTINUOUS_SPACE: dict[str, Param] = {
 FINITE_SPACE: dict[str, Param] = {**CONTINUOUS_SPACE, "T": DEFAULT_SPACE["T"]}  # vdm-finite: L_T's T too
 # Variant weighted: γ's end points as above, and which weighting w(λ) with its hyper-parameter, each drawn only with
 # the weighting that reads it. min-SNR's clip γ log-uniform around its paper's 5: at 1 the x-error's weight is held
-# at SNR 1 from λ = 0 up, at 20 only from λ = 3. The sigmoid's bias b: sigmoid(b − λ) falls from 1 to 0 around λ = b,
-# so b from −6 (the weight is gone from SNR e^−4 ≈ 0.02 up) to 4 (full weight up to SNR e^2 ≈ 7), inside the
-# schedule's λ range [−γ(1), −γ(0)] = [−5, 13.3] by default.
+# at SNR 1 from λ = 0 up, at 20 only from λ = 3. The sigmoid's bias b: sigmoid(b − λ) falls from 1 to 0 and is ½ at
+# λ = b; over the schedule's λ range [−γ(1), −γ(0)] = [−5, 13.3] (by default) w <= 0.27 throughout at b = −6, and
+# w >= ½ up to SNR e^4 ≈ 55 at b = 4.
 WEIGHTED_SPACE: dict[str, Param] = {
     **CONTINUOUS_SPACE,
     "weighting": Param("weighting", choices=STUDY_WEIGHTINGS),
