@@ -18,8 +18,12 @@ and ``vdm-finite`` its ``T`` as well. For ``vdm`` (a learned schedule) the same 
 schedule's *starting* end points: training moves them by the bound, but an Adam step moves a parameter by about
 the learning rate, so within a study's short trials where they start largely decides where they end; tuning them
 is what "tuned (Optuna) vs learned (VDM) schedule" compares against ``vdm-fixed``. A study file may also tune
-``gamma_schedule`` among the schedules the variant trains with. A parameter that does not act on the study's
-variant (``gamma_min`` for a DDPM variant, ``schedule`` for a continuous-time one) is refused.
+``gamma_schedule`` among the schedules the variant trains with. The weighted-ELBO family (``weighted``) tunes, besides
+γ's end points, its ``weighting`` w(λ) and that weighting's hyper-parameter, drawn only with it (``min_snr_gamma``
+with ``min-snr``, ``sigmoid_bias`` with ``sigmoid``); a study file may add ``edm_mean``/``edm_std`` (with ``edm``,
+``edm-monotonic``) and ``adaptive_schedule`` (``choices = [false, true]``); ``studies/weightings.toml`` is the study
+over weightings at fixed end points. A parameter that does not act on the study's variant (``gamma_min`` for a DDPM
+variant, ``schedule`` for a continuous-time one, ``weighting`` for any but ``weighted``) is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.diffusion.vdm import GAMMA_SCHEDULES, LEARNED_GAMMAS
+from bench.diffusion.weighting import WEIGHTINGS
 from bench.errors import BenchError
 from bench.training.config import SCHEDULES, RunConfig
 from variants import get_variant
@@ -39,12 +44,19 @@ STUDY_DIR = Path(__file__).resolve().parent
 TUNABLE = {  # RunConfig fields a study may tune → their type
     "schedule": str, "beta_start": float, "beta_end": float, "cosine_s": float, "T": int,
     "gamma_schedule": str, "gamma_min": float, "gamma_max": float,
+    "weighting": str, "min_snr_gamma": float, "sigmoid_bias": float, "edm_mean": float, "edm_std": float,
+    "adaptive_schedule": bool,
     "lr": float, "warmup_steps": int, "ema_decay": float, "batch_size": int,
 }
 LINEAR_ONLY, COSINE_ONLY = ("beta_start", "beta_end"), ("cosine_s",)
 GAMMA_ENDS = ("gamma_min", "gamma_max")  # γ(0) < γ(1), kept like β_1 < β_T
 DISCRETE_ONLY = ("schedule",)  # a continuous-time variant's γ(t) is named by gamma_schedule
 READINGS = {"linear-beta": LINEAR_ONLY, "cosine": COSINE_ONLY}  # γ(t) read from the discrete schedule's fields
+# a weighting's hyper-parameter → the weightings that read it (bench.diffusion.weighting.WEIGHTINGS)
+HYPER = {h: tuple(w for w, kind in WEIGHTINGS.items() if h in kind.hyper)
+         for h in ("min_snr_gamma", "sigmoid_bias", "edm_mean", "edm_std")}
+WEIGHTED_ONLY = ("weighting", *HYPER, "adaptive_schedule")  # read by variant weighted only
+STUDY_WEIGHTINGS = tuple(w for w in WEIGHTINGS if w != "table")  # a table is a file: train it with `bench run`
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,17 @@ CONTINUOUS_SPACE: dict[str, Param] = {
     "gamma_max": Param("gamma_max", low=2.0, high=8.0),  # drawn first; γ(0) < γ(1)
 }
 FINITE_SPACE: dict[str, Param] = {**CONTINUOUS_SPACE, "T": DEFAULT_SPACE["T"]}  # vdm-finite: L_T's T too
+# Variant weighted: γ's end points as above, and which weighting w(λ) with its hyper-parameter, each drawn only with
+# the weighting that reads it. min-SNR's clip γ log-uniform around its paper's 5: at 1 the x-error's weight is held
+# at SNR 1 from λ = 0 up, at 20 only from λ = 3. The sigmoid's bias b: sigmoid(b − λ) falls from 1 to 0 and is ½ at
+# λ = b; over the schedule's λ range [−γ(1), −γ(0)] = [−5, 13.3] (by default) w <= 0.27 throughout at b = −6, and
+# w >= ½ up to SNR e^4 ≈ 55 at b = 4.
+WEIGHTED_SPACE: dict[str, Param] = {
+    **CONTINUOUS_SPACE,
+    "weighting": Param("weighting", choices=STUDY_WEIGHTINGS),
+    "min_snr_gamma": Param("min_snr_gamma", low=1.0, high=20.0, log=True),  # with min-snr
+    "sigmoid_bias": Param("sigmoid_bias", low=-6.0, high=4.0),  # with sigmoid
+}
 
 
 def _param(name: str, spec: dict, where: str) -> Param:
@@ -101,10 +124,16 @@ def _param(name: str, spec: dict, where: str) -> Param:
         if name == "gamma_schedule" and not set(choices) <= set(GAMMA_SCHEDULES):
             raise BenchError(f"{where}: gamma_schedule choices must be among {', '.join(GAMMA_SCHEDULES)}, "
                              f"got {list(choices)}")
-        if kind is not str and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+        if name == "weighting" and not set(choices) <= set(STUDY_WEIGHTINGS):
+            raise BenchError(f"{where}: weighting choices must be among {', '.join(STUDY_WEIGHTINGS)} (a table is a "
+                             f"file: train it with bench run --weighting table), got {list(choices)}")
+        if kind is bool and not all(isinstance(c, bool) for c in choices):
+            raise BenchError(f"{where}: parameter {name!r} needs true/false choices, got {list(choices)}")
+        numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+        if kind not in (str, bool) and not numeric:
             raise BenchError(f"{where}: parameter {name!r} needs numeric choices, got {list(choices)}")
         return Param(name, choices=choices)
-    if kind is str:
+    if kind in (str, bool):
         raise BenchError(f"{where}: parameter {name!r} is categorical; give choices = [...]")
     if "low" not in spec or "high" not in spec:
         raise BenchError(f"{where}: parameter {name!r} needs low and high (or choices)")
@@ -121,10 +150,12 @@ def _param(name: str, spec: dict, where: str) -> Param:
 
 def default_space(base: RunConfig) -> dict[str, Param]:
     """The built-in space of ``base``'s variant: the discrete schedule for a DDPM variant, γ(t)'s end points for a
-    continuous-time one (and T for the finite-T bound)."""
+    continuous-time one (and T for the finite-T bound; the weighting and its hyper-parameters for ``weighted``)."""
     variant = get_variant(base.variant, base.variance)
     if not variant.continuous:
         return dict(DEFAULT_SPACE)
+    if variant.weighted:
+        return dict(WEIGHTED_SPACE)
     return dict(FINITE_SPACE if variant.finite else CONTINUOUS_SPACE)
 
 
@@ -171,12 +202,16 @@ def load_space(path: str | Path | None = None, tune_lr: bool = False,
     return space
 
 
-def acts(name: str, base: RunConfig, schedule: str | None = None, gamma_schedule: str | None = None) -> bool:
-    """Whether the tunable field ``name`` changes a run of ``base``'s variant when the discrete ``schedule`` and
-    the ``gamma_schedule`` are these (default: ``base``'s). A DDPM variant reads β_1, β_T for a linear schedule,
-    s for a cosine one and no γ; a continuous-time one reads γ(0), γ(1) for VDM's line and the learned schedules,
-    β_1, β_T or s (with T) where γ(t) is the discrete schedule read in continuous time, never ``schedule``."""
+def acts(name: str, base: RunConfig, schedule: str | None = None, gamma_schedule: str | None = None,
+         weighting: str | None = None) -> bool:
+    """Whether the tunable field ``name`` changes a run of ``base``'s variant when the discrete ``schedule``, the
+    ``gamma_schedule`` and the ``weighting`` are these (default: ``base``'s). A DDPM variant reads β_1, β_T for a
+    linear schedule, s for a cosine one and no γ; a continuous-time one reads γ(0), γ(1) for VDM's line and the
+    learned schedules, β_1, β_T or s (with T) where γ(t) is the discrete schedule read in continuous time, never
+    ``schedule``. Only ``weighted`` reads the weighting, and a weighting's hyper-parameter only with it."""
     variant = get_variant(base.variant, base.variance)
+    if name in WEIGHTED_ONLY:
+        return variant.weighted and (name not in HYPER or (weighting or base.weighting) in HYPER[name])
     if not variant.continuous:
         schedule = schedule or base.schedule
         if name in GAMMA_ENDS or name == "gamma_schedule":
@@ -222,6 +257,7 @@ def _check_acts(space: dict[str, Param], base: RunConfig, given: set[str]) -> No
     variant = get_variant(base.variant, base.variance)
     schedules = space["schedule"].choices if "schedule" in space else (base.schedule,)
     gammas = space["gamma_schedule"].choices if "gamma_schedule" in space else (base.gamma_schedule,)
+    weightings = _weightings(space, base)
     if variant.continuous:
         for g in gammas:  # a schedule the variant cannot train with: its own one-line refusal
             try:
@@ -229,10 +265,14 @@ def _check_acts(space: dict[str, Param], base: RunConfig, given: set[str]) -> No
             except BenchError as err:
                 raise BenchError(f"impossible choice for gamma_schedule: {err}") from None
     for name in sorted(given):
-        if not any(acts(name, base, s, g) for s in schedules for g in gammas):
-            kind = ("a continuous-time variant: its γ(t) is set by gamma_schedule, gamma_min and gamma_max"
-                    if variant.continuous else "a DDPM variant: its schedule is schedule, beta_start/beta_end or "
-                    "cosine_s, and T")
+        if not any(acts(name, base, s, g, w) for s in schedules for g in gammas for w in weightings):
+            if name in WEIGHTED_ONLY:
+                kind = (f"with weighting {' or '.join(weightings)}: {name} is read by {' and '.join(HYPER[name])}"
+                        if variant.weighted else "the weighting and its hyper-parameters are for variant weighted")
+            else:
+                kind = ("a continuous-time variant: its γ(t) is set by gamma_schedule, gamma_min and gamma_max"
+                        if variant.continuous else "a DDPM variant: its schedule is schedule, beta_start/beta_end or "
+                        "cosine_s, and T")
             raise BenchError(f"parameter {name} does not act on variant {base.variant} ({kind}); drop it from the "
                              "study file or study another variant")
 
@@ -258,18 +298,29 @@ def _check_consistent(space: dict[str, Param], base: RunConfig) -> None:
                          f"({base.gamma_min:g}, not tuned) so that γ(0) < γ(1)")
 
 
+def _weightings(space: dict[str, Param], base: RunConfig) -> tuple[str, ...]:
+    """The weightings a study of ``base`` can draw: the space's choices, or ``base``'s."""
+    return space["weighting"].choices if "weighting" in space else (base.weighting,)
+
+
 def _check_runnable(space: dict[str, Param], base: RunConfig) -> None:
-    """Every end of a range and every choice must be a value a run of ``base`` accepts (RunConfig.validate)."""
+    """Every end of a range and every choice must be a value a run of ``base`` accepts (RunConfig.validate); a
+    weighting's hyper-parameter with a weighting that reads it, γ's end points with every weighting."""
+    weightings = _weightings(space, base)
     for p in space.values():
         if p.name in LINEAR_ONLY + GAMMA_ENDS:  # checked against each other by _check_consistent
             continue
+        reader = next((w for w in weightings if w in HYPER[p.name]), None) if p.name in HYPER else base.weighting
+        if reader is None:  # a default hyper-parameter of no weighting drawn: never drawn
+            continue
         values = p.choices if p.choices is not None else (p.low, p.high)
         for v in values:
-            _runs(base, p.name, v, **{p.name: v})
+            _runs(base, p.name, v, **{"weighting": reader, p.name: v})
     if any(n in space for n in GAMMA_ENDS):  # the widest pair a draw can give, for the variant's say
         low = space["gamma_min"].low if "gamma_min" in space else base.gamma_min
         high = space["gamma_max"].high if "gamma_max" in space else base.gamma_max
-        _runs(base, "gamma_min/gamma_max", (low, high), gamma_min=low, gamma_max=high)
+        for w in weightings:  # a weight not finite at some end point (zero SNR with ε-prediction) is refused here
+            _runs(base, "gamma_min/gamma_max", (low, high), gamma_min=low, gamma_max=high, weighting=w)
 
 
 def _runs(base: RunConfig, name: str, value, **fields) -> None:
@@ -281,21 +332,21 @@ def _runs(base: RunConfig, name: str, value, **fields) -> None:
 
 def suggest(trial, space: dict[str, Param], base: RunConfig | None = None) -> dict:
     """Draw one point for a trial of ``base`` (default: ``bench run``'s defaults); a parameter only where it
-    acts (β for linear schedules, s for cosine, γ's end points for VDM's line and the learned schedules),
-    β_1 < β_T and γ(0) < γ(1): β_T and γ(1) are drawn first, β_1 and γ(0) below them. The schedules are
-    ``base``'s where the space does not tune them."""
+    acts (β for linear schedules, s for cosine, γ's end points for VDM's line and the learned schedules, a
+    weighting's hyper-parameter with that weighting), β_1 < β_T and γ(0) < γ(1): β_T and γ(1) are drawn first,
+    β_1 and γ(0) below them. The schedules and the weighting are ``base``'s where the space does not tune them."""
     base = base or RunConfig()
     values = {}
-    first = ("schedule", "gamma_schedule", "beta_end", "beta_start", "gamma_max", "gamma_min")
+    first = ("schedule", "gamma_schedule", "weighting", "beta_end", "beta_start", "gamma_max", "gamma_min")
     order = [*first, *(n for n in space if n not in first)]
     for name in order:
         p = space.get(name)
         if p is None:
             continue
-        if name in ("schedule", "gamma_schedule"):
+        if name in ("schedule", "gamma_schedule", "weighting"):
             values[name] = trial.suggest_categorical(name, list(p.choices))
             continue
-        if not acts(name, base, values.get("schedule"), values.get("gamma_schedule")):
+        if not acts(name, base, values.get("schedule"), values.get("gamma_schedule"), values.get("weighting")):
             continue
         if p.choices is not None:
             values[name] = trial.suggest_categorical(name, list(p.choices))
@@ -321,6 +372,9 @@ def describe_space(space: dict[str, Param], base: RunConfig | None = None) -> st
                      "beta_end is drawn first and β_1 < β_T)")
     elif any(n in space for n in GAMMA_ENDS):
         lines.append(f"({gamma_note(base)}; gamma_max is drawn first and γ(0) < γ(1))")
+    hyper = [f"{n} with {' or '.join(HYPER[n])}" for n in space if n in HYPER]
+    if hyper and "weighting" in space:
+        lines.append(f"(a weighting's hyper-parameter is drawn only with it: {', '.join(hyper)})")
     return "\n".join(lines)
 
 
@@ -353,3 +407,22 @@ def describe_schedule(params: dict, base: RunConfig) -> str:
     ends = f"γ(0)={config.gamma_min:.4g} γ(1)={config.gamma_max:.4g}"
     text = f"γ(t) {gamma}, " + (f"learned from {ends}" if gamma in LEARNED_GAMMAS else ends)
     return text + (f", L_T with T={config.T}" if variant.finite else "")
+
+
+def describe_weighting(params: dict, base: RunConfig, tuned: frozenset[str] = frozenset()) -> str | None:
+    """The weighting w(λ) a trial of ``base`` trained with its ``params`` (a study's point), in one phrase with its
+    hyper-parameters, e.g. ``min-snr(min_snr_gamma=4.2)`` or ``sigmoid(sigmoid_bias=-2) + adaptive schedule``; a
+    hyper-parameter in ``tuned`` is said to be tuned instead of given a value. None for a variant without one."""
+    config = dataclasses.replace(base, **{k: v for k, v in params.items() if k in TUNABLE})
+    if not get_variant(config.variant, config.variance).weighted:
+        return None
+    hyper = ", ".join(f"{k} tuned" if k in tuned else f"{k}={_short(getattr(config, k))}"
+                      for k in WEIGHTINGS[config.weighting].hyper)
+    text = f"{config.weighting}({hyper})" if hyper else config.weighting
+    if "adaptive_schedule" in tuned:
+        return text + ", adaptive schedule tuned"
+    return text + (" + adaptive schedule" if config.adaptive_schedule else "")
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

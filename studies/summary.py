@@ -25,7 +25,7 @@ from bench.tracking.plots import FIGURES
 from bench.training.evaluation import evaluate_checkpoint, other_method_name
 from bench.training.record import NoLog
 from studies.config import OBJECTIVES, StudyResult
-from studies.space import GAMMA_ENDS, TUNABLE, describe_schedule, gamma_note
+from studies.space import GAMMA_ENDS, TUNABLE, describe_schedule, describe_weighting, gamma_note
 from studies.workers import lost_worker, workers_alive
 
 
@@ -343,13 +343,24 @@ def describe_result(r, sc) -> str:
         lines.append("  default schedule: no complete trial (outside the search space, or it failed)")
     if any(k in row["params"] for row in r.best + ([r.default] if r.default else []) for k in GAMMA_ENDS):
         lines.append(f"  {gamma_note(sc.base_config(r.variant))}")  # tuned end points, or a learned schedule's start
+    note = _weighting_note(r.best + ([r.default] if r.default else []), sc.base_config(r.variant))
+    if note:
+        lines.append(f"  {note}")
     return "\n".join(lines)
+
+
+def _weighting_note(rows: list[dict], base) -> str | None:
+    """A weighted study whose space left the weighting alone: the weighting every trial trained with (a tuned one
+    is among each trial's parameters, in its line and the Pareto table). None for other studies."""
+    tuned = frozenset(k for row in rows for k in row["params"])
+    text = None if "weighting" in tuned else describe_weighting({}, base, tuned)
+    return f"weighting (not tuned): {text}" if text else None
 
 
 def compare_results(results: list, sc) -> str:
     """The block ``bench study`` prints after several variants' studies (e.g. ``--variant vdm-fixed --variant vdm``:
     tuned vs learned schedule): each study's best trial (of a Pareto front, its lowest bpd) in one table, with
-    the schedule it ran (studies.space.describe_schedule)."""
+    the schedule it ran (studies.space.describe_schedule) and, for ``weighted``, its weighting."""
     keys = OBJECTIVES[sc.objective]
     table = []
     for r in results:
@@ -361,6 +372,9 @@ def compare_results(results: list, sc) -> str:
         cells |= {k: f"{v:.4f}" if k == "bpd" else f"{v:.2f}" for k, v in zip(keys, b["values"])}
         cells["exact bpd"] = f"{b['bpd_exact']:.4f}" if b["bpd_exact"] is not None else "-"
         cells["schedule"] = describe_schedule(b["params"], sc.base_config(r.variant))
+        weighting = describe_weighting(b["params"], sc.base_config(r.variant))
+        if weighting:  # a weighted study's: w(λ) with its hyper-parameters
+            cells["weighting"] = weighting
         table.append(cells)
     legend = ("bpd: estimated bits/dim on the test split, exact bpd: the exact bound where re-evaluated (lower is "
               "better); a learned schedule (vdm) is shown by where it started")

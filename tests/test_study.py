@@ -871,6 +871,35 @@ def test_tuned_and_learned_schedule_studies_run_and_compare(home):
     assert "the learned schedule's starting end points" in describe_result(results[1], sc)
 
 
+def test_a_weighting_study_gives_the_pareto_front_with_each_trials_weighting(home):
+    """`bench study --variant weighted --space weightings --objective both`: trial 0 the configured ε-MSE, then a
+    drawn weighting (seed 6: min-SNR with its γ); each trial trains what it drew; the front names each weighting."""
+    sc = study_config(variants=("weighted",), trials=2, steps=2, exact_top=0, objective="both", fid_samples=4, seed=6,
+                      space_file="weightings", run_overrides={**LIB, "eval_every": 0, "sample_steps": 4})
+    [r] = run_study(sc, progress=False)
+    trials = load(home, r.name).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.params for t in trials] == [{"weighting": "eps"},
+                                          {"weighting": "min-snr", "min_snr_gamma": trials[1].params["min_snr_gamma"]}]
+    assert 1 <= trials[1].params["min_snr_gamma"] <= 20 and all(len(t.values) == 2 for t in trials)
+    runs = trial_runs(mlflow_client(home), trials)
+    for t in trials:  # what the trial trained with, as `bench report` reads it
+        run = runs[t.number].data
+        assert run.params["config.weighting"] == t.params["weighting"] and run.tags["variant"] == \
+            f"weighted[{t.params['weighting']}]"
+        assert float(run.params["config.min_snr_gamma"]) == t.params.get("min_snr_gamma", 5.0)
+        assert run.metrics["fid"] == pytest.approx(t.values[1])
+    for t in trials:  # each trial's line
+        assert describe_trial(t, ("bpd", "fid")).split("  ")[-2] == " ".join(param_text(t.params))
+    out = describe_result(r, sc).splitlines()
+    front = sorted(load(home, r.name).best_trials, key=lambda t: t.values)
+    head = out.index(f"  Pareto front, {len(front)} trial{'s' * (len(front) > 1)} (* the default schedule):")
+    params = [k for k in ("weighting", "min_snr_gamma") if any(k in t.params for t in front)]
+    assert out[head + 1].split() == ["trial", "bpd", "fid", "exact", "bpd", *params], out
+    for row, t in zip(out[head + 2: head + 2 + len(front)], front):
+        assert row.split()[4:] == [param_cell(t.params.get(k, "-")) for k in params], row
+
+
 def _result(variant: str, params: dict, bpd: float, exact=None) -> StudyResult:
     row = {"trial": 1, "params": params, "values": [bpd], "bpd_estimate": bpd, "bpd_stderr": 0.01,
            "bpd_exact": exact, "mlflow_run_id": "r", "default_schedule": False, "fid_samples": None,
@@ -894,6 +923,22 @@ def test_several_studies_compare_their_best_trials_and_schedules():
     assert "    gamma_min=-10.5 gamma_max=6" in text.splitlines()
     assert "  gamma_min/gamma_max: the learned schedule's starting end points γ(0), γ(1) (training moves them)" in text
     assert "gamma_min/gamma_max" not in describe_result(results[0], sc)  # a DDPM study's block as before
+
+
+def test_a_weighted_study_names_its_weighting_in_the_comparison_and_when_not_tuned():
+    sc = StudyConfig(variants=("vdm-fixed", "weighted"))
+    results = [_result("vdm-fixed", {"gamma_min": -12.25, "gamma_max": 4.5}, 1.25),
+               _result("weighted", {"gamma_min": -12.0, "gamma_max": 5.0, "weighting": "min-snr",
+                                    "min_snr_gamma": 4.25}, 1.125)]
+    lines = compare_results(results, sc).splitlines()
+    assert lines[1].split() == ["variant", "trial", "bpd", "exact", "bpd", "schedule", "weighting"]
+    assert lines[2].split()[-1] == "-" and lines[3].split()[-1] == "min-snr(min_snr_gamma=4.25)", lines
+    assert "    gamma_min=-12 gamma_max=5 weighting=min-snr min_snr_gamma=4.25" in \
+        describe_result(results[1], sc).splitlines()  # a tuned weighting is among the trial's parameters
+    assert "weighting (not tuned)" not in describe_result(results[1], sc)
+    fixed = StudyConfig(variants=("weighted",), run_overrides={"weighting": "sigmoid", "sigmoid_bias": -2.0})
+    text = describe_result(_result("weighted", {"gamma_min": -12.0, "gamma_max": 5.0}, 1.1), fixed)
+    assert "  weighting (not tuned): sigmoid(sigmoid_bias=-2)" in text.splitlines(), text
 
 
 # ----------------------------------------------------------------------------- 9. the sampler's constraints
