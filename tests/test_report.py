@@ -377,7 +377,7 @@ def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch, store_t
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["grid", "--variant", "simple", "--variant", "mu-mse", "--seeds", "2",
                                       "--steps", "2", "--T", "20", "--fid-samples", "0", "--final-eval", "estimate",
-                                      "--sample-steps", "5", "--no-log-model"])
+                                      "--final-eval-images", "8", "--sample-steps", "5", "--no-log-model"])
     assert result.exit_code == 0, result.output
     assert "[4/4] mu-mse-digits-seed1" in result.output
     out = tmp_path / "report-grid-digits"
