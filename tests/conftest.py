@@ -87,9 +87,10 @@ def one_torch_thread():
         os.environ["OMP_NUM_THREADS"] = saved_env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow store (creating its tables costs seconds; concurrent first use races)."""
+    """An initialised, empty MLflow store, made once per session and only copied (creating its tables costs
+    seconds, ~8 s of fsyncs on a busy disk; concurrent first use races)."""
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path_factory.mktemp("store_template")

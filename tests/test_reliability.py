@@ -177,9 +177,8 @@ def test_a_diverged_run_exits_3_and_grid_goes_on_and_counts_it(tmp_path, store_t
         return replace(result, loss=result.loss * torch.tensor(float("nan")))
 
     monkeypatch.setattr(elbo, "loss", nan_loss)
-    res = invoke(tmp_path, ["grid", "--variant", "elbo", "--variant", "simple", "--seeds", "1", "--steps", "3",
-                            "--fid-samples", "0", "--T", "40", "--sample-steps", "10", "--final-eval", "estimate",
-                            "--experiment", "g", "--out", str(tmp_path / "rep")])
+    res = invoke(tmp_path, ["grid", "--variant", "elbo", "--variant", "simple", "--seeds", "1", *TINY, "--steps", "3",
+                            "--final-eval", "estimate", "--experiment", "g", "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, describe(res)  # the grid goes on past its diverged member
     assert "2 runs, 1 diverged" in res.stdout
     statuses = sorted(r.info.status for r in mlflow(tmp_path).search_runs(

@@ -47,8 +47,9 @@ ESTIMATE_TAG = ("estimate (33 calls/image, 128 test images, seed 1234); bpd_esti
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, store_template):
     """A store with 3 variants × 3 seeds of fake finished runs, one diverged run, and what a run logs."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -369,13 +370,14 @@ def test_bench_ui_serves_health_and_runs_then_stops(store):
         s.bind(("127.0.0.1", port))
 
 
-def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch):
+def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch, store_template):
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["grid", "--variant", "simple", "--variant", "mu-mse", "--seeds", "2",
                                       "--steps", "2", "--T", "20", "--fid-samples", "0", "--final-eval", "estimate",
-                                      "--sample-steps", "5"])
+                                      "--final-eval-images", "8", "--sample-steps", "5", "--no-log-model"])
     assert result.exit_code == 0, result.output
     assert "[4/4] mu-mse-digits-seed1" in result.output
     out = tmp_path / "report-grid-digits"
@@ -390,9 +392,10 @@ def test_grid_runs_variants_by_seeds_then_reports(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "--seeds must be >= 1" in bad.output
 
 
-def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path):
+def test_runs_of_different_budgets_and_protocols_are_not_pooled(tmp_path, store_template):
     """300-step and 150-step runs, an estimated and an exact bound, a duplicated seed: rows stay apart,
     the report says so, the duplicate counts once, and two seeds get no t-interval."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("mixed")
@@ -600,9 +603,10 @@ def test_sample_grid_labels_stay_off_the_images(small_store):
     assert "sampler ancestral, 250 of 1000 steps (strided)" in caption
 
 
-def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path):
+def test_the_ode_likelihood_sits_beside_the_bound_with_the_gap(tmp_path, store_template):
     """Runs that logged nll_ode: the table shows it next to bpd with its MC error, the per-run gap bpd − nll_ode
     and the NFE, says what it is, and a row without it shows a dash; nll_ode never enters the bpd column."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("ode")

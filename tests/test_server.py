@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,7 +107,8 @@ def test_bench_server_refuses_what_is_not_a_database(tmp_path):
     assert res.exit_code == 2 and "give a database URI" in res.output, res.output
 
 
-def test_study_status_prints_the_study_from_its_storage(tmp_path, monkeypatch):
+def test_study_status_prints_the_study_from_its_storage(tmp_path, monkeypatch, store_template):
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")  # an empty store: its table creation is not the case
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

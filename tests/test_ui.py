@@ -372,14 +372,16 @@ def test_ui_refuses_an_unknown_experiment_in_one_line_listing_the_others(tmp_pat
         "it has Default, grid-digits"]
 
 
-def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never_replaced(tmp_path, monkeypatch):
+def test_the_saved_view_goes_only_on_experiments_holding_bench_runs_and_is_never_replaced(tmp_path, monkeypatch,
+                                                                                           store_template):
+    c = _store(tmp_path, store_template)
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["run", "--variant", "simple", "--steps", "2", "--T", "20", "--fid-samples", "0",
-                                      "--final-eval", "estimate", "--sample-steps", "5", "--experiment", "real"])
+                                      "--final-eval", "estimate", "--final-eval-images", "8", "--sample-steps", "5",
+                                      "--no-log-model", "--experiment", "real"])
     assert result.exit_code == 0, result.output
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     real = c.get_experiment_by_name("real")
     page, note = ui.runs_page(c, real)  # a run made by `bench run` is recognised as one
     assert note is None and page == (f"#/experiments/{real.experiment_id}/runs?workflowType=machine_learning"

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ from reports.build import build_report
 from variants import get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, store_template):
+    """BENCH_HOME with an empty MLflow store in it (its table creation, seconds, is not what these tests check)."""
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    return tmp_path
 
 
 def _batch(n=8, seed=0):
@@ -94,10 +103,10 @@ def test_finite_t_draws_steps_of_the_configs_t():
     assert loss.terms["diffusion"].mean() > 0
 
 
-def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
+@pytest.mark.usefixtures("home")
+def test_a_short_vdm_run_trains_and_evaluates(tmp_path):
     """A few steps of `vdm` end to end: its bound is logged with its terms, samples are drawn, the learned end points
     are in the checkpoint; the claims benchmark runs on it."""
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     config = make_config("digits", variant="vdm", steps=4, batch_size=16, log_every=2, eval_every=2, eval_images=4,
                          final_eval_images=8, eval_calls=4, fid_samples=0, sample_grid=4, sample_steps=5,
                          log_model=False, system_metrics=False, checkpoint_every=4)
@@ -139,9 +148,9 @@ def test_a_short_vdm_run_trains_and_evaluates(tmp_path, monkeypatch):
     assert type(model.schedule).__name__ == "LearnedEndpoints"
 
 
-def test_a_vdm_run_resumes_bit_exactly(tmp_path, monkeypatch):
+@pytest.mark.usefixtures("home")
+def test_a_vdm_run_resumes_bit_exactly():
     """2 steps, then resumed to 4, end with the weights, learned schedule, EMA and optimiser state of 4 straight."""
-    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     config = make_config("digits", variant="vdm", steps=4, batch_size=8, log_every=1, eval_every=0,
                          final_eval_images=2, eval_calls=3, fid_samples=0, sample_grid=1, sample_steps=2,
                          log_model=False, system_metrics=False, checkpoint_every=100, warmup_steps=0)
