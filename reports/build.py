@@ -29,8 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench.errors import BenchError
 from bench.runtime.urls import masked
@@ -50,6 +49,9 @@ from reports.tables import (
     split_display,
     varying_settings,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPORT_EXPERIMENT = "elbo-bench-reports"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report downloads many small files

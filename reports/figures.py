@@ -16,14 +16,16 @@ import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
-from matplotlib.lines import Line2D
 
-from bench.tracking.plots import per_t_figure, plt
+from bench.tracking.plots import per_t_figure, pyplot
 from reports.tables import EXTRACTOR, ROW, SETTINGS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM/iDDPM)",
                "x0-unclipped": "x̂_0 not clipped",
@@ -33,7 +35,9 @@ CONVENTIONS = {"x0-clipped": "x̂_0 clipped to [-1, 1] in the reverse step (DDPM
 def _colors(df: pd.DataFrame, groups) -> dict:
     """Group label → colour, in legend order: by the table row of the group's runs (ROW) where known, so the
     same row has the same colour in every figure whichever rows a figure leaves out; else by label."""
-    cmap = plt.get_cmap("tab10")
+    import pandas as pd  # heavy: only reports need it
+
+    cmap = pyplot().get_cmap("tab10")
     groups = pd.Series(list(groups), index=df.index)
     if ROW in df:
         first = df[ROW].groupby(groups.to_numpy()).min()
@@ -46,7 +50,7 @@ def _mixed(df: pd.DataFrame, column: str) -> bool:
 
 
 def _axes():
-    return plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    return pyplot().subplots(figsize=(7.5, 4.2), layout="constrained")
 
 
 def _legend_below(fig, handles, labels) -> None:
@@ -61,6 +65,8 @@ def run_groups(df: pd.DataFrame) -> pd.Series:
     """Each run's legend label: its variant and training budget ("elbo[small] · 300 steps"), with the dataset,
     schedule, the other settings of a table row's key and the FID's feature extractor where the selection mixes
     them, so runs that differ there are not one group (as they are not one row)."""
+    import pandas as pd  # heavy: only reports need it
+
     budgets = "steps" in df and df["steps"].astype(bool).any()
     mixed = [name for name in [*SETTINGS.values(), EXTRACTOR]
              if name != "steps" and not name.startswith("config.") and _mixed(df, name)]  # config.*: GROUP shows them
@@ -81,6 +87,8 @@ def run_groups(df: pd.DataFrame) -> pd.Series:
 def _counted(values, missing: str = "not recorded") -> str:
     """Distinct descriptions, each with its number of runs when they differ: 'a' or 'a [2 runs]; b [1 run]';
     ``missing`` stands for a run that recorded none."""
+    import pandas as pd  # heavy: only reports need it
+
     counts = pd.Series([str(v) if v else missing for v in values], dtype=object).value_counts(sort=False)
     if len(counts) == 1:
         return counts.index[0]
@@ -130,6 +138,8 @@ def _points(client, run_id: str, key: str, err_key: str | None = None) -> list[t
 
 def bpd_series(client, df: pd.DataFrame) -> list[RunSeries]:
     """The bits/dim each run logged: its training-time estimates and its final bound; by group, then seed."""
+    import pandas as pd  # heavy: only reports need it
+
     df = (df.assign(_group=run_groups(df), _seed=pd.to_numeric(df.seed, errors="coerce"))
           .sort_values(["_group", "_seed"]))
     out = []
@@ -152,6 +162,9 @@ def bpd_history(series: list[RunSeries]):
     """Bits/dim against training step: each run's training-time estimates (a line where it has several,
     a point where it has one; ± 2 standard errors) and its final bound (a star when exact, a hollow diamond
     when estimated). When every point sits at one step, the groups are spread along x instead."""
+    import pandas as pd  # heavy: only reports need it
+    from matplotlib.lines import Line2D  # heavy: only figures need it
+
     if not series:
         return None
     colors = _colors(pd.DataFrame([s.row for s in series]), [s.group for s in series])
@@ -206,7 +219,7 @@ def bpd_history(series: list[RunSeries]):
     ax.set_ylabel("bits/dim (test split)")
     ax.grid(alpha=0.3)
     _legend_below(fig, handles, [h.get_label() for h in handles])
-    plt.close(fig)
+    pyplot().close(fig)
     return fig
 
 
@@ -238,6 +251,8 @@ def bpd_history_caption(series: list[RunSeries]) -> str:
 # ---------------------------------------------------------------------------------------------- training loss
 def loss_history(client, df: pd.DataFrame):
     """The training loss of each run against step, coloured by group, log-scaled; a run with one point is a point."""
+    plt = pyplot()
+
     groups = run_groups(df)
     colors = _colors(df, groups)
     fig, ax = _axes()
@@ -276,6 +291,8 @@ LOSS_CAPTION = ("Training loss (metric loss) against step, log scale, one line p
 def per_t_curves(client, df: pd.DataFrame) -> tuple[object, str] | None:
     """The per-timestep terms L_t of the exact final bound (per_t_bound.json), mean over each group's finished
     runs, overlaid; with its caption. None when no run logged them (an estimated final bound logs none)."""
+    import pandas as pd  # heavy: only reports need it
+
     done = df[df.status == "FINISHED"]
     if done.empty:
         return None
@@ -376,12 +393,14 @@ def bpd_vs_fid(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None
     ax.set_title("Likelihood against sample quality", fontsize=10)
     ax.grid(alpha=0.3)
     _legend_below(fig, *ax.get_legend_handles_labels())
-    plt.close(fig)
+    pyplot().close(fig)
     return fig
 
 
 def bpd_vs_fid_caption(df: pd.DataFrame, pareto: list[tuple[float, float]] | None = None) -> str:
     """What the bits/dim-against-FID picture shows: how each axis was measured, from the runs drawn."""
+    import pandas as pd  # heavy: only reports need it
+
     done = fid_runs(df)
 
     def tag(name: str, missing: str, fmt=str) -> str:
@@ -418,7 +437,7 @@ def _latest_samples(client, run_id: str, tmp: str):
     if not pngs:
         return None
     best = max(pngs, key=lambda p: int(Path(p).name.split("+")[2]))
-    return int(Path(best).name.split("+")[2]), plt.imread(client.download_artifacts(run_id, best, tmp))
+    return int(Path(best).name.split("+")[2]), pyplot().imread(client.download_artifacts(run_id, best, tmp))
 
 
 def _sampler(r) -> str:
@@ -439,6 +458,9 @@ def _sampler(r) -> str:
 def sample_grids(client, df: pd.DataFrame) -> tuple[object, str] | None:
     """The last sample grid of one finished run (the lowest seed) per group, side by side, labelled above
     each image in wrapped lines the layout makes room for; with its caption."""
+    import pandas as pd  # heavy: only reports need it
+    plt = pyplot()
+
     done = df[df.status == "FINISHED"]
     done = done.assign(_group=run_groups(done), _seed=pd.to_numeric(done.seed, errors="coerce")).sort_values("_seed")
     order = list(_colors(done, done["_group"]))  # the table's order

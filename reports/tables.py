@@ -9,16 +9,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from scipy import stats
 
 from bench.errors import BenchError, first_line
 from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.training.config import WEIGHTED_FIELDS, RunConfig, flatten
 from reports import weighted
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS = ("bpd", "bpd/prior", "bpd/vb", "bpd/diffusion", "bpd/decoder", "bpd_unclipped", "bpd_stderr", "nll_ode",
            "nll_ode_stderr", "nll_ode_nfe", "fid", "isc", "fid_ref_test", "fid_ref_noise", "train_seconds",
@@ -87,6 +89,8 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
     ``weighted[min-snr γ=3+adaptive]``), so each weighting is a row of its own.
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
+    import pandas as pd  # heavy: only reports need it
+
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
     liveness.close_dead_runs(client, ids)
     # MLflow filters: AND only, no parentheses
@@ -170,6 +174,8 @@ ROW = "table row"  # a run's row in the comparison table (0-based, in its order)
 
 def row_numbers(df: pd.DataFrame) -> pd.Series:
     """Each run's row in :func:`comparison_table` (which groups by the same key, sorted the same way)."""
+    import pandas as pd  # heavy: only reports need it
+
     return df.groupby(row_key(), sort=True, dropna=False).ngroup() if len(df) else pd.Series([], dtype=int)
 
 
@@ -182,6 +188,8 @@ def varying_settings(df: pd.DataFrame) -> list[str]:
 
 def mean_ci(values: pd.Series) -> tuple[float, float, float, float, int]:
     """mean, sample std, and the 95% t-interval of the mean over the finite values; n."""
+    from scipy import stats  # heavy: only the intervals need it
+
     v = values.dropna().to_numpy(dtype=float)
     n = len(v)
     if n == 0:
@@ -199,6 +207,8 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     seed (call :func:`deduplicate` first). Run counts, and for each metric over the FINISHED runs'
     seeds the mean, std and 95% interval; ``settings`` names the row's values of the settings that
     vary in the selection. ``best_bpd`` / ``best_fid`` mark the lowest mean within each dataset."""
+    import pandas as pd  # heavy: only reports need it
+
     rows = []
     keys, varying = row_key(), varying_settings(df)
     df = df.assign(**{GAP: df["bpd"] - df["nll_ode"]})
@@ -234,6 +244,8 @@ def _pairing(metric: str) -> list[str]:
 def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame:
     """For each pair of variants on the same dataset, schedule and SETTINGS (FIDs: and feature extractor), the
     per-seed differences A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
+    import pandas as pd  # heavy: only reports need it
+
     rows = []
     done = df[df.status == "FINISHED"]
     varying = varying_settings(df)
@@ -314,6 +326,8 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     shares (constant settings, tags and columns) is said once above the table instead of in each cell.
     Of the row's key, the variant has a column; a dataset or schedule that differs between rows, and the
     settings that do (``settings``), share one compact column, ``settings``."""
+    import pandas as pd  # heavy: only reports need it
+
     if table.empty:
         return table, []
     several = len(table) > 1

@@ -12,16 +12,13 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import optuna
-import optuna.visualization.matplotlib as ovm
-import pandas as pd
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from bench.runtime.progress import format_duration, on_terminal
 from bench.runtime.urls import masked
-from bench.tracking.plots import FIGURES
+from bench.tracking.plots import FIGURES, pyplot
 from bench.training.evaluation import evaluate_checkpoint, other_method_name
 from bench.training.record import NoLog
 from studies.config import OBJECTIVES, StudyResult
@@ -120,6 +117,8 @@ def log_study(study, sc, name: str, variant: str, log):
         metrics |= {f"default_{k}": v for k, v in zip(keys, default["values"])}
     log.metrics({k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}, 0)
     log.dict({"best": best, "default": default, "counts": counts}, "study_best.json")
+    import pandas as pd  # heavy: only the trials table needs it
+
     df = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
     if len(df):
         if "duration" in df and pd.api.types.is_timedelta64_dtype(df["duration"]):
@@ -128,6 +127,9 @@ def log_study(study, sc, name: str, variant: str, log):
             path = Path(tmp) / "trials.csv"
             df.to_csv(path, index=False)
             log.artifact(path)
+    pyplot()  # the Agg backend chosen before optuna's plots import pyplot
+    import optuna.visualization.matplotlib as ovm  # heavy: only the study's plots need it
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib backend is marked experimental
         _plot(log, "optimization_history.png", lambda: ovm.plot_optimization_history(
@@ -151,7 +153,7 @@ def _plot(log, path: str, make) -> None:
         fig.set_size_inches(7, 4)
         fig.tight_layout()
         log.figure(fig, path)
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 # ------------------------------------------------------------------------- what bench study prints
@@ -304,6 +306,8 @@ def _values(row: dict, keys: tuple[str, ...]) -> str:
 
 def pareto_table(rows: list[dict], keys: tuple[str, ...]) -> str:
     """The Pareto front as an aligned table: trial, the objectives, the exact bpd, the parameters."""
+    import pandas as pd  # heavy: only the table's layout needs it
+
     params = _param_order({k for r in rows for k in r["params"]})
     table = []
     for r in sorted(rows, key=lambda r: r["values"]):
@@ -378,6 +382,8 @@ def compare_results(results: list, sc) -> str:
         table.append(cells)
     legend = ("bpd: estimated bits/dim on the test split, exact bpd: the exact bound where re-evaluated (lower is "
               "better); a learned schedule (vdm) is shown by where it started")
+    import pandas as pd  # heavy: only the table's layout needs it
+
     body = pd.DataFrame(table).fillna("-").to_string(index=False)
     return "\n".join(["studies compared, the best trial of each:", *(f"  {line}" for line in body.splitlines()),
                       f"  {legend}"])

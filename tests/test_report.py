@@ -32,7 +32,7 @@ from scipy import stats
 from tools import CHROMIUM
 
 from bench.cli.main import cli
-from bench.tracking.plots import plt, sample_grid
+from bench.tracking.plots import pyplot, sample_grid
 from reports import figures
 from reports.build import REPORT_EXPERIMENT, build_report
 from reports.tables import ROW, comparison_table, deduplicate, load_runs, row_numbers
@@ -552,7 +552,7 @@ def test_each_table_row_has_one_colour_in_every_figure_and_legends_follow_the_ta
         < md.index("| simple | T=4000, steps=200 |")  # the key column names what differs, in the table's order
     df = load_runs(client, ["small"])
     df = df.assign(**{ROW: row_numbers(df)})  # as build_report hands the runs to the figures
-    tab10 = [to_hex(c) for c in plt.get_cmap("tab10").colors[:3]]
+    tab10 = [to_hex(c) for c in pyplot().get_cmap("tab10").colors[:3]]
     legend = figures.bpd_history(figures.bpd_series(client, df)).legends[0]
     assert [t.get_text() for t in legend.get_texts()][:3] == rows
     assert [to_hex(h.get_color()) for h in legend.legend_handles[:3]] == tab10

@@ -24,12 +24,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
-from scipy.interpolate import CubicHermiteSpline
 
 from bench.diffusion.gaussian import BIN_HALF_WIDTH, bits_per_dim_from_nats
 from bench.diffusion.schedule import Schedule
@@ -38,6 +36,9 @@ from bench.diffusion.variant import Variant
 from bench.errors import BenchError, check_choice
 from bench.runtime.context import LOCAL, Runtime, evaluating
 from bench.runtime.progress import progress_of
+
+if TYPE_CHECKING:
+    from scipy.interpolate import CubicHermiteSpline
 
 SOLVERS = ("RK45", "RK23", "DOP853")  # solve_ivp's explicit methods (implicit ones need the state's Jacobian)
 PROBE_TYPES = ("rademacher", "gaussian")
@@ -117,9 +118,11 @@ class VpSde:
     @cached_property
     def _log_ab(self) -> CubicHermiteSpline:
         """s ↦ log ᾱ(s): the cubic through (t/T, log ᾱ_t) with slope −β at each knot (see :meth:`knot_betas`)."""
+        import scipy.interpolate  # heavy: only the ODE needs it
+
         T = self.sched.T
         log_ab = np.concatenate([[0.0], torch.log(self.sched.alphas_cumprod).numpy()])
-        return CubicHermiteSpline(np.arange(T + 1, dtype=np.float64) / T, log_ab, -self.knot_betas())
+        return scipy.interpolate.CubicHermiteSpline(np.arange(T + 1, dtype=np.float64) / T, log_ab, -self.knot_betas())
 
     @cached_property
     def _minus_beta(self) -> CubicHermiteSpline:
@@ -222,6 +225,8 @@ def flow_nll_nats(score: ScoreFn, sde: FlowSde, z: torch.Tensor, probes: torch.T
     z's device in z's dtype; the solver works in float64. Returns (nats [B] float64 on the CPU, the number
     of drift evaluations, each one network call and one vector–Jacobian product on the batch).
     """
+    import scipy.integrate  # heavy: only the ODE needs it
+
     B, shape, D = z.shape[0], z.shape[1:], z[0].numel()
     device, dtype = z.device, z.dtype
     probes = probes.to(device=device, dtype=dtype)
@@ -241,8 +246,8 @@ def flow_nll_nats(score: ScoreFn, sde: FlowSde, z: torch.Tensor, probes: torch.T
         return out
 
     y0 = np.concatenate([z.detach().to(torch.float64).cpu().numpy().reshape(-1), np.zeros(B)])
-    sol = solve_ivp(drift, (options.eps, 1.0), y0, method=options.method, rtol=options.rtol, atol=options.atol,
-                    t_eval=(1.0,))
+    sol = scipy.integrate.solve_ivp(drift, (options.eps, 1.0), y0, method=options.method, rtol=options.rtol,
+                                    atol=options.atol, t_eval=(1.0,))
     if sol.status != 0:
         raise SolverFailed(f"the ODE solver ({options.method}) stopped before s = 1: {sol.message}; "
                            "try looser tolerances (rtol/atol)")

@@ -4,15 +4,25 @@ schedule's density over λ."""
 from __future__ import annotations
 
 import threading
+from functools import cache
+from types import ModuleType
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: figures are written to files and MLflow
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 FIGURES = threading.RLock()  # matplotlib is not thread-safe: figures are made and drawn under this lock
+
+
+@cache
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use; the one place the project imports pyplot,
+    so the backend is chosen before pyplot loads."""
+    import matplotlib  # heavy: only figures need it
+
+    matplotlib.use("Agg")  # no display: figures are written to files and MLflow
+    import matplotlib.pyplot as plt  # heavy: only figures need it
+
+    return plt
 
 
 def sample_grid(images: torch.Tensor, min_side: int = 32) -> np.ndarray:
@@ -39,7 +49,7 @@ def per_t_figure(curves: dict[str, torch.Tensor], title: str = "", colors: dict 
 def continuous_curve_figure(curves: dict[str, tuple[list[float], list[float]]], title: str = ""):
     """A continuous-time bound's diffusion integrand (bits/dim) against t ∈ [0, 1], one (t, value) curve per label."""
     with FIGURES:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = pyplot().subplots(figsize=(7, 4))
         for label, (t, values) in curves.items():
             ax.plot(t, np.clip(values, 1e-12, None), label=label, lw=1.2, marker=".")
         return _log_scaled(fig, ax, "continuous time t (γ(t) = −log SNR increases with t)",
@@ -52,7 +62,7 @@ def adaptive_density_figure(edges: np.ndarray, density: np.ndarray, lam: np.ndar
     """The adaptive noise schedule's piecewise-constant density q(λ) over its bins (``edges`` [bins + 1], ``density``
     [bins], per unit λ) beside the fixed schedule's own p(λ) = 1/γ'(t) (``schedule_density`` at each ``lam``), log y."""
     with FIGURES:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = pyplot().subplots(figsize=(7, 4))
         ax.stairs(np.clip(density, 1e-12, None), edges, baseline=None, label="adaptive q(λ)", lw=1.4)
         ax.plot(lam, np.clip(schedule_density, 1e-12, None), label="the schedule's p(λ) = 1/γ'(t)", lw=1.0, ls="--")
         return _log_scaled(fig, ax, "λ = log SNR (−γ)", "density over λ",
@@ -60,7 +70,7 @@ def adaptive_density_figure(edges: np.ndarray, density: np.ndarray, lam: np.ndar
 
 
 def _per_t_figure(curves: dict[str, torch.Tensor], title: str, colors: dict):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for label, per_t in curves.items():
         values = per_t.detach().cpu().double().numpy()
         ax.plot(np.arange(1, len(values) + 1), np.clip(values, 1e-12, None), label=label, lw=1.2,
@@ -78,5 +88,5 @@ def _log_scaled(fig, ax, xlabel: str, ylabel: str, title: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    plt.close(fig)  # still drawable by MLflow / savefig; not kept in pyplot's registry
+    pyplot().close(fig)  # still drawable by MLflow / savefig; not kept in pyplot's registry
     return fig
