@@ -885,8 +885,9 @@ def test_a_weighting_study_gives_the_pareto_front_with_each_trials_weighting(hom
     runs = trial_runs(mlflow_client(home), trials)
     for t in trials:  # what the trial trained with, as `bench report` reads it
         run = runs[t.number].data
+        gamma = f" γ={t.params['min_snr_gamma']:g}" if "min_snr_gamma" in t.params else ""
         assert run.params["config.weighting"] == t.params["weighting"] and run.tags["variant"] == \
-            f"weighted[{t.params['weighting']}]"
+            f"weighted[{t.params['weighting']}{gamma}]"
         assert float(run.params["config.min_snr_gamma"]) == t.params.get("min_snr_gamma", 5.0)
         assert run.metrics["fid"] == pytest.approx(t.values[1])
     for t in trials:  # each trial's line
