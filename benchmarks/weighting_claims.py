@@ -7,9 +7,15 @@ estimated two ways with the variant's own loss:
 - by the adaptive schedule, first adapted on ``--adapt`` training batches of this model's losses and then held
   fixed: λ drawn from its piecewise-constant density q, each example weighted by w(λ)/q(λ).
 
-Both are unbiased for the same L_w. Each is repeated ``--repeats`` times over the same images with fresh t (or λ)
-and ε; the table gives each estimate's mean over the repeats with its standard error, and the variance of one
-repeat's mean (the estimator's variance at this batch size) and its ratio, adaptive over fixed. Also whether the
+Both are unbiased for the same L_w. With ``--line-bound`` it also re-estimates the model's bound L_∞ (the trainer's
+final-evaluation protocol: the whole test split, 2 × 16 stratified t per image, seed 1234) with t spread along the
+straight line between the model's own end points γ(0), γ(1) instead of along its schedule: the same expectation
+(L_∞ depends on the schedule only through its end points, and the network is conditioned on γ, so it is the same
+denoiser), but γ'(t) is then constant, which on a cosine schedule cuts the Monte Carlo error many times over.
+
+Both sampler estimates are unbiased for the same L_w. Each is repeated ``--repeats`` times over the same images with
+fresh t (or λ) and ε; the table gives each estimate's mean over the repeats with its standard error, and the variance
+of one repeat's mean (the estimator's variance at this batch size) and its ratio, adaptive over fixed. Also whether the
 weighting is monotone on the model's schedule.
 
 Usage: ``python benchmarks/weighting_claims.py CKPT [CKPT ...] [--adapt N] [--repeats R] [--batch B]``.
@@ -25,7 +31,8 @@ from dataclasses import replace
 import torch
 
 from bench.data.datasets import load_dataset
-from bench.diffusion.continuous import find_denoiser
+from bench.diffusion.continuous import FixedLinear, find_denoiser
+from bench.diffusion.continuous_bound import continuous_bound
 from bench.diffusion.gaussian import to_data_scale
 from bench.diffusion.weighting import is_monotone
 from bench.nets.ema import ema_weights
@@ -45,6 +52,27 @@ def load_model(path: str):
     model = config.build_model(config.build_variant(), images.shape[1], images.shape[2])
     load_weights(model, ema_weights(ckpt["ema"]), "EMA weights")
     return model.eval(), config
+
+
+SEED = 1234  # the evaluation seed of the trainer's final bound
+
+
+@torch.no_grad()
+def line_bound(path: str, t_per_image: int = 32) -> dict:
+    """The model's L_∞ on the whole test split with t along the line through its own end points (module docstring),
+    beside the schedule's own estimate with the same draws."""
+    model, config = load_model(path)
+    images = load_dataset(config.dataset, "test", config.data_dir)
+    den = find_denoiser(model)
+    own = den.schedule
+    result = {"own": continuous_bound(model, images, t_per_image=t_per_image, seed=SEED)}
+    den.schedule = FixedLinear(*own.endpoints())
+    try:
+        result["line"] = continuous_bound(model, images, t_per_image=t_per_image, seed=SEED)
+    finally:
+        den.schedule = own
+    return {"weighting": config.build_weighting().short() + ("+adaptive" if config.adaptive_schedule else ""),
+            "seed": config.seed, **{k: {**r.summary(), "images": len(images)} for k, r in result.items()}}
 
 
 def _mean_loss(variant, model, sched, x0: torch.Tensor, g: torch.Generator, batch: int) -> float:
@@ -88,7 +116,17 @@ def main() -> None:
     parser.add_argument("--adapt", type=int, default=200, help="training batches the adaptive schedule learns from")
     parser.add_argument("--repeats", type=int, default=30, help="estimates of L_w per sampler")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--line-bound", action="store_true", help="only L_∞ along the line through the end points")
     args = parser.parse_args()
+    if args.line_bound:
+        print("| weighting | seed | L_∞, t along its schedule | MC se | L_∞, t along the line | MC se |\n"
+              "|---|---|---|---|---|---|")
+        for path in args.checkpoints:
+            r = line_bound(path)
+            own, line = r["own"], r["line"]
+            print(f"| {r['weighting']} | {r['seed']} | {own['bpd']:.4f} | {own['bpd_stderr_mc']:.4f} | "
+                  f"{line['bpd']:.4f} | {line['bpd_stderr_mc']:.4f} |", flush=True)
+        return
     print("| weighting | seed | monotone | L_w, fixed schedule | L_w, adaptive | var(estimate) fixed | adaptive | "
           "ratio |\n|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
