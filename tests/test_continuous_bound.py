@@ -216,6 +216,12 @@ def test_two_shapes_with_the_same_end_points_give_the_same_bound_and_different_v
     # measured here, (bits/dim)² per image: linear 0.057, slow start 0.052, fast start 0.141
     assert variance["fast start"] > 2 * max(variance["linear"], variance["slow start"]), variance
     assert results["fast start"].stderr_mc > results["linear"].stderr_mc  # what the evaluator reports
+    # along="line" (the ruler's L_∞): a curved schedule's model measured with its t on the line between its ends is
+    # the linear schedule's estimate, draw for draw; the model keeps its own schedule
+    model = _oracle(schedules["fast start"])
+    on_line = continuous_bound(model, x, t_per_image=32, along="line")
+    assert torch.allclose(on_line.total, results["linear"].total, rtol=1e-9, atol=0)
+    assert "t along the line between" in on_line.method and model.schedule is schedules["fast start"]
 
 
 # --------------------------------------------------------------------- e. the learned schedule
@@ -293,6 +299,9 @@ def test_bad_arguments_and_a_ddpm_network_are_refused():
             continuous_bound(_oracle(), x, t_per_image=t_per_image)
     with pytest.raises(BenchError, match="T must be None"):
         continuous_bound(_oracle(), x, T=0)
+    for along, T in (("curve", None), ("line", 10)):
+        with pytest.raises(BenchError, match="along must be one of schedule, line"):
+            continuous_bound(_oracle(), x, along=along, T=T)
     with pytest.raises(BenchError, match="not a continuous-time model"):
         continuous_bound(nonzero_network("tiny", 1, 1, 8), torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
     with pytest.raises(BenchError, match="uint8 pixels"):

@@ -17,6 +17,12 @@ pair has its own noise ε; the same ε gives z_0 = α₀x + σ₀ε, so each pai
 replicate's decoder term is the mean of its S draws. The per-image estimate is the mean of the two replicates;
 their difference gives the Monte Carlo standard error (as :func:`bench.diffusion.bound.estimate_bits_per_dim`).
 
+``along="line"`` spreads the t of L_∞ along the straight line between the schedule's end points instead of along the
+schedule itself: the same expectation (L_∞ depends on the schedule only through γ(0) and γ(1), and the network is
+conditioned on γ, so as a function of (z, γ) it is the same denoiser), with γ'(t) constant, which on a curved
+schedule (the continuous cosine's γ' grows as cosh(γ/2)) cuts the Monte Carlo error many times over. The ruler
+(``bench.training.ruler``) measures every L_∞ so; L_T keeps the schedule's own steps (its value depends on them).
+
 The network is called as ``model(z_t, t)`` (t float in [0, 1]), so an autocast wrapper applies to it; γ, γ', α, σ
 and the three terms are formed in ``runtime.precision`` (float64, float32 on MPS) with autocast off, never in
 bfloat16. Unlike the discrete-time bound there is no clipped/unclipped pair of conventions: the continuous-time
@@ -30,12 +36,14 @@ contiguous block of whole batches and the per-pair terms are gathered, as the di
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from bench.diffusion.bound import to_device
 from bench.diffusion.continuous import (
+    FixedLinear,
     alpha_sigma_squared,
     decoder_nats,
     diffusion_nats,
@@ -161,11 +169,30 @@ def _data(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float64)
 
 
-def _describe(T: int | None, pairs: int, N: int, precision: torch.dtype, every_step: bool) -> str:
+ALONG = ("schedule", "line")  # where the t of L_∞ are spread: along the model's schedule, or the line between its ends
+
+
+@contextmanager
+def along_line(model):
+    """The model's schedule replaced, inside the block, by the straight line between its end points (the schedule is
+    put back after it, whatever happens)."""
+    den = find_denoiser(model)
+    own = den.schedule
+    start, end = own.endpoints()
+    den.schedule = FixedLinear(start, end)
+    try:
+        yield
+    finally:
+        den.schedule = own
+
+
+def _describe(T: int | None, pairs: int, N: int, precision: torch.dtype, every_step: bool, along: str) -> str:
     what = "L_∞ (VDM), ½ γ'(t)‖ε − ε̂‖²" if T is None else f"L_T, T = {T}, (T/2) expm1(γ_t − γ_s)‖ε − ε̂‖²"
     how = ("every step once per replicate" if every_step
            else "one t uniform in each of the replicate's strata" if T is None
            else "one step uniform in each of the replicate's strata of steps")
+    if along == "line":
+        how += ", t along the line between the schedule's γ(0) and γ(1) (the same expectation as along the schedule)"
     # no ';' inside: a tag's first ';' ends its method part (reports show that part)
     return (f"continuous-time bound {what}, Monte Carlo: 2×{pairs} stratified t per image ({how}), {N} images, "
             f"decoder: VDM's 256-way on the 8-bit bins k/127.5 − 1 with one z_0 per pair, prior exact at γ(1), "
@@ -174,7 +201,7 @@ def _describe(T: int | None, pairs: int, N: int, precision: torch.dtype, every_s
 
 # --------------------------------------------------------------------- the evaluator
 def continuous_bound(model, images: torch.Tensor, *, t_per_image: int = 32, T: int | None = None, seed: int = 0,
-                     runtime: Runtime = LOCAL) -> ContinuousResult:
+                     runtime: Runtime = LOCAL, along: str = "schedule") -> ContinuousResult:
     """The continuous-time bound (``T=None``: L_∞) or its finite-T form (``T``) per image, in bits/dim, estimated
     with ``t_per_image`` (even, >= 2) network calls per image in two stratified replicates (module docstring).
 
@@ -182,7 +209,16 @@ def continuous_bound(model, images: torch.Tensor, *, t_per_image: int = 32, T: i
     nearest bin, and only the prior and diffusion terms mean what they say). ``model``: anything that holds a
     :class:`bench.diffusion.continuous.ContinuousDenoiser` (its schedule gives γ), called in eval mode, its
     training mode restored afterwards. Pairs go ``runtime.batch_size`` (default 1024) at a time, image-major;
-    ``runtime.dist``: each rank evaluates its block of whole batches and all get the result."""
+    ``runtime.dist``: each rank evaluates its block of whole batches and all get the result. ``along``: "schedule",
+    or "line" for L_∞ with t along the line between the schedule's end points (module docstring)."""
+    if along not in ALONG or (along == "line" and T is not None):
+        raise BenchError(f"along must be one of {', '.join(ALONG)} ('line' only for L_∞, T None), got {along!r}")
+    with along_line(model) if along == "line" else nullcontext():
+        return _bound(model, images, t_per_image, T, seed, runtime, along)
+
+
+def _bound(model, images: torch.Tensor, t_per_image: int, T: int | None, seed: int, runtime: Runtime,
+           along: str) -> ContinuousResult:
     runtime = runtime.resolve(model, batch_size=1024)
     if isinstance(t_per_image, bool) or not isinstance(t_per_image, int) or t_per_image < 2 or t_per_image % 2:
         raise BenchError(f"t_per_image must be an even number >= 2 (two replicates), got {t_per_image!r}")
@@ -220,7 +256,7 @@ def continuous_bound(model, images: torch.Tensor, *, t_per_image: int = 32, T: i
         total=total, prior=prior, diffusion=diffusion, decoder=decoder,
         stderr=total.std().item() / math.sqrt(N) if N > 1 else math.nan,
         stderr_mc=math.sqrt(((reps[:, 0] - reps[:, 1]) ** 2 / 4).sum().item()) / N,  # Var((A+B)/2) = E(A−B)²/4
-        t_per_image=K, T=T, method=_describe(T, S, N, runtime.precision, T is not None and S == T),
+        t_per_image=K, T=T, method=_describe(T, S, N, runtime.precision, T is not None and S == T, along),
         per_t_edges=edges / (T or 1), per_t=bits[:, :, 0].view(N, 2, S).mean(dim=(0, 1)),
     )
 
