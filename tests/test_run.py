@@ -6,6 +6,7 @@ Every run is tiny (T = 40, a handful of steps, 8 test images) and writes only un
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -968,3 +969,16 @@ def test_a_weighted_run_says_what_it_trained_on_and_logs_its_adaptive_schedule(h
     u0, u1 = (2 / math.pi * math.atan(math.exp(g / 2)) for g in (-13.3, 5.0))  # CosineEnds: p(λ) = sech(λ/2)/(2π Δu)
     p = 1 / torch.cosh((lo + hi) / 4) / (2 * math.pi * (u1 - u0))  # at the bins' centres
     assert bins["schedule_density"] == pytest.approx(p.tolist(), rel=1e-6)
+
+    # benchmarks/weighting_claims.py on this checkpoint: both samplers estimate the same L_w, and L_∞ with t on the
+    # schedule is the run's logged bound while t on the line is another estimate of it
+    spec = importlib.util.spec_from_file_location("weighting_claims",
+                                                  Path(__file__).parent.parent / "benchmarks" / "weighting_claims.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    r = script.claims(tags["checkpoint"], adapt=2, repeats=3, batch=128)
+    assert r["monotone"] is False and r["fixed"]["var"] > 0 and r["adaptive"]["var"] > 0
+    assert abs(r["fixed"]["mean"] - r["adaptive"]["mean"]) < 5 * (r["fixed"]["se"] + r["adaptive"]["se"])
+    bounds = script.line_bound(tags["checkpoint"], t_per_image=2)
+    assert bounds["weighting"] == "edm+adaptive" and bounds["schedule"]["images"] == 297
+    assert bounds["line"]["bpd"] != bounds["schedule"]["bpd"] and bounds["line"]["bpd_stderr_mc"] > 0
