@@ -204,5 +204,10 @@ def test_the_adaptive_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
     assert resumed.adaptive.updates == straight.adaptive.updates == 4
     assert torch.equal(resumed.adaptive.ema.nan_to_num(-1), straight.adaptive.ema.nan_to_num(-1))
     assert not torch.equal(straight.adaptive.probabilities(), torch.full((64,), 1 / 64, dtype=torch.float64))
+    other = dataclasses.replace(config, gamma_min=-12.0)  # a checkpoint's bins over another λ range are refused
+    moved = other.build_variant()
+    moved.load_state_dict(first.state_dict(), sched.T)
+    with pytest.raises(BenchError, match="the checkpoint's adaptive schedule covers"):
+        moved.loss(other.build_model(moved, 1, 8), sched, x0, torch.Generator().manual_seed(4))
     with pytest.raises(BenchError, match="adaptive noise schedule but this run has none"):
         dataclasses.replace(config, adaptive_schedule=False).build_variant().load_state_dict(first.state_dict(), 1000)

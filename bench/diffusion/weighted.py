@@ -49,8 +49,7 @@ class WeightedVariant(ContinuousVariant):
         super().__init__(variance)
         self.weighting = weighting or build_weighting("eps")
         self.adaptive_asked = bool(adaptive)
-        self.adaptive: AdaptiveSchedule | None = None  # made on the first step, from the model's schedule
-        self._pending: dict | None = None  # an adaptive state loaded before the first step
+        self.adaptive: AdaptiveSchedule | None = None  # made on the first step (or from a checkpoint)
 
     @property
     def label(self) -> str:
@@ -65,13 +64,15 @@ class WeightedVariant(ContinuousVariant):
                 "adaptive_schedule": self.adaptive_asked}
 
     def adaptive_for(self, model) -> AdaptiveSchedule:
-        """The adaptive schedule over the model's λ range [−γ(1), −γ(0)] (made once)."""
+        """The adaptive schedule over the model's λ range [−γ(1), −γ(0)] (made once, or read from a checkpoint: then
+        checked against that range)."""
+        g0, g1 = find_denoiser(model).schedule.endpoints()
         if self.adaptive is None:
-            g0, g1 = find_denoiser(model).schedule.endpoints()
             self.adaptive = AdaptiveSchedule(-g1, -g0)
-            if self._pending is not None:
-                self.adaptive.load_state_dict(self._pending)
-                self._pending = None
+        elif [self.adaptive.lam_min, self.adaptive.lam_max] != [-g1, -g0]:
+            raise BenchError(f"the checkpoint's adaptive schedule covers λ in [{self.adaptive.lam_min}, "
+                             f"{self.adaptive.lam_max}], this model's schedule [{-g1}, {-g0}]: resume with the "
+                             "checkpoint's config")
         return self.adaptive
 
     def loss(self, model, sched, x0: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
@@ -115,9 +116,7 @@ class WeightedVariant(ContinuousVariant):
         self.adaptive.update(lam, values)
 
     def state_dict(self) -> dict:
-        if self.adaptive is not None:
-            return {"adaptive": self.adaptive.state_dict()}
-        return {"adaptive": self._pending} if self._pending is not None else {}
+        return {"adaptive": self.adaptive.state_dict()} if self.adaptive is not None else {}
 
     def load_state_dict(self, state: dict, T: int) -> None:
         if "adaptive" not in state:
@@ -125,7 +124,7 @@ class WeightedVariant(ContinuousVariant):
         if not self.adaptive_asked:
             raise BenchError("the checkpoint holds an adaptive noise schedule but this run has none: resume with "
                              "--adaptive-schedule")
-        if self.adaptive is not None:
-            self.adaptive.load_state_dict(state["adaptive"])
-        else:
-            self._pending = state["adaptive"]
+        saved = state["adaptive"]
+        if self.adaptive is None:  # its range is checked against the model's at the first step
+            self.adaptive = AdaptiveSchedule(*saved["range"], bins=saved["bins"])
+        self.adaptive.load_state_dict(saved)
