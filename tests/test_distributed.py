@@ -178,7 +178,8 @@ def test_a_killed_rank_ends_the_run_failed_with_a_reason_not_a_hang(tmp_path, se
 
 
 WORKLOAD = """
-import sys, time, torch
+import os, sys, time, torch
+from pathlib import Path
 from bench.runtime.cores import CoreShare
 from bench.nets.unet import build_network
 net = build_network("tiny", 1, 1, 8).eval()
@@ -195,7 +196,13 @@ with torch.no_grad(), CoreShare(sys.argv[1]) as cores:
         net(x, t)
         if i % 25 == 0:
             cores.apply()  # as the trainer does at every logging step
-    print(time.perf_counter() - start, torch.get_num_threads())
+    seconds, threads = time.perf_counter() - start, torch.get_num_threads()
+    # stay registered until every process has finished its work: one that finished first and left would
+    # rightly let the other grow back to all the cores at its next look, and the threads read would race
+    (Path(sys.argv[1]) / f"done-{os.getpid()}").touch()
+    while len(list(Path(sys.argv[1]).glob("done-*"))) < int(sys.argv[2]) and time.monotonic() < deadline + 600:
+        time.sleep(0.05)
+print(seconds, threads)
 """
 
 
