@@ -67,7 +67,7 @@ def test_diffusers() -> None:
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"][1] == "UNet2DModel"
     config = json.loads((folder / "unet" / "config.json").read_text())
-    assert config["attention_head_dim"] is None and config["block_out_channels"] == [32, 64]
+    assert config["attention_head_dim"] is None and config["block_out_channels"] == [32, 32]
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["num_train_timesteps"] == T and scheduler["variance_type"] == "fixed_large"
     shapes = safetensors_shapes(folder / "unet" / "diffusion_pytorch_model.safetensors")
