@@ -168,6 +168,7 @@ def convert_state(state: dict[str, torch.Tensor], config: UNetConfig) -> tuple[d
         if kind == "res":
             for part, mine in RES_PARTS.items():
                 for p in ("weight", "bias"):
+                    origin[f"{ours}.{mine}.{p}"] = f"{theirs}.{part}.{p}"  # named if it is missing
                     if f"{theirs}.{part}.{p}" in state:
                         put(f"{ours}.{mine}.{p}", f"{theirs}.{part}.{p}", state[f"{theirs}.{part}.{p}"])
         elif kind == "attn":
@@ -185,6 +186,7 @@ def convert_state(state: dict[str, torch.Tensor], config: UNetConfig) -> tuple[d
                 put(f"{ours}.proj_out.{p}", f"{theirs}.proj_out.{p}", proj[..., None] if p == "weight" else proj)
         else:
             for p in ("weight", "bias"):
+                origin[f"{ours}.{p}"] = f"{theirs}.{p}"
                 if f"{theirs}.{p}" in state:
                     put(f"{ours}.{p}", f"{theirs}.{p}", state[f"{theirs}.{p}"])
     for theirs, value in state.items():
