@@ -151,3 +151,116 @@ def test_the_released_cifar10_flags_build_the_iddpm_preset():
     assert unet_config(flags) == NETWORK_PRESETS["iddpm-cifar10"]
     assert diffusion(flags)["variant"] == "hybrid"
     assert diffusion({**flags, "use_kl": True})["variant"] == "elbo-learned"
+
+
+# ------------------------------------------------------------------ bench eval --from, end to end
+def _port_file(path: Path) -> Path:
+    """A random-weight digits-shaped network (1×8×8) saved in the PyTorch port's names (its Model's state dict
+    layout: temb.dense, mid.*, downsample/upsample, the up path top level first)."""
+    import re
+
+    from bench.nets.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0), 1, 1, 8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.5 / p[0].numel() ** 0.5))
+    theirs = {}
+    for k, v in net.state_dict().items():
+        k = k.replace("temb_dense.", "temb.dense.").replace("mid_block_", "mid.block_")
+        k = k.replace("mid_attn_", "mid.attn_")
+        k = re.sub(r"^(down)\.(\d+)\.resample\.", r"\1.\2.downsample.", k)
+        k = re.sub(r"^up\.(\d+)\.resample\.", r"up.\1.upsample.", k)
+        k = re.sub(r"^up\.(\d+)\.", lambda m: f"up.{1 - int(m[1])}.", k)
+        theirs[k] = v
+    torch.save(theirs, path)
+    return path
+
+
+PORT_FLAGS = "--in_channels 1 --out_ch 1 --resolution 8 --ch 32 --ch_mult 1,2 --num_res_blocks 1 --attn_resolutions 4"
+
+
+def _eval(args, tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli.main import cli
+
+    env = {"MLFLOW_EXPERIMENT_NAME": None, "MLFLOW_TRACKING_URI": None, "BENCH_HOME": str(tmp_path)}
+    return CliRunner().invoke(cli, ["eval", *args, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], env=env)
+
+
+def test_bench_eval_from_records_an_imported_run_measured_on_the_converted_network(tmp_path, one_torch_thread):
+    import hashlib
+
+    import mlflow
+
+    from bench.data.datasets import load_dataset
+    from bench.diffusion.bound import bits_per_dim
+    from bench.published.pytorch_diffusion import read_pytorch_diffusion
+    from bench.training.evaluation import EVAL_SEED, eval_subset
+
+    path = _port_file(tmp_path / "model-1.ckpt")
+    res = _eval([str(path), "--from", "pytorch-diffusion", "--flags", PORT_FLAGS, "--dataset", "digits",
+                 "--final-eval", "exact", "--final-eval-images", "1", "--fid-samples", "0"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "as simple[large], T = 1000" in res.output and "(tagged imported)" in res.output
+    assert "the paper reports" not in res.output  # not a released file
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("published").experiment_id])
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert (tags["imported"], tags["source_format"], tags["ema"], tags["published_as"]) == \
+        ("true", "pytorch-diffusion", "unknown", "")
+    assert tags["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert json.loads(tags["source_flags"])["ch_mult"] == "1,2"
+    assert run.data.params["config.network"] == "imported" and run.data.params["network.num_res_blocks"] == "1"
+    # the number recorded is the project's exact bound of this very network on those test images
+    converted = read_pytorch_diffusion(path, PORT_FLAGS)
+    images = eval_subset(load_dataset("digits", "test"), 1)
+    direct = bits_per_dim(converted.network(), get_variant("simple", "large"), Schedule.linear(T=1000), images,
+                          seed=EVAL_SEED)
+    assert run.data.metrics["bpd"] == pytest.approx(direct.total.mean().item(), rel=1e-6)
+
+
+def test_a_released_file_is_recognised_by_its_checksum_and_its_paper_value_printed(tmp_path, monkeypatch,
+                                                                                  one_torch_thread):
+    """The port's released files are known by the MD5 its code publishes: its paper's values are printed beside the
+    measured one and tagged, and whether it is an EMA is known. (A stand-in file with a registered checksum.)"""
+    import dataclasses
+
+    import mlflow
+
+    import bench.published.evaluate as evaluate
+
+    path = _port_file(tmp_path / "model-790000.ckpt")
+    known = dataclasses.replace(evaluate.KNOWN[2], md5=evaluate.md5(path), flags=PORT_FLAGS)
+    monkeypatch.setattr(evaluate, "KNOWN", (known,))
+    res = _eval([str(path), "--from", "pytorch-diffusion", "--dataset", "digits", "--final-eval", "estimate",
+                 "--final-eval-images", "2", "--fid-samples", "0"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "DDPM CIFAR-10 (EMA), its EMA weights" in res.output
+    assert "the paper reports bpd ≤ 3.75, FID 3.17 (Ho et al. 2020" in res.output
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("published").experiment_id])
+    assert (run.data.tags["paper_bpd"], run.data.tags["paper_fid"], run.data.tags["ema"]) == ("≤ 3.75", "3.17", "yes")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--from", "pytorch-diffusion", "--dataset", "cifar10"], "takes images 1×8×8; cifar10 has 3×32×32"),
+    (["--flags", "--ch 32"], "are for a published model: add --from FORMAT"),
+    (["--from", "pytorch-diffusion", "--log-to-run"], "a published model is recorded as a new run"),
+])
+def test_bench_eval_from_refuses_in_one_line(tmp_path, args, message, cifar10_root):
+    path = _port_file(tmp_path / "model.ckpt")
+    flags = [] if "--flags" in args else ["--flags", PORT_FLAGS]
+    res = _eval([str(path), *args, *flags, "--data-dir", str(cifar10_root), "--final-eval-images", "1",
+                 "--fid-samples", "0"], tmp_path)
+    assert res.exit_code != 0
+    assert message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    if (tmp_path / "m.db").exists():  # nothing recorded: the refusal comes before the run is created
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -10,6 +10,7 @@ import click
 from bench.cli import options
 from bench.cli.options import ARGV, FIELDS, RUN_OPTIONS, config_option, with_options
 from bench.errors import BenchError
+from bench.published.evaluate import EMA_WORDS, EXPERIMENT, FORMATS, finish_import, prepare_import, read_published
 from bench.runtime.dist import launch
 from bench.runtime.urls import masked
 from bench.training.checkpoint import load_checkpoint
@@ -125,7 +126,24 @@ ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID u
 
 
 @click.command("eval")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
+@click.option("--from", "source_format", type=click.Choice(sorted(FORMATS)), default=None,
+              help="CHECKPOINT is a published model in this format (a file; a folder for diffusers): it is read as "
+                   "tensors into the project's network, measured like a trained run and recorded as a new run tagged "
+                   "imported (in --experiment, default 'published').")
+@click.option("--flags", default=None,
+              help="With --from: what the model was built with, as its own code takes them (improved-diffusion: "
+                   "'--num_channels 128 --num_res_blocks 3 --learn_sigma True …'; pytorch-diffusion: its Model's "
+                   "arguments), or a JSON file of them. [default: a released file's own; else the format's defaults]")
+@click.option("--ema", type=click.Choice(EMA_WORDS), default=None,
+              help="With --from: whether the file holds EMA weights (recorded). [default: known for a released file, "
+                   "else unknown]")
+@config_option("dataset", help="With --from: the test split and FID reference it is measured on.", default="cifar10",
+               show_default=True)
+@config_option("experiment", help="With --from: the MLflow experiment its run is recorded in.", default=EXPERIMENT,
+               show_default=True)
+@config_option("data_dir", help="With --from: the dataset's folder (unset: $BENCH_DATA_DIR).")
+@config_option("download", help="With --from: download the dataset when it is missing.")
 @click.option("--nll", type=click.Choice(["bound", "ode"]), default=None,
               help="ode: also the NLL under the probability-flow ODE (nll_ode, with its Monte Carlo error and NFE; "
                    "not a bound); bound: the bound without it. [default: the run's final_eval_ode]")
@@ -140,11 +158,20 @@ ONLY = {"bound": "the bound alone", "ode": "nll_ode alone (a run's bpd and FID u
                    "bpd_eval_<method>_<N>images (nll_ode likewise), so the run's own numbers are never overwritten.")
 @options.tracking_uri("With --log-to-run: the run's store, "
                       "where the checkpoint holds its URI with the password masked.")
-def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) -> None:
+def eval_cmd(checkpoint, source_format, flags, ema, dataset, experiment, data_dir, download, nll, only, device,
+             log_to_run, tracking_uri, **values) -> None:
     """Evaluate a saved model's EMA weights: bits/dim on the test split, nll_ode, samples and FID.
 
     Unset options take the run's own config; the first lines say what will be computed, on how many images and by
-    which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling."""
+    which method. Under `torchrun --nproc_per_node N -m bench eval …` the ranks share the bound and the sampling.
+
+    With --from, CHECKPOINT is a published model (improved-diffusion's or the PyTorch DDPM port's state dict, a
+    diffusers folder): it gets the same evaluation on --dataset (options unset take the dataset's defaults), is
+    recorded as a new run tagged imported, and the paper's value is printed beside the measured one when known."""
+    if source_format is None and (flags or ema or dataset != "cifar10" or experiment != EXPERIMENT or data_dir
+                                  or download is not None):
+        raise BenchError("--flags, --ema, --dataset, --data-dir, --download and --experiment are for a published "
+                         "model: add --from FORMAT")
     if only and nll and (nll == "ode") != (only == "ode"):
         raise BenchError(f"--only {only} and --nll {nll} contradict each other; give one of them")
     if only in ("bound", "ode") and values["fid_samples"]:
@@ -155,6 +182,12 @@ def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) 
     overrides = {**values, "final_eval_ode": ode}
     if only in ("bound", "ode"):
         overrides["fid_samples"] = 0
+    if source_format is not None:
+        if log_to_run:
+            raise BenchError("--log-to-run is for a run's checkpoint; a published model is recorded as a new run")
+        _eval_published(checkpoint, source_format, flags, ema, dataset, experiment,
+                        {**overrides, "data_dir": data_dir, "download": download}, only, device, tracking_uri)
+        return
     plan = prepare_evaluation(checkpoint, overrides, bound=only in (None, "bound"), log_to_run=log_to_run,
                               device=device, tracking_uri=tracking_uri)
     if plan.dist.main:
@@ -170,3 +203,27 @@ def eval_cmd(checkpoint, nll, only, device, log_to_run, tracking_uri, **values) 
             click.echo(f"  the run's bpd came from {why} and is kept: this bound is logged as {plan.bound}")
         if plan.ode not in (None, "nll_ode"):
             click.echo(f"  the run's nll_ode came from other test images and is kept: this one is logged as {plan.ode}")
+
+
+def _eval_published(path, source_format, flags, ema, dataset, experiment, overrides, only, device,
+                    tracking_uri) -> None:
+    """`bench eval PATH --from FORMAT`: read, evaluate, record; the paper's value beside the measured one."""
+    imported = read_published(path, source_format, flags, ema)
+    plan = prepare_import(imported, overrides, dataset=dataset, experiment=experiment, device=device,
+                          tracking_uri=tracking_uri)
+    if only in ("ode", "fid"):
+        plan.bound = None
+    if plan.dist.main:
+        click.echo(plan.describe())
+    ok = False
+    try:
+        metrics = run_evaluation(plan)
+        ok = True
+    finally:
+        finish_import(plan, ok)
+    if not plan.dist.main:
+        return
+    click.echo(summarize(metrics))
+    if imported.known is not None and imported.known.paper_values():
+        click.echo(f"the paper reports {imported.known.paper_values()}")
+    click.echo(f"recorded as run {plan.run_id} in experiment {plan.config.experiment} (tagged imported)")

@@ -38,6 +38,7 @@ FINAL_EVALS = ("exact", "estimate")
 MAX_T = 100_000  # diffusion steps (the schedule's tables and the exact bound grow with T)
 MAX_BATCH = 65_536  # images or (image, t) pairs in one network call
 MAX_SAMPLES = 1_000_000  # images generated for FID or a grid
+IMPORTED = "imported"  # the network of a published model read by bench eval --from (built from its own file)
 
 
 def _field(default, help: str, **cli) -> Any:
@@ -167,6 +168,8 @@ class RunConfig:
     def build_model(self, variant: Variant, channels: int, size: int) -> torch.nn.Module:
         """The network ``variant`` trains on images [C, size, size]: the U-Net preset, or for a continuous-time
         variant the U-Net conditioned on γ(t) with the schedule inside it (ContinuousDenoiser)."""
+        if self.network == IMPORTED:
+            raise BenchError("an imported model's network is built from its own file: bench eval FILE --from FORMAT")
         if not variant.continuous:
             return build_network(self.network, channels, variant.out_channels(channels), size)
         inputs = ContinuousDenoiser.in_channels(channels, self.fourier_features)
@@ -202,7 +205,8 @@ class RunConfig:
         _check_types(self)
         variant = self.build_variant()
         check_choice("dataset", self.dataset, sorted(DATASETS))
-        check_choice("network", self.network, sorted(NETWORK_PRESETS))
+        if self.network != IMPORTED:
+            check_choice("network", self.network, sorted(NETWORK_PRESETS))
         check_choice("schedule", self.schedule, SCHEDULES, field=True)
         check_choice("precision", self.precision, PRECISIONS, field=True)
         check_choice("final_eval", self.final_eval, FINAL_EVALS, field=True)

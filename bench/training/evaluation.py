@@ -249,6 +249,8 @@ class CheckpointEval:
     bound: str | None
     ode: str | None
     grid: bool
+    model: torch.nn.Module | None = None  # the network itself where it is not the checkpoint's (an imported model)
+    source: str = ""  # what is evaluated, where it is not a run's checkpoint
 
     @property
     def run_id(self) -> str:
@@ -257,7 +259,8 @@ class CheckpointEval:
     def describe(self) -> str:
         """What will be computed, on how many images, by which method, and where it goes: a few lines."""
         c, n_test = self.config, len(self.test_images)
-        lines = [f"evaluating the EMA weights of run {self.run_id} at step {self.ckpt['step']} on {self.device}:"]
+        lines = [f"evaluating {self.source} on {self.device}:" if self.source else
+                 f"evaluating the EMA weights of run {self.run_id} at step {self.ckpt['step']} on {self.device}:"]
         if self.bound is None:
             lines.append("  bound      not computed")
         else:
@@ -319,8 +322,11 @@ def run_evaluation(plan: CheckpointEval, progress: bool = True, desc: str = "") 
     model, its tag ``model_id``). Returns the metrics under the names they are logged under."""
     c, d, dev = plan.config, plan.dist, plan.device
     C, H = plan.train_images.shape[1], plan.train_images.shape[2]
-    ema = c.build_model(plan.variant, C, H)
-    load_weights(ema, ema_weights(plan.ckpt["ema"]), "EMA weights")
+    if plan.model is not None:
+        ema = plan.model
+    else:
+        ema = c.build_model(plan.variant, C, H)
+        load_weights(ema, ema_weights(plan.ckpt["ema"]), "EMA weights")
     model = Autocast(ema.to(dev).eval(), c.precision, dev)
     log = NoLog()
     if plan.client is not None:
