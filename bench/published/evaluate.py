@@ -67,7 +67,7 @@ KNOWN: tuple[Published, ...] = (
     Published("ema_diffusion_cifar10_model/model-790000.ckpt", "pytorch-diffusion", "DDPM CIFAR-10 (EMA)",
               PORT_URL + "2e4f01e2d9ee49bab1d5/?dl=1", "", "yes", md5="1fa350b952534ae442b1d5235cce5cd3",
               paper_bpd="≤ 3.75", paper_fid="3.17",
-              paper="Ho et al. 2020, Table 2: test NLL bound; FID on 50k samples"),
+              paper="Ho et al. 2020, Table 1: test NLL bound; FID on 50k samples against the train split"),
     Published("diffusion_cifar10_model/model-790000.ckpt", "pytorch-diffusion", "DDPM CIFAR-10 (raw)",
               PORT_URL + "869980b53bf5416c8a28/?dl=1", "", "no", md5="82ed3067fd1002f5cf4c339fb80c4669"),
 )
