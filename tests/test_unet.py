@@ -151,7 +151,7 @@ def test_downsample_uses_ddpm_asymmetric_padding() -> None:
 
 
 def test_unknown_preset_lists_known_presets() -> None:
-    with pytest.raises(BenchError, match=r"unknown network preset 'huge'.*known presets: ddpm-cifar10, tiny"):
+    with pytest.raises(BenchError, match=r"unknown network preset 'huge'.*known presets: ddpm-cifar10, iddpm-cifar10, tiny"):
         build_network("huge", 3, 3, 32)
 
 

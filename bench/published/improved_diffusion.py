@@ -1,0 +1,205 @@
+"""improved-diffusion (Nichol & Dhariwal 2021) state dicts, with the flags they were trained with.
+
+Its ``UNetModel`` is the DDPM U-Net with five differences, each a :class:`~bench.nets.unet.UNetConfig` field here:
+several attention heads, the timestep setting the second GroupNorm's scale and shift, its own sinusoidal
+embedding, GroupNorm ε 1e-5 and symmetric padding before the strided down-sampling convolution. With
+``rescale_timesteps`` (its default) the network sees t·1000/T. A learned Σ (``learn_sigma``) doubles the output
+channels: ε̂ first, then v with log σ² = ((v + 1)/2)·log β_t + ((1 − v)/2)·log β̃_t, as the project's
+``learned_range`` variants read them. Its attention keeps q, k and v of each head side by side in one 1×1
+convolution; they are split here into the project's three.
+
+The flags are written as its scripts take them (``--num_channels 128 --num_res_blocks 3 …``); what is not given
+takes its scripts' defaults. Which objective it was trained with follows from them: ``learn_sigma`` and
+``use_kl`` → ``elbo-learned`` (L_vlb), ``learn_sigma`` alone → ``hybrid``, neither → ``simple`` with β (its
+default) or β̃ (``sigma_small``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import torch
+
+from bench.errors import BenchError
+from bench.nets.unet import UNetConfig
+from bench.published.common import Converted, read_tensors
+
+FORMAT = "improved-diffusion"
+
+# its scripts' defaults (script_util.model_and_diffusion_defaults), and channel_mult, which it derives from image_size
+DEFAULT_FLAGS: dict = {
+    "image_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+    "attention_resolutions": "16,8", "dropout": 0.0, "learn_sigma": False, "sigma_small": False,
+    "class_cond": False, "diffusion_steps": 1000, "noise_schedule": "linear", "timestep_respacing": "",
+    "use_kl": False, "predict_xstart": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
+    "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "",
+}
+CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}  # by image_size, as its create_model
+# flags that change nothing the evaluation reads (how it was trained, or memory): recorded, not refused
+TRAINING_ONLY = ("rescale_learned_sigmas", "use_checkpoint")
+
+
+def parse_flags(text: str | dict) -> dict:
+    """``--name value`` pairs as its scripts take them (or a dict, or the path of a JSON file of one) over its
+    defaults, each value of its default's type; an unknown name or a bad value is one error line."""
+    if isinstance(text, dict):
+        given = dict(text)
+    elif text.strip().endswith(".json") and Path(text.strip()).is_file():
+        given = json.loads(Path(text.strip()).read_text())
+    else:
+        words = shlex.split(text)
+        if len(words) % 2 or any(not w.startswith("--") for w in words[::2]):
+            raise BenchError(f"--flags {text!r}: write them as improved-diffusion's scripts take them, "
+                             "'--name value' pairs (e.g. '--num_channels 128 --learn_sigma True')")
+        given = {w[2:]: v for w, v in zip(words[::2], words[1::2], strict=True)}
+    flags = dict(DEFAULT_FLAGS)
+    for name, value in given.items():
+        if name not in DEFAULT_FLAGS:
+            raise BenchError(f"--flags: improved-diffusion has no flag --{name}; its model and diffusion flags are "
+                             f"{', '.join(sorted(DEFAULT_FLAGS))}")
+        flags[name] = _typed(name, value, DEFAULT_FLAGS[name])
+    return flags
+
+
+def _typed(name: str, value, default):
+    if isinstance(value, list):  # channel_mult from a JSON file
+        value = ",".join(map(str, value))
+    text = str(value)
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise BenchError(f"--flags: --{name} takes True or False, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise BenchError(f"--flags: --{name} takes {type(default).__name__}, got {text!r}") from None
+
+
+def unet_config(flags: dict) -> UNetConfig:
+    """The project's U-Net for these flags; what it cannot build is one error line."""
+    for name, why in (("class_cond", "the project's networks are unconditional"),
+                      ("predict_xstart", "the project's discrete-time variants predict ε or μ̃, not x̂0")):
+        if flags[name]:
+            raise BenchError(f"--{name} True: not supported ({why})")
+    if flags["timestep_respacing"]:
+        raise BenchError("--timestep_respacing: give the model's full diffusion (the bound needs all T steps); "
+                         "the sampler's steps are --sample-steps")
+    if flags["num_heads_upsample"] not in (-1, flags["num_heads"]):
+        raise BenchError("--num_heads_upsample other than --num_heads: the project's network has one head count")
+    size = flags["image_size"]
+    mult = tuple(int(m) for m in flags["channel_mult"].split(",")) if flags["channel_mult"] else CHANNEL_MULT.get(size)
+    if mult is None:
+        raise BenchError(f"--image_size {size}: improved-diffusion builds {sorted(CHANNEL_MULT)} only; give "
+                         "--channel_mult too (e.g. 1,2,2,2)")
+    attention = tuple(int(r) for r in flags["attention_resolutions"].split(",") if r.strip())
+    return UNetConfig(ch=flags["num_channels"], ch_mult=mult, num_res_blocks=flags["num_res_blocks"],
+                      attn_resolutions=attention, dropout=flags["dropout"], num_groups=32,
+                      num_heads=flags["num_heads"], scale_shift_norm=flags["use_scale_shift_norm"],
+                      embedding="iddpm", norm_eps=1e-5, downsample_pad="symmetric",
+                      time_scale=1000 / flags["diffusion_steps"] if flags["rescale_timesteps"] else 1.0)
+
+
+def diffusion(flags: dict) -> dict:
+    """The RunConfig fields of the diffusion these flags trained: objective, Σ and schedule."""
+    T = flags["diffusion_steps"]
+    if flags["learn_sigma"]:
+        variant, variance = ("elbo-learned" if flags["use_kl"] else "hybrid"), None
+    else:
+        variant, variance = ("elbo" if flags["use_kl"] else "simple"), ("small" if flags["sigma_small"] else "large")
+    if flags["noise_schedule"] == "cosine":
+        schedule = {"schedule": "cosine", "cosine_s": 0.008}
+    elif flags["noise_schedule"] == "linear":  # Ho's ends, scaled by 1000/T so the curve is kept for any T
+        schedule = {"schedule": "linear", "beta_start": 1e-4 * 1000 / T, "beta_end": 0.02 * 1000 / T}
+    else:
+        raise BenchError(f"--noise_schedule {flags['noise_schedule']!r}: improved-diffusion knows linear and cosine")
+    return {"variant": variant, "variance": variance, "T": T, **schedule}
+
+
+def _block_names(config: UNetConfig) -> list[tuple[str, str, str]]:
+    """(its prefix, the project's prefix, kind) of every layer, kind one of res, attn, conv, norm, linear."""
+    names = [("time_embed.0", "temb_dense.0", "linear"), ("time_embed.2", "temb_dense.1", "linear"),
+             ("input_blocks.0.0", "conv_in", "conv")]
+    n, k = len(config.ch_mult), 1
+    for i in range(n):
+        for j in range(config.num_res_blocks):
+            names.append((f"input_blocks.{k}.0", f"down.{i}.block.{j}", "res"))
+            names.append((f"input_blocks.{k}.1", f"down.{i}.attn.{j}", "attn"))
+            k += 1
+        if i != n - 1:
+            names.append((f"input_blocks.{k}.0.op", f"down.{i}.resample.conv", "conv"))
+            k += 1
+    names += [("middle_block.0", "mid_block_1", "res"), ("middle_block.1", "mid_attn_1", "attn"),
+              ("middle_block.2", "mid_block_2", "res")]
+    k = 0
+    for u, i in enumerate(reversed(range(n))):
+        for j in range(config.num_res_blocks + 1):
+            names.append((f"output_blocks.{k}.0", f"up.{u}.block.{j}", "res"))
+            names.append((f"output_blocks.{k}.1", f"up.{u}.attn.{j}", "attn"))
+            if i != 0 and j == config.num_res_blocks:  # its Upsample ends the level's last block
+                names.append((f"output_blocks.{k}.@up.conv", f"up.{u}.resample.conv", "conv"))
+            k += 1
+    return names + [("out.0", "norm_out", "norm"), ("out.2", "conv_out", "conv")]
+
+
+RES_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "temb_proj", "out_layers.0": "norm2",
+             "out_layers.3": "conv2", "skip_connection": "nin_shortcut"}
+
+
+def convert_state(state: dict[str, torch.Tensor], config: UNetConfig) -> tuple[dict, dict]:
+    """Its state dict under the project's names: (state, origin) with origin mapping each project name to its own.
+    Tensors it holds that have no place here are kept under their own names, so loading names them."""
+    out, origin, used = {}, {}, set()
+
+    def put(ours: str, theirs: str, value: torch.Tensor) -> None:
+        out[ours], origin[ours] = value, theirs
+        used.add(theirs)
+
+    for theirs, ours, kind in _block_names(config):
+        if "@up" in theirs:  # the Upsample sits after the block (and its attention, if any)
+            level = theirs.split(".@")[0]
+            found = sorted(k for k in state if k.startswith(level + ".") and k.endswith(".conv.weight"))
+            if not found:
+                continue
+            theirs = found[-1].removesuffix(".weight")
+        if kind == "res":
+            for part, mine in RES_PARTS.items():
+                for p in ("weight", "bias"):
+                    origin[f"{ours}.{mine}.{p}"] = f"{theirs}.{part}.{p}"  # named if it is missing
+                    if f"{theirs}.{part}.{p}" in state:
+                        put(f"{ours}.{mine}.{p}", f"{theirs}.{part}.{p}", state[f"{theirs}.{part}.{p}"])
+        elif kind == "attn":
+            if f"{theirs}.qkv.weight" not in state:
+                continue  # no attention at this resolution
+            for p in ("weight", "bias"):
+                put(f"{ours}.norm.{p}", f"{theirs}.norm.{p}", state[f"{theirs}.norm.{p}"])
+                qkv = state[f"{theirs}.qkv.{p}"]  # [3C(, C, 1)]: per head, its q, k and v channels side by side
+                c3 = qkv.shape[0]
+                split = qkv.reshape(config.num_heads, 3, c3 // (3 * config.num_heads), *qkv.shape[1:])
+                for s, name in enumerate("qkv"):
+                    value = split[:, s].reshape(c3 // 3, *qkv.shape[1:])
+                    put(f"{ours}.{name}.{p}", f"{theirs}.qkv.{p}", value[..., None] if p == "weight" else value)
+                proj = state[f"{theirs}.proj_out.{p}"]
+                put(f"{ours}.proj_out.{p}", f"{theirs}.proj_out.{p}", proj[..., None] if p == "weight" else proj)
+        else:
+            for p in ("weight", "bias"):
+                origin[f"{ours}.{p}"] = f"{theirs}.{p}"
+                if f"{theirs}.{p}" in state:
+                    put(f"{ours}.{p}", f"{theirs}.{p}", state[f"{theirs}.{p}"])
+    for theirs, value in state.items():
+        if theirs not in used:
+            out[theirs], origin[theirs] = value, theirs
+    return out, origin
+
+
+def read_improved_diffusion(path: str | Path, flags: str | dict = "") -> Converted:
+    """An improved-diffusion state dict (``torch.save(model.state_dict())``, its ``model*.pt`` and
+    ``ema_*.pt`` files) with the flags it was trained with."""
+    flags = parse_flags(flags)
+    config = unet_config(flags)
+    state, origin = convert_state(read_tensors(path, "improved-diffusion model"), config)
+    out = 6 if flags["learn_sigma"] else 3
+    return Converted(FORMAT, config, 3, out, flags["image_size"], state, diffusion(flags), flags, origin)

@@ -1,0 +1,153 @@
+"""Published models read into the project's network, against fixtures made by running the original code.
+
+tests/fixtures/published/ holds random-weight networks saved by improved-diffusion's ``UNetModel`` and the PyTorch
+port's ``Model``, fixed inputs and what the original code computed from them (its README and make_fixtures.py say
+how). Nothing of the original code is imported here: the project's network built from the converted state dict
+must give the same outputs, and the project's exact bound the same terms as improved-diffusion's ``calc_bpd_loop``
+on the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.diffusion.bound import _pairs_nats, _prior_bits, bits_per_dim_from_nats
+from bench.diffusion.schedule import Schedule
+from bench.errors import BenchError
+from bench.published.improved_diffusion import parse_flags, read_improved_diffusion
+from bench.published.pytorch_diffusion import read_pytorch_diffusion
+from bench.runtime.context import LOCAL
+from variants import get_variant
+
+FIXTURES = Path(__file__).parent / "fixtures" / "published"
+ID = FIXTURES / "improved_diffusion"
+PD = FIXTURES / "pytorch_diffusion"
+
+
+def _case(folder: Path) -> dict:
+    return torch.load(folder / "case.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def iddpm():
+    """(the converted network, the fixture case) of the improved-diffusion fixture."""
+    converted = read_improved_diffusion(ID / "model.pt", json.loads((ID / "flags.json").read_text()))
+    return converted, converted.network(), _case(ID)
+
+
+def test_improved_diffusion_network_matches_the_original_to_1e_5(iddpm):
+    converted, net, case = iddpm
+    assert converted.unet.num_heads == 4 and converted.unet.scale_shift_norm and converted.unet.num_res_blocks == 3
+    assert converted.unet.time_scale == 1000 / 20  # rescaled timesteps: the original saw t·1000/T (t_model)
+    assert torch.equal(case["t"] * converted.unet.time_scale, case["t_model"])
+    with torch.no_grad():
+        out = net(case["x_t"], case["t"])
+    assert out.shape == (4, 6, 8, 8)
+    assert (out - case["out"]).abs().max().item() < 1e-5, (out - case["out"]).abs().max()
+
+
+def test_improved_diffusion_bound_equals_calc_bpd_loop_on_the_same_noise(iddpm):
+    """Every term of the exact bound (x̂0 clipped, as calc_bpd_loop's clip_denoised=True, and unclipped), the prior
+    and the total, in bits/dim, against the original's on the same images and noise."""
+    converted, net, case = iddpm
+    d = converted.diffusion
+    assert (d["variant"], d["schedule"], d["T"]) == ("hybrid", "cosine", 20)
+    sched = Schedule.cosine(T=20, s=d["cosine_s"])
+    assert torch.allclose(sched.betas, case["betas"], rtol=0, atol=1e-15)
+    variant = get_variant(d["variant"], d["variance"])
+    images, noise = case["pixels"], case["noise"]  # noise [T, N, C, H, W]: the original's draw for each t
+    N, T, D = images.shape[0], 20, images[0].numel()
+    nats = _pairs_nats(net, variant, sched, images, torch.arange(T).repeat(N, 1), lambda i: noise[:, i],
+                       LOCAL.resolve(net, batch_size=16), "fixture")
+    clipped, unclipped = (bits_per_dim_from_nats(nats[row], D) for row in (0, 1))
+    prior = _prior_bits(sched, images)
+    # the KL terms L_1..L_{T-1} and the prior: equal
+    assert (clipped[:, 1:] - case["vb"][:, 1:].double()).abs().max().item() < 1e-6
+    assert torch.allclose(prior, case["prior_bpd"].double(), rtol=1e-4, atol=1e-9)
+    # unclipped, the last term is ~790 bits (β_T = 0.999), float32 in the original: relative
+    assert torch.allclose(unclipped[:, 1:], case["vb_unclipped"][:, 1:].double(), rtol=1e-6, atol=1e-6)
+    # the decoder L_0: the project integrates the exact normal density over each bin; the original's code uses a
+    # tanh approximation of the normal CDF (with bin probabilities floored at 1e-12). With that approximation, the
+    # project's decoder mean and variance at t = 1 give the original's term exactly...
+    x0 = images.float() / 127.5 - 1
+    t0 = torch.zeros(N, dtype=torch.long)
+    with torch.no_grad():
+        x1 = sched.q_sample(x0, t0, noise[0])
+        step = variant.p_mean_variance(net(x1, t0).double(), sched, x1.double(), t0, clip_x0=True)
+    approx = _tanh_decoder_bits(x0.double(), step.mean, step.log_var)
+    assert (approx - case["vb"][:, 0].double()).abs().max().item() < 1e-5
+    # ... and the exact integral differs from it by a few thousandths of a bit on this random network
+    difference = (clipped[:, 0] - case["vb"][:, 0].double()).abs().max().item()
+    assert 1e-3 < difference < 1e-2, difference
+    total = prior + clipped.sum(1)
+    assert (total - case["total_bpd"].double()).abs().max().item() == pytest.approx(difference, rel=0.01)
+
+
+def _tanh_decoder_bits(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """−log p(x_0 | x_1) in bits/dim with DDPM's approximate normal CDF 0.5(1 + tanh(√(2/π)(y + 0.044715y³))),
+    bin probabilities floored at 1e-12 and open edge bins (a reference written from the formula)."""
+    def cdf(y):
+        return 0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+
+    inv_std = torch.exp(-0.5 * log_var)
+    hi, lo = cdf((x - mean + 1 / 255) * inv_std), cdf((x - mean - 1 / 255) * inv_std)
+    log_p = torch.where(x < -0.999, hi.clamp(min=1e-12).log(),
+                        torch.where(x > 0.999, (1 - lo).clamp(min=1e-12).log(), (hi - lo).clamp(min=1e-12).log()))
+    return -log_p.flatten(1).sum(1) / (x[0].numel() * torch.log(torch.tensor(2.0, dtype=torch.float64)))
+
+
+def test_pytorch_port_network_matches_the_original_to_1e_5():
+    converted = read_pytorch_diffusion(PD / "model.pt", json.loads((PD / "flags.json").read_text()))
+    case = _case(PD)
+    with torch.no_grad():
+        out = converted.network()(case["x"], case["t"])
+    assert (out - case["out"]).abs().max().item() < 1e-5
+    assert (converted.diffusion["variant"], converted.diffusion["variance"]) == ("simple", "large")
+
+
+def test_a_tensor_of_the_wrong_name_or_shape_is_one_line_naming_it(tmp_path):
+    state = torch.load(ID / "model.pt", weights_only=True)
+    flags = json.loads((ID / "flags.json").read_text())
+    renamed = {("input_blocks.1.0.in_layers.2.weights" if k == "input_blocks.1.0.in_layers.2.weight" else k): v
+               for k, v in state.items()}
+    torch.save(renamed, tmp_path / "renamed.pt")
+    with pytest.raises(BenchError, match=r"input_blocks\.1\.0\.in_layers\.2\.weight \(here down\.0\.block\.0\.conv1"
+                                         r"\.weight\) is missing \(and 1 more\)$"):
+        read_improved_diffusion(tmp_path / "renamed.pt", flags).network()
+    with pytest.raises(BenchError, match=r"out\.2\.weight \(here conv_out\.weight\) has shape \(6, 32, 3, 3\), "
+                                         r"the network's is \(3, 32, 3, 3\) \(and 1 more\)$"):
+        read_improved_diffusion(ID / "model.pt", {**flags, "learn_sigma": False}).network()
+    torch.save({"not": "tensors"}, tmp_path / "junk.pt")
+    with pytest.raises(BenchError, match="is not a state dict"):
+        read_improved_diffusion(tmp_path / "junk.pt", flags)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ("--num_chanels 128", r"improved-diffusion has no flag --num_chanels"),
+    ("--learn_sigma maybe", r"--learn_sigma takes True or False, got 'maybe'"),
+    ("--num_channels", r"'--name value' pairs"),
+    ("--class_cond True", r"--class_cond True: not supported"),
+    ("--image_size 48", r"--image_size 48: .* give --channel_mult"),
+    ("--timestep_respacing 250", r"--timestep_respacing: give the model's full diffusion"),
+])
+def test_bad_flags_are_one_line(flags, message):
+    from bench.published.improved_diffusion import unet_config
+
+    with pytest.raises(BenchError, match=message):
+        unet_config(parse_flags(flags))
+
+
+def test_the_released_cifar10_flags_build_the_iddpm_preset():
+    """improved-diffusion's README flags for its CIFAR-10 models, over its defaults, are the iddpm-cifar10 preset."""
+    from bench.nets.unet import NETWORK_PRESETS
+    from bench.published.improved_diffusion import diffusion, unet_config
+
+    flags = parse_flags("--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+                        "--diffusion_steps 4000 --noise_schedule cosine")
+    assert unet_config(flags) == NETWORK_PRESETS["iddpm-cifar10"]
+    assert diffusion(flags)["variant"] == "hybrid"
+    assert diffusion({**flags, "use_kl": True})["variant"] == "elbo-learned"
