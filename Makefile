@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench-speed bench-scale clean-venv
+.PHONY: run test lint bench-speed bench-scale bench-published clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ bench-speed: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py
+
+bench-published: $(STAMP)
+	$(PY) benchmarks/published_cost.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -35,6 +35,8 @@ from bench.errors import BenchError
 from bench.runtime.urls import masked
 from bench.tracking import store as tracking
 from reports import figures
+from reports.reference import INTRO as REFERENCE_INTRO
+from reports.reference import KIND, REFERENCE
 from reports.tables import (
     MONOTONE,
     ROW,
@@ -208,8 +210,8 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
     client = tracking.client(tracking_uri)
     df, duplicates = deduplicate(load_runs(client, experiments, filter_string))
     if df.empty:
-        raise BenchError("no training runs match (runs are those tagged with a variant); "
-                         "check --experiment and --filter")
+        raise BenchError("no training runs match (runs are those tagged with a variant, and imported models those "
+                         "tagged imported=true); check --experiment and --filter")
     table, pairs = comparison_table(df), paired_differences(df)
     df = df.assign(**{ROW: row_numbers(df)})  # the figures colour and order their groups by the table's rows
     shown, protocol = display_table(table)
@@ -232,7 +234,8 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
                 "tracking_uri": masked(client.tracking_uri), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
                 "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
-                "ode": bool(df["nll_ode"].notna().any()), "weighted": bool((df[MONOTONE] != "").any())}
+                "ode": bool(df["nll_ode"].notna().any()), "weighted": bool((df[MONOTONE] != "").any()),
+                "reference": bool((df[KIND] == REFERENCE).any())}
         _write_html(staging / "report.html", meta, shown, pairs, pictures)
         _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
         for d in staging.iterdir():
@@ -254,11 +257,13 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
 
 
 def _figures(client, df: pd.DataFrame, where: Path, pareto: list[tuple[float, float]]) -> list[Picture]:
-    """The report's pictures written into ``where``, each with the caption its data gives."""
-    series = figures.bpd_series(client, df)
+    """The report's pictures written into ``where``, each with the caption its data gives. Those over training steps
+    draw trained runs only (a published model has no training steps here)."""
+    own = df[df[KIND] != REFERENCE]
+    series = figures.bpd_series(client, own)
     made = [("bits/dim against training step", "bpd_vs_step.png",
              (figures.bpd_history(series), figures.bpd_history_caption(series)) if series else None),
-            ("training loss", "loss.png", _with(figures.loss_history(client, df), figures.LOSS_CAPTION)),
+            ("training loss", "loss.png", _with(figures.loss_history(client, own), figures.LOSS_CAPTION)),
             ("per-timestep terms of the bound", "per_t.png", figures.per_t_curves(client, df)),
             ("bits/dim against FID", "bpd_vs_fid.png",
              _with(figures.bpd_vs_fid(df, pareto), figures.bpd_vs_fid_caption(df, pareto))),
@@ -301,6 +306,8 @@ def _intro(meta: dict) -> list[str]:
                      "of −log p, not a bound; bpd − nll_ode, per run, is how loose the bound is.")
     if meta.get("weighted"):
         lines.append(WEIGHTED_INTRO)
+    if meta.get("reference"):
+        lines.append(REFERENCE_INTRO)
     if meta["mixed"]:
         lines.append(f"The selection mixes settings ({', '.join(meta['mixed'])}): "
                      "those runs are kept in separate rows, "
@@ -325,6 +332,11 @@ WEIGHTED_INTRO = (
     "its config), which makes L_w an ELBO of Gaussian-noise-augmented data: yes or no (?: the weighting could not "
     "be rebuilt here, e.g. a table file this machine cannot read).")
 COMMON = "Common settings (the same in every row):"  # then the protocol lines, a list above the comparison
+COMMON_TRAINED = "Common settings (the same in every trained row):"  # … where reference rows are shown too
+
+
+def _common(meta: dict) -> str:
+    return COMMON_TRAINED if meta.get("reference") else COMMON
 
 
 def _pairs_shown(pairs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -361,7 +373,7 @@ def _write_html(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataFrame
     main, details = split_display(table)
     parts.append("<h2>Comparison by variant</h2>")
     if meta["protocol"]:
-        parts.append(f"<p>{COMMON}</p><ul class='common'>"
+        parts.append(f"<p>{_common(meta)}</p><ul class='common'>"
                      + "".join(f"<li>{html.escape(p)}</li>" for p in meta["protocol"])
                      + "</ul>")
     parts.append(main.to_html(index=False, escape=True, border=0, table_id="comparison"))
@@ -389,7 +401,7 @@ def _write_markdown(path: Path, meta: dict, table: pd.DataFrame, pairs: pd.DataF
     run and tag values, the filter) goes in with HTML escaped, as in report.html."""
     main, details = split_display(table)
     lines = ["# elbo-bench comparison", "", *map(_md_text, _intro(meta)), "", "## Comparison by variant", "",
-             *([COMMON, "", *(f"- {_md_text(p)}" for p in meta["protocol"]), ""] if meta["protocol"] else []),
+             *([_common(meta), "", *(f"- {_md_text(p)}" for p in meta["protocol"]), ""] if meta["protocol"] else []),
              _markdown_table(main), ""]
     if not details.empty:
         lines += ["## Details by row", "", _md_text(DETAILS_CAPTION), "", _markdown_table(details), ""]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench.tracking.plots import per_t_figure, pyplot
+from reports.reference import KIND, REFERENCE
 from reports.tables import EXTRACTOR, ROW, SETTINGS
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ def _legend_below(fig, handles, labels) -> None:
 def run_groups(df: pd.DataFrame) -> pd.Series:
     """Each run's legend label: its variant and training budget ("elbo[small] · 300 steps"), with the dataset,
     schedule, the other settings of a table row's key and the FID's feature extractor where the selection mixes
-    them, so runs that differ there are not one group (as they are not one row)."""
+    them, so runs that differ there are not one group (as they are not one row). A published model's label (its
+    variant column, :mod:`reports.reference`) says what it is; it has no training budget here."""
     import pandas as pd  # heavy: only reports need it
 
     budgets = "steps" in df and df["steps"].astype(bool).any()
@@ -76,7 +78,7 @@ def run_groups(df: pd.DataFrame) -> pd.Series:
         parts.append(r["variant"])
         if _mixed(df, "schedule"):
             parts.append(r["schedule"])
-        if budgets:
+        if budgets and r.get(KIND) != REFERENCE:
             parts.append(f"{r['steps']} steps" if r["steps"] else "steps not recorded")
         parts += [f"{name}={r[name]}" for name in mixed]
         return " · ".join(parts)

@@ -17,7 +17,8 @@ from bench.errors import BenchError, first_line
 from bench.tracking import liveness
 from bench.tracking import store as tracking
 from bench.training.config import WEIGHTED_FIELDS, RunConfig, flatten
-from reports import weighted
+from reports import reference, weighted
+from reports.reference import KIND, PAPER, REFERENCE, SOURCE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,36 +80,36 @@ PREDATING_DEFAULTS = {"config.gamma_schedule": "auto", "config.gamma_min": "-13.
                          if k.removeprefix("config.") in ("prediction", *WEIGHTED_FIELDS)}}
 MONOTONE = "monotone"  # a weighted run's flag: is w(λ) non-increasing on its schedule (yes, no, ?); '' for others
 LEGACY_CONVENTION = "x0-unclipped"  # runs logged before `protocol.bpd` existed computed the bound unclipped
+# The settings that say how a row was evaluated (not trained): a reference row's settings cell names those where its
+# evaluation differs from the trained rows' (its training settings are its paper's, reports.reference)
+EVALUATION = ("T", "bound", "bound images", "estimate calls", "final_eval_ode", "ode_images", "ode_method", "ode_rtol",
+              "ode_atol", "ode_probes", "ode_probe_type", "FID samples", "sampler steps", "precision", "bpd convention")
 
 
 def load_runs(client, experiments: list[str] | None = None, filter_string: str | None = None) -> pd.DataFrame:
-    """Training runs (those tagged with a variant) of the named experiments (all when none) as one
-    DataFrame: columns run_id, status, seed, the GROUP tags, SETTINGS, MONOTONE, DESCRIBE_TAGS, CAPTION_TAGS,
-    diverged, and METRICS. ``fid_extractor`` names the extractor with its weights' hash (see
-    :func:`_extractor_of_rows`). A weighted run's ``variant`` is its label from its config (:mod:`reports.weighted`:
-    ``weighted[min-snr γ=3+adaptive]``), so each weighting is a row of its own.
+    """Training runs (those tagged with a variant) and imported published models (tag ``imported`` = "true") of the
+    named experiments (all when none) as one DataFrame: columns run_id, status, seed, the GROUP tags, SETTINGS,
+    MONOTONE, KIND, SOURCE, the paper's values (PAPER), DESCRIBE_TAGS, CAPTION_TAGS, diverged, and METRICS.
+    ``fid_extractor`` names the extractor with its weights' hash (see :func:`_extractor_of_rows`). A weighted run's
+    ``variant`` is its label from its config (:mod:`reports.weighted`:
+    ``weighted[min-snr γ=3+adaptive]``), so each weighting is a row of its own; an imported model's is its reference
+    label (:mod:`reports.reference`: ``hybrid · published: iDDPM L_hybrid CIFAR-10 (improved-diffusion, EMA)``).
 
     RUNNING runs whose process is gone are first marked KILLED in MLflow, so none is counted as running."""
     import pandas as pd  # heavy: only reports need it
 
     ids = [e.experiment_id for e in tracking.experiments(client, experiments)]
     liveness.close_dead_runs(client, ids)
-    # MLflow filters: AND only, no parentheses
-    filt = "tags.variant != ''" + (f" and {filter_string}" if filter_string else "")
-    try:
-        runs = []
-        token = None
-        while True:
-            page = client.search_runs(ids, filter_string=filt, max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
-    except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException for a malformed filter
-        raise BenchError(f"MLflow could not search runs with filter {filter_string!r}: {first_line(err)}") from None
+    # MLflow filters: AND only, no parentheses: imported models (which may lack a variant tag) are a second search
+    extra = f" and {filter_string}" if filter_string else ""
+    runs = {r.info.run_id: r for filt in ("tags.variant != ''", "tags.imported = 'true'")
+            for r in _search(client, ids, filt + extra, filter_string)}
     rows = []
-    for r in runs:
+    for r in runs.values():
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        if reference.is_reference(tags):  # the tags a trained run carries, from its params where an import lacks them
+            tags = {"variant": params.get("variant.variant", params.get("config.variant", "")),
+                    "dataset": params.get("config.dataset", ""), "schedule": params.get("schedule", ""), **tags}
         row = {
             "run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
             "experiment_id": r.info.experiment_id, "seed": params.get("config.seed"), "start_time": r.info.start_time,
@@ -120,12 +121,29 @@ def load_runs(client, experiments: list[str] | None = None, filter_string: str |
         row["bpd convention"] = params.get("protocol.bpd", LEGACY_CONVENTION)
         row.update({k: tags.get(k, "") for k in GROUP + DESCRIBE_TAGS + CAPTION_TAGS})
         row.update(weighted.row_values(params, tags))  # a weighted run's label, monotone flag and weighting key
+        row.update(reference.row_values(row["variant"], tags))  # an imported model's label, source and paper values
         row[EXTRACTOR] = _extractor(tags)
         row.update({m: metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
     columns = ["run_id", "run_name", "status", "experiment_id", "seed", "start_time", "diverged", "study",
-               *GROUP, *SETTINGS.values(), MONOTONE, *DESCRIBE_TAGS, *CAPTION_TAGS, *METRICS]
+               *GROUP, *SETTINGS.values(), MONOTONE, KIND, SOURCE, *PAPER.values(), *DESCRIBE_TAGS, *CAPTION_TAGS,
+               *METRICS]
     return _extractor_of_rows(pd.DataFrame(rows, columns=columns))
+
+
+def _search(client, ids: list[str], filt: str, filter_string: str | None) -> list:
+    """Every run of experiments ``ids`` that MLflow filter ``filt`` matches, page by page; ``filter_string``, the
+    user's part of it, is named in the error where MLflow refuses the filter."""
+    try:
+        runs, token = [], None
+        while True:
+            page = client.search_runs(ids, filter_string=filt, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+    except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException for a malformed filter
+        raise BenchError(f"MLflow could not search runs with filter {filter_string!r}: {first_line(err)}") from None
 
 
 def _extractor_of_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -165,8 +183,9 @@ def deduplicate(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def row_key() -> list[str]:
-    """The columns whose values a row's runs share: everything that can change a result but the seed."""
-    return [*GROUP, *SETTINGS.values(), EXTRACTOR]
+    """The columns whose values a row's runs share: everything that can change a result but the seed, and whether
+    they are trained runs or which imported file (KIND, SOURCE: a published model is never pooled with them)."""
+    return [*GROUP, *SETTINGS.values(), EXTRACTOR, KIND, SOURCE]
 
 
 ROW = "table row"  # a run's row in the comparison table (0-based, in its order): the figures colour and order by it
@@ -179,11 +198,29 @@ def row_numbers(df: pd.DataFrame) -> pd.Series:
     return df.groupby(row_key(), sort=True, dropna=False).ngroup() if len(df) else pd.Series([], dtype=int)
 
 
+def trained(df: pd.DataFrame) -> pd.DataFrame:
+    """The trained runs (or rows) of ``df``: those not of KIND reference; all of ``df`` when it holds no trained one."""
+    mine = df[df[KIND] != REFERENCE]
+    return df if mine.empty else mine
+
+
 def varying_settings(df: pd.DataFrame) -> list[str]:
-    """The SETTINGS that take more than one value in the selection (so rows are split by them), but those the
-    GROUP columns show already."""
+    """The SETTINGS that take more than one value among the trained runs of the selection (so rows are split by them),
+    but those the GROUP columns show already. A reference row is labelled by what it differs in
+    (:func:`reference_settings`), so adding one changes no trained row's label."""
+    base = trained(df)
     return [name for key, name in SETTINGS.items()
-            if key.removeprefix("config.") not in IN_GROUP and df[name].nunique(dropna=False) > 1]
+            if key.removeprefix("config.") not in IN_GROUP and base[name].nunique(dropna=False) > 1]
+
+
+def reference_settings(df: pd.DataFrame, row: dict) -> list[str]:
+    """For a reference row (a dict of its key), the EVALUATION settings the trained runs of ``df`` share and it does
+    not, and its dataset and schedule where they differ from the trained runs' single one."""
+    base = df[df[KIND] != REFERENCE]
+    if row[KIND] != REFERENCE or base.empty:
+        return []
+    return [name for name in ("dataset", "schedule", *EVALUATION)
+            if base[name].nunique(dropna=False) == 1 and str(row[name]) != str(base[name].iloc[0])]
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, float, float, int]:
@@ -206,7 +243,9 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, variant, schedule) and SETTINGS: runs that agree on everything but the
     seed (call :func:`deduplicate` first). Run counts, and for each metric over the FINISHED runs'
     seeds the mean, std and 95% interval; ``settings`` names the row's values of the settings that
-    vary in the selection. ``best_bpd`` / ``best_fid`` mark the lowest mean within each dataset."""
+    vary in the selection (a reference row's: also those it differs in, :func:`reference_settings`). ``best_bpd`` /
+    ``best_fid`` mark the lowest mean of a trained row within each dataset (a published model is a reference, not a
+    contender)."""
     import pandas as pd  # heavy: only reports need it
 
     rows = []
@@ -215,7 +254,9 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in df.groupby(keys, sort=True, dropna=False):
         done = g[g.status == "FINISHED"]
         row = dict(zip(keys, key))
-        row["settings"] = ", ".join(f"{name}={shown_setting(name, row[name])}" for name in varying)
+        names = [*varying, *(n for n in reference_settings(df, row) if n not in varying)]
+        row["settings"] = ", ".join(f"{name}={shown_setting(name, row[name])}" for name in names)
+        row.update({column: g[column].iloc[0] for column in PAPER.values()})  # the paper's values, as its tags say
         row[MONOTONE] = g[MONOTONE].iloc[0]  # the row's config gives it
         row.update({"runs": len(g), "finished": len(done), "diverged": int(g.diverged.sum())})
         for m in (*METRICS, GAP):
@@ -228,7 +269,8 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     for m in ("bpd", "fid"):  # FIDs are compared only with those of the same feature extractor
-        col, among = table[f"{m} mean"], [table["dataset"]] + [table[EXTRACTOR]] * (m in FEATURE_METRICS)
+        col = table[f"{m} mean"].where(table[KIND] != REFERENCE)
+        among = [table["dataset"]] + [table[EXTRACTOR]] * (m in FEATURE_METRICS)
         table[f"best_{m}"] = col.notna() & (col == col.groupby(among).transform("min"))
     return table
 
@@ -243,11 +285,12 @@ def _pairing(metric: str) -> list[str]:
 
 def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame:
     """For each pair of variants on the same dataset, schedule and SETTINGS (FIDs: and feature extractor), the
-    per-seed differences A − B over the seeds both finished: mean, std, 95% interval, number of pairs."""
+    per-seed differences A − B over the seeds both finished: mean, std, 95% interval, number of pairs. Trained runs
+    only: a published model (a reference row) has no seeds of these runs to pair with."""
     import pandas as pd  # heavy: only reports need it
 
     rows = []
-    done = df[df.status == "FINISHED"]
+    done = df[(df.status == "FINISHED") & (df[KIND] != REFERENCE)]
     varying = varying_settings(df)
     for m in metrics:
         like = _pairing(m)
@@ -271,7 +314,7 @@ def paired_differences(df: pd.DataFrame, metrics=("bpd", "fid")) -> pd.DataFrame
 def extractor_conflicts(df: pd.DataFrame) -> list[str]:
     """One line for each pair of variants whose FIDs are not compared because different feature extractors scored
     them (runs that would otherwise be paired: the same dataset, settings and seeds)."""
-    done = df[(df.status == "FINISHED") & df["fid"].notna()]
+    done = df[(df.status == "FINISHED") & df["fid"].notna() & (df[KIND] != REFERENCE)]
     like, lines = _pairing("bpd"), []
     for key, g in done.groupby(like, sort=True, dropna=False):
         by_variant = dict(list(g.groupby("variant")))
@@ -325,14 +368,18 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The comparison table as strings, for HTML and Markdown, and the protocol lines: what every row
     shares (constant settings, tags and columns) is said once above the table instead of in each cell.
     Of the row's key, the variant has a column; a dataset or schedule that differs between rows, and the
-    settings that do (``settings``), share one compact column, ``settings``."""
+    settings that do (``settings``), share one compact column, ``settings``. With reference rows (published models),
+    a column ``kind`` says which rows they are, the paper's values stand beside the measured ones (``paper bpd``,
+    ``paper FID``), and the protocol lines are what every trained row shares."""
     import pandas as pd  # heavy: only reports need it
 
     if table.empty:
         return table, []
-    several = len(table) > 1
+    several, base = len(table) > 1, trained(table)
     out = table[["variant"]].copy()
-    varying = [c for c in ("dataset", "schedule") if several and table[c].nunique(dropna=False) > 1]
+    if (table[KIND] == REFERENCE).any():
+        out[KIND] = table[KIND]
+    varying = [c for c in ("dataset", "schedule") if several and base[c].nunique(dropna=False) > 1]
     keys = [[f"{c}={r[c]}" for c in varying] + ([r["settings"]] if r["settings"] else []) for _, r in table.iterrows()]
     if any(keys):
         out["settings"] = [", ".join(k) for k in keys]
@@ -352,11 +399,14 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                      for c, (_, r) in zip(cells, table.iterrows())]
         star = table.get(f"best_{m}", pd.Series(False, index=table.index))
         out[RENAME.get(m, m)] = [c + (" ★" if s else "") for c, s in zip(cells, star)]
+        paper = PAPER.get(f"paper_{m}")
+        if paper and (table[paper] != "").any():  # the paper's value beside the measured one
+            out[paper] = table[paper]
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
     said = ["dataset", "schedule"] * several + [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
-    protocol = [f"{name}: {shown_setting(name, table[name].iloc[0])}" for name in said
-                if table[name].nunique(dropna=False) == 1 and table[name].iloc[0]]
+    protocol = [f"{name}: {shown_setting(name, base[name].iloc[0])}" for name in said
+                if base[name].nunique(dropna=False) == 1 and base[name].iloc[0]]
     if len(out) > 1:  # what is the same in every row is said once, not repeated in a column
         for m, spec in DISPLAY:
             col = RENAME.get(m, m)
@@ -371,8 +421,9 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return out, protocol
 
 
-HEADLINE_METRICS = ("bpd", "nll_ode", GAP, "fid")  # the comparison itself; the rest (terms, references, cost, how
-# each number was obtained) go in a second table, so neither is wider than a page
+# the comparison itself (with a published model's paper values beside bpd and fid); the rest (terms, references,
+# cost, how each number was obtained) go in a second table, so neither is wider than a page
+HEADLINE_METRICS = ("bpd", PAPER["paper_bpd"], "nll_ode", GAP, "fid", PAPER["paper_fid"])
 
 
 def split_display(shown: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -380,7 +431,7 @@ def split_display(shown: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     run counts and HEADLINE_METRICS, the details the other metrics and one column, ``measured``, saying how the
     numbers were obtained (the DESCRIBE_TAGS that differ between rows, 'tag: value' each); details are empty when
     there is nothing to put in them. Weighted rows' monotone flag is in the comparison, before the run counts."""
-    names = [c for c in ("dataset", "variant", "schedule", "settings") if c in shown]
+    names = [c for c in ("dataset", "variant", KIND, "schedule", "settings") if c in shown]
     main = [c for c in (MONOTONE, "runs", *HEADLINE_METRICS) if c in shown]
     tags = [t for t in DESCRIBE_TAGS if t in shown]
     rest = [c for c in shown if c not in names and c not in main and c not in tags]

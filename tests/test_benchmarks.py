@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.training.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "scale.py"
 DURATION = re.compile(r"^([\d.]+) (s|min|h|d)$")
@@ -122,3 +124,36 @@ def test_device_peak_is_looked_up_by_name_never_guessed(monkeypatch, name, key):
     assert found == key
     assert peaks == (scale.PEAK_TFLOPS[key] if key else None)
     assert scale.peak_for(torch.device("cpu")) == (None, None)
+
+
+# ------------------------------------------------------------------------- benchmarks/published_cost.py
+def test_published_cost_quick_measures_both_networks_and_projects_calls_over_throughput():
+    """--quick on the CPU: both published networks measured (their parameter counts are the originals'), and every
+    projected wall time is its job's network calls (N × T, N × eval_calls, 50k × steps) ÷ the measured images/s."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = ROOT / "benchmarks" / "published_cost.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    measured = table(out, "network")  # the first table: what was measured
+    assert {name: tuple(cells[:5]) for name, cells in measured.items()} == {
+        "improved-diffusion CIFAR-10": ("52,546,438", "4000", "CPU", "2", "fp32"),
+        "DDPM CIFAR-10": ("35,746,307", "1000", "CPU", "2", "fp32")}
+    rate = {name: number(cells[-1]) for name, cells in measured.items()}
+    assert all(r > 0 for r in rate.values())
+    assert "Projected (a projection, not a measurement): wall time = network calls ÷ the measured images/s" in out
+    lines = out[out.index("| network | dtype | job |"):].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    calls = RunConfig().eval_calls
+    expected = {(name, job): n for name, T in (("improved-diffusion CIFAR-10", 4000), ("DDPM CIFAR-10", 1000))
+                for job, n in ((f"exact bound, 10,000 test images × {T} t", 10_000 * T),
+                               (f"exact bound, 1,000 test images × {T} t", 1_000 * T),
+                               (f"estimate, 10,000 test images × {calls} calls", 10_000 * calls),
+                               (f"FID-50k, 50,000 samples × {T} steps", 50_000 * T),
+                               ("FID-50k, 50,000 samples × 250 steps", 50_000 * 250),
+                               ("FID-50k, 50,000 samples × 100 steps", 50_000 * 100))}
+    assert {(name, job): number(n) for name, dtype, job, n, _, _ in rows} == expected
+    for name, dtype, _, n, shown_rate, wall in rows:
+        assert dtype == "fp32" and number(shown_rate) == pytest.approx(rate[name])
+        assert seconds(wall) == pytest.approx(number(n) / rate[name], rel=0.06)  # to the printed rounding

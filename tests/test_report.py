@@ -873,3 +873,72 @@ def test_a_weighting_table_this_machine_cannot_read_keeps_the_runs_own_flag(key_
     df = load_runs(client, ["key"]).set_index("bpd")
     assert df.loc[3.0, "variant"] == "weighted[table w.csv]" and df.loc[3.1, "variant"] == "weighted[table gone.csv]"
     assert df["monotone"].to_dict() == {3.0: "yes", 3.1: "no", 3.2: "?"}
+
+
+# ------------------------------------------------------------------------- published models as reference rows
+def _imported_run(client, exp: str, bpd: float, fid: float, tags: dict[str, str], variant_tag: bool = True,
+                  **config) -> str:
+    """An imported published model's evaluation as `bench eval --from` records one: its RunConfig as `config.*` params,
+    its metrics and the import's tags (tag ``variant`` only with ``variant_tag``; its params name the variant)."""
+    from bench.training.config import RunConfig, flatten
+
+    rid = client.create_run(exp, run_name="imported").info.run_id
+    params = {**flatten(RunConfig(variant="hybrid", seed=0)), **{f"config.{k}": str(v) for k, v in config.items()}}
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric("bpd", bpd, now, 0), Metric("fid", fid, now, 0)],
+                     params=[Param(k, v) for k, v in params.items()] + [Param("protocol.bpd", "x0-clipped")],
+                     tags=[RunTag("dataset", "digits"), RunTag("schedule", tags.pop("schedule", "linear")),
+                           RunTag("imported", "true"), RunTag("fid_extractor", "digits-classifier-abcd1234")]
+                     + [RunTag("variant", "hybrid")] * variant_tag + [RunTag(k, v) for k, v in tags.items()])
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def test_published_models_are_reference_rows_never_pooled_paired_or_starred(key_store, tmp_path):
+    """Two imported models beside trained hybrid and simple runs (values here are made up): each is a row of its own,
+    labelled with its variant and what it is, marked kind=reference, with the paper's values beside the measured
+    ones; one shares every setting with the trained hybrid runs and is still not pooled with them; neither is starred
+    (though its bpd is lowest) nor paired; the trained rows' cells and common settings stay as without them."""
+    from reports.tables import display_table
+
+    client, exp = key_store
+    x = "digits-classifier-abcd1234"
+    for seed in (0, 1):
+        _config_run(client, exp, seed, 3.0 + seed / 10, "hybrid", x, 20.0 + seed)
+        _config_run(client, exp, seed, 3.4 + seed / 10, "simple", x, 25.0 + seed)
+    alone = build_report(["key"], None, tmp_path / "alone", client.tracking_uri)
+    before = deduplicate(load_runs(client, ["key"]))[0]
+    _imported_run(client, exp, 2.5, 30.0, {"source_format": "improved-diffusion", "source_file": "a.pt",
+                                           "source_sha256": "aa" * 32, "ema": "yes", "published_as": "Fake model A",
+                                           "paper_bpd": "2.40", "paper_fid": "≤ 9.5"})
+    _imported_run(client, exp, 2.6, 31.0, {"source_format": "pytorch-diffusion", "source_file": "b.ckpt",
+                                           "source_sha256": "bb" * 32, "ema": "no", "schedule": "cosine"},
+                  variant_tag=False, T=4000, final_eval="estimate")
+    rep = build_report(["key"], None, tmp_path / "rep", client.tracking_uri)
+    a, b = ("hybrid · published: Fake model A (improved-diffusion, EMA)",
+            "hybrid · imported: b.ckpt (pytorch-diffusion, raw weights)")
+    table = rep.table.set_index("variant")
+    assert sorted(table.index) == sorted(["hybrid", "simple", a, b])
+    assert table["kind"].to_dict() == {"hybrid": "trained", "simple": "trained", a: "reference", b: "reference"}
+    assert table.loc["hybrid", "runs"] == 2 and table.loc["hybrid", "bpd mean"] == pytest.approx(3.05)  # not pooled
+    assert table.loc[a, "runs"] == 1 and table.loc[a, "bpd mean"] == 2.5
+    assert (table.loc[a, "paper bpd"], table.loc[a, "paper FID"]) == ("2.40", "≤ 9.5")
+    assert (table.loc[b, "paper bpd"], table.loc[b, "paper FID"]) == ("", "")
+    assert table["best_bpd"].to_dict() == {"hybrid": True, "simple": False, a: False, b: False}
+    assert table.loc[b, "settings"] == "schedule=cosine, T=4000, bound=estimate"  # how its evaluation differs
+    assert table.loc[a, "settings"] == "" and table.loc["hybrid", "settings"] == ""
+    pairs = pd.read_csv(rep.out_dir / "paired_differences.csv")
+    assert sorted(zip(pairs.metric, pairs.A, pairs.B, pairs["pairs"])) == [("bpd", "hybrid", "simple", 2),
+                                                                          ("fid", "hybrid", "simple", 2)]
+    assert pairs["mean A−B"].to_list() == pytest.approx(
+        pd.read_csv(alone.out_dir / "paired_differences.csv")["mean A−B"].to_list())
+    md = rep.markdown.read_text()
+    assert _header(md, "## Comparison by variant") == ["variant", "kind", "settings", "runs", "bpd", "paper bpd", "fid",
+                                                       "paper FID"]
+    assert f"| {a} | reference |  | 1 | 2.5000 (n=1) | 2.40 | 30.00 (n=1) | ≤ 9.5 |" in md
+    assert "| hybrid | trained |  | 2 | 3.0500 ± 0.0707 (n=2) ★ |  | 20.50 ± 0.71 (n=2) ★ |  |" in md
+    assert "Reference rows (kind: reference) are published models" in md and "never pooled" in md
+    assert "Common settings (the same in every trained row):" in md
+    assert "Common settings (the same in every trained row):" not in alone.markdown.read_text()
+    both = deduplicate(load_runs(client, ["key"]))[0]
+    assert display_table(comparison_table(both))[1] == display_table(comparison_table(before))[1]  # common settings
