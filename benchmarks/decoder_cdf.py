@@ -52,7 +52,8 @@ def decoder_bits(path: str) -> tuple[str, torch.Tensor, torch.Tensor]:
     load_weights(net, ema_weights(ckpt["ema"]), "EMA weights")
     net.eval()
     x0 = to_data_scale(images).double()
-    noise = torch.stack([torch.randn(sched.T, *images.shape[1:], generator=Stream.BOUND_NOISE.generator(EVAL_SEED, i))[0]
+    shape = images.shape[1:]
+    noise = torch.stack([torch.randn(sched.T, *shape, generator=Stream.BOUND_NOISE.generator(EVAL_SEED, i))[0]
                          for i in range(len(images))])  # the exact bound's noise at t = 1 for each image
     t = torch.zeros(len(images), dtype=torch.long)
     x1 = sched.q_sample(x0.float(), t, noise)
