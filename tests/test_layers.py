@@ -23,7 +23,7 @@ LAYERS = [  # (layer name, the packages or modules in it)
     ("variants", ("variants",)),
     ("metrics, tracking", ("bench.metrics", "bench.tracking")),
     ("training", ("bench.training",)),
-    ("studies, reports", ("studies", "reports")),
+    ("studies, reports, published", ("studies", "reports", "bench.published")),
     ("serve", ("bench.serve",)),
     ("cli", ("bench.cli",)),
     ("the public API", ("bench", "bench.__main__")),  # bench/__init__.py re-exports; nothing in the project imports it
