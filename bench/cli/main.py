@@ -19,7 +19,7 @@ from importlib.metadata import version
 
 import click
 
-from bench.cli import grid, report, run, serve, study, tools
+from bench.cli import export, grid, report, run, serve, study, tools
 from bench.cli.options import ARGV
 from bench.errors import BenchError
 from bench.runtime.dist import teardown
@@ -86,6 +86,7 @@ for command in (run.run_cmd, run.eval_cmd, study.study_cmd, grid.grid_cmd, repor
                 serve.server_cmd, serve.dashboard_cmd, tools.variants_cmd, tools.weightings_cmd, tools.runs_cmd,
                 tools.fid_cmd):
     cli.add_command(command)
+cli.add_command(export.export_cmd)
 
 
 def main() -> None:
