@@ -263,3 +263,28 @@ def test_bench_eval_from_refuses_in_one_line(tmp_path, args, message, cifar10_ro
 
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_diffusers_fixture_network_matches_the_original_to_1e_5_and_the_folder_is_recognised(monkeypatch):
+    """The DDPM-shaped UNet2DModel folder that diffusers' own save_pretrained wrote (fixtures), read without
+    diffusers: its outputs, its scheduler's diffusion, and recognition by the weights' SHA-256."""
+    import dataclasses
+
+    import bench.published.evaluate as evaluate
+    from bench.published.common import sha256
+    from bench.published.diffusers_format import read_diffusers
+
+    folder = FIXTURES / "diffusers"
+    converted = read_diffusers(folder)
+    case = _case(folder)
+    with torch.no_grad():
+        out = converted.network()(case["x"], case["t"])
+    assert (out - case["out"]).abs().max().item() < 1e-5
+    assert converted.diffusion == {**converted.diffusion, "variant": "simple", "variance": "large", "T": 20,
+                                   "schedule": "linear"}
+    assert evaluate.recognise(folder, "diffusers") is None
+    google = next(k for k in evaluate.KNOWN if k.source_format == "diffusers")
+    digest = sha256(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    monkeypatch.setattr(evaluate, "KNOWN", (dataclasses.replace(google, sha256=(digest,)),))
+    assert evaluate.recognise(folder, "diffusers").published_as.startswith("DDPM CIFAR-10 (google/ddpm-cifar10-32")
+    assert evaluate.read_published(folder, "diffusers").ema == "no"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.published.common import Converted, sha256
+from bench.published.diffusers_format import WEIGHTS, read_diffusers
 from bench.published.improved_diffusion import read_improved_diffusion
 from bench.published.pytorch_diffusion import read_pytorch_diffusion
 from bench.runtime import dist as dist_mod
@@ -28,7 +29,8 @@ from bench.training.config import IMPORTED, flatten, make_config
 from bench.training.evaluation import HEADLINE, CheckpointEval
 from bench.training.state import setup
 
-FORMATS = {"improved-diffusion": read_improved_diffusion, "pytorch-diffusion": read_pytorch_diffusion}
+FORMATS = {"improved-diffusion": read_improved_diffusion, "pytorch-diffusion": read_pytorch_diffusion,
+           "diffusers": read_diffusers}
 EXPERIMENT = "published"  # where imported models are recorded unless --experiment says otherwise
 EMA_WORDS = ("yes", "no", "unknown")
 
@@ -44,6 +46,7 @@ class Published:
     flags: str  # what it was trained with, in the format's own flags
     ema: str  # yes, no or unknown
     md5: str = ""  # a checksum its publisher gives, where one does
+    sha256: tuple[str, ...] = ()  # the weights file's SHA-256 as its host lists it (every published version)
     paper_bpd: str = ""  # the paper's test-set bits/dim, as printed there
     paper_fid: str = ""
     paper: str = ""  # where the paper values are from
@@ -70,6 +73,12 @@ KNOWN: tuple[Published, ...] = (
               paper="Ho et al. 2020, Table 1: test NLL bound; FID on 50k samples against the train split"),
     Published("diffusion_cifar10_model/model-790000.ckpt", "pytorch-diffusion", "DDPM CIFAR-10 (raw)",
               PORT_URL + "869980b53bf5416c8a28/?dl=1", "", "no", md5="82ed3067fd1002f5cf4c339fb80c4669"),
+    # Hugging Face lists the SHA-256 of each file: the safetensors weights, and the .bin of its "convert weights"
+    # commit (the paper's FID is the EMA model's; these are not EMA weights)
+    Published("google/ddpm-cifar10-32", "diffusers", "DDPM CIFAR-10 (google/ddpm-cifar10-32, raw)",
+              "https://huggingface.co/google/ddpm-cifar10-32", "", "no",
+              sha256=("1558dbe3fb093b0857d473e376b711eeda1b186c557be5e85b3a56300cd49f0f",
+                      "ac3416a548879738893e935b42cab9119f51745b62bec4b6d8375e4d86e98ea4")),
 )
 
 
@@ -82,11 +91,17 @@ def md5(path: str | Path) -> str:
 
 
 def recognise(path: Path, source_format: str) -> Published | None:
-    """The released file this is: by the checksum its publisher gives where there is one (the PyTorch port's MD5),
-    else by its name and format (no checksum of the others is published; their SHA-256 is recorded, not checked)."""
+    """The released file this is: by the checksum its publisher gives where there is one (the PyTorch port's MD5,
+    the SHA-256 Hugging Face lists for a diffusers folder's weights), else by its name and format (improved-diffusion
+    publishes no checksum; the SHA-256 is recorded, not checked)."""
+    candidates = [k for k in KNOWN if k.source_format == source_format]
+    if path.is_dir():
+        unet = path / "unet" if (path / "unet").is_dir() else path
+        weights = next((unet / w for w in WEIGHTS if (unet / w).is_file()), None)
+        digest = sha256(weights) if weights is not None else ""
+        return next((k for k in candidates if digest in k.sha256), None)
     if not path.is_file():
         return None
-    candidates = [k for k in KNOWN if k.source_format == source_format]
     with_md5 = [k for k in candidates if k.md5]
     if with_md5:
         digest = md5(path)
