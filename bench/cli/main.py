@@ -6,7 +6,8 @@ Exit status: 0 done; 2 bad input (one line on stderr, ``error: …``, nothing wr
 ``bench run`` and ``bench eval`` also run as the ranks of ``torchrun -m bench …`` (see :mod:`bench.runtime.dist`);
 rank 0 alone prints results. This module holds the group, its error handling and ``main()``; the commands live
 by family in ``bench.cli.run`` (run, eval), ``.study``, ``.grid``, ``.report``, ``.serve`` (ui, server,
-dashboard) ``.tools`` (variants, weightings, runs, fid) and ``.export`` (export); the options they share in ``bench.cli.options``.
+dashboard), ``.tools`` (variants, weightings, runs, fid) and ``.export``; the options they share in
+``bench.cli.options``.
 """
 
 from __future__ import annotations
