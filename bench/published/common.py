@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,3 +86,47 @@ def load_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BenchError(f"the {source} weights do not fit the network built from its flags: {problems[0]}{more}")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def read_flags(text: str | dict, defaults: dict, what: str, example: str) -> dict:
+    """What a model was built with over ``defaults``: ``--name value`` pairs as ``what`` (its code) takes them, a
+    dict, or the path of a JSON file of one; each value of its default's type. An unknown name, a bad value or an
+    unreadable file is one error line; ``example`` shows the syntax."""
+    if isinstance(text, dict):
+        given = dict(text)
+    elif text.strip().endswith(".json"):
+        path = Path(text.strip())
+        try:
+            given = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise BenchError(f"--flags {path}: not a readable JSON file ({first_line(err)[:200]})") from None
+        if not isinstance(given, dict):
+            raise BenchError(f"--flags {path}: expected a JSON object of flags, got {type(given).__name__}")
+    else:
+        words = shlex.split(text)
+        if len(words) % 2 or any(not w.startswith("--") for w in words[::2]):
+            raise BenchError(f"--flags {text!r}: write them as {what} takes them, '--name value' pairs "
+                             f"(e.g. '{example}')")
+        given = {w[2:]: v for w, v in zip(words[::2], words[1::2], strict=True)}
+    flags = dict(defaults)
+    for name, value in given.items():
+        if name not in defaults:
+            raise BenchError(f"--flags: {what} has no flag --{name}; it takes {', '.join(sorted(defaults))}")
+        flags[name] = _typed(name, value, defaults[name])
+    return flags
+
+
+def _typed(name: str, value, default):
+    if isinstance(value, (list, tuple)):  # a list of ints from a JSON file, where the flag is "1,2,2,2"
+        value = ",".join(map(str, value))
+    text = str(value)
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise BenchError(f"--flags: --{name} takes True or False, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise BenchError(f"--flags: --{name} takes {type(default).__name__}, got {text!r}") from None

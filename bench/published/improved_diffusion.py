@@ -16,15 +16,13 @@ default) or β̃ (``sigma_small``).
 
 from __future__ import annotations
 
-import json
-import shlex
 from pathlib import Path
 
 import torch
 
 from bench.errors import BenchError
 from bench.nets.unet import UNetConfig
-from bench.published.common import Converted, read_tensors
+from bench.published.common import Converted, read_flags, read_tensors
 
 FORMAT = "improved-diffusion"
 
@@ -37,46 +35,12 @@ DEFAULT_FLAGS: dict = {
     "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "",
 }
 CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}  # by image_size, as its create_model
-# flags that change nothing the evaluation reads (how it was trained, or memory): recorded, not refused
-TRAINING_ONLY = ("rescale_learned_sigmas", "use_checkpoint")
 
 
 def parse_flags(text: str | dict) -> dict:
     """``--name value`` pairs as its scripts take them (or a dict, or the path of a JSON file of one) over its
     defaults, each value of its default's type; an unknown name or a bad value is one error line."""
-    if isinstance(text, dict):
-        given = dict(text)
-    elif text.strip().endswith(".json") and Path(text.strip()).is_file():
-        given = json.loads(Path(text.strip()).read_text())
-    else:
-        words = shlex.split(text)
-        if len(words) % 2 or any(not w.startswith("--") for w in words[::2]):
-            raise BenchError(f"--flags {text!r}: write them as improved-diffusion's scripts take them, "
-                             "'--name value' pairs (e.g. '--num_channels 128 --learn_sigma True')")
-        given = {w[2:]: v for w, v in zip(words[::2], words[1::2], strict=True)}
-    flags = dict(DEFAULT_FLAGS)
-    for name, value in given.items():
-        if name not in DEFAULT_FLAGS:
-            raise BenchError(f"--flags: improved-diffusion has no flag --{name}; its model and diffusion flags are "
-                             f"{', '.join(sorted(DEFAULT_FLAGS))}")
-        flags[name] = _typed(name, value, DEFAULT_FLAGS[name])
-    return flags
-
-
-def _typed(name: str, value, default):
-    if isinstance(value, list):  # channel_mult from a JSON file
-        value = ",".join(map(str, value))
-    text = str(value)
-    if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise BenchError(f"--flags: --{name} takes True or False, got {text!r}")
-    try:
-        return type(default)(text)
-    except ValueError:
-        raise BenchError(f"--flags: --{name} takes {type(default).__name__}, got {text!r}") from None
+    return read_flags(text, DEFAULT_FLAGS, "improved-diffusion", "--num_channels 128 --learn_sigma True")
 
 
 def unet_config(flags: dict) -> UNetConfig:

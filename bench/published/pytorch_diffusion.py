@@ -12,16 +12,14 @@ is not given takes its CIFAR-10 configuration.
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 from pathlib import Path
 
 import torch
 
 from bench.errors import BenchError
 from bench.nets.unet import UNetConfig
-from bench.published.common import Converted, read_tensors
+from bench.published.common import Converted, read_flags, read_tensors
 
 FORMAT = "pytorch-diffusion"
 
@@ -35,29 +33,7 @@ DIFFUSION = {"variant": "simple", "variance": "large", "T": 1000, "schedule": "l
 def parse_flags(text: str | dict) -> dict:
     """``--name value`` pairs naming its ``Model``'s arguments (or a dict, or the path of a JSON file of one) over
     its CIFAR-10 configuration; an unknown name or a bad value is one error line."""
-    if isinstance(text, dict):
-        given = dict(text)
-    elif text.strip().endswith(".json") and Path(text.strip()).is_file():
-        given = json.loads(Path(text.strip()).read_text())
-    else:
-        words = shlex.split(text)
-        if len(words) % 2 or any(not w.startswith("--") for w in words[::2]):
-            raise BenchError(f"--flags {text!r}: write them as '--name value' pairs naming the port's Model "
-                             "arguments (e.g. '--ch 128 --ch_mult 1,2,2,2')")
-        given = {w[2:]: v for w, v in zip(words[::2], words[1::2], strict=True)}
-    flags = dict(DEFAULT_FLAGS)
-    for name, value in given.items():
-        if name not in DEFAULT_FLAGS:
-            raise BenchError(f"--flags: the port's Model has no argument {name}; it takes "
-                             f"{', '.join(sorted(DEFAULT_FLAGS))}")
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
-        default = DEFAULT_FLAGS[name]
-        try:
-            flags[name] = (str(value).lower() in ("true", "1") if isinstance(default, bool)
-                           else type(default)(value))
-        except ValueError:
-            raise BenchError(f"--flags: {name} takes {type(default).__name__}, got {value!r}") from None
+    flags = read_flags(text, DEFAULT_FLAGS, "the port's Model", "--ch 128 --ch_mult 1,2,2,2")
     if not flags["resamp_with_conv"]:
         raise BenchError("--resamp_with_conv False: the project's network resamples with convolutions")
     return flags
