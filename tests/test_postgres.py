@@ -421,7 +421,7 @@ def counts(trials) -> dict[str, int]:
 def test_eight_processes_share_one_study_through_postgresql_and_bench_server(postgres, tmp_path, small_t_space):
     from mlflow.tracking import MlflowClient
 
-    storage, name, n = postgres.create_database("optuna"), "pg8", 16
+    storage, name, n = postgres.create_database("optuna"), "pg8", 8
     server, port, server_log = start_server(postgres, tmp_path)
     uri = f"http://127.0.0.1:{port}"
     logs = [tmp_path / f"worker{i}.log" for i in range(8)]
