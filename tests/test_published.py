@@ -295,4 +295,6 @@ def test_diffusers_fixture_network_matches_the_original_to_1e_5_and_the_folder_i
     digest = sha256(folder / "unet" / "diffusion_pytorch_model.safetensors")
     monkeypatch.setattr(evaluate, "KNOWN", (dataclasses.replace(google, sha256=(digest,)),))
     assert evaluate.recognise(folder, "diffusers").published_as.startswith("DDPM CIFAR-10 (google/ddpm-cifar10-32")
-    assert evaluate.read_published(folder, "diffusers").ema == "no"
+    imported = evaluate.read_published(folder, "diffusers")
+    assert imported.ema == "no" and imported.sha256 == digest  # a folder's recorded SHA-256 is its weights file's
+    assert imported.tags()["source_file"] == "diffusers/unet/diffusion_pytorch_model.safetensors"

@@ -82,6 +82,15 @@ KNOWN: tuple[Published, ...] = (
 )
 
 
+def weights_file(path: Path) -> Path | None:
+    """The weights a model folder holds (a diffusers pipeline's unet/ or a UNet folder's), None if none; a file is
+    its own."""
+    if path.is_file():
+        return path
+    unet = path / "unet" if (path / "unet").is_dir() else path
+    return next((unet / w for w in WEIGHTS if (unet / w).is_file()), None)
+
+
 def md5(path: str | Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
@@ -96,8 +105,7 @@ def recognise(path: Path, source_format: str) -> Published | None:
     publishes no checksum; the SHA-256 is recorded, not checked)."""
     candidates = [k for k in KNOWN if k.source_format == source_format]
     if path.is_dir():
-        unet = path / "unet" if (path / "unet").is_dir() else path
-        weights = next((unet / w for w in WEIGHTS if (unet / w).is_file()), None)
+        weights = weights_file(path)
         digest = sha256(weights) if weights is not None else ""
         return next((k for k in candidates if digest in k.sha256), None)
     if not path.is_file():
@@ -117,7 +125,8 @@ class Imported:
 
     converted: Converted
     path: Path
-    sha256: str
+    weights: Path  # the file read (path itself, or the weights file in a model folder)
+    sha256: str  # the weights file's
     ema: str
     known: Published | None
 
@@ -127,7 +136,8 @@ class Imported:
 
     def tags(self) -> dict[str, str]:
         k = self.known
-        return {"imported": "true", "source_format": self.converted.source_format, "source_file": self.path.name,
+        file = self.path.name if self.weights == self.path else str(self.weights.relative_to(self.path.parent))
+        return {"imported": "true", "source_format": self.converted.source_format, "source_file": file,
                 "source_sha256": self.sha256, "source_flags": json.dumps(self.converted.flags, sort_keys=True),
                 "ema": self.ema, "published_as": k.published_as if k else "",
                 **({"paper_bpd": k.paper_bpd} if k and k.paper_bpd else {}),
@@ -146,14 +156,8 @@ def read_published(path: str | Path, source_format: str, flags: str | None = Non
         raise BenchError(f"--ema {ema}: say yes, no or unknown")
     known = recognise(path, source_format)
     converted = FORMATS[source_format](path, flags if flags is not None else (known.flags if known else ""))
-    digest = sha256(path) if path.is_file() else _folder_sha256(path)
-    return Imported(converted, path, digest, ema or (known.ema if known else "unknown"), known)
-
-
-def _folder_sha256(folder: Path) -> str:
-    """One digest of a model folder: the SHA-256 of its files' relative paths and SHA-256s, in order."""
-    lines = [f"{p.relative_to(folder)} {sha256(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    weights = weights_file(path)  # a folder's weights file (its configs are recorded as the flags)
+    return Imported(converted, path, weights, sha256(weights), ema or (known.ema if known else "unknown"), known)
 
 
 def prepare_import(imported: Imported, overrides: dict | None = None, dataset: str = "cifar10",
