@@ -235,7 +235,7 @@ def build_report(experiments: list[str] | None = None, filter_string: str | None
                 "duplicates": duplicates, "mixed": varying_settings(df), "protocol": protocol,
                 "unpaired": extractor_conflicts(df), "extractors": sorted({e for e in df["fid_extractor"] if e}),
                 "ode": bool(df["nll_ode"].notna().any()), "weighted": bool((df[MONOTONE] != "").any()),
-                "reference": bool((df[KIND] == REFERENCE).any())}
+                "reference": bool((df[KIND] == REFERENCE).any()), "trained": bool((df[KIND] != REFERENCE).any())}
         _write_html(staging / "report.html", meta, shown, pairs, pictures)
         _write_markdown(staging / "report.md", meta, shown, pairs, pictures)
         for d in staging.iterdir():
@@ -336,7 +336,7 @@ COMMON_TRAINED = "Common settings (the same in every trained row):"  # … where
 
 
 def _common(meta: dict) -> str:
-    return COMMON_TRAINED if meta.get("reference") else COMMON
+    return COMMON_TRAINED if meta.get("reference") and meta.get("trained") else COMMON
 
 
 def _pairs_shown(pairs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

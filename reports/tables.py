@@ -405,6 +405,8 @@ def display_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for t in DESCRIBE_TAGS:
         out[t] = table[t]
     said = ["dataset", "schedule"] * several + [LABELS.get(f, f) for f in HEADLINE] + ["bpd convention"]
+    if (table[KIND] == REFERENCE).all():  # published models only: their training settings are their papers', not
+        said = [name for name in said if name in ("dataset", "schedule", *EVALUATION)]  # the config they were read with
     protocol = [f"{name}: {shown_setting(name, base[name].iloc[0])}" for name in said
                 if base[name].nunique(dropna=False) == 1 and base[name].iloc[0]]
     if len(out) > 1:  # what is the same in every row is said once, not repeated in a column

@@ -942,3 +942,17 @@ def test_published_models_are_reference_rows_never_pooled_paired_or_starred(key_
     assert "Common settings (the same in every trained row):" not in alone.markdown.read_text()
     both = deduplicate(load_runs(client, ["key"]))[0]
     assert display_table(comparison_table(both))[1] == display_table(comparison_table(before))[1]  # common settings
+
+
+def test_a_report_of_published_models_alone_lists_no_training_settings_as_common(key_store, tmp_path):
+    """With no trained row, the settings every row shares are the evaluation's: an imported model's steps, lr or
+    batch are the config it was read with, not how it was trained, and are not listed."""
+    client, exp = key_store
+    for sha, bpd in (("aa", 2.5), ("bb", 2.6)):
+        _imported_run(client, exp, bpd, 30.0, {"source_format": "improved-diffusion", "source_file": f"{sha}.pt",
+                                               "source_sha256": sha * 32, "ema": "yes", "published_as": sha})
+    md = build_report(["key"], None, tmp_path / "rep", client.tracking_uri).markdown.read_text()
+    common = md.split("Common settings (the same in every row):")[1].split("|")[0]
+    assert "- T: 1000" in common and "- bpd convention: x0-clipped" in common
+    assert "- steps:" not in common and "- lr:" not in common and "- batch:" not in common, common
+    assert "the same in every trained row" not in md
