@@ -25,6 +25,7 @@ from bench.errors import BenchError
 from bench.metrics.extractors import INCEPTION_WEIGHTS_FILENAME, digits_classifier_file, digits_extractor_name
 from bench.metrics.fid import compute_fid, gaussian_noise_images, inception_score
 from bench.metrics.samples import load_samples, samples_dataset, save_samples
+from bench.runtime.files import file_digest
 
 
 class _Mkdir:
@@ -324,7 +325,7 @@ def _real_inception_weights() -> Path | str:
     candidates = [Path(p) for p in (os.environ.get(WEIGHTS_ENV),) if p]
     candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME)
     for path in candidates:
-        if path.is_file() and extractors_mod._sha256_file(path).startswith(INCEPTION_SHA256_PREFIX):
+        if path.is_file() and file_digest(path).startswith(INCEPTION_SHA256_PREFIX):
             return path
     return f"no {INCEPTION_WEIGHTS_FILENAME} (sha256 {INCEPTION_SHA256_PREFIX}…) at ${WEIGHTS_ENV} or {candidates[-1]}"
 

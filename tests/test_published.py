@@ -240,9 +240,10 @@ def test_a_released_file_is_recognised_by_its_checksum_and_its_paper_value_print
     import mlflow
 
     import bench.published.evaluate as evaluate
+    from bench.runtime.files import file_digest
 
     path = _port_file(tmp_path / "model-790000.ckpt")
-    known = dataclasses.replace(evaluate.KNOWN[2], md5=evaluate.md5(path), flags=PORT_FLAGS)
+    known = dataclasses.replace(evaluate.KNOWN[2], md5=file_digest(path, "md5"), flags=PORT_FLAGS)
     monkeypatch.setattr(evaluate, "KNOWN", (known,))
     res = _eval([str(path), "--from", "pytorch-diffusion", "--dataset", "digits", "--final-eval", "estimate",
                  "--final-eval-images", "2", "--fid-samples", "0"], tmp_path)
@@ -277,10 +278,11 @@ def test_diffusers_fixture_network_matches_the_original_to_1e_5_and_the_folder_i
     """The DDPM-shaped UNet2DModel folder that diffusers' own save_pretrained wrote (fixtures), read without
     diffusers: its outputs, its scheduler's diffusion, and recognition by the weights' SHA-256."""
     import dataclasses
+    import hashlib
 
     import bench.published.evaluate as evaluate
-    from bench.published.common import sha256
     from bench.published.diffusers_format import read_diffusers
+    from bench.runtime.files import file_digest
 
     folder = FIXTURES / "diffusers"
     converted = read_diffusers(folder)
@@ -290,11 +292,13 @@ def test_diffusers_fixture_network_matches_the_original_to_1e_5_and_the_folder_i
     assert (out - case["out"]).abs().max().item() < 1e-5
     assert converted.diffusion == {**converted.diffusion, "variant": "simple", "variance": "large", "T": 20,
                                    "schedule": "linear"}
-    assert evaluate.recognise(folder, "diffusers") is None
+    digest = file_digest(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert digest == hashlib.sha256((folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    assert evaluate.recognise(folder, "diffusers", digest) is None
     google = next(k for k in evaluate.KNOWN if k.source_format == "diffusers")
-    digest = sha256(folder / "unet" / "diffusion_pytorch_model.safetensors")
     monkeypatch.setattr(evaluate, "KNOWN", (dataclasses.replace(google, sha256=(digest,)),))
-    assert evaluate.recognise(folder, "diffusers").published_as.startswith("DDPM CIFAR-10 (google/ddpm-cifar10-32")
+    found = evaluate.recognise(folder, "diffusers", digest)
+    assert found.published_as.startswith("DDPM CIFAR-10 (google/ddpm-cifar10-32")
     imported = evaluate.read_published(folder, "diffusers")
     assert imported.ema == "no" and imported.sha256 == digest  # a folder's recorded SHA-256 is its weights file's
     assert imported.tags()["source_file"] == "diffusers/unet/diffusion_pytorch_model.safetensors"

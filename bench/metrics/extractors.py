@@ -28,7 +28,6 @@ and ``_InceptionV3WeightsOnly``, are this module's methods put on torch-fidelity
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 import pickle
@@ -43,7 +42,7 @@ from torch import nn
 
 from bench.data.datasets import DIGITS_N_TEST, DIGITS_SPLIT_SEED, load_dataset
 from bench.errors import BenchError, first_line
-from bench.runtime.files import write_atomically
+from bench.runtime.files import file_digest, write_atomically
 
 if TYPE_CHECKING:
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -67,15 +66,6 @@ DIGITS_TRAIN_BATCH = 50
 
 class FidUnavailable(BenchError):
     """The Inception weights FID needs are not available (offline, none given); FID is skipped."""
-
-
-def _sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- digits classifier
@@ -152,7 +142,7 @@ def write_digits_classifier(path: str | Path) -> str:
     """
     arrays = {k: v.numpy() for k, v in _train_digits_classifier().items()}
     write_atomically(Path(path), lambda f: np.savez(f, **arrays))
-    return _sha256_file(Path(path))
+    return file_digest(Path(path))
 
 
 def digits_classifier_file() -> Path:
@@ -161,7 +151,7 @@ def digits_classifier_file() -> Path:
     path = DIGITS_CLASSIFIER_FILE
     if not path.is_file():
         raise BenchError(f"the digits classifier {path} is missing from the installed package: reinstall elbo-bench")
-    digest = _sha256_file(path)
+    digest = file_digest(path)
     if digest != DIGITS_CLASSIFIER_SHA256:
         raise BenchError(f"the digits classifier {path} has sha256 {digest[:16]}…, not the released "
                          f"{DIGITS_CLASSIFIER_SHA256[:16]}…: its FIDs would not compare with anyone's; "
@@ -362,7 +352,7 @@ def extractor_for(dataset: str, channels: int, fid_weights: str | Path | None) -
     if channels == 3:
         weights = inception_weights_path(fid_weights)
         return Extractor(INCEPTION_EXTRACTOR, INCEPTION_FEATURE_LAYER, INCEPTION_LOGITS_LAYER, weights,
-                         _sha256_file(weights)[:8], _torch_fidelity_class("_InceptionV3WeightsOnly"))
+                         file_digest(weights)[:8], _torch_fidelity_class("_InceptionV3WeightsOnly"))
     raise BenchError(f"FID: no feature extractor for dataset {dataset!r} ({channels} channels)")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -36,15 +35,6 @@ class Converted:
         net = UNet(self.unet, self.in_channels, self.out_channels, self.image_size)
         load_exactly(net, self.state_dict, self.source_format, self.origin)
         return net.eval()
-
-
-def sha256(path: str | Path) -> str:
-    """The file's SHA-256 (hex), read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def read_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:

@@ -11,17 +11,17 @@ need not be given, and the paper's value is printed and tagged beside the measur
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.published.common import Converted, sha256
+from bench.published.common import Converted
 from bench.published.diffusers_format import WEIGHTS, read_diffusers
 from bench.published.improved_diffusion import read_improved_diffusion
 from bench.published.pytorch_diffusion import read_pytorch_diffusion
 from bench.runtime import dist as dist_mod
+from bench.runtime.files import file_digest
 from bench.tracking import liveness, provenance
 from bench.tracking import store as tracking
 from bench.tracking.logger import RunLogger
@@ -91,32 +91,16 @@ def weights_file(path: Path) -> Path | None:
     return next((unet / w for w in WEIGHTS if (unet / w).is_file()), None)
 
 
-def md5(path: str | Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
-def recognise(path: Path, source_format: str) -> Published | None:
-    """The released file this is: by the checksum its publisher gives where there is one (the PyTorch port's MD5,
-    the SHA-256 Hugging Face lists for a diffusers folder's weights), else by its name and format (improved-diffusion
-    publishes no checksum; the SHA-256 is recorded, not checked)."""
+def recognise(path: Path, source_format: str, sha256: str) -> Published | None:
+    """The released file this is (``sha256``: its weights file's): by the checksum its publisher gives where there
+    is one (the SHA-256 Hugging Face lists for a diffusers folder's weights, the PyTorch port's MD5), else by its
+    name and format (improved-diffusion publishes no checksum; the SHA-256 is recorded, not checked)."""
     candidates = [k for k in KNOWN if k.source_format == source_format]
-    if path.is_dir():
-        weights = weights_file(path)
-        digest = sha256(weights) if weights is not None else ""
-        return next((k for k in candidates if digest in k.sha256), None)
-    if not path.is_file():
-        return None
-    with_md5 = [k for k in candidates if k.md5]
-    if with_md5:
-        digest = md5(path)
-        found = [k for k in with_md5 if k.md5 == digest]
-        if found:
-            return found[0]
-    return next((k for k in candidates if not k.md5 and k.file == path.name), None)
+    found = next((k for k in candidates if sha256 in k.sha256), None)
+    if found is None and path.is_file() and any(k.md5 for k in candidates):
+        md5 = file_digest(path, "md5")
+        found = next((k for k in candidates if k.md5 == md5), None)
+    return found or next((k for k in candidates if not (k.md5 or k.sha256) and k.file == path.name), None)
 
 
 @dataclass
@@ -154,10 +138,13 @@ def read_published(path: str | Path, source_format: str, flags: str | None = Non
         raise BenchError(f"{path} does not exist")
     if ema is not None and ema not in EMA_WORDS:
         raise BenchError(f"--ema {ema}: say yes, no or unknown")
-    known = recognise(path, source_format)
-    converted = FORMATS[source_format](path, flags if flags is not None else (known.flags if known else ""))
     weights = weights_file(path)  # a folder's weights file (its configs are recorded as the flags)
-    return Imported(converted, path, weights, sha256(weights), ema or (known.ema if known else "unknown"), known)
+    if weights is None:
+        raise BenchError(f"{path} holds no weights file ({' or '.join(WEIGHTS)})")
+    digest = file_digest(weights)
+    known = recognise(path, source_format, digest)
+    converted = FORMATS[source_format](path, flags if flags is not None else (known.flags if known else ""))
+    return Imported(converted, path, weights, digest, ema or (known.ema if known else "unknown"), known)
 
 
 def prepare_import(imported: Imported, overrides: dict | None = None, dataset: str = "cifar10",

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from bench.errors import BenchError
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (``algorithm``: sha256, or md5 where a publisher gives only that), read in
+    pieces, not whole into memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def write_atomically(path: str | Path, write) -> Path:
