@@ -120,6 +120,12 @@ def test_a_tensor_of_the_wrong_name_or_shape_is_one_line_naming_it(tmp_path):
     with pytest.raises(BenchError, match=r"out\.2\.weight \(here conv_out\.weight\) has shape \(6, 32, 3, 3\), "
                                          r"the network's is \(3, 32, 3, 3\) \(and 1 more\)$"):
         read_improved_diffusion(ID / "model.pt", {**flags, "learn_sigma": False}).network()
+    no_norm = {k: v for k, v in state.items() if k != "middle_block.1.norm.bias"}
+    torch.save(no_norm, tmp_path / "no_norm.pt")
+    with pytest.raises(BenchError, match=r"middle_block\.1\.norm\.bias \(here mid_attn_1\.norm\.bias\) is missing$"):
+        read_improved_diffusion(tmp_path / "no_norm.pt", flags).network()
+    with pytest.raises(BenchError, match=r"num_heads=3 must be positive and divide every level's channels"):
+        read_improved_diffusion(ID / "model.pt", {**flags, "num_heads": 3})
     torch.save({"not": "tensors"}, tmp_path / "junk.pt")
     with pytest.raises(BenchError, match="is not a state dict"):
         read_improved_diffusion(tmp_path / "junk.pt", flags)
@@ -132,6 +138,7 @@ def test_a_tensor_of_the_wrong_name_or_shape_is_one_line_naming_it(tmp_path):
     ("--class_cond True", r"--class_cond True: not supported"),
     ("--image_size 48", r"--image_size 48: .* give --channel_mult"),
     ("--timestep_respacing 250", r"--timestep_respacing: give the model's full diffusion"),
+    ("--diffusion_steps 0", r"--diffusion_steps and --num_heads must be at least 1"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     from bench.published.improved_diffusion import unet_config

@@ -52,6 +52,8 @@ def unet_config(flags: dict) -> UNetConfig:
     if flags["timestep_respacing"]:
         raise BenchError("--timestep_respacing: give the model's full diffusion (the bound needs all T steps); "
                          "the sampler's steps are --sample-steps")
+    if flags["diffusion_steps"] < 1 or flags["num_heads"] < 1:
+        raise BenchError("--diffusion_steps and --num_heads must be at least 1")
     if flags["num_heads_upsample"] not in (-1, flags["num_heads"]):
         raise BenchError("--num_heads_upsample other than --num_heads: the project's network has one head count")
     size = flags["image_size"]
@@ -135,19 +137,21 @@ def convert_state(state: dict[str, torch.Tensor], config: UNetConfig) -> tuple[d
                     origin[f"{ours}.{mine}.{p}"] = f"{theirs}.{part}.{p}"  # named if it is missing
                     if f"{theirs}.{part}.{p}" in state:
                         put(f"{ours}.{mine}.{p}", f"{theirs}.{part}.{p}", state[f"{theirs}.{part}.{p}"])
-        elif kind == "attn":
-            if f"{theirs}.qkv.weight" not in state:
-                continue  # no attention at this resolution
+        elif kind == "attn":  # absent at a resolution without attention; a missing part is named when loading
             for p in ("weight", "bias"):
-                put(f"{ours}.norm.{p}", f"{theirs}.norm.{p}", state[f"{theirs}.norm.{p}"])
-                qkv = state[f"{theirs}.qkv.{p}"]  # [3C(, C, 1)]: per head, its q, k and v channels side by side
-                c3 = qkv.shape[0]
-                split = qkv.reshape(config.num_heads, 3, c3 // (3 * config.num_heads), *qkv.shape[1:])
-                for s, name in enumerate("qkv"):
-                    value = split[:, s].reshape(c3 // 3, *qkv.shape[1:])
-                    put(f"{ours}.{name}.{p}", f"{theirs}.qkv.{p}", value[..., None] if p == "weight" else value)
-                proj = state[f"{theirs}.proj_out.{p}"]
-                put(f"{ours}.proj_out.{p}", f"{theirs}.proj_out.{p}", proj[..., None] if p == "weight" else proj)
+                for part in ("norm", "proj_out", "q", "k", "v"):
+                    origin[f"{ours}.{part}.{p}"] = f"{theirs}.{'qkv' if part in 'qkv' else part}.{p}"
+                if f"{theirs}.norm.{p}" in state:
+                    put(f"{ours}.norm.{p}", f"{theirs}.norm.{p}", state[f"{theirs}.norm.{p}"])
+                if f"{theirs}.proj_out.{p}" in state:  # a 1-d convolution here: one more axis for the 2-d one
+                    proj = state[f"{theirs}.proj_out.{p}"]
+                    put(f"{ours}.proj_out.{p}", f"{theirs}.proj_out.{p}", proj[..., None] if p == "weight" else proj)
+                qkv = state.get(f"{theirs}.qkv.{p}")  # [3C(, C, 1)]: per head, its q, k and v channels side by side
+                if qkv is not None and qkv.shape[0] % (3 * config.num_heads) == 0:  # else named as not fitting
+                    split = qkv.reshape(config.num_heads, 3, -1, *qkv.shape[1:])
+                    for s, name in enumerate("qkv"):
+                        value = split[:, s].reshape(-1, *qkv.shape[1:])
+                        put(f"{ours}.{name}.{p}", f"{theirs}.qkv.{p}", value[..., None] if p == "weight" else value)
         else:
             for p in ("weight", "bias"):
                 origin[f"{ours}.{p}"] = f"{theirs}.{p}"
